@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install daptq into ./.venv: system libraries for offscreen MuJoCo rendering (EGL/Mesa), then the pinned
+# Python packages (CPU torch; constraints.txt keeps every version reproducible).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+need=()
+for pkg in libegl1 libgl1 libegl-mesa0 libgl1-mesa-dri libglib2.0-0; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ "${#need[@]}" -gt 0 ]; then
+    echo "setup: installing system packages for rendering: ${need[*]}"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+python3.11 -m venv .venv 2>/dev/null || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+echo "setup: daptq installed in $(pwd)/.venv"

@@ -1,0 +1,38 @@
+"""Resolve a model spec string to a policy, so the CLI, evaluation workers and tests name models the same way.
+
+Specs:
+- ``ref:<name>``: a reference VLA bundled with daptq (``ref:metaworld-mt10``).
+- ``toy:<key>=<value>,...``: a tiny state-only policy for tests and smoke runs (see ``daptq.models.toy``).
+- a directory written by ``daptq quantize``.
+
+Specs are plain strings so worker processes can rebuild the same policy without pickling a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from daptq.models.adapter import Policy
+
+
+def load_policy(spec: str) -> Policy:
+    """Build the policy a spec names; raise ValueError for a spec of unknown form, FileNotFoundError if missing."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"model spec must be a non-empty string, got {spec!r}")
+    if spec.startswith("ref:"):
+        from daptq.models.reference import load_reference_policy
+
+        return load_reference_policy(spec[len("ref:") :])
+    if spec.startswith("toy:") or spec == "toy":
+        from daptq.models.toy import toy_policy_from_spec
+
+        return toy_policy_from_spec(spec)
+    path = Path(spec)
+    if path.is_dir():
+        raise NotImplementedError(
+            f"{spec}: loading quantized policy directories arrives with `daptq quantize` for the reference VLA"
+        )
+    raise FileNotFoundError(
+        f"model spec {spec!r} is neither 'ref:<name>', 'toy:...', nor an existing directory written by "
+        "`daptq quantize`"
+    )
