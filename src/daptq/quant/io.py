@@ -1,0 +1,229 @@
+"""Save and load fake-quant models: ``model.safetensors`` + ``quantization_config.json``.
+
+The checkpoint stores, for each fake-quant layer, its integer codes packed into 2/4/8-bit containers
+(``<name>.qweight_packed``), scales, zero points, bias and calibrated activation scales; all other parameters
+and buffers are stored as they are. The float weights of quantized layers are not stored unless asked for, so
+a reloaded layer's ``weight`` equals its dequantized weight and the outputs match bit for bit. Nothing is ever
+unpickled; every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from ._util import atomic_write_bytes, atomic_write_text, get_module, set_module
+from .api import quantized_modules
+from .bytes import container_bits
+from .fake import QuantConv2d, QuantLinear, code_dtype, dequantize_weight, quantized_module_for
+from .kernels import DEPLOYABLE_TYPES
+from .recipe import Recipe
+from .spec import QuantSpec, WeightSpec
+
+FORMAT_NAME = "daptq-quant"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "quantization_config.json"
+_QUANT_STATE = ("weight", "qweight", "weight_scale", "weight_zero_point", "act_scale", "act_zero_point")
+
+
+def pack_codes(codes: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    """Integer codes -> flat uint8 (8-bit codes are stored as they are, in int8/uint8)."""
+    if spec.bits == 8:
+        return codes.contiguous()
+    c = container_bits(spec.bits)
+    per_byte = 8 // c
+    u = (codes.to(torch.int16) - spec.qmin).reshape(-1).to(torch.uint8)
+    pad = (-u.numel()) % per_byte
+    u = torch.cat([u, u.new_zeros(pad)]).reshape(-1, per_byte)
+    out = torch.zeros(u.shape[0], dtype=torch.uint8)
+    for j in range(per_byte):
+        out |= u[:, j] << (c * j)
+    return out
+
+
+def unpack_codes(packed: torch.Tensor, spec: WeightSpec, shape: tuple[int, int]) -> torch.Tensor:
+    if spec.bits == 8:
+        return packed.reshape(shape).to(code_dtype(spec))
+    c = container_bits(spec.bits)
+    per_byte = 8 // c
+    n = shape[0] * shape[1]
+    if packed.dtype != torch.uint8 or packed.numel() != math.ceil(n / per_byte):
+        raise ValueError(
+            f"packed codes: expected {math.ceil(n / per_byte)} uint8, got {packed.numel()} {packed.dtype}"
+        )
+    parts = [(packed >> (c * j)) & ((1 << c) - 1) for j in range(per_byte)]
+    u = torch.stack(parts, dim=1).reshape(-1)[:n].to(torch.int16) + spec.qmin
+    return u.reshape(shape).to(code_dtype(spec))
+
+
+def save_quantized(
+    model: nn.Module, directory: str | Path, recipe: Recipe | None = None, include_float_weights: bool = False
+) -> Path:
+    """Write ``model.safetensors`` and ``quantization_config.json`` into ``directory`` (created if needed)."""
+    if any(isinstance(m, DEPLOYABLE_TYPES) for m in model.modules()):
+        raise ValueError(
+            "save_quantized expects a fake-quant model; save before to_deployable_ (packing is "
+            "recomputed from the saved codes)"
+        )
+    directory = Path(directory)
+    layers = quantized_modules(model)
+    tensors: dict[str, torch.Tensor] = {}
+    modules_cfg: dict[str, Any] = {}
+    for name, layer in layers.items():
+        spec = layer.spec.weight
+        if spec.is_float or include_float_weights:
+            tensors[f"{name}.weight"] = layer.weight.detach()
+        if not spec.is_float:
+            if layer.qweight is None:
+                raise ValueError(f"{name}: not quantized yet (no codes)")
+            tensors[f"{name}.qweight_packed"] = pack_codes(layer.qweight, spec)
+            tensors[f"{name}.weight_scale"] = layer.weight_scale
+            if layer.weight_zero_point is not None:
+                tensors[f"{name}.weight_zero_point"] = layer.weight_zero_point
+        a = layer.spec.activation
+        if a is not None and a.mode == "static_per_tensor":
+            if layer.act_scale is None:
+                raise ValueError(
+                    f"{name}: static activation spec but not calibrated; calibrate before saving"
+                )
+            tensors[f"{name}.act_scale"] = layer.act_scale
+            if layer.act_zero_point is not None:
+                tensors[f"{name}.act_zero_point"] = layer.act_zero_point
+        modules_cfg[name] = {
+            "type": type(layer).__name__,
+            "weight_shape": list(layer.weight.shape),
+            "spec": layer.spec.to_dict(),
+            "has_float_weight": spec.is_float or include_float_weights,
+        }
+    for key, value in model.state_dict().items():
+        prefix, _, attr = key.rpartition(".")
+        if prefix in layers and attr in _QUANT_STATE:
+            continue
+        tensors[key] = value
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # unties shared storage
+    config = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "torch_version": torch.__version__,
+        "modules": modules_cfg,
+        "recipe": None if recipe is None else recipe.to_dict(),
+    }
+    atomic_write_bytes(directory / WEIGHTS_FILE, st_save(tensors, metadata={"format": FORMAT_NAME}))
+    atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2))
+    return directory
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    looks_safetensors = len(data) > 8 and data[8:9] == b"{"
+    if not looks_safetensors:
+        if data[:4] == b"PK\x03\x04" or (
+            data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+        ):
+            raise ValueError(
+                f"{path} is a pickle / torch.save archive, not safetensors; daptq never unpickles"
+            )
+        raise ValueError(
+            f"{path} is not a safetensors file (truncated or corrupted header, {len(data)} bytes)"
+        )
+    if 8 + header_len > len(data):
+        raise ValueError(f"{path} is truncated: header claims {header_len} bytes, file has {len(data) - 8}")
+    try:
+        return st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} is corrupted or truncated safetensors: {e}") from None
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"quantization config not found: {path}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path}: not a {FORMAT_NAME} config (format={config.get('format')!r})")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {config.get('format_version')} unsupported (reads {FORMAT_VERSION})"
+        )
+    return config
+
+
+def _take(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in tensors:
+        raise ValueError(f"checkpoint is missing tensor {key!r}")
+    return tensors.pop(key)
+
+
+@torch.no_grad()
+def load_quantized(model_or_factory: nn.Module | Callable[[], nn.Module], directory: str | Path) -> nn.Module:
+    """Rebuild a fake-quant model from ``save_quantized`` output; returns the (same or new) model.
+
+    ``model_or_factory`` is the float architecture (its weights are overwritten) or a zero-argument callable
+    building it.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    config = read_config(directory)
+    tensors = _read_safetensors(directory / WEIGHTS_FILE)
+    model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model factory returned {type(model).__name__}, not an nn.Module")
+    for name, cfg in config["modules"].items():
+        spec = QuantSpec.from_dict(cfg["spec"])
+        original = get_module(model, name)
+        if tuple(original.weight.shape) != tuple(cfg["weight_shape"]):
+            raise ValueError(
+                f"{name}: model weight shape {tuple(original.weight.shape)} != checkpoint "
+                f"{tuple(cfg['weight_shape'])}"
+            )
+        expected = {"QuantLinear": nn.Linear, "QuantConv2d": nn.Conv2d}.get(cfg["type"])
+        if (
+            expected is None
+            or not isinstance(original, expected)
+            or isinstance(original, QuantLinear | QuantConv2d)
+        ):
+            raise ValueError(
+                f"{name}: checkpoint type {cfg['type']} does not fit model module {type(original)}"
+            )
+        layer = quantized_module_for(original, spec, name, round_now=False)
+        w = layer.weight
+        if cfg.get("has_float_weight"):
+            w.copy_(_take(tensors, f"{name}.weight"))
+        if not spec.weight.is_float:
+            shape = (w.shape[0], w[0].numel())
+            codes = unpack_codes(_take(tensors, f"{name}.qweight_packed"), spec.weight, shape)
+            scale = _take(tensors, f"{name}.weight_scale")
+            zp = tensors.pop(f"{name}.weight_zero_point", None)
+            layer.set_quantized_weight(codes, scale, zp)
+            if not cfg.get("has_float_weight"):
+                w.copy_(dequantize_weight(codes, scale, zp, spec.weight).reshape(w.shape))
+        if f"{name}.act_scale" in tensors:
+            layer.set_activation_qparams(
+                tensors.pop(f"{name}.act_scale"), tensors.pop(f"{name}.act_zero_point", None)
+            )
+        set_module(model, name, layer)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    quant_prefixes = set(config["modules"])
+    missing = [k for k in missing if k.rpartition(".")[0] not in quant_prefixes]
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
+    return model
