@@ -14,6 +14,52 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.open_loop:
+        import json
+
+        from daptq.eval import open_loop_eval
+
+        result = open_loop_eval(
+            args.model, args.open_loop, args.tasks, args.split, args.max_episodes, args.out
+        )
+        print(json.dumps(result["overall"], indent=2))
+        return 0
+    from daptq.eval import evaluate
+    from daptq.eval.summary import format_summary
+
+    summary = evaluate(
+        args.model,
+        args.reference,
+        args.tasks,
+        args.episodes,
+        args.seed_start,
+        args.workers,
+        args.out,
+        args.resume,
+        args.max_steps,
+        image_size=args.image_size,
+        camera=args.camera,
+        divergence_threshold=args.divergence_threshold,
+        hf_cutoff=args.hf_cutoff,
+        progress=not args.no_progress,
+    )
+    print(format_summary(summary))
+    print(f"results in {args.out} (report: daptq report {args.out})")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from daptq.eval import render_rollout_gif, write_report
+
+    report = write_report(args.runs, args.out, args.paths)
+    print(f"wrote {report}")
+    if args.gif:
+        task, seed = args.gif
+        print(f"wrote {render_rollout_gif(args.runs[0], task, int(seed))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from daptq import __version__
 
@@ -26,6 +72,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job on the bundled default")
     demo.add_argument("--out", default="runs/demo", help="where to write the quantized checkpoint and report")
     demo.set_defaults(func=_cmd_demo)
+
+    ev = sub.add_parser("eval", help="closed-loop evaluation, paired against a reference policy; resumable")
+    ev.add_argument("model", help="model spec: ref:<name>, a `daptq quantize` directory, or toy:...")
+    ev.add_argument("--reference", help="full-precision model spec to pair every episode with")
+    ev.add_argument("--tasks", nargs="+", help="task names (default: all MT10 tasks)")
+    ev.add_argument("--episodes", type=int, default=10, help="episodes (seeds) per task")
+    ev.add_argument("--seed-start", type=int, help="first seed (default: the start of the 'eval' seed split)")
+    ev.add_argument("--workers", type=int, default=1, help="worker processes")
+    ev.add_argument("--out", default="runs/eval", help="run directory")
+    ev.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    ev.add_argument("--max-steps", type=int, help="step limit per episode (default: per-task limit)")
+    ev.add_argument("--image-size", type=int)
+    ev.add_argument("--camera")
+    ev.add_argument("--divergence-threshold", type=float, default=0.02, help="metres (default 0.02)")
+    ev.add_argument("--hf-cutoff", type=float, default=0.25, help="high-frequency cutoff, cycles per step")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--open-loop", metavar="DATASET", help="open-loop action error on recorded demos")
+    ev.add_argument("--split", default="val", help="dataset split for --open-loop")
+    ev.add_argument("--max-episodes", type=int, help="episodes per task for --open-loop")
+    ev.set_defaults(func=_cmd_eval)
+
+    rep = sub.add_parser("report", help="report.md with tables and plots from one or several run directories")
+    rep.add_argument("runs", nargs="+", help="run directories written by `daptq eval`")
+    rep.add_argument("--out", help="output directory (required for several runs)")
+    rep.add_argument("--paths", type=int, default=3, help="episodes whose end-effector paths are plotted")
+    rep.add_argument("--gif", nargs=2, metavar=("TASK", "SEED"), help="also render one episode as a GIF")
+    rep.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -1,0 +1,175 @@
+"""A tiny seeded state-only policy that honours the Policy contract, for tests and smoke runs of evaluation.
+
+It behaves like a small chunked stochastic VLA: from the end-effector state and a per-task embedding it
+predicts a chunk of actions, adds seeded sampling noise (so paired rollouts must share the noise to be
+comparable) and plays the chunk from a queue. ``weight_noise`` perturbs every parameter with seeded Gaussian
+noise scaled by that parameter's std, a stand-in for quantization error whose size the tests control.
+
+Spec: ``toy`` or ``toy:seed=0,weight_noise=0.01`` (keys: see ``ToyConfig``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from torch import nn
+
+from daptq.models.adapter import METAWORLD_ACTION_SPACE, ActionSpace, Observation
+
+# Centre and half-extent of the Meta-World Sawyer workspace (m), used to normalise the state input.
+_WORKSPACE_CENTRE = (0.0, 0.6, 0.15)
+_WORKSPACE_HALF = (0.5, 0.3, 0.15)
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    """Everything that defines a toy policy; two equal configs give bit-identical policies."""
+
+    seed: int = 0  # initialises the weights
+    weight_noise: float = 0.0  # relative (to each parameter's std) Gaussian weight perturbation
+    noise_seed: int = 12345  # seeds the weight perturbation (same direction for every weight_noise level)
+    hidden: int = 32
+    chunk: int = 4  # actions predicted per forward pass and played from the queue
+    action_noise: float = 0.05  # std of the sampling noise added before the tanh
+    gain: float = 4.0  # proportional pull towards the task's target point, keeps the arm inside the workspace
+    embed_dim: int = 8
+    action_dim: int = 4  # != 4 gives a non-Meta-World action space (tests of mismatch checks)
+
+    def __post_init__(self) -> None:
+        if self.weight_noise < 0 or self.action_noise < 0:
+            raise ValueError(f"toy: weight_noise and action_noise must be >= 0, got {self}")
+        if min(self.hidden, self.chunk, self.embed_dim, self.action_dim) <= 0:
+            raise ValueError(f"toy: hidden, chunk, embed_dim and action_dim must be positive, got {self}")
+
+
+def parse_toy_spec(spec: str) -> ToyConfig:
+    """Parse ``toy`` / ``toy:key=value,...`` into a ToyConfig; unknown keys or bad values raise ValueError."""
+    if spec == "toy":
+        return ToyConfig()
+    if not spec.startswith("toy:"):
+        raise ValueError(f"toy spec must start with 'toy:', got {spec!r}")
+    types = {f.name: f.type for f in fields(ToyConfig)}
+    kwargs: dict[str, int | float] = {}
+    body = spec[len("toy:") :]
+    for item in filter(None, body.split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in types:
+            raise ValueError(
+                f"toy spec {spec!r}: bad item {item!r}; expected key=value with key in {list(types)}"
+            )
+        try:
+            kwargs[key] = int(value) if types[key] in (int, "int") else float(value)
+        except ValueError as exc:
+            raise ValueError(f"toy spec {spec!r}: {key}={value!r} is not a valid {types[key]}") from exc
+    return ToyConfig(**kwargs)
+
+
+def _instruction_seed(instruction: str) -> int:
+    """A stable (process-independent, unlike hash()) integer for an instruction string."""
+    return int.from_bytes(hashlib.sha256(instruction.encode("utf-8")).digest()[:4], "little")
+
+
+class ToyPolicy(nn.Module):
+    """MLP(state, task embedding) -> action chunk, plus a pull towards a per-task target point."""
+
+    def __init__(self, config: ToyConfig = ToyConfig()) -> None:
+        super().__init__()
+        self.config = config
+        self.action_space: ActionSpace = (
+            METAWORLD_ACTION_SPACE
+            if config.action_dim == METAWORLD_ACTION_SPACE.dim
+            else ActionSpace(
+                tuple(f"a{i}" for i in range(config.action_dim)), ("translation",) * config.action_dim
+            )
+        )
+        dim = self.action_space.dim
+        gen = torch.Generator().manual_seed(config.seed)
+        self.net = nn.Sequential(
+            nn.Linear(4 + config.embed_dim, config.hidden),
+            nn.Tanh(),
+            nn.Linear(config.hidden, config.hidden),
+            nn.Tanh(),
+            nn.Linear(config.hidden, 2 * dim),  # per dimension: a base action and its drift across the chunk
+        )
+        with torch.no_grad():
+            for p in self.net.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.ndim > 1 else 0.1))
+            self.net[-1].weight.mul_(0.3)  # keep the MLP's share of the pre-tanh action moderate
+            if config.weight_noise > 0:
+                self._perturb(config.weight_noise, config.noise_seed)
+        self.register_buffer("centre", torch.tensor(_WORKSPACE_CENTRE))
+        self.register_buffer("half_extent", torch.tensor(_WORKSPACE_HALF))
+        self.eval()
+        self._queue: deque[np.ndarray] = deque()
+        self._sampler = torch.Generator()
+        self._embeddings: dict[str, torch.Tensor] = {}
+        self.reset(seed=0)
+
+    @property
+    def recipe(self) -> dict:
+        """Recorded in a run's config.json so the run can be reproduced."""
+        return {"method": "toy", **asdict(self.config)}
+
+    def _perturb(self, rel_std: float, noise_seed: int) -> None:
+        gen = torch.Generator().manual_seed(noise_seed)
+        for p in self.net.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * (rel_std * p.std()))
+
+    def task_embedding(self, instruction: str) -> torch.Tensor:
+        """A fixed seeded embedding per instruction (a stand-in for a language encoder)."""
+        if instruction not in self._embeddings:
+            gen = torch.Generator().manual_seed(_instruction_seed(instruction))
+            self._embeddings[instruction] = torch.randn(self.config.embed_dim, generator=gen)
+        return self._embeddings[instruction]
+
+    def reset(self, seed: int | None = None) -> None:
+        """Clear the chunk queue; ``seed`` fixes the sampling noise of the episode."""
+        self._queue.clear()
+        if seed is not None:
+            self._sampler.manual_seed(int(seed))
+
+    @torch.no_grad()
+    def predict_chunk(
+        self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``batch["state"]`` (B, 4), optional ``batch["task_embedding"]`` (B, E) -> actions (B, chunk, D)."""
+        state = batch["state"].float()
+        if state.ndim != 2 or state.shape[1] != 4:
+            raise ValueError(f"toy: batch['state'] must be (B, 4), got {tuple(state.shape)}")
+        emb = batch.get("task_embedding")
+        if emb is None:
+            emb = torch.zeros(state.shape[0], self.config.embed_dim)
+        ee = (state[:, :3] - self.centre) / self.half_extent
+        base, slope = self.net(torch.cat([ee, state[:, 3:4], emb.float()], dim=1)).chunk(2, dim=1)
+        # A smooth chunk: the base action drifting linearly over its K steps (a short motion primitive).
+        k = torch.arange(self.config.chunk, dtype=torch.float32).view(1, -1, 1) / self.config.chunk
+        out = base.unsqueeze(1) + k * slope.unsqueeze(1)
+        # Pull towards a per-task target (the embedding's first three entries, squashed into the workspace).
+        target = torch.tanh(emb[:, :3]) * 0.5
+        pull = torch.zeros_like(out)
+        n = min(3, pull.shape[-1])
+        pull[..., :n] = (self.config.gain * (target - ee))[:, :n].unsqueeze(1)
+        if self.config.action_noise > 0:
+            noise = torch.randn(out.shape, generator=generator) * self.config.action_noise
+        else:
+            noise = torch.zeros_like(out)
+        return torch.tanh(out + pull + noise)
+
+    def select_action(self, observation: Observation) -> np.ndarray:
+        if not self._queue:
+            state = torch.as_tensor(np.asarray(observation["state"], dtype=np.float32)).unsqueeze(0)
+            emb = self.task_embedding(str(observation.get("instruction", ""))).unsqueeze(0)
+            chunk = self.predict_chunk({"state": state, "task_embedding": emb}, generator=self._sampler)
+            self._queue.extend(chunk[0].numpy().astype(np.float32))
+        return self._queue.popleft()
+
+
+def toy_policy_from_spec(spec: str) -> ToyPolicy:
+    """Build the toy policy a ``toy:...`` spec names (see ``ToyConfig`` for the keys)."""
+    return ToyPolicy(parse_toy_spec(spec))
