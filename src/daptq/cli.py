@@ -60,6 +60,25 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    if args.action == "generate":
+        from daptq.data.generate import main as generate_main
+
+        generate_main(args.rest)
+    else:
+        from daptq.envs.speed import main as speed_main
+
+        speed_main(args.rest)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from daptq.train.__main__ import main as train_main
+
+    train_main(args.rest)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from daptq import __version__
 
@@ -99,10 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--paths", type=int, default=3, help="episodes whose end-effector paths are plotted")
     rep.add_argument("--gif", nargs=2, metavar=("TASK", "SEED"), help="also render one episode as a GIF")
     rep.set_defaults(func=_cmd_report)
+
+    # `data` and `train` hand their arguments to the modules' own parsers (`daptq train --help` lists them).
+    data = sub.add_parser("data", help="make expert demonstrations (generate) or time the renderer (speed)")
+    data.add_argument("action", choices=["generate", "speed"])
+    data.add_argument("rest", nargs=argparse.REMAINDER, help="options of the action (see --help)")
+    data.set_defaults(func=_cmd_data)
+
+    train = sub.add_parser("train", help="train the reference VLA on a dataset", add_help=False)
+    train.add_argument("rest", nargs=argparse.REMAINDER, help="training options (see daptq train --help)")
+    train.set_defaults(func=_cmd_train)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # argparse's REMAINDER cannot start with an option such as --help
+        return _cmd_train(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

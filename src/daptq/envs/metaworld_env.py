@@ -1,0 +1,151 @@
+"""A gymnasium environment over one Meta-World V3 task with images, an instruction and a seeded reset."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
+
+from daptq.envs.render import OffscreenRenderer
+from daptq.envs.tasks import DEFAULT_MAX_STEPS, METAWORLD_MAX_STEPS, TASKS, check_task
+
+# Reach, push and pick-place use differently coloured goal markers (red, green, blue) in Meta-World, which
+# would tell the policy the task without the instruction. We paint them one colour and make them a little
+# larger so the 2 cm marker is still a few pixels at 96 px. The goal is a visual-only site: physics and
+# success are unchanged.
+SHARED_GOAL_TASKS = ("reach", "push", "pick-place")
+GOAL_RGBA = np.array([0.0, 1.0, 0.0, 1.0])
+GOAL_SIZE = 0.03
+
+
+class MetaWorldEnv(gym.Env):
+    """One MT10 task: dict observations (upright RGB image, ee xyz + gripper opening, instruction).
+
+    ``reset(seed=s)`` draws the object and goal positions from ``s`` alone, so a (task, seed) pair reproduces
+    the same initial state and first image exactly. ``terminated`` is True on the first success (unless
+    ``terminate_on_success=False``, which data generation uses to record a few steps past success);
+    ``truncated`` is True once ``max_steps`` steps have been taken.
+    """
+
+    metadata = {"render_modes": ["rgb_array"]}
+
+    def __init__(
+        self,
+        task: str,
+        *,
+        image_size: int = 96,
+        camera: str = "corner3",
+        max_steps: int | None = None,
+        instruction: str | None = None,
+        terminate_on_success: bool = True,
+    ) -> None:
+        self.task = check_task(task)
+        if max_steps is None:
+            max_steps = DEFAULT_MAX_STEPS[task]
+        if not 1 <= max_steps <= METAWORLD_MAX_STEPS:
+            raise ValueError(f"max_steps must be in [1, {METAWORLD_MAX_STEPS}], got {max_steps}")
+        self.max_steps = max_steps
+        self.instruction = TASKS[task] if instruction is None else instruction
+        self.image_size = image_size
+        self.camera = camera
+        self.terminate_on_success = terminate_on_success
+        self.render_mode = "rgb_array"
+
+        # seed=0 only stops Meta-World's constructor from consuming the global numpy RNG; reset() reseeds.
+        self._mw = ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE[f"{task}-v3-goal-observable"](seed=0)
+        self._mw.max_path_length = METAWORLD_MAX_STEPS
+        if task in SHARED_GOAL_TASKS:
+            self._mw.model.site("goal").rgba = GOAL_RGBA
+            self._mw.model.site("goal").size[:] = GOAL_SIZE
+        self._renderer = OffscreenRenderer(self._mw.model, image_size, camera)
+
+        self.action_space = spaces.Box(-1.0, 1.0, (4,), dtype=np.float32)
+        self.observation_space = spaces.Dict(
+            {
+                "image": spaces.Box(0, 255, (image_size, image_size, 3), dtype=np.uint8),
+                "state": spaces.Box(-np.inf, np.inf, (4,), dtype=np.float32),
+                "instruction": spaces.Text(max_length=1000),
+            }
+        )
+        self._mw_obs: np.ndarray | None = None
+        self._steps = 0
+
+    @property
+    def metaworld_obs(self) -> np.ndarray:
+        """Meta-World's 39-dim goal-observable state vector (what its scripted experts read)."""
+        if self._mw_obs is None:
+            raise RuntimeError("call reset() before reading the environment state")
+        return self._mw_obs
+
+    @property
+    def unwrapped_metaworld(self):
+        """The wrapped Meta-World env, for task-specific state (``tcp_center``, ``_target_pos``, objects)."""
+        return self._mw
+
+    @property
+    def steps(self) -> int:
+        return self._steps
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._mw.seed(int(seed))  # seeds Meta-World's own np_random, which draws the positions below
+        self._mw._freeze_rand_vec = False
+        self._mw.seeded_rand_vec = True
+        mw_obs, _ = self._mw.reset()
+        self._mw_obs = np.asarray(mw_obs, dtype=np.float64)
+        self._steps = 0
+        return self._observation(), {"success": False, "ee_pos": self._mw_obs[:3].copy()}
+
+    def step(self, action):
+        if self._mw_obs is None:
+            raise RuntimeError("call reset() before step()")
+        action = np.asarray(action, dtype=np.float64)
+        if action.shape != (4,):
+            raise ValueError(f"action must have shape (4,), got {action.shape}")
+        if not np.all(np.isfinite(action)):
+            raise ValueError(f"action must be finite, got {action}")
+        mw_obs, reward, _, _, mw_info = self._mw.step(np.clip(action, -1.0, 1.0))
+        self._mw_obs = np.asarray(mw_obs, dtype=np.float64)
+        self._steps += 1
+        success = bool(mw_info["success"])
+        terminated = success and self.terminate_on_success
+        truncated = self._steps >= self.max_steps
+        info = {"success": success, "ee_pos": self._mw_obs[:3].copy()}
+        return self._observation(), float(reward), terminated, truncated, info
+
+    def render(self) -> np.ndarray:
+        return self._renderer.render(self._mw.data)
+
+    def close(self) -> None:
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
+        self._mw.close()
+
+    def _observation(self) -> dict[str, Any]:
+        state = np.concatenate([self._mw_obs[:3], self._mw_obs[3:4]]).astype(np.float32)
+        return {"image": self.render(), "state": state, "instruction": self.instruction}
+
+
+def make_env(
+    task: str,
+    *,
+    image_size: int = 96,
+    camera: str = "corner3",
+    max_steps: int | None = None,
+    instruction: str | None = None,
+    terminate_on_success: bool = True,
+) -> MetaWorldEnv:
+    """Build the environment for one MT10 task (names without "-v3"); see ``MetaWorldEnv``."""
+    return MetaWorldEnv(
+        task,
+        image_size=image_size,
+        camera=camera,
+        max_steps=max_steps,
+        instruction=instruction,
+        terminate_on_success=terminate_on_success,
+    )
