@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from daptq.atomic import atomic_save_npz, atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
 
 FORMAT_VERSION = 1
 STATE_DIM = 4
@@ -57,25 +58,6 @@ class Episode:
 
 def shard_path(root: str | os.PathLike, split: str, task: str, index: int) -> Path:
     return Path(root) / split / f"{task}-{index:04d}.npz"
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write via a temp file in the same directory then ``os.replace``, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; datasets are shared between users
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def write_shard(path: Path, episodes: list[Episode], discarded_seeds: list[int]) -> None:

@@ -1,8 +1,9 @@
 """The two contracts every policy in daptq honours, so methods and evaluation never special-case a model.
 
-``Policy`` is what closed-loop evaluation drives (lerobot-style). ``VLAAdapter`` is what a quantization method
-needs to know about a VLA: where the conditioning latent z is produced, where it enters the action decoder, the
-decoder's training loss, which modules may be quantized (tagged with a role) and what the action dimensions mean.
+``Policy`` is what closed-loop evaluation drives (lerobot-style). ``VLAAdapter`` is what a quantization
+method needs to know about a VLA: where the conditioning latent z is produced, where it enters the action
+decoder, the decoder's training loss, which modules may be quantized (tagged with a role) and what the action
+dimensions mean.
 """
 
 from __future__ import annotations
@@ -115,5 +116,7 @@ class VLAAdapter(Protocol):
     def quantizable_modules(self) -> list[QuantizableModule]:
         """Every module a method may quantize, each tagged with its role."""
 
-    def calibration_batches(self, batches: Iterator[Mapping[str, Any]]) -> Iterator[Mapping[str, torch.Tensor]]:
+    def calibration_batches(
+        self, batches: Iterator[Mapping[str, Any]]
+    ) -> Iterator[Mapping[str, torch.Tensor]]:
         """Turn dataset batches into model-input batches (moves, normalizes, encodes as the model expects)."""

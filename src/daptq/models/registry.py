@@ -16,7 +16,7 @@ from daptq.models.adapter import Policy
 
 
 def load_policy(spec: str) -> Policy:
-    """Build the policy a spec names; raise ValueError for a spec of unknown form, FileNotFoundError if missing."""
+    """Build the policy a spec names (ValueError for a spec of unknown form, FileNotFoundError if missing)."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"model spec must be a non-empty string, got {spec!r}")
     if spec.startswith("ref:"):
@@ -30,7 +30,7 @@ def load_policy(spec: str) -> Policy:
     path = Path(spec)
     if path.is_dir():
         raise NotImplementedError(
-            f"{spec}: loading quantized policy directories arrives with `daptq quantize` for the reference VLA"
+            f"{spec}: loading quantized policy directories arrives with `daptq quantize` for VLAs"
         )
     raise FileNotFoundError(
         f"model spec {spec!r} is neither 'ref:<name>', 'toy:...', nor an existing directory written by "
