@@ -1,0 +1,465 @@
+"""The reference VLA: CogACT's shape at small scale, and its closed-loop policy wrapper.
+
+    image  -> EfficientNet-Lite0 (frozen) -> 36 spatial tokens -> vision_proj ----+
+    instr. -> MiniLM-L6 (frozen)          -> token features    -> language_proj --+--> backbone (pre-norm
+    state (ee xyz + gripper)                                   -> state_proj -----+    transformer) -> z
+    learned cognition token ---------------------------------------------------------+  (its output)
+    z -> DiT action head (z_proj: prefix token + adaLN-Zero) -> epsilon; DDIM (10 steps) -> K=8 actions
+
+Most trainable parameters sit in the backbone, as the 7B VLM does in CogACT, so quantizing it matters.
+
+Model-input batches (``Mapping[str, Tensor]``) of ``condition``, ``predict_chunk`` and ``denoising_loss``:
+- vision: ``"image"`` uint8 (B, H, W, 3), or precomputed ``"vision_features"`` (B, 36, 112);
+- language: ``"input_ids"`` + ``"attention_mask"`` (B, L), or precomputed ``"language_features"`` (B, L, 384)
+  + ``"language_mask"`` (B, L) bool;
+- ``"state"`` float (B, 4) in environment units (normalized inside the model);
+- ``"actions"`` float (B, K, 4) in [-1, 1], only for ``denoising_loss``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from daptq.models.adapter import METAWORLD_ACTION_SPACE, ActionSpace, Observation, QuantizableModule
+from daptq.models.dit import DiTActionHead, NoiseSchedule
+from daptq.models.encoders import LANGUAGE_DIM, LanguageEncoder, VisionEncoder
+from daptq.models.transformer import Block
+
+CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+FROZEN_PREFIXES = ("vision.", "language.")  # encoder weights come from their packages, not the checkpoint
+
+
+@dataclass
+class ReferenceVLAConfig:
+    """Architecture and inference settings; stored in the checkpoint's config.json."""
+
+    image_size: int = 96
+    camera: str = "corner3"
+    vision_blocks: int = 11
+    max_language_tokens: int = 32
+    state_dim: int = 4
+    action_dim: int = 4
+    d_model: int = 256  # backbone width; z has this size
+    n_layer: int = 6
+    n_head: int = 8
+    dit_d_model: int = 192
+    dit_n_layer: int = 3
+    dit_n_head: int = 6
+    chunk_size: int = 8  # K actions predicted per re-plan
+    n_action_steps: int = 4  # actions executed from each chunk before re-planning
+    num_train_timesteps: int = 100
+    num_inference_steps: int = 10
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.n_action_steps <= self.chunk_size:
+            raise ValueError(
+                f"n_action_steps must be in [1, chunk_size={self.chunk_size}], got {self.n_action_steps}"
+            )
+        for name in (
+            "d_model",
+            "n_layer",
+            "n_head",
+            "dit_d_model",
+            "dit_n_layer",
+            "dit_n_head",
+            "chunk_size",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def num_vision_tokens(self) -> int:
+        return (self.image_size // 16) ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ReferenceVLAConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ReferenceVLAConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+class ReferenceVLA(nn.Module):
+    """The network: frozen encoders, trainable backbone producing z, and the DiT action head."""
+
+    def __init__(self, config: ReferenceVLAConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.vision = VisionEncoder(c.image_size, c.vision_blocks)
+        self.language = LanguageEncoder(c.max_language_tokens)
+        d = c.d_model
+        self.vision_proj = nn.Linear(self.vision.out_channels, d)
+        self.language_proj = nn.Linear(LANGUAGE_DIM, d)
+        self.state_proj = nn.Linear(c.state_dim, d)
+        self.cognition_token = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.pos_emb = nn.Parameter(torch.randn(1, c.num_vision_tokens + c.max_language_tokens + 2, d) * 0.02)
+        self.blocks = nn.ModuleList(Block(d, c.n_head) for _ in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = DiTActionHead(d, c.action_dim, c.chunk_size, c.dit_d_model, c.dit_n_layer, c.dit_n_head)
+        self.schedule = NoiseSchedule(c.num_train_timesteps)
+        # Proprioception normalization from the training set's stats.json (saved with the weights).
+        self.register_buffer("state_mean", torch.zeros(c.state_dim))
+        self.register_buffer("state_std", torch.ones(c.state_dim))
+
+    def set_state_stats(self, mean: Any, std: Any) -> None:
+        self.state_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.state_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp(min=1e-3))
+
+    def features(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run the frozen encoders on whatever raw inputs the batch carries (see the module docstring)."""
+        if "vision_features" in batch:
+            vision = batch["vision_features"]
+        elif "image" in batch:
+            vision = self.vision(batch["image"])
+        else:
+            raise ValueError("batch needs 'image' or 'vision_features'")
+        if "language_features" in batch:
+            language, mask = batch["language_features"], batch["language_mask"]
+        elif "input_ids" in batch:
+            language, mask = (
+                self.language(batch["input_ids"], batch["attention_mask"]),
+                batch["attention_mask"],
+            )
+        else:
+            raise ValueError(
+                "batch needs 'input_ids'+'attention_mask' or 'language_features'+'language_mask'"
+            )
+        if "state" not in batch:
+            raise ValueError("batch needs 'state' (B, 4): end-effector xyz and gripper opening")
+        return {"vision": vision, "language": language, "language_mask": mask.bool(), "state": batch["state"]}
+
+    def condition(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Backbone forward: inputs -> z (B, d_model), the output at the cognition token."""
+        f = self.features(batch)
+        B = f["vision"].shape[0]
+        if f["language"].shape[1] > self.config.max_language_tokens:
+            raise ValueError(
+                f"{f['language'].shape[1]} language tokens > max {self.config.max_language_tokens}"
+            )
+        state = (f["state"].float() - self.state_mean) / self.state_std
+        tokens = torch.cat(
+            [
+                self.vision_proj(f["vision"].float()),
+                self.language_proj(f["language"].float()),
+                self.state_proj(state)[:, None, :],
+                self.cognition_token.expand(B, -1, -1),
+            ],
+            dim=1,
+        )
+        x = tokens + self.pos_emb[:, : tokens.shape[1]]
+        ones = torch.ones(B, 1, dtype=torch.bool, device=x.device)
+        mask = torch.cat([ones.expand(B, f["vision"].shape[1]), f["language_mask"], ones, ones], dim=1)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.ln_f(x[:, -1])
+
+    def denoising_loss(
+        self,
+        z: torch.Tensor,
+        actions: torch.Tensor,
+        dim_weights: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        n_noise: int = 1,
+    ) -> torch.Tensor:
+        """Epsilon-prediction MSE; ``n_noise`` noise draws per z make more use of each backbone pass."""
+        z = z.repeat_interleave(n_noise, dim=0)
+        x0 = actions.float().repeat_interleave(n_noise, dim=0)
+        t = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        t, noise = t.to(x0.device), noise.to(x0.device)
+        err = (self.head(self.schedule.add_noise(x0, noise, t), t, z).float() - noise) ** 2
+        if dim_weights is not None:
+            w = torch.as_tensor(dim_weights, dtype=err.dtype, device=err.device)
+            if w.shape != (x0.shape[-1],):
+                raise ValueError(f"dim_weights must have shape ({x0.shape[-1]},), got {tuple(w.shape)}")
+            err = err * w
+        return err.mean()
+
+    def sample(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        c = self.config
+        return self.schedule.sample(
+            lambda x, t: self.head(x, t, z),
+            (z.shape[0], c.chunk_size, c.action_dim),
+            c.num_inference_steps,
+            generator=generator,
+            device=z.device,
+        )
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(FROZEN_PREFIXES)}
+
+
+class ReferencePolicy:
+    """The reference VLA as a closed-loop ``Policy`` and a ``VLAAdapter``.
+
+    Action chunking: each re-plan predicts K=8 actions and executes the first ``n_action_steps``=4 of them
+    before re-planning from a fresh observation (half the chunk; longer open-loop execution made contact tasks
+    drift, shorter costs more compute).
+
+    Language cache: instructions are fixed strings, so their MiniLM features are cached per string. The cache
+    is tagged with a fingerprint of the language encoder (identity and in-place version counter of every
+    module, parameter and buffer), so swapping a module (quantization) or an in-place weight update
+    invalidates it. Edits that bypass autograd's version counter (``param.data = ...``) are not seen: call
+    ``clear_language_cache()`` after those.
+    """
+
+    def __init__(self, model: ReferenceVLA, meta: Mapping[str, Any] | None = None) -> None:
+        self.model = model.eval()
+        self.config = model.config
+        self.action_space: ActionSpace = METAWORLD_ACTION_SPACE
+        self.meta = dict(meta or {})
+        self._language_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._language_fingerprint: tuple | None = None
+        self._queue: deque[np.ndarray] = deque()
+        self._generator = torch.Generator()
+        self._generator.seed()
+
+    # ---- Policy -------------------------------------------------------------------------------------------
+    def reset(self, seed: int | None = None) -> None:
+        self._queue.clear()
+        if seed is None:
+            self._generator.seed()
+        else:
+            self._generator.manual_seed(int(seed))
+
+    @torch.no_grad()
+    def select_action(self, observation: Observation) -> np.ndarray:
+        if not self._queue:
+            chunk = self.predict_chunk(self.observation_to_batch(observation), generator=self._generator)
+            self._queue.extend(chunk[0, : self.config.n_action_steps].cpu().numpy().astype(np.float32))
+        return self._queue.popleft()
+
+    @torch.no_grad()
+    def predict_chunk(
+        self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        z = self.model.condition(batch)
+        return self.model.sample(z, generator).clamp(self.action_space.low, self.action_space.high)
+
+    def observation_to_batch(self, observation: Observation) -> dict[str, torch.Tensor]:
+        """One environment observation -> a batch of one, with the instruction's cached language features."""
+        for key in ("image", "state", "instruction"):
+            if key not in observation:
+                raise ValueError(f"observation is missing {key!r} (has {sorted(observation)})")
+        image = torch.as_tensor(np.ascontiguousarray(observation["image"]))
+        if image.dtype != torch.uint8:
+            raise ValueError(f"observation['image'] must be uint8, got {image.dtype}")
+        features, mask = self.language_features(observation["instruction"])
+        return {
+            "image": image[None],
+            "state": torch.as_tensor(observation["state"], dtype=torch.float32).reshape(1, -1),
+            "language_features": features,
+            "language_mask": mask,
+        }
+
+    # ---- language cache -----------------------------------------------------------------------------------
+    def _fingerprint(self) -> tuple:
+        enc = self.model.language
+        items = [(id(m),) for m in enc.modules()]
+        items += [(id(t), getattr(t, "_version", None)) for t in (*enc.parameters(), *enc.buffers())]
+        return tuple(items)
+
+    def clear_language_cache(self) -> None:
+        self._language_cache.clear()
+        self._language_fingerprint = None
+
+    @torch.no_grad()
+    def language_features(self, instruction: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, L, 384) features and (1, L) bool mask for one instruction, from the cache when still valid."""
+        if not isinstance(instruction, str) or not instruction:
+            raise ValueError(f"instruction must be a non-empty string, got {instruction!r}")
+        fingerprint = self._fingerprint()
+        if fingerprint != self._language_fingerprint:
+            self._language_cache.clear()
+            self._language_fingerprint = fingerprint
+        if instruction not in self._language_cache:
+            tokens = self.model.language.tokenize([instruction])
+            features = self.model.language(tokens["input_ids"], tokens["attention_mask"])
+            self._language_cache[instruction] = (features, tokens["attention_mask"].bool())
+        return self._language_cache[instruction]
+
+    # ---- VLAAdapter ---------------------------------------------------------------------------------------
+    def condition(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.model.condition(batch)
+
+    def denoising_loss(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        dim_weights: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        if "actions" not in batch:
+            raise ValueError("denoising_loss needs batch['actions'] (B, K, action_dim)")
+        return self.model.denoising_loss(
+            self.model.condition(batch), batch["actions"], dim_weights, generator
+        )
+
+    def interface_modules(self) -> list[QuantizableModule]:
+        return [
+            QuantizableModule(
+                "head.z_proj", self.model.head.z_proj, "interface", {"d_z": self.config.d_model}
+            )
+        ]
+
+    def quantizable_modules(self) -> list[QuantizableModule]:
+        """Every Linear and Conv2d with its role; ``meta["kind"]`` says which ("linear" or "conv2d")."""
+        out = []
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.Linear):
+                kind = "linear"
+            elif isinstance(module, nn.Conv2d):
+                kind = "conv2d"
+            else:
+                continue
+            out.append(QuantizableModule(name, module, module_role(name), {"kind": kind}))
+        return out
+
+    def calibration_batches(self, batches: Iterator[Mapping[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:
+        """Dataset batches (``image`` uint8 (B,H,W,3), ``state`` (B,4), ``instruction`` list[str], optional
+        ``actions`` (B,K,4); numpy or torch) -> model-input batches that run both encoders."""
+        for raw in batches:
+            for key in ("image", "state", "instruction"):
+                if key not in raw:
+                    raise ValueError(f"calibration batch is missing {key!r} (has {sorted(raw)})")
+            batch = {
+                "image": torch.as_tensor(np.asarray(raw["image"])),
+                "state": torch.as_tensor(np.asarray(raw["state"]), dtype=torch.float32),
+                **self.model.language.tokenize(list(raw["instruction"])),
+            }
+            if "actions" in raw:
+                batch["actions"] = torch.as_tensor(np.asarray(raw["actions"]), dtype=torch.float32)
+            yield batch
+
+
+def module_role(name: str) -> str:
+    """Role of a module from its qualified name in ``ReferenceVLA``."""
+    if name.startswith("vision."):
+        return "vision"
+    if name.startswith("language."):
+        return "language"
+    if name == "head.z_proj":
+        return "interface"
+    if name.startswith("head."):
+        return "action_head"
+    return "backbone"
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are shipped and read by other users
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_reference_checkpoint(
+    model: ReferenceVLA,
+    directory: str | Path,
+    meta: Mapping[str, Any] | None = None,
+    weights: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write model.safetensors (trainable weights only) and config.json to ``directory``, each atomically.
+
+    ``weights`` overrides some of the model's tensors by name (training saves its EMA weights this way).
+    """
+    from safetensors.torch import save
+
+    directory = Path(directory)
+    state = model.trainable_state_dict()
+    unknown = set(weights or {}) - set(state)
+    if unknown:
+        raise ValueError(f"weights has names the model does not: {sorted(unknown)[:5]}")
+    state.update(weights or {})
+    tensors = {k: v.detach().cpu().float().contiguous() for k, v in state.items()}
+    atomic_write_bytes(directory / WEIGHTS_FILE, save(tensors))
+    payload = {
+        "model": model.config.to_dict(),
+        "action_space": METAWORLD_ACTION_SPACE.to_dict(),
+        **(meta or {}),
+    }
+    atomic_write_bytes(directory / CONFIG_FILE, (json.dumps(payload, indent=2) + "\n").encode())
+    return directory
+
+
+def load_reference_checkpoint(directory: str | Path) -> ReferencePolicy:
+    """Build a ``ReferencePolicy`` from a directory written by ``save_reference_checkpoint``."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"reference VLA checkpoint file not found: {directory / name}")
+    try:
+        payload = json.loads((directory / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{directory / CONFIG_FILE}: invalid JSON ({e})") from e
+    if "model" not in payload:
+        raise ValueError(f"{directory / CONFIG_FILE}: missing the 'model' section")
+    model = ReferenceVLA(ReferenceVLAConfig.from_dict(payload["model"]))
+    state = load_file(directory / WEIGHTS_FILE)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(FROZEN_PREFIXES)]
+    if missing or unexpected:
+        raise ValueError(
+            f"{directory / WEIGHTS_FILE}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+        )
+    meta = {k: v for k, v in payload.items() if k != "model"}
+    return ReferencePolicy(model, meta)
+
+
+def load_reference_policy(name: str) -> ReferencePolicy:
+    """The bundled reference VLA ``name`` (e.g. ``"metaworld-mt10"``) from ``daptq/checkpoints/<name>/``."""
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise ValueError(f"reference model name must be a plain name like 'metaworld-mt10', got {name!r}")
+    directory = CHECKPOINTS_DIR / name
+    if not directory.is_dir():
+        available = (
+            sorted(p.name for p in CHECKPOINTS_DIR.iterdir() if p.is_dir())
+            if CHECKPOINTS_DIR.is_dir()
+            else []
+        )
+        raise FileNotFoundError(
+            f"no bundled reference VLA {name!r}: {directory} does not exist "
+            f"(available: {available or 'none'})"
+        )
+    return load_reference_checkpoint(directory)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = [
+    "ReferenceVLAConfig",
+    "ReferenceVLA",
+    "ReferencePolicy",
+    "load_reference_policy",
+    "load_reference_checkpoint",
+    "save_reference_checkpoint",
+    "module_role",
+    "count_parameters",
+]
