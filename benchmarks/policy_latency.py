@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from daptq.atomic import atomic_write_bytes
 from daptq.models.reference import (
     ReferencePolicy,
     ReferenceVLA,
@@ -29,11 +28,7 @@ from daptq.models.reference import (
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
 
 
 def load(spec: str) -> ReferencePolicy:

@@ -19,8 +19,6 @@ Model-input batches (``Mapping[str, Tensor]``) of ``condition``, ``predict_chunk
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
@@ -31,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from daptq.atomic import atomic_write_bytes
 from daptq.models.adapter import METAWORLD_ACTION_SPACE, ActionSpace, Observation, QuantizableModule
 from daptq.models.dit import DiTActionHead, NoiseSchedule
 from daptq.models.encoders import LANGUAGE_DIM, LanguageEncoder, VisionEncoder
@@ -363,19 +362,6 @@ def module_role(name: str) -> str:
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are shipped and read by other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_reference_checkpoint(
     model: ReferenceVLA,
     directory: str | Path,

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from daptq.atomic import atomic_write_bytes
 from daptq.models.reference import (
     ReferencePolicy,
-    atomic_write_bytes,
     load_reference_checkpoint,
     load_reference_policy,
 )

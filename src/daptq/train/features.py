@@ -19,9 +19,9 @@ from safetensors import safe_open
 from safetensors.torch import save
 from tqdm import tqdm
 
+from daptq.atomic import atomic_write_bytes
 from daptq.data import read_shard
 from daptq.models.encoders import VisionEncoder
-from daptq.models.reference import atomic_write_bytes
 
 CACHE_VERSION = 1
 
