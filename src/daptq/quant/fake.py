@@ -281,6 +281,22 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
         return F.linear(self._quantize_input(x), self.dequantized_weight(), self.bias)
 
 
+# The plain attributes nn.Conv2d's forward reads; copied when swapping to and from QuantConv2d.
+_CONV_ATTRS = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "transposed",
+    "output_padding",
+    "groups",
+    "padding_mode",
+    "_reversed_padding_repeated_twice",
+)
+
+
 class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
     """nn.Conv2d with a fake-quantized weight (flattened to [out, in/groups*kh*kw] for the scale grid)."""
 
@@ -296,19 +312,7 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
             )
         q = cls.__new__(cls)
         nn.Module.__init__(q)
-        for attr in (
-            "in_channels",
-            "out_channels",
-            "kernel_size",
-            "stride",
-            "padding",
-            "dilation",
-            "transposed",
-            "output_padding",
-            "groups",
-            "padding_mode",
-            "_reversed_padding_repeated_twice",
-        ):
+        for attr in _CONV_ATTRS:
             setattr(q, attr, getattr(conv, attr))
         q.weight, q.bias = conv.weight, conv.bias
         q._init_quant_state(spec)
@@ -319,19 +323,7 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
     def to_float(self) -> nn.Conv2d:
         conv = nn.Conv2d.__new__(nn.Conv2d)
         nn.Module.__init__(conv)
-        for attr in (
-            "in_channels",
-            "out_channels",
-            "kernel_size",
-            "stride",
-            "padding",
-            "dilation",
-            "transposed",
-            "output_padding",
-            "groups",
-            "padding_mode",
-            "_reversed_padding_repeated_twice",
-        ):
+        for attr in _CONV_ATTRS:
             setattr(conv, attr, getattr(self, attr))
         conv.weight, conv.bias = self.weight, self.bias
         return conv
