@@ -216,3 +216,11 @@ def test_failed_write_leaves_previous_checkpoint_intact(saved, monkeypatch):
     assert (path / WEIGHTS_FILE).read_bytes() == before
     assert sorted(p.name for p in path.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])  # temp file removed
     assert torch.equal(load_quantized(make_net, path)(x), model(x))
+
+
+def test_config_that_is_not_an_object_is_a_clear_error(tmp_path):
+    from daptq.quant.io import read_config
+
+    (tmp_path / "quantization_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a daptq-quant config"):
+        read_config(tmp_path)

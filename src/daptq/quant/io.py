@@ -156,7 +156,8 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path}: not a {FORMAT_NAME} config (format={config.get('format')!r})")
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{path}: not a {FORMAT_NAME} config (format={found!r})")
     if config.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path}: format_version {config.get('format_version')} unsupported (reads {FORMAT_VERSION})"

@@ -72,19 +72,22 @@ def _kth_abs_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     return x.kthvalue(k, dim=-1).values
 
 
+def _percentile_range(x: torch.Tensor, percentile: float, symmetric: bool) -> tuple[torch.Tensor, ...]:
+    """Clipping range (lo, hi) along the last dim: symmetric uses |x|, affine clips each tail separately."""
+    p = percentile / 100.0
+    if symmetric:
+        hi = _kth_abs_quantile(x.abs(), p)
+        return -hi, hi
+    return -_kth_abs_quantile(-x, p), _kth_abs_quantile(x, p)
+
+
 def weight_qparams(groups: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point per group for ``groups [R, G, S]`` according to ``spec.observer``."""
     groups = groups.float()
     sdt = scale_torch_dtype(spec)
     qmin, qmax = spec.qmin, spec.qmax
     if spec.observer == "percentile":
-        p = spec.percentile / 100.0
-        if spec.symmetric:
-            hi = _kth_abs_quantile(groups.abs(), p)
-            lo = -hi
-        else:
-            hi = _kth_abs_quantile(groups, p)
-            lo = -_kth_abs_quantile(-groups, p)
+        lo, hi = _percentile_range(groups, spec.percentile, spec.symmetric)
         return _range_to_qparams(lo, hi, qmin, qmax, spec.symmetric, sdt)
     lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
     if spec.observer == "minmax":
@@ -150,12 +153,7 @@ class ActivationObserver:
             return _range_to_qparams(lo, hi, spec.qmin, spec.qmax, spec.symmetric, torch.float32)
         pool = torch.cat(self._samples)
         if spec.observer == "percentile":
-            p = spec.percentile / 100.0
-            if spec.symmetric:
-                hi = _kth_abs_quantile(pool.abs(), p)
-                lo = -hi
-            else:
-                hi, lo = _kth_abs_quantile(pool, p), -_kth_abs_quantile(-pool, p)
+            lo, hi = _percentile_range(pool, spec.percentile, spec.symmetric)
             return _range_to_qparams(lo, hi, spec.qmin, spec.qmax, spec.symmetric, torch.float32)
         groups = pool.reshape(1, 1, -1)
         best = None
