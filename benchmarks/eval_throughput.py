@@ -79,11 +79,15 @@ def main(argv: list[str] | None = None) -> None:
     }
     out = Path(args.out)
     store.atomic_write_json(out.with_suffix(".json"), result)
+    cpus = result["machine"]["cpus"]
+    load_end = result["machine"]["load_avg_1m_end"]
+    # A load average above ~0.5 before the benchmark's own work means something else was running.
+    busy = "other jobs shared the machine" if load_start > 0.5 else "the machine was otherwise idle"
     md = [
         "# Evaluation throughput",
         "",
-        f"`{result['command']}` on {result['machine']['cpus']} CPUs (1-min load average {load_start:.1f} at "
-        f"the start, {result['machine']['load_avg_1m_end']:.1f} at the end: other jobs share the machine). "
+        f"`{result['command']}` on {cpus} CPUs (1-min load average {load_start:.1f} at "
+        f"the start, {load_end:.1f} at the end: {busy}). "
         "Paired episodes (candidate + reference rollout + shadow reference), "
         f"{args.max_steps} steps max, {args.image_size} px images, "
         f"tasks {', '.join(args.tasks)}.",

@@ -109,6 +109,32 @@ def test_rerun_with_other_settings_is_refused(tiny_root, tmp_path):
         generate_dataset(root, ["reach"], {"train": 2}, **{**TINY, "image_size": 32})
 
 
+def test_rerun_with_more_tasks_merges_them_into_one_dataset(tiny_root, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_root, root)
+    generate_dataset(root, ["push"], {"train": 1, "calib": 1}, **TINY)
+    ds = open_dataset(root)
+    assert ds.tasks == ["reach", "push"]  # MT10 order, old and new
+    assert ds.info["instructions"] == {"reach": TASKS["reach"], "push": TASKS["push"]}
+    train = ds.info["splits"]["train"]
+    assert train["episodes_per_task"] == {"reach": 2, "push": 1} and train["episodes"] == 3
+    assert ds.info["splits"]["calib"]["episodes_per_task"] == 1
+    assert [p.name for p in ds.shard_paths("train", ["push"])] == ["push-0000.npz"]
+    stats = json.loads((root / "meta" / "stats.json").read_text())
+    assert stats == compute_stats(root, ["reach", "push"])
+
+
+def test_dataset_from_another_scene_version_is_refused(tiny_root, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_root, root)
+    info = json.loads((root / "meta" / "info.json").read_text())
+    assert info["config"]["scene_version"] >= 2
+    info["config"]["scene_version"] = 1
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="scene_version"):
+        generate_dataset(root, ["reach"], {"train": 2, "calib": 1}, **TINY)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "missing_array"])
 def test_corrupted_shard_names_the_file(tiny_root, tmp_path, damage):
     root = tmp_path / "copy"

@@ -70,3 +70,23 @@ def test_rollout_gif_replays_the_episode(runs):
     assert frames.shape == (max(record["steps"], record["ref_steps"]) + 1, 16, 32, 3)  # candidate | FP
     with pytest.raises(ValueError, match="not part of run"):
         render_rollout_gif(runs / "large", "push", record["seed"])
+
+
+def test_a_failed_plot_leaves_no_file_behind(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from daptq.eval.report import _save
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    _save(fig, tmp_path / "ok.png")
+    assert (tmp_path / "ok.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    fig, ax = plt.subplots()
+    ax.set_title("$\\undefinedmacro$")  # mathtext fails while drawing
+    with pytest.raises(ValueError):
+        _save(fig, tmp_path / "bad.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.png"]

@@ -169,6 +169,22 @@ def test_observation_settings_follow_the_policies():
         _observation_settings([vla, SimpleNamespace(camera="corner3")], None, None)
 
 
+def test_a_policy_trained_on_another_scene_version_is_warned_about():
+    import warnings
+    from types import SimpleNamespace
+
+    from daptq.envs import SCENE_VERSION
+    from daptq.eval.runner import _warn_on_scene_mismatch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_on_scene_mismatch(
+            [SimpleNamespace(), None, SimpleNamespace(scene_version=SCENE_VERSION)], SCENE_VERSION
+        )
+    with pytest.warns(UserWarning, match="trained on scene version 1"):
+        _warn_on_scene_mismatch([SimpleNamespace(scene_version=1)], SCENE_VERSION)
+
+
 def test_model_directory_digests_detect_a_changed_model(tmp_path):
     from daptq.eval.runner import _file_digests
 

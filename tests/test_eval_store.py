@@ -65,7 +65,7 @@ def test_read_config_rejects_foreign_directories(tmp_path):
     with pytest.raises(ValueError, match="no config.json"):
         store.read_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"format": store.RUN_FORMAT, "format_version": 99}))
-    with pytest.raises(ValueError, match="run format version 99"):
+    with pytest.raises(ValueError, match="format_version 99"):
         store.read_config(tmp_path)
     (tmp_path / "config.json").write_bytes(b"\xff\xfe")
     with pytest.raises(ValueError, match="unreadable"):

@@ -140,6 +140,48 @@ def test_short_training_run_changes_weights_and_saves_a_loadable_checkpoint(tiny
     assert (out / "model.safetensors").read_bytes() == (out2 / "model.safetensors").read_bytes()
 
 
+def test_fine_tuning_starts_from_the_checkpoint_and_keeps_its_state_normalization(tiny_data, tmp_path):
+    base = dict(
+        data=str(tiny_data),
+        cache=str(tmp_path / "cache"),
+        batch_size=8,
+        n_noise=2,
+        lr=3e-3,
+        warmup_steps=2,
+        val_every=100,
+        val_samples=16,
+        threads=1,
+    )
+    train(TrainConfig(out=str(tmp_path / "base"), max_steps=10, model=TINY_MODEL, **base))
+    start = load_reference_checkpoint(tmp_path / "base").model
+    start.state_mean.fill_(0.25)  # a normalization the data would not give, to see it is kept
+    from daptq.models.reference import save_reference_checkpoint
+
+    save_reference_checkpoint(start, tmp_path / "base")
+    with pytest.raises(ValueError, match="init"):
+        TrainConfig(
+            out=str(tmp_path / "x"), max_steps=1, model=TINY_MODEL, init=str(tmp_path / "base"), **base
+        )
+
+    # lr 0: the EMA of unchanged weights is the checkpoint itself, so fine-tuning starts exactly there.
+    still = tmp_path / "still"
+    train(TrainConfig(out=str(still), max_steps=3, init=str(tmp_path / "base"), **{**base, "lr": 0.0}))
+    tuned = load_reference_checkpoint(still).model
+    assert tuned.config == start.config
+    tuned_state = tuned.trainable_state_dict()
+    for name, a in start.trainable_state_dict().items():
+        assert torch.equal(a, tuned_state[name]), name
+    moved = tmp_path / "moved"
+    train(TrainConfig(out=str(moved), max_steps=5, init=str(tmp_path / "base"), **base))
+    tuned = load_reference_checkpoint(moved).model
+    assert torch.equal(tuned.state_mean, torch.full_like(tuned.state_mean, 0.25))
+    assert not torch.equal(tuned.head.action_out.weight, start.head.action_out.weight)
+    meta = json.loads((moved / "config.json").read_text())
+    assert meta["training"]["config"]["init"] == str(tmp_path / "base")
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        train(TrainConfig(out=str(tmp_path / "y"), max_steps=1, init=str(tmp_path / "nope"), **base))
+
+
 def _all_train_states(root):
     from daptq.data import read_shard
 

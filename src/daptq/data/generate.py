@@ -200,7 +200,9 @@ def _summarize(root: Path, tasks: Sequence[str], episodes_per_split: dict[str, i
                 "seeds": [min(seeds + discarded), max(seeds + discarded)] if attempts else None,
             }
             total += len(seeds)
-        splits[split] = {"episodes": total, "episodes_per_task": episodes_per_split[split], "tasks": per_task}
+        counts = {t: v["episodes"] for t, v in per_task.items()}
+        per_task_count = counts[tasks[0]] if len(set(counts.values())) == 1 else counts
+        splits[split] = {"episodes": total, "episodes_per_task": per_task_count, "tasks": per_task}
     return splits
 
 
@@ -219,9 +221,10 @@ def generate_dataset(
     """Generate (or finish) a dataset at ``root``; shards that already exist are skipped.
 
     ``episodes_per_split`` maps split -> successful episodes per task, e.g. ``{"train": 100, "calib": 16}``.
-    Re-running with a different image size, camera, noise or shard size than ``root`` was made with raises.
+    Re-running with a different image size, camera, noise, shard size or scene version than ``root`` was made
+    with raises. A re-run may add tasks or episodes: the summary then covers every task and shard at ``root``.
     """
-    from daptq.envs import SEED_SPLITS, TASKS
+    from daptq.envs import MT10, SCENE_VERSION, SEED_SPLITS, TASKS
 
     tasks = list(tasks)
     _check_arguments(tasks, episodes_per_split, noise_std, workers, image_size, episodes_per_shard)
@@ -233,15 +236,21 @@ def generate_dataset(
         "episodes_per_shard": episodes_per_shard,
         "post_success_steps": post_success_steps,
         "seed_block": SEED_BLOCK,
+        "scene_version": SCENE_VERSION,
     }
     info_path = root / "meta" / "info.json"
+    old_tasks: list[str] = []
     if info_path.is_file():
         from daptq.data.format import _read_json
 
-        old = _read_json(info_path).get("config", {})
+        old_info = _read_json(info_path)
+        old = old_info.get("config", {})
         changed = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
         if changed:
             raise ValueError(f"{info_path} was generated with different settings {changed} (old, new)")
+        old_tasks = list(old_info.get("tasks", []))
+    run_tasks = tasks
+    tasks = [t for t in MT10 if t in set(old_tasks) | set(tasks)]
 
     import mujoco
 
@@ -268,7 +277,7 @@ def generate_dataset(
         k: config[k]
         for k in ("image_size", "camera", "noise_std", "episodes_per_shard", "post_success_steps")
     }
-    jobs = [j for j in _plan_jobs(root, tasks, episodes_per_split, cfg) if not Path(j["path"]).exists()]
+    jobs = [j for j in _plan_jobs(root, run_tasks, episodes_per_split, cfg) if not Path(j["path"]).exists()]
     bar = tqdm(total=len(jobs), desc="shards", unit="shard", disable=not progress)
     if workers == 1 or len(jobs) <= 1:
         for job in jobs:

@@ -11,11 +11,20 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 from daptq.envs.expert import ExpertPolicy, expert_action  # noqa: E402
 from daptq.envs.metaworld_env import MetaWorldEnv, make_env  # noqa: E402
-from daptq.envs.tasks import DEFAULT_MAX_STEPS, MT10, SEED_SPLITS, TASKS, check_task, seed_range  # noqa: E402
+from daptq.envs.tasks import (  # noqa: E402
+    DEFAULT_MAX_STEPS,
+    MT10,
+    SCENE_VERSION,
+    SEED_SPLITS,
+    TASKS,
+    check_task,
+    seed_range,
+)
 
 __all__ = [
     "DEFAULT_MAX_STEPS",
     "MT10",
+    "SCENE_VERSION",
     "SEED_SPLITS",
     "TASKS",
     "ExpertPolicy",

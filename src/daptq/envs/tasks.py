@@ -25,6 +25,11 @@ MT10: tuple[str, ...] = tuple(TASKS)
 # 100_000 episodes per task, so no evaluation seed is ever seen in training or calibration.
 SEED_SPLITS: dict[str, int] = {"train": 0, "calib": 100_000, "val": 200_000, "eval": 1_000_000}
 
+# Bumped whenever what the camera sees changes, so datasets, checkpoints and evaluation runs record which
+# scene they were made with. 1: one colour for the reach/push/pick-place goal marker, enlarged; 2: plus a
+# goal stem and foot (see envs.metaworld_env).
+SCENE_VERSION = 2
+
 # Meta-World's own horizon; our step limits never exceed it (its env raises past it).
 METAWORLD_MAX_STEPS = 500
 

@@ -6,6 +6,7 @@ shows the episodes finished so far.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -186,11 +187,13 @@ def _task_table(run: RunData) -> list[str]:
 def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    try:
+        fig.tight_layout()
+        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    store.atomic_write_bytes(path, buffer.getvalue())  # a failed savefig leaves nothing on disk
 
 
 def _plot_success(runs: list[RunData], path: Path) -> None:

@@ -205,7 +205,7 @@ def _run_spec(
     hf_cutoff: float,
 ) -> dict[str, Any]:
     """Validate the request and resolve its defaults: the identity of a run (what --resume must match)."""
-    from daptq.envs import DEFAULT_MAX_STEPS, MT10, SEED_SPLITS, check_task
+    from daptq.envs import DEFAULT_MAX_STEPS, MT10, SCENE_VERSION, SEED_SPLITS, check_task
 
     if not isinstance(candidate, str) or not candidate:
         raise ValueError(f"candidate must be a model spec string, got {candidate!r}")
@@ -240,7 +240,20 @@ def _run_spec(
         "camera": camera,
         "divergence_threshold": float(divergence_threshold),
         "hf_cutoff": float(hf_cutoff),
+        "scene_version": SCENE_VERSION,
     }
+
+
+def _warn_on_scene_mismatch(policies: list[Any], scene_version: int) -> None:
+    """A policy trained on images of another scene version sees an unfamiliar scene: say so, once."""
+    for p in policies:
+        trained_on = getattr(p, "scene_version", None)
+        if p is not None and trained_on is not None and trained_on != scene_version:
+            warnings.warn(
+                f"a policy was trained on scene version {trained_on}, but the environments render scene "
+                f"version {scene_version}; its success rates will not match its training",
+                stacklevel=3,
+            )
 
 
 def _observation_settings(policies: list[Any], image_size: int | None, camera: str | None) -> tuple[int, str]:
@@ -359,6 +372,7 @@ def evaluate(
             f"{ref_policy.action_space.to_dict()}"
         )
     run["image_size"], run["camera"] = _observation_settings([cand_policy, ref_policy], image_size, camera)
+    _warn_on_scene_mismatch([cand_policy, ref_policy], run["scene_version"])
     config = {
         "format": store.RUN_FORMAT,
         "format_version": store.RUN_FORMAT_VERSION,

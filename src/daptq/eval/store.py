@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from daptq.atomic import atomic_save_npz, atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
+from daptq.versioned_json import read_versioned_json
 
 RUN_FORMAT = "daptq-eval-run"
 RUN_FORMAT_VERSION = 1
@@ -97,17 +98,7 @@ def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     path = run_dir / CONFIG_NAME
     if not path.is_file():
         raise ValueError(f"{run_dir}: not a daptq evaluation run (no {CONFIG_NAME})")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: unreadable ({exc})") from exc
-    if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
-        raise ValueError(f"{path}: not a daptq evaluation run config (format is not {RUN_FORMAT!r})")
-    if config.get("format_version") != RUN_FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: run format version {config.get('format_version')!r}, "
-            f"this daptq reads {RUN_FORMAT_VERSION}"
-        )
+    config = read_versioned_json(path, RUN_FORMAT, RUN_FORMAT_VERSION, "daptq evaluation run config")
     return config
 
 

@@ -225,6 +225,8 @@ class ReferencePolicy:
         self.config = model.config
         self.action_space: ActionSpace = METAWORLD_ACTION_SPACE
         self.meta = dict(meta or {})
+        # The scene version of the training images (envs.SCENE_VERSION); None for checkpoints that predate it.
+        self.scene_version: int | None = self.meta.get("training", {}).get("scene_version")
         self._language_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._language_fingerprint: tuple | None = None
         self._queue: deque[np.ndarray] = deque()
@@ -435,6 +437,13 @@ def load_reference_policy(name: str) -> ReferencePolicy:
     return load_reference_checkpoint(directory)
 
 
+def load_reference(spec: str) -> ReferencePolicy:
+    """A reference VLA from ``"ref:<name>"`` (bundled) or a checkpoint directory path."""
+    if spec.startswith("ref:"):
+        return load_reference_policy(spec.removeprefix("ref:"))
+    return load_reference_checkpoint(spec)
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -443,6 +452,7 @@ __all__ = [
     "ReferenceVLAConfig",
     "ReferenceVLA",
     "ReferencePolicy",
+    "load_reference",
     "load_reference_policy",
     "load_reference_checkpoint",
     "save_reference_checkpoint",

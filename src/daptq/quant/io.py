@@ -21,6 +21,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from daptq.versioned_json import read_versioned_json
+
 from ._util import atomic_write_bytes, atomic_write_text, get_module, set_module
 from .api import quantized_modules
 from .bytes import container_bits
@@ -148,21 +150,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"quantization config not found: {path}")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
-        found = config.get("format") if isinstance(config, dict) else type(config).__name__
-        raise ValueError(f"{path}: not a {FORMAT_NAME} config (format={found!r})")
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format_version {config.get('format_version')} unsupported (reads {FORMAT_VERSION})"
-        )
-    return config
+    return read_versioned_json(
+        Path(directory) / CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, f"{FORMAT_NAME} config"
+    )
 
 
 def _take(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:

@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset root written by `daptq data`")
     p.add_argument("--out", required=True, help="checkpoint directory (model.safetensors + config.json)")
     p.add_argument("--cache", default=None, help="frozen-encoder feature cache (default: DATA-features)")
+    p.add_argument("--init", default=None, help="fine-tune this checkpoint (directory or ref:<name>)")
     p.add_argument("--tasks", nargs="+", default=None, help="train on these tasks only (default: all)")
     p.add_argument(
         "--time-budget-min", type=float, default=None, help="stop cleanly and save after this long"

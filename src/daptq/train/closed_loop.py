@@ -18,17 +18,7 @@ import numpy as np
 import torch
 
 from daptq.atomic import atomic_write_bytes
-from daptq.models.reference import (
-    ReferencePolicy,
-    load_reference_checkpoint,
-    load_reference_policy,
-)
-
-
-def load(model: str) -> ReferencePolicy:
-    if model.startswith("ref:"):
-        return load_reference_policy(model[4:])
-    return load_reference_checkpoint(model)
+from daptq.models.reference import ReferencePolicy, load_reference
 
 
 def run_episode(policy: ReferencePolicy, env, seed: int, policy_seed: int) -> dict:
@@ -103,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {args.episodes}")
     torch.set_num_threads(args.threads)
-    results = check(load(args.model), args.tasks, args.episodes, args.split, args.max_steps, out=args.out)
+    results = check(
+        load_reference(args.model), args.tasks, args.episodes, args.split, args.max_steps, out=args.out
+    )
     mean = float(np.mean([r["success_rate"] for r in results.values()]))
     print(f"{'mean':22s} success {mean:5.0%}")
 

@@ -29,6 +29,7 @@ from daptq.models.reference import (
     ReferenceVLA,
     ReferenceVLAConfig,
     count_parameters,
+    load_reference,
     save_reference_checkpoint,
 )
 from daptq.train.chunks import ChunkDataset
@@ -59,6 +60,9 @@ class TrainConfig:
     threads: int = 2
     precision: str = "bf16"  # or "fp32"
     model: dict[str, Any] = field(default_factory=dict)  # ReferenceVLAConfig overrides
+    # Fine-tune: start from this checkpoint (a directory or "ref:<name>") with its architecture and state
+    # normalization, instead of a fresh model.
+    init: str | None = None
 
     def __post_init__(self) -> None:
         if self.time_budget_min is None and self.max_steps is None:
@@ -74,6 +78,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.init is not None and self.model:
+            raise ValueError("model overrides cannot be combined with init: the checkpoint fixes the model")
 
 
 def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
@@ -140,6 +146,13 @@ def _load_data(cfg: TrainConfig, model: ReferenceVLA, split: str) -> ChunkDatase
     return ChunkDataset(files, model.config.chunk_size, language_features(model, shard_instructions(files)))
 
 
+def _initial_model(cfg: TrainConfig) -> ReferenceVLA:
+    """A fresh model, or the one in ``cfg.init`` (fine-tuning keeps its weights and state normalization)."""
+    if cfg.init is None:
+        return ReferenceVLA(ReferenceVLAConfig(**cfg.model))
+    return load_reference(cfg.init).model
+
+
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -155,10 +168,14 @@ def train(cfg: TrainConfig) -> Path:
     log_path = out / "train_log.jsonl"
     log_path.unlink(missing_ok=True)
 
-    model = ReferenceVLA(ReferenceVLAConfig(**cfg.model))
+    model = _initial_model(cfg)
     data = _load_data(cfg, model, "train")
     val = _load_data(cfg, model, "val")
-    model.set_state_stats(data.states.mean(0), data.states.std(0))
+    # Which rendered scene the images came from (see envs.metaworld_env.SCENE_VERSION); None before v2.
+    scene_version = open_dataset(cfg.data, allow_incomplete=cfg.allow_incomplete).info.get("config", {})
+    scene_version = scene_version.get("scene_version")
+    if cfg.init is None:
+        model.set_state_stats(data.states.mean(0), data.states.std(0))
     val_batch = val.sample(cfg.val_samples, torch.Generator().manual_seed(cfg.seed + 1)) if val else None
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -202,6 +219,7 @@ def train(cfg: TrainConfig) -> Path:
                 "train_loss": last_loss,
                 "val_loss_ema": last_val,
                 "frames": len(data),
+                "scene_version": scene_version,
                 "shards": data.files,
                 "instructions": data.instructions,
                 "config": {k: v for k, v in asdict(cfg).items() if k not in ("out",)},
