@@ -11,7 +11,7 @@ import pytest
 
 from daptq.data import Episode, compute_stats, generate_dataset, open_dataset, read_shard, rollout_episode
 from daptq.data.format import STEP_FIELDS, write_shard
-from daptq.envs import SEED_SPLITS, TASKS, make_env
+from daptq.envs import SCENE_VERSION, SEED_SPLITS, TASKS, make_env
 
 pytestmark = pytest.mark.slow  # runs the simulator
 
@@ -128,8 +128,12 @@ def test_dataset_from_another_scene_version_is_refused(tiny_root, tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(tiny_root, root)
     info = json.loads((root / "meta" / "info.json").read_text())
-    assert info["config"]["scene_version"] >= 2
-    info["config"]["scene_version"] = 1
+    assert info["config"]["scene_version"] == SCENE_VERSION
+    # A dataset written before the field existed was made with scene version 1 and may be extended.
+    del info["config"]["scene_version"]
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    generate_dataset(root, ["reach"], {"train": 2, "calib": 1}, **TINY)
+    info["config"]["scene_version"] = SCENE_VERSION + 1
     (root / "meta" / "info.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match="scene_version"):
         generate_dataset(root, ["reach"], {"train": 2, "calib": 1}, **TINY)

@@ -181,8 +181,8 @@ def test_a_policy_trained_on_another_scene_version_is_warned_about():
         _warn_on_scene_mismatch(
             [SimpleNamespace(), None, SimpleNamespace(scene_version=SCENE_VERSION)], SCENE_VERSION
         )
-    with pytest.warns(UserWarning, match="trained on scene version 1"):
-        _warn_on_scene_mismatch([SimpleNamespace(scene_version=1)], SCENE_VERSION)
+    with pytest.warns(UserWarning, match=f"trained on scene version {SCENE_VERSION + 1}"):
+        _warn_on_scene_mismatch([SimpleNamespace(scene_version=SCENE_VERSION + 1)], SCENE_VERSION)
 
 
 def test_model_directory_digests_detect_a_changed_model(tmp_path):

@@ -244,7 +244,7 @@ def generate_dataset(
         from daptq.data.format import _read_json
 
         old_info = _read_json(info_path)
-        old = old_info.get("config", {})
+        old = {"scene_version": 1, **old_info.get("config", {})}  # datasets before the field: version 1
         changed = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
         if changed:
             raise ValueError(f"{info_path} was generated with different settings {changed} (old, new)")

@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import gymnasium as gym
-import mujoco
 import numpy as np
 from gymnasium import spaces
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
 
-from daptq.envs.render import OffscreenRenderer, add_visual_geom
+from daptq.envs.render import OffscreenRenderer
 from daptq.envs.tasks import DEFAULT_MAX_STEPS, METAWORLD_MAX_STEPS, SCENE_VERSION, TASKS, check_task
 
 # Reach, push and pick-place use differently coloured goal markers (red, green, blue) in Meta-World, which
@@ -20,39 +19,6 @@ from daptq.envs.tasks import DEFAULT_MAX_STEPS, METAWORLD_MAX_STEPS, SCENE_VERSI
 SHARED_GOAL_TASKS = ("reach", "push", "pick-place")
 GOAL_RGBA = np.array([0.0, 1.0, 0.0, 1.0])
 GOAL_SIZE = 0.03
-# Reach and pick-place goals float up to 30 cm above the table, and one 96 px view cannot tell how high a
-# floating sphere is: along the camera ray a 5 cm success radius is a fraction of a pixel. Measured with the
-# sphere alone, the reference policy reached 32% of reach goals (90% of goals lying on the table). So the
-# marker stands on a thin stem with a dark foot on the table, drawn into the image only (like a
-# visualisation, invisible to physics): the foot gives the goal's table position, the stem its height.
-GOAL_STEM_RADIUS = 0.006
-GOAL_STEM_RGBA = np.array([0.1, 0.9, 0.1, 1.0])
-GOAL_FOOT_RADIUS = 0.025
-GOAL_FOOT_HALF_HEIGHT = 0.002
-GOAL_FOOT_RGBA = np.array([0.0, 0.3, 0.0, 1.0])
-TABLE_TOP_Z = 0.0
-
-
-def draw_goal_stem(scene: mujoco.MjvScene, goal: np.ndarray) -> None:
-    """Draw a stem from the table top up to ``goal`` and a flat foot where it meets the table."""
-    height = max(float(goal[2]) - TABLE_TOP_Z, 1e-3)
-    identity = np.eye(3)
-    add_visual_geom(
-        scene,
-        mujoco.mjtGeom.mjGEOM_CYLINDER,
-        [GOAL_STEM_RADIUS, height / 2, 0.0],
-        [goal[0], goal[1], TABLE_TOP_Z + height / 2],
-        GOAL_STEM_RGBA,
-        identity,
-    )
-    add_visual_geom(
-        scene,
-        mujoco.mjtGeom.mjGEOM_CYLINDER,
-        [GOAL_FOOT_RADIUS, GOAL_FOOT_HALF_HEIGHT, 0.0],
-        [goal[0], goal[1], TABLE_TOP_Z + GOAL_FOOT_HALF_HEIGHT],
-        GOAL_FOOT_RGBA,
-        identity,
-    )
 
 
 class MetaWorldEnv(gym.Env):
@@ -92,13 +58,10 @@ class MetaWorldEnv(gym.Env):
         # seed=0 only stops Meta-World's constructor from consuming the global numpy RNG; reset() reseeds.
         self._mw = ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE[f"{task}-v3-goal-observable"](seed=0)
         self._mw.max_path_length = METAWORLD_MAX_STEPS
-        decorate = None
         if task in SHARED_GOAL_TASKS:
             self._mw.model.site("goal").rgba = GOAL_RGBA
             self._mw.model.site("goal").size[:] = GOAL_SIZE
-            goal_id = self._mw.model.site("goal").id
-            decorate = lambda scene, data: draw_goal_stem(scene, data.site_xpos[goal_id])  # noqa: E731
-        self._renderer = OffscreenRenderer(self._mw.model, image_size, camera, decorate=decorate)
+        self._renderer = OffscreenRenderer(self._mw.model, image_size, camera)
 
         self.action_space = spaces.Box(-1.0, 1.0, (4,), dtype=np.float32)
         self.observation_space = spaces.Dict(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import weakref
-from collections.abc import Callable
 
 import mujoco
 import numpy as np
@@ -26,39 +25,13 @@ def _close_open_renderers() -> None:
         renderer.close()
 
 
-def add_visual_geom(
-    scene: mujoco.MjvScene, geom_type: int, size, pos, rgba, mat: np.ndarray | None = None
-) -> None:
-    """Append one geom to an already-built scene: drawn like any other, invisible to physics."""
-    if scene.ngeom >= scene.maxgeom:
-        raise RuntimeError(f"the scene is full ({scene.maxgeom} geoms); cannot add a visual geom")
-    mujoco.mjv_initGeom(
-        scene.geoms[scene.ngeom],
-        geom_type,
-        np.asarray(size, dtype=np.float64),
-        np.asarray(pos, dtype=np.float64),
-        (np.eye(3) if mat is None else np.asarray(mat, dtype=np.float64)).ravel(),
-        np.asarray(rgba, dtype=np.float32),
-    )
-    scene.ngeom += 1
-
-
 class OffscreenRenderer:
     """Render one named camera of ``model`` to an upright uint8 (H, W, 3) RGB image.
 
     ``fast=False`` keeps MuJoCo's default shadows, reflections and multisampling (only for speed comparisons).
-    ``decorate(scene, data)``, if given, runs after the scene is built and before it is drawn, to add
-    visual-only geoms (``add_visual_geom``) that are not part of the physics model.
     """
 
-    def __init__(
-        self,
-        model: mujoco.MjModel,
-        image_size: int,
-        camera: str,
-        fast: bool = True,
-        decorate: Callable[[mujoco.MjvScene, mujoco.MjData], None] | None = None,
-    ) -> None:
+    def __init__(self, model: mujoco.MjModel, image_size: int, camera: str, fast: bool = True) -> None:
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         if mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, camera) < 0:
@@ -70,7 +43,6 @@ class OffscreenRenderer:
         model.vis.global_.offwidth = max(model.vis.global_.offwidth, image_size)
         model.vis.global_.offheight = max(model.vis.global_.offheight, image_size)
         self.camera = camera
-        self.decorate = decorate
         self._renderer = mujoco.Renderer(model, height=image_size, width=image_size)
         if fast:
             self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = False
@@ -83,8 +55,6 @@ class OffscreenRenderer:
 
     def render(self, data: mujoco.MjData) -> np.ndarray:
         self._renderer.update_scene(data, camera=self.camera)
-        if self.decorate is not None:
-            self.decorate(self._renderer.scene, data)
         image = self._renderer.render()
         # Meta-World's corner cameras are mounted rolled upside down (their "up" axis points at the floor), so
         # the raw render is upside down. Rotate by 180 degrees rather than flip: a flip would mirror it.

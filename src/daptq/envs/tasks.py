@@ -26,9 +26,10 @@ MT10: tuple[str, ...] = tuple(TASKS)
 SEED_SPLITS: dict[str, int] = {"train": 0, "calib": 100_000, "val": 200_000, "eval": 1_000_000}
 
 # Bumped whenever what the camera sees changes, so datasets, checkpoints and evaluation runs record which
-# scene they were made with. 1: one colour for the reach/push/pick-place goal marker, enlarged; 2: plus a
-# goal stem and foot (see envs.metaworld_env).
-SCENE_VERSION = 2
+# scene they were made with. 1: one colour for the reach/push/pick-place goal marker, enlarged. Data and
+# checkpoints without the field predate it and were made with version 1. (A version with a stem under the goal
+# marker was tried and not adopted: docs/benchmark.md, "Goal stem".)
+SCENE_VERSION = 1
 
 # Meta-World's own horizon; our step limits never exceed it (its env raises past it).
 METAWORLD_MAX_STEPS = 500

@@ -225,8 +225,10 @@ class ReferencePolicy:
         self.config = model.config
         self.action_space: ActionSpace = METAWORLD_ACTION_SPACE
         self.meta = dict(meta or {})
-        # The scene version of the training images (envs.SCENE_VERSION); None for checkpoints that predate it.
-        self.scene_version: int | None = self.meta.get("training", {}).get("scene_version")
+        # The scene version of the training images (envs.SCENE_VERSION); checkpoints that predate the field
+        # were trained on version 1. None: not trained by daptq.train (no training record).
+        training = self.meta.get("training")
+        self.scene_version: int | None = (training.get("scene_version") or 1) if training else None
         self._language_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._language_fingerprint: tuple | None = None
         self._queue: deque[np.ndarray] = deque()

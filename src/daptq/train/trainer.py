@@ -171,9 +171,9 @@ def train(cfg: TrainConfig) -> Path:
     model = _initial_model(cfg)
     data = _load_data(cfg, model, "train")
     val = _load_data(cfg, model, "val")
-    # Which rendered scene the images came from (see envs.metaworld_env.SCENE_VERSION); None before v2.
-    scene_version = open_dataset(cfg.data, allow_incomplete=cfg.allow_incomplete).info.get("config", {})
-    scene_version = scene_version.get("scene_version")
+    # Which rendered scene the images came from (envs.SCENE_VERSION); datasets without the field: version 1.
+    data_config = open_dataset(cfg.data, allow_incomplete=cfg.allow_incomplete).info.get("config", {})
+    scene_version = data_config.get("scene_version", 1)
     if cfg.init is None:
         model.set_state_stats(data.states.mean(0), data.states.std(0))
     val_batch = val.sample(cfg.val_samples, torch.Generator().manual_seed(cfg.seed + 1)) if val else None
