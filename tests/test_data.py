@@ -128,10 +128,11 @@ def test_dataset_from_another_scene_version_is_refused(tiny_root, tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(tiny_root, root)
     info = json.loads((root / "meta" / "info.json").read_text())
-    assert info["config"]["scene_version"] == SCENE_VERSION
+    assert info["config"]["scene_version"] == SCENE_VERSION == open_dataset(root).scene_version
     # A dataset written before the field existed was made with scene version 1 and may be extended.
     del info["config"]["scene_version"]
     (root / "meta" / "info.json").write_text(json.dumps(info))
+    assert open_dataset(root).scene_version == 1
     generate_dataset(root, ["reach"], {"train": 2, "calib": 1}, **TINY)
     info["config"]["scene_version"] = SCENE_VERSION + 1
     (root / "meta" / "info.json").write_text(json.dumps(info))

@@ -37,6 +37,18 @@ def test_unknown_task_names_it_and_the_valid_ones():
         make_env("pick_place")
 
 
+def test_task_lists_are_checked():
+    from daptq.envs import check_tasks
+
+    assert check_tasks(("reach", "push")) == ["reach", "push"]
+    with pytest.raises(ValueError, match="at least one task"):
+        check_tasks([])
+    with pytest.raises(ValueError, match="duplicate tasks"):
+        check_tasks(["reach", "reach"])
+    with pytest.raises(ValueError, match="unknown task 'reech'"):
+        check_tasks(["reach", "reech"])
+
+
 def test_unknown_split_and_bad_max_steps_raise(envs):
     with pytest.raises(ValueError, match="'test'"):
         seed_range("test", 3)

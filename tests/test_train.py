@@ -106,28 +106,32 @@ def test_feature_cache_and_chunks(tiny_data, tmp_path):
     assert torch.equal(batch["actions"][2, :7], data.actions[6:13])
 
 
+def _tiny_run(data, tmp_path, **overrides) -> dict:
+    """TrainConfig arguments for a seconds-long run on the tiny dataset."""
+    return {
+        "data": str(data),
+        "cache": str(tmp_path / "cache"),
+        "batch_size": 8,
+        "n_noise": 2,
+        "lr": 3e-3,
+        "warmup_steps": 5,
+        "val_every": 10,
+        "val_samples": 16,
+        "threads": 1,
+        **overrides,
+    }
+
+
 def test_short_training_run_changes_weights_and_saves_a_loadable_checkpoint(tiny_data, tmp_path):
     out = tmp_path / "ckpt"
-    cfg = TrainConfig(
-        data=str(tiny_data),
-        out=str(out),
-        cache=str(tmp_path / "cache"),
-        max_steps=30,
-        batch_size=8,
-        n_noise=2,
-        lr=3e-3,
-        warmup_steps=5,
-        val_every=10,
-        val_samples=16,
-        threads=1,
-        model=TINY_MODEL,
-    )
+    cfg = TrainConfig(**_tiny_run(tiny_data, tmp_path, out=str(out), max_steps=30, model=TINY_MODEL))
     train(cfg)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log]
     assert all(np.isfinite(losses)) and len(log) == 4
     meta = json.loads((out / "config.json").read_text())
     assert meta["training"]["steps"] == 30 and meta["training"]["final"]
+    assert meta["training"]["scene_version"] == 1  # the tiny dataset predates the field: legacy version 1
     policy = load_reference_checkpoint(out)
     # EMA weights were saved, so the zero-initialised output layer of the DiT must have moved.
     assert policy.model.head.action_out.weight.abs().sum() > 0
@@ -141,17 +145,7 @@ def test_short_training_run_changes_weights_and_saves_a_loadable_checkpoint(tiny
 
 
 def test_fine_tuning_starts_from_the_checkpoint_and_keeps_its_state_normalization(tiny_data, tmp_path):
-    base = dict(
-        data=str(tiny_data),
-        cache=str(tmp_path / "cache"),
-        batch_size=8,
-        n_noise=2,
-        lr=3e-3,
-        warmup_steps=2,
-        val_every=100,
-        val_samples=16,
-        threads=1,
-    )
+    base = _tiny_run(tiny_data, tmp_path, warmup_steps=2, val_every=100)
     train(TrainConfig(out=str(tmp_path / "base"), max_steps=10, model=TINY_MODEL, **base))
     start = load_reference_checkpoint(tmp_path / "base").model
     start.state_mean.fill_(0.25)  # a normalization the data would not give, to see it is kept

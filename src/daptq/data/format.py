@@ -20,6 +20,8 @@ import numpy as np
 from daptq.atomic import atomic_save_npz, atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
 
 FORMAT_VERSION = 1
+# Datasets and checkpoints written before daptq recorded envs.SCENE_VERSION were all made with version 1.
+LEGACY_SCENE_VERSION = 1
 STATE_DIM = 4
 ACTION_DIM = 4
 
@@ -200,6 +202,11 @@ class EpisodeDataset:
     @property
     def tasks(self) -> list[str]:
         return list(self.info["tasks"])
+
+    @property
+    def scene_version(self) -> int:
+        """The ``envs.SCENE_VERSION`` the images were rendered with."""
+        return int(self.info.get("config", {}).get("scene_version", LEGACY_SCENE_VERSION))
 
     def shard_paths(self, split: str, tasks: list[str] | None = None) -> list[Path]:
         if split not in self.info["splits"]:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from daptq.data.format import (
     ACTION_DIM,
     FORMAT_VERSION,
+    LEGACY_SCENE_VERSION,
     STATE_DIM,
     Episode,
     atomic_write_json,
@@ -151,14 +152,9 @@ def _plan_jobs(root: Path, tasks: Sequence[str], episodes_per_split: dict[str, i
 
 
 def _check_arguments(tasks, episodes_per_split, noise_std, workers, image_size, episodes_per_shard) -> None:
-    from daptq.envs import SEED_SPLITS, check_task
+    from daptq.envs import SEED_SPLITS, check_tasks
 
-    if not tasks:
-        raise ValueError("at least one task is required")
-    for task in tasks:
-        check_task(task)
-    if len(set(tasks)) != len(tasks):
-        raise ValueError(f"duplicate tasks in {list(tasks)}")
+    check_tasks(tasks)
     for split, count in episodes_per_split.items():
         if split not in SEED_SPLITS or split == "eval":
             valid = [s for s in SEED_SPLITS if s != "eval"]
@@ -244,7 +240,7 @@ def generate_dataset(
         from daptq.data.format import _read_json
 
         old_info = _read_json(info_path)
-        old = {"scene_version": 1, **old_info.get("config", {})}  # datasets before the field: version 1
+        old = {"scene_version": LEGACY_SCENE_VERSION, **old_info.get("config", {})}
         changed = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
         if changed:
             raise ValueError(f"{info_path} was generated with different settings {changed} (old, new)")

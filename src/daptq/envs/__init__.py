@@ -18,6 +18,7 @@ from daptq.envs.tasks import (  # noqa: E402
     SEED_SPLITS,
     TASKS,
     check_task,
+    check_tasks,
     seed_range,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "ExpertPolicy",
     "MetaWorldEnv",
     "check_task",
+    "check_tasks",
     "expert_action",
     "make_env",
     "seed_range",

@@ -132,21 +132,6 @@ class MetaWorldEnv(gym.Env):
         return {"image": self.render(), "state": state, "instruction": self.instruction}
 
 
-def make_env(
-    task: str,
-    *,
-    image_size: int = 96,
-    camera: str = "corner3",
-    max_steps: int | None = None,
-    instruction: str | None = None,
-    terminate_on_success: bool = True,
-) -> MetaWorldEnv:
-    """Build the environment for one MT10 task (names without "-v3"); see ``MetaWorldEnv``."""
-    return MetaWorldEnv(
-        task,
-        image_size=image_size,
-        camera=camera,
-        max_steps=max_steps,
-        instruction=instruction,
-        terminate_on_success=terminate_on_success,
-    )
+def make_env(task: str, **options: Any) -> MetaWorldEnv:
+    """Build the environment for one MT10 task (names without "-v3"); ``options`` are ``MetaWorldEnv``'s."""
+    return MetaWorldEnv(task, **options)

@@ -58,6 +58,18 @@ def check_task(task: str) -> str:
     return task
 
 
+def check_tasks(tasks) -> list[str]:
+    """A non-empty list of distinct MT10 task names, else a ValueError naming the problem."""
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("at least one task is required")
+    for task in tasks:
+        check_task(task)
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"duplicate tasks in {tasks}")
+    return tasks
+
+
 def seed_range(split: str, count: int) -> range:
     """The ``count`` seeds of a split, starting at ``SEED_SPLITS[split]``."""
     if split not in SEED_SPLITS:

@@ -205,19 +205,13 @@ def _run_spec(
     hf_cutoff: float,
 ) -> dict[str, Any]:
     """Validate the request and resolve its defaults: the identity of a run (what --resume must match)."""
-    from daptq.envs import DEFAULT_MAX_STEPS, MT10, SCENE_VERSION, SEED_SPLITS, check_task
+    from daptq.envs import DEFAULT_MAX_STEPS, MT10, SCENE_VERSION, SEED_SPLITS, check_tasks
 
     if not isinstance(candidate, str) or not candidate:
         raise ValueError(f"candidate must be a model spec string, got {candidate!r}")
     if reference is not None and (not isinstance(reference, str) or not reference):
         raise ValueError(f"reference must be a model spec string or None, got {reference!r}")
-    tasks = list(MT10 if tasks is None else ([tasks] if isinstance(tasks, str) else tasks))
-    if not tasks:
-        raise ValueError("no tasks given")
-    for task in tasks:
-        check_task(task)
-    if len(set(tasks)) != len(tasks):
-        raise ValueError(f"duplicate tasks in {tasks}")
+    tasks = check_tasks(MT10 if tasks is None else ([tasks] if isinstance(tasks, str) else tasks))
     if not isinstance(episodes, int) or episodes <= 0:
         raise ValueError(f"episodes must be a positive integer, got {episodes!r}")
     seed_start = SEED_SPLITS["eval"] if seed_start is None else int(seed_start)
@@ -245,10 +239,10 @@ def _run_spec(
 
 
 def _warn_on_scene_mismatch(policies: list[Any], scene_version: int) -> None:
-    """A policy trained on images of another scene version sees an unfamiliar scene: say so, once."""
+    """A policy trained on images of another scene version sees an unfamiliar scene: say so."""
     for p in policies:
-        trained_on = getattr(p, "scene_version", None)
-        if p is not None and trained_on is not None and trained_on != scene_version:
+        trained_on = getattr(p, "scene_version", None)  # None for policies that do not record it
+        if trained_on is not None and trained_on != scene_version:
             warnings.warn(
                 f"a policy was trained on scene version {trained_on}, but the environments render scene "
                 f"version {scene_version}; its success rates will not match its training",

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from daptq.atomic import atomic_write_bytes
+from daptq.data.format import LEGACY_SCENE_VERSION
 from daptq.models.adapter import METAWORLD_ACTION_SPACE, ActionSpace, Observation, QuantizableModule
 from daptq.models.dit import DiTActionHead, NoiseSchedule
 from daptq.models.encoders import LANGUAGE_DIM, LanguageEncoder, VisionEncoder
@@ -225,10 +226,11 @@ class ReferencePolicy:
         self.config = model.config
         self.action_space: ActionSpace = METAWORLD_ACTION_SPACE
         self.meta = dict(meta or {})
-        # The scene version of the training images (envs.SCENE_VERSION); checkpoints that predate the field
-        # were trained on version 1. None: not trained by daptq.train (no training record).
+        # The envs.SCENE_VERSION of the training images; None without a training record.
         training = self.meta.get("training")
-        self.scene_version: int | None = (training.get("scene_version") or 1) if training else None
+        self.scene_version: int | None = (
+            int(training.get("scene_version", LEGACY_SCENE_VERSION)) if training else None
+        )
         self._language_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._language_fingerprint: tuple | None = None
         self._queue: deque[np.ndarray] = deque()

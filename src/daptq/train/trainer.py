@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from daptq.data import open_dataset
+from daptq.data import EpisodeDataset, open_dataset
 from daptq.models.reference import (
     ReferenceVLA,
     ReferenceVLAConfig,
@@ -132,8 +132,7 @@ def default_cache_dir(data: str | Path) -> Path:
     return data.with_name(data.name + "-features")
 
 
-def _load_data(cfg: TrainConfig, model: ReferenceVLA, split: str) -> ChunkDataset | None:
-    ds = open_dataset(cfg.data, allow_incomplete=cfg.allow_incomplete)
+def _load_data(cfg: TrainConfig, ds: EpisodeDataset, model: ReferenceVLA, split: str) -> ChunkDataset | None:
     if split not in ds.splits:
         return None
     shards = ds.shard_paths(split, cfg.tasks)
@@ -169,11 +168,9 @@ def train(cfg: TrainConfig) -> Path:
     log_path.unlink(missing_ok=True)
 
     model = _initial_model(cfg)
-    data = _load_data(cfg, model, "train")
-    val = _load_data(cfg, model, "val")
-    # Which rendered scene the images came from (envs.SCENE_VERSION); datasets without the field: version 1.
-    data_config = open_dataset(cfg.data, allow_incomplete=cfg.allow_incomplete).info.get("config", {})
-    scene_version = data_config.get("scene_version", 1)
+    dataset = open_dataset(cfg.data, allow_incomplete=cfg.allow_incomplete)
+    data = _load_data(cfg, dataset, model, "train")
+    val = _load_data(cfg, dataset, model, "val")
     if cfg.init is None:
         model.set_state_stats(data.states.mean(0), data.states.std(0))
     val_batch = val.sample(cfg.val_samples, torch.Generator().manual_seed(cfg.seed + 1)) if val else None
@@ -219,7 +216,7 @@ def train(cfg: TrainConfig) -> Path:
                 "train_loss": last_loss,
                 "val_loss_ema": last_val,
                 "frames": len(data),
-                "scene_version": scene_version,
+                "scene_version": dataset.scene_version,
                 "shards": data.files,
                 "instructions": data.instructions,
                 "config": {k: v for k, v in asdict(cfg).items() if k not in ("out",)},
