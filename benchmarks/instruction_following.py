@@ -48,7 +48,14 @@ def run_pair_episode(model: str, scene: str, instructed: str, seed: int) -> dict
 
     policy = _cached_policy(model, load_policy)
     steps = max(DEFAULT_MAX_STEPS[scene], DEFAULT_MAX_STEPS[instructed])
-    env = make_env(scene, instruction=TASKS[instructed], max_steps=steps, terminate_on_success=False)
+    env = make_env(
+        scene,
+        instruction=TASKS[instructed],
+        max_steps=steps,
+        terminate_on_success=False,
+        image_size=getattr(policy, "image_size", 96),
+        camera=getattr(policy, "camera", "corner3"),
+    )
     try:
         obs, _ = env.reset(seed=seed)
         policy.reset(seed=seed)

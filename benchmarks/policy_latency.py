@@ -43,9 +43,8 @@ def load(spec: str) -> ReferencePolicy:
 
 def measure(policy: ReferencePolicy, calls: int, warmup: int = 8, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
-    size = policy.config.image_size
     obs = {
-        "image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+        "image": rng.integers(0, 256, policy.config.image_shape, dtype=np.uint8),
         "state": np.array([0.0, 0.6, 0.2, 1.0], dtype=np.float32),
         "instruction": "push the puck to the red goal marker",
     }

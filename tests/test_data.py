@@ -209,6 +209,8 @@ def test_bad_generation_arguments(tmp_path):
         generate_dataset(tmp_path / "x", ["push"], {"eval": 1}, progress=False)
     with pytest.raises(ValueError, match="noise_std"):
         generate_dataset(tmp_path / "x", ["push"], {"train": 1}, noise_std=-0.1, progress=False)
+    with pytest.raises(ValueError, match="duplicate camera"):
+        generate_dataset(tmp_path / "x", ["push"], {"train": 1}, camera="topview,topview", progress=False)
     assert not (tmp_path / "x").exists()
 
 
@@ -223,3 +225,47 @@ def test_command_line_generates_and_reports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "train  reach" in out and "expert success 1.000" in out
     assert open_dataset(root).info["image_size"] == 16
+
+
+def test_add_cameras_replays_episodes_into_a_multi_view_copy(tiny_root, tmp_path):
+    from daptq.data.add_cameras import add_cameras
+
+    dst = add_cameras(tiny_root, tmp_path / "two", "topview", progress=False)
+    ds = open_dataset(dst)
+    assert ds.info["camera"] == ds.info["config"]["camera"] == "corner3,topview"
+    assert ds.stats == open_dataset(tiny_root).stats
+    old = list(open_dataset(tiny_root).episodes("train"))
+    new = list(ds.episodes("train"))
+    assert [e.seed for e in new] == [e.seed for e in old]
+    env = make_env("reach", image_size=24, camera="topview", max_steps=500)
+    try:
+        for a, b in zip(old, new, strict=True):
+            assert b.images.shape == (len(a), 2, 24, 24, 3)
+            np.testing.assert_array_equal(b.images[:, 0], a.images)  # the stored view is kept as it was
+            np.testing.assert_array_equal(b.actions, a.actions)
+            first, _ = env.reset(seed=a.seed)
+            np.testing.assert_array_equal(b.images[0, 1], first["image"])  # the new view is the new camera's
+    finally:
+        env.close()
+    # A re-run skips the shards already written; adding a camera the data already has is refused.
+    mtimes = [p.stat().st_mtime_ns for p in _shards(dst)]
+    add_cameras(tiny_root, dst, "topview", progress=False)
+    assert [p.stat().st_mtime_ns for p in _shards(dst)] == mtimes
+    with pytest.raises(ValueError, match="duplicate camera"):
+        add_cameras(dst, tmp_path / "three", "topview", progress=False)
+    with pytest.raises(ValueError, match="dst must differ"):
+        add_cameras(tiny_root, tiny_root, "topview", progress=False)
+
+
+def test_add_cameras_refuses_a_replay_that_leaves_the_recorded_path(tiny_root, tmp_path):
+    from daptq.data.add_cameras import add_cameras
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_root, src)
+    shard = src / "train" / "reach-0001.npz"
+    episodes = read_shard(shard)
+    episodes[0].ee_pos = episodes[0].ee_pos + np.float32(0.01)  # not where these actions lead
+    write_shard(shard, episodes, discarded_seeds=[])
+    with pytest.raises(RuntimeError, match="left the recorded path"):
+        add_cameras(src, tmp_path / "dst", "topview", progress=False)
+    assert not (tmp_path / "dst" / "meta" / "info.json").exists()

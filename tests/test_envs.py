@@ -149,3 +149,22 @@ def test_expert_success_terminates_episode(envs):
         if terminated or truncated:
             break
     assert terminated and info["success"]
+
+
+def test_several_cameras_stack_their_views_in_order(envs):
+    from daptq.envs import parse_cameras
+
+    assert parse_cameras("corner3, topview") == ("corner3", "topview")
+    for bad, message in (("", "non-empty"), ("corner3,", "empty camera"), ("topview,topview", "duplicate")):
+        with pytest.raises(ValueError, match=message):
+            parse_cameras(bad)
+    both = envs("reach", image_size=32, camera="corner3,topview")
+    assert both.observation_space["image"].shape == both.image_shape == (2, 32, 32, 3)
+    obs, _ = both.reset(seed=5)
+    assert obs["image"].shape == (2, 32, 32, 3)
+    for view, camera in enumerate(("corner3", "topview")):
+        single, _ = envs("reach", image_size=32, camera=camera).reset(seed=5)
+        np.testing.assert_array_equal(obs["image"][view], single["image"])
+    assert not np.array_equal(obs["image"][0], obs["image"][1])
+    with pytest.raises(ValueError, match="unknown camera 'nope'"):
+        envs("reach", camera="corner3,nope")

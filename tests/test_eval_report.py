@@ -72,6 +72,16 @@ def test_rollout_gif_replays_the_episode(runs):
         render_rollout_gif(runs / "large", "push", record["seed"])
 
 
+def test_rollout_gif_of_a_two_camera_run_stacks_the_views(tmp_path):
+    import imageio.v3 as iio
+
+    run = tmp_path / "two"
+    evaluate("toy:weight_noise=0.05", "toy", out=run, camera="corner3,topview", **FAST)
+    (record, _) = store.read_records(run)
+    frames = iio.imread(render_rollout_gif(run, "reach", record["seed"]))
+    assert frames.shape[1:] == (32, 32, 3)  # two views one above the other; candidate | FP
+
+
 def test_a_failed_plot_leaves_no_file_behind(tmp_path):
     import matplotlib
 

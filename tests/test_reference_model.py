@@ -103,6 +103,46 @@ def test_observation_errors_are_clear(policy):
         policy.select_action(bad)
     with pytest.raises(ValueError, match="uint8"):
         policy.observation_to_batch({**_obs(), "image": np.zeros((32, 32, 3), np.float32)})
+    with pytest.raises(ValueError, match=r"camera 'corner3' at 32 px: \(32, 32, 3\)"):
+        policy.observation_to_batch({**_obs(), "image": np.zeros((2, 32, 32, 3), np.uint8)})
+
+
+def test_two_camera_model_encodes_each_view_and_grows_from_a_one_camera_model(policy):
+    from dataclasses import replace
+
+    from daptq.models.reference import transfer_weights
+
+    with pytest.raises(ValueError, match="duplicate camera"):
+        replace(TINY, camera="corner3,corner3")
+    two = ReferenceVLA(replace(TINY, camera="corner3,topview"))
+    assert two.config.num_vision_tokens == 2 * TINY.num_vision_tokens == 8
+    assert two.config.image_shape == (2, 32, 32, 3)
+    transfer_weights(policy.model, two)
+    one_state, two_state = policy.model.trainable_state_dict(), two.trainable_state_dict()
+    for name, value in one_state.items():
+        if name != "pos_emb":
+            assert torch.equal(value, two_state[name]), name
+    n = TINY.num_vision_tokens
+    assert torch.equal(two.pos_emb[:, :n], policy.model.pos_emb[:, :n])  # corner3 keeps its positions
+    assert torch.equal(two.pos_emb[:, 2 * n :], policy.model.pos_emb[:, n:])  # language, state, cognition
+    assert not torch.equal(two.pos_emb[:, n : 2 * n], policy.model.pos_emb[:, :n])  # topview: fresh
+    # The views are encoded one by one: view v's tokens are what the encoder gives for that image alone.
+    images = torch.from_numpy(np.stack([_obs(0)["image"], _obs(1)["image"]]))[None]
+    tokens = two.vision(images)
+    assert tokens.shape == (1, 2 * n, two.vision.out_channels)
+    assert torch.allclose(tokens[:, n:], two.vision(images[:, 1]), rtol=1e-4, atol=1e-3)
+    observation = {**_obs(), "image": images[0].numpy()}
+    chunk = ReferencePolicy(two).predict_chunk(
+        ReferencePolicy(two).observation_to_batch(observation), generator=torch.Generator().manual_seed(0)
+    )
+    assert chunk.shape == (1, TINY.chunk_size, 4)
+    # Evaluation renders what the policy declares.
+    from daptq.eval.runner import _observation_settings
+
+    assert _observation_settings([ReferencePolicy(two)], None, None) == (32, "corner3,topview")
+    # Growing into a model of another size is refused, naming the tensor.
+    with pytest.raises(ValueError, match="shape"):
+        transfer_weights(policy.model, ReferenceVLA(replace(TINY, camera="corner3,topview", d_model=16)))
 
 
 def test_roles_cover_every_linear_layer(policy):

@@ -180,3 +180,40 @@ def _all_train_states(root):
     from daptq.data import read_shard
 
     return np.concatenate([ep.states for p in sorted((root / "train").glob("*.npz")) for ep in read_shard(p)])
+
+
+def test_model_must_see_the_dataset_cameras_and_fine_tuning_can_add_one(tiny_data, tmp_path):
+    import shutil
+
+    base = _tiny_run(tiny_data, tmp_path, warmup_steps=2, val_every=100)
+    with pytest.raises(ValueError, match="recorded"):
+        wrong = {**TINY_MODEL, "camera": "topview"}
+        train(TrainConfig(out=str(tmp_path / "x"), max_steps=1, model=wrong, **base))
+    train(TrainConfig(out=str(tmp_path / "one"), max_steps=2, model=TINY_MODEL, **base))
+
+    # The same episodes with a second (here: copied) view, as `daptq.data.add_cameras` would write them.
+    two = tmp_path / "two"
+    shutil.copytree(tiny_data, two, ignore=shutil.ignore_patterns("*-features"))
+    from daptq.data import read_shard
+
+    for shard in sorted(two.glob("*/*.npz")):
+        episodes = read_shard(shard)
+        for ep in episodes:
+            ep.images = np.stack([ep.images, 255 - ep.images], axis=1)
+        write_shard(shard, episodes, discarded_seeds=[])
+    info = json.loads((two / "meta" / "info.json").read_text())
+    atomic_write_json(two / "meta" / "info.json", {**info, "camera": "corner3,topview"})
+    grown = {**base, "data": str(two), "cache": str(tmp_path / "two-cache")}
+    with pytest.raises(ValueError, match="recorded"):  # the one-camera checkpoint as it is
+        train(TrainConfig(out=str(tmp_path / "y"), max_steps=1, init=str(tmp_path / "one"), **grown))
+    train(
+        TrainConfig(
+            out=str(tmp_path / "grown"),
+            max_steps=2,
+            init=str(tmp_path / "one"),
+            model={"camera": "corner3,topview"},
+            **grown,
+        )
+    )
+    model = load_reference_checkpoint(tmp_path / "grown").model
+    assert model.config.camera == "corner3,topview" and model.pos_emb.shape[1] == 2 * 4 + 32 + 2

@@ -65,6 +65,10 @@ def _cmd_data(args: argparse.Namespace) -> int:
         from daptq.data.generate import main as generate_main
 
         generate_main(args.rest)
+    elif args.action == "add-cameras":
+        from daptq.data.add_cameras import main as add_cameras_main
+
+        add_cameras_main(args.rest)
     else:
         from daptq.envs.speed import main as speed_main
 
@@ -120,8 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=_cmd_report)
 
     # `data` and `train` hand their arguments to the modules' own parsers (`daptq train --help` lists them).
-    data = sub.add_parser("data", help="make expert demonstrations (generate) or time the renderer (speed)")
-    data.add_argument("action", choices=["generate", "speed"])
+    data = sub.add_parser(
+        "data",
+        help="make expert demonstrations (generate), add camera views to them by replay (add-cameras), "
+        "or time the renderer (speed)",
+    )
+    data.add_argument("action", choices=["generate", "add-cameras", "speed"])
     data.add_argument("rest", nargs=argparse.REMAINDER, help="options of the action (see --help)")
     data.set_defaults(func=_cmd_data)
 

@@ -47,7 +47,7 @@ class Episode:
     instruction: str
     seed: int
     success: bool
-    images: np.ndarray  # uint8 (T, H, W, 3), upright RGB
+    images: np.ndarray  # uint8 (T, H, W, 3) upright RGB, or (T, V, H, W, 3) for V cameras
     states: np.ndarray  # float32 (T, 4): ee xyz + gripper opening
     actions: np.ndarray  # float32 (T, 4): clean expert action at each step
     ee_pos: np.ndarray  # float32 (T, 3)
@@ -118,8 +118,8 @@ def read_shard(path: str | os.PathLike) -> list[Episode]:
             problems.append(
                 f"{name}: dtype {a[name].dtype} length {len(a[name])}, want {dtype} length {n_steps}"
             )
-    if a["images"].ndim != 4 or a["images"].shape[-1] != 3:
-        problems.append(f"images have shape {a['images'].shape}, want (T, H, W, 3)")
+    if a["images"].ndim not in (4, 5) or a["images"].shape[-1] != 3:
+        problems.append(f"images have shape {a['images'].shape}, want (T, H, W, 3) or (T, V, H, W, 3)")
     for name, width in (("states", STATE_DIM), ("actions", ACTION_DIM), ("executed_actions", ACTION_DIM)):
         if a[name].shape[1:] != (width,):
             problems.append(f"{name} have shape {a[name].shape}, want (T, {width})")

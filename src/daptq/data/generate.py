@@ -13,7 +13,7 @@ import importlib.metadata
 import math
 import multiprocessing as mp
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +130,21 @@ def _generate_shard(job: dict[str, Any]) -> dict[str, Any]:
     return {"path": job["path"], "task": job["task"], "split": job["split"]}
 
 
+def run_shard_jobs(work: Callable[[dict], Any], jobs: list[dict], workers: int, progress: bool) -> None:
+    """Run ``work(job)`` for every job, in ``workers`` processes when there is more than one, with a bar."""
+    bar = tqdm(total=len(jobs), desc="shards", unit="shard", disable=not progress)
+    if workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            work(job)
+            bar.update()
+    else:
+        # spawn, not fork: each worker opens its own EGL context.
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for _ in pool.imap_unordered(work, jobs):
+                bar.update()
+    bar.close()
+
+
 def _plan_jobs(root: Path, tasks: Sequence[str], episodes_per_split: dict[str, int], cfg: dict) -> list[dict]:
     from daptq.envs import SEED_SPLITS
 
@@ -151,10 +166,13 @@ def _plan_jobs(root: Path, tasks: Sequence[str], episodes_per_split: dict[str, i
     return jobs
 
 
-def _check_arguments(tasks, episodes_per_split, noise_std, workers, image_size, episodes_per_shard) -> None:
-    from daptq.envs import SEED_SPLITS, check_tasks
+def _check_arguments(
+    tasks, episodes_per_split, noise_std, workers, image_size, episodes_per_shard, camera
+) -> None:
+    from daptq.envs import SEED_SPLITS, check_tasks, parse_cameras
 
     check_tasks(tasks)
+    parse_cameras(camera)
     for split, count in episodes_per_split.items():
         if split not in SEED_SPLITS or split == "eval":
             valid = [s for s in SEED_SPLITS if s != "eval"]
@@ -223,7 +241,7 @@ def generate_dataset(
     from daptq.envs import MT10, SCENE_VERSION, SEED_SPLITS, TASKS
 
     tasks = list(tasks)
-    _check_arguments(tasks, episodes_per_split, noise_std, workers, image_size, episodes_per_shard)
+    _check_arguments(tasks, episodes_per_split, noise_std, workers, image_size, episodes_per_shard, camera)
     root = Path(root)
     config = {
         "image_size": image_size,
@@ -274,17 +292,7 @@ def generate_dataset(
         for k in ("image_size", "camera", "noise_std", "episodes_per_shard", "post_success_steps")
     }
     jobs = [j for j in _plan_jobs(root, run_tasks, episodes_per_split, cfg) if not Path(j["path"]).exists()]
-    bar = tqdm(total=len(jobs), desc="shards", unit="shard", disable=not progress)
-    if workers == 1 or len(jobs) <= 1:
-        for job in jobs:
-            _generate_shard(job)
-            bar.update()
-    else:
-        # spawn, not fork: each worker opens its own EGL context.
-        with mp.get_context("spawn").Pool(workers) as pool:
-            for _ in pool.imap_unordered(_generate_shard, jobs):
-                bar.update()
-    bar.close()
+    run_shard_jobs(_generate_shard, jobs, workers, progress)
 
     info["splits"] = _summarize(root, tasks, episodes_per_split)
     for split, s in info["splits"].items():
@@ -308,7 +316,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--noise-std", type=float, default=DEFAULT_NOISE_STD, help="Gaussian action noise std")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--image-size", type=int, default=96)
-    p.add_argument("--camera", default="corner3")
+    p.add_argument("--camera", default="corner3", help="camera, or several comma-separated: corner3,topview")
     p.add_argument("--episodes-per-shard", type=int, default=DEFAULT_EPISODES_PER_SHARD)
     return p.parse_args(argv)
 

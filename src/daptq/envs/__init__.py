@@ -19,6 +19,7 @@ from daptq.envs.tasks import (  # noqa: E402
     TASKS,
     check_task,
     check_tasks,
+    parse_cameras,
     seed_range,
 )
 
@@ -34,5 +35,6 @@ __all__ = [
     "check_tasks",
     "expert_action",
     "make_env",
+    "parse_cameras",
     "seed_range",
 ]

@@ -10,7 +10,14 @@ from gymnasium import spaces
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
 
 from daptq.envs.render import OffscreenRenderer
-from daptq.envs.tasks import DEFAULT_MAX_STEPS, METAWORLD_MAX_STEPS, SCENE_VERSION, TASKS, check_task
+from daptq.envs.tasks import (
+    DEFAULT_MAX_STEPS,
+    METAWORLD_MAX_STEPS,
+    SCENE_VERSION,
+    TASKS,
+    check_task,
+    parse_cameras,
+)
 
 # Reach, push and pick-place use differently coloured goal markers (red, green, blue) in Meta-World, which
 # would tell the policy the task without the instruction. We paint them one colour and make them a little
@@ -23,6 +30,9 @@ GOAL_SIZE = 0.03
 
 class MetaWorldEnv(gym.Env):
     """One MT10 task: dict observations (upright RGB image, ee xyz + gripper opening, instruction).
+
+    ``camera`` names one camera (``image`` is (H, W, 3)) or several joined by commas, e.g.
+    ``"corner3,topview"`` (``image`` is (V, H, W, 3), views in that order).
 
     ``reset(seed=s)`` draws the object and goal positions from ``s`` alone, so a (task, seed) pair reproduces
     the same initial state and first image exactly. ``terminated`` is True on the first success (unless
@@ -51,6 +61,7 @@ class MetaWorldEnv(gym.Env):
         self.instruction = TASKS[task] if instruction is None else instruction
         self.image_size = image_size
         self.camera = camera
+        self.cameras = parse_cameras(camera)
         self.terminate_on_success = terminate_on_success
         self.scene_version = SCENE_VERSION
         self.render_mode = "rgb_array"
@@ -61,18 +72,24 @@ class MetaWorldEnv(gym.Env):
         if task in SHARED_GOAL_TASKS:
             self._mw.model.site("goal").rgba = GOAL_RGBA
             self._mw.model.site("goal").size[:] = GOAL_SIZE
-        self._renderer = OffscreenRenderer(self._mw.model, image_size, camera)
+        self._renderers = [OffscreenRenderer(self._mw.model, image_size, name) for name in self.cameras]
 
         self.action_space = spaces.Box(-1.0, 1.0, (4,), dtype=np.float32)
         self.observation_space = spaces.Dict(
             {
-                "image": spaces.Box(0, 255, (image_size, image_size, 3), dtype=np.uint8),
+                "image": spaces.Box(0, 255, self.image_shape, dtype=np.uint8),
                 "state": spaces.Box(-np.inf, np.inf, (4,), dtype=np.float32),
                 "instruction": spaces.Text(max_length=1000),
             }
         )
         self._mw_obs: np.ndarray | None = None
         self._steps = 0
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """(H, W, 3) for one camera, (V, H, W, 3) for V cameras."""
+        size = (self.image_size, self.image_size, 3)
+        return size if len(self.cameras) == 1 else (len(self.cameras), *size)
 
     @property
     def metaworld_obs(self) -> np.ndarray:
@@ -119,12 +136,16 @@ class MetaWorldEnv(gym.Env):
         return self._observation(), float(reward), terminated, truncated, info
 
     def render(self) -> np.ndarray:
-        return self._renderer.render(self._mw.data)
+        if self._renderers is None:
+            raise RuntimeError("the environment is closed")
+        images = [renderer.render(self._mw.data) for renderer in self._renderers]
+        return images[0] if len(images) == 1 else np.stack(images)
 
     def close(self) -> None:
-        if self._renderer is not None:
-            self._renderer.close()
-            self._renderer = None
+        if self._renderers is not None:
+            for renderer in self._renderers:
+                renderer.close()
+            self._renderers = None
         self._mw.close()
 
     def _observation(self) -> dict[str, Any]:

@@ -16,6 +16,11 @@ from daptq.eval import store
 from daptq.eval.rollout import run_episode
 
 
+def _views_stacked(image: np.ndarray) -> np.ndarray:
+    """One frame for an observation image: (H, W, 3) as it is, the views of (V, H, W, 3) one above another."""
+    return image if image.ndim == 3 else np.concatenate(list(image), axis=0)
+
+
 def render_rollout_gif(
     run_dir: str | os.PathLike, task: str, seed: int, out: str | os.PathLike | None = None, fps: int = 10
 ) -> Path:
@@ -42,7 +47,9 @@ def render_rollout_gif(
     finally:
         env.close()
     length = max(len(v) for v in videos)
-    frames = [np.concatenate([v[min(i, len(v) - 1)] for v in videos], axis=1) for i in range(length)]
+    frames = [
+        np.concatenate([_views_stacked(v[min(i, len(v) - 1)]) for v in videos], axis=1) for i in range(length)
+    ]
     out = Path(out) if out is not None else Path(run_dir) / f"rollout_{store.episode_key(task, seed)}.gif"
     buf = io.BytesIO()
     iio.imwrite(buf, np.stack(frames), extension=".gif", duration=1000 / fps, loop=0)

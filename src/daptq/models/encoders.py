@@ -34,7 +34,11 @@ class FrozenModule(nn.Module):
 
 
 class VisionEncoder(FrozenModule):
-    """uint8 (B, H, W, 3) RGB -> spatial tokens (B, (H/16)^2, 112) from EfficientNet-Lite0 blocks 0..n-1."""
+    """uint8 (B, H, W, 3) RGB -> spatial tokens (B, (H/16)^2, 112) from EfficientNet-Lite0 blocks 0..n-1.
+
+    Several views (B, V, H, W, 3) are encoded independently and their tokens concatenated view by view:
+    (B, V * (H/16)^2, 112).
+    """
 
     def __init__(self, image_size: int = 96, num_blocks: int = 11) -> None:
         super().__init__()
@@ -62,15 +66,15 @@ class VisionEncoder(FrozenModule):
         self._freeze()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if (
-            images.dim() != 4
-            or images.shape[-1] != 3
-            or images.shape[1:3] != (self.image_size, self.image_size)
-        ):
+        if images.dim() not in (4, 5) or images.shape[-3:] != (self.image_size, self.image_size, 3):
             raise ValueError(
-                f"expected uint8 images (B, {self.image_size}, {self.image_size}, 3), "
-                f"got {tuple(images.shape)}"
+                f"expected uint8 images (B, {self.image_size}, {self.image_size}, 3) or "
+                f"(B, V, {self.image_size}, {self.image_size}, 3), got {tuple(images.shape)}"
             )
+        if images.dim() == 5:
+            batch, views = images.shape[:2]
+            tokens = self(images.reshape(batch * views, *images.shape[2:]))
+            return tokens.reshape(batch, views * tokens.shape[1], tokens.shape[2])
         # EfficientNet-Lite was trained on (pixel - 127) / 128 inputs.
         x = (images.permute(0, 3, 1, 2).float() - 127.0) / 128.0
         x = self.act(self.bn0(self.stem(x)))

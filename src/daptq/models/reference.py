@@ -9,7 +9,8 @@
 Most trainable parameters sit in the backbone, as the 7B VLM does in CogACT, so quantizing it matters.
 
 Model-input batches (``Mapping[str, Tensor]``) of ``condition``, ``predict_chunk`` and ``denoising_loss``:
-- vision: ``"image"`` uint8 (B, H, W, 3), or precomputed ``"vision_features"`` (B, 36, 112);
+- vision: ``"image"`` uint8 (B, H, W, 3) (or (B, V, H, W, 3) for V cameras), or precomputed
+  ``"vision_features"`` (B, 36 V, 112);
 - language: ``"input_ids"`` + ``"attention_mask"`` (B, L), or precomputed ``"language_features"`` (B, L, 384)
   + ``"language_mask"`` (B, L) bool;
 - ``"state"`` float (B, 4) in environment units (normalized inside the model);
@@ -47,7 +48,7 @@ class ReferenceVLAConfig:
     """Architecture and inference settings; stored in the checkpoint's config.json."""
 
     image_size: int = 96
-    camera: str = "corner3"
+    camera: str = "corner3"  # one camera, or several comma-separated ("corner3,topview"): 36 tokens each
     vision_blocks: int = 11
     max_language_tokens: int = 32
     state_dim: int = 4
@@ -65,6 +66,9 @@ class ReferenceVLAConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
+        from daptq.envs.tasks import parse_cameras  # mujoco-free
+
+        parse_cameras(self.camera)
         if not 1 <= self.n_action_steps <= self.chunk_size:
             raise ValueError(
                 f"n_action_steps must be in [1, chunk_size={self.chunk_size}], got {self.n_action_steps}"
@@ -82,8 +86,24 @@ class ReferenceVLAConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
     @property
-    def num_vision_tokens(self) -> int:
+    def cameras(self) -> tuple[str, ...]:
+        from daptq.envs.tasks import parse_cameras
+
+        return parse_cameras(self.camera)
+
+    @property
+    def tokens_per_view(self) -> int:
         return (self.image_size // 16) ** 2
+
+    @property
+    def num_vision_tokens(self) -> int:
+        return len(self.cameras) * self.tokens_per_view
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """One observation's image: (H, W, 3) for one camera, (V, H, W, 3) for V cameras."""
+        size = (self.image_size, self.image_size, 3)
+        return size if len(self.cameras) == 1 else (len(self.cameras), *size)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -237,6 +257,15 @@ class ReferencePolicy:
         self._generator = torch.Generator()
         self._generator.seed()
 
+    # What the policy must be shown; evaluation renders its environments from these.
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def camera(self) -> str:
+        return self.config.camera
+
     # ---- Policy -------------------------------------------------------------------------------------------
     def reset(self, seed: int | None = None) -> None:
         self._queue.clear()
@@ -267,6 +296,11 @@ class ReferencePolicy:
         image = torch.as_tensor(np.ascontiguousarray(observation["image"]))
         if image.dtype != torch.uint8:
             raise ValueError(f"observation['image'] must be uint8, got {image.dtype}")
+        if tuple(image.shape) != self.config.image_shape:
+            raise ValueError(
+                f"observation['image'] has shape {tuple(image.shape)}; this policy sees camera "
+                f"{self.config.camera!r} at {self.config.image_size} px: {self.config.image_shape}"
+            )
         features, mask = self.language_features(observation["instruction"])
         return {
             "image": image[None],
@@ -352,6 +386,38 @@ class ReferencePolicy:
             if "actions" in raw:
                 batch["actions"] = torch.as_tensor(np.asarray(raw["actions"]), dtype=torch.float32)
             yield batch
+
+
+def transfer_weights(source: ReferenceVLA, target: ReferenceVLA) -> None:
+    """Copy ``source``'s trained weights into ``target``, a model that may see more cameras.
+
+    Every trainable tensor must match in shape except the positional embedding, which is copied segment by
+    segment: the vision tokens of each camera both models have, then the language, state and cognition
+    positions. A camera only ``target`` has keeps its fresh initialization (fine-tuning learns it).
+    """
+    src_cfg, dst_cfg = source.config, target.config
+    if src_cfg.image_size != dst_cfg.image_size:
+        raise ValueError(f"image_size differs: {src_cfg.image_size} vs {dst_cfg.image_size}")
+    src_state, dst_state = source.trainable_state_dict(), target.trainable_state_dict()
+    if set(src_state) != set(dst_state):
+        raise ValueError(f"the models differ in tensors: {sorted(set(src_state) ^ set(dst_state))[:5]}")
+    per_view = dst_cfg.tokens_per_view
+    with torch.no_grad():
+        for name, value in src_state.items():
+            if name == "pos_emb":
+                continue
+            if value.shape != dst_state[name].shape:
+                raise ValueError(f"{name}: shape {tuple(value.shape)} vs {tuple(dst_state[name].shape)}")
+            dst_state[name].copy_(value)
+        src_pos, dst_pos = source.pos_emb, target.pos_emb
+        for view, camera in enumerate(dst_cfg.cameras):
+            if camera in src_cfg.cameras:
+                i = src_cfg.cameras.index(camera) * per_view
+                dst_pos[:, view * per_view : (view + 1) * per_view] = src_pos[:, i : i + per_view]
+        tail = src_pos.shape[1] - src_cfg.num_vision_tokens
+        if dst_pos.shape[1] - dst_cfg.num_vision_tokens != tail:
+            raise ValueError("the models differ in language/state token positions")
+        dst_pos[:, dst_cfg.num_vision_tokens :] = src_pos[:, src_cfg.num_vision_tokens :]
 
 
 def module_role(name: str) -> str:
@@ -462,4 +528,5 @@ __all__ = [
     "save_reference_checkpoint",
     "module_role",
     "count_parameters",
+    "transfer_weights",
 ]

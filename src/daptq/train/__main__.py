@@ -15,6 +15,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint directory (model.safetensors + config.json)")
     p.add_argument("--cache", default=None, help="frozen-encoder feature cache (default: DATA-features)")
     p.add_argument("--init", default=None, help="fine-tune this checkpoint (directory or ref:<name>)")
+    p.add_argument(
+        "--camera",
+        default=None,
+        help="camera(s) of the model, comma-separated (default: the dataset's); with --init, adds views",
+    )
     p.add_argument("--tasks", nargs="+", default=None, help="train on these tasks only (default: all)")
     p.add_argument(
         "--time-budget-min", type=float, default=None, help="stop cleanly and save after this long"
@@ -36,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    train(TrainConfig(**vars(args)))
+    args = vars(build_parser().parse_args(argv))
+    camera = args.pop("camera")
+    train(TrainConfig(**args, model={"camera": camera} if camera else {}))
 
 
 if __name__ == "__main__":

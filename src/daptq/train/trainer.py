@@ -31,6 +31,7 @@ from daptq.models.reference import (
     count_parameters,
     load_reference,
     save_reference_checkpoint,
+    transfer_weights,
 )
 from daptq.train.chunks import ChunkDataset
 from daptq.train.features import encode_shards, shard_instructions
@@ -61,7 +62,7 @@ class TrainConfig:
     precision: str = "bf16"  # or "fp32"
     model: dict[str, Any] = field(default_factory=dict)  # ReferenceVLAConfig overrides
     # Fine-tune: start from this checkpoint (a directory or "ref:<name>") with its architecture and state
-    # normalization, instead of a fresh model.
+    # normalization, instead of a fresh model. With init, ``model`` may only set "camera" (adding views).
     init: str | None = None
 
     def __post_init__(self) -> None:
@@ -78,8 +79,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.init is not None and self.model:
-            raise ValueError("model overrides cannot be combined with init: the checkpoint fixes the model")
+        if self.init is not None and set(self.model) - {"camera"}:
+            raise ValueError(
+                "with init, the checkpoint fixes the model; only 'camera' may be overridden (to add views), "
+                f"got {sorted(self.model)}"
+            )
 
 
 def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
@@ -145,11 +149,27 @@ def _load_data(cfg: TrainConfig, ds: EpisodeDataset, model: ReferenceVLA, split:
     return ChunkDataset(files, model.config.chunk_size, language_features(model, shard_instructions(files)))
 
 
-def _initial_model(cfg: TrainConfig) -> ReferenceVLA:
-    """A fresh model, or the one in ``cfg.init`` (fine-tuning keeps its weights and state normalization)."""
+def _initial_model(cfg: TrainConfig, dataset: EpisodeDataset) -> ReferenceVLA:
+    """A fresh model, or the one in ``cfg.init`` (fine-tuning keeps its weights and state normalization).
+
+    A fresh model sees the dataset's cameras unless ``model["camera"]`` says otherwise. ``init`` with a
+    ``model["camera"]`` that adds cameras grows the checkpoint's model by those views (``transfer_weights``).
+    Either way the model must see what the dataset recorded.
+    """
     if cfg.init is None:
-        return ReferenceVLA(ReferenceVLAConfig(**cfg.model))
-    return load_reference(cfg.init).model
+        overrides = {"image_size": dataset.info.get("image_size", 96), "camera": dataset.info.get("camera")}
+        model = ReferenceVLA(ReferenceVLAConfig(**{**overrides, **cfg.model}))
+    else:
+        model = load_reference(cfg.init).model
+        if cfg.model.get("camera", model.config.camera) != model.config.camera:
+            target = ReferenceVLA(ReferenceVLAConfig(**{**model.config.to_dict(), **cfg.model}))
+            transfer_weights(model, target)
+            model = target
+    recorded = {"image_size": dataset.info.get("image_size"), "camera": dataset.info.get("camera")}
+    sees = {"image_size": model.config.image_size, "camera": model.config.camera}
+    if recorded != sees:
+        raise ValueError(f"the model sees {sees} but dataset {cfg.data} recorded {recorded}")
+    return model
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -167,8 +187,8 @@ def train(cfg: TrainConfig) -> Path:
     log_path = out / "train_log.jsonl"
     log_path.unlink(missing_ok=True)
 
-    model = _initial_model(cfg)
     dataset = open_dataset(cfg.data, allow_incomplete=cfg.allow_incomplete)
+    model = _initial_model(cfg, dataset)
     data = _load_data(cfg, dataset, model, "train")
     val = _load_data(cfg, dataset, model, "val")
     if cfg.init is None:
