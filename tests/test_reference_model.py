@@ -266,3 +266,15 @@ def test_bundled_checkpoint_runs_a_short_episode():
             break
     assert truncated or terminated
     env.close()
+
+
+def test_model_config_validates_cameras_without_loading_the_simulator():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from daptq.models.reference import ReferenceVLAConfig; "
+        "assert ReferenceVLAConfig(camera='corner3,topview').num_vision_tokens == 72; "
+        "assert 'mujoco' not in sys.modules and 'metaworld' not in sys.modules, 'simulator imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,6 +9,7 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+from daptq.cameras import parse_cameras  # noqa: E402
 from daptq.envs.expert import ExpertPolicy, expert_action  # noqa: E402
 from daptq.envs.metaworld_env import MetaWorldEnv, make_env  # noqa: E402
 from daptq.envs.tasks import (  # noqa: E402
@@ -19,7 +20,6 @@ from daptq.envs.tasks import (  # noqa: E402
     TASKS,
     check_task,
     check_tasks,
-    parse_cameras,
     seed_range,
 )
 

@@ -9,6 +9,7 @@ import numpy as np
 from gymnasium import spaces
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
 
+from daptq.cameras import parse_cameras
 from daptq.envs.render import OffscreenRenderer
 from daptq.envs.tasks import (
     DEFAULT_MAX_STEPS,
@@ -16,7 +17,6 @@ from daptq.envs.tasks import (
     SCENE_VERSION,
     TASKS,
     check_task,
-    parse_cameras,
 )
 
 # Reach, push and pick-place use differently coloured goal markers (red, green, blue) in Meta-World, which

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from daptq.atomic import atomic_write_bytes
+from daptq.cameras import parse_cameras
 from daptq.data.format import LEGACY_SCENE_VERSION
 from daptq.models.adapter import METAWORLD_ACTION_SPACE, ActionSpace, Observation, QuantizableModule
 from daptq.models.dit import DiTActionHead, NoiseSchedule
@@ -66,8 +67,6 @@ class ReferenceVLAConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
-        from daptq.envs.tasks import parse_cameras  # mujoco-free
-
         parse_cameras(self.camera)
         if not 1 <= self.n_action_steps <= self.chunk_size:
             raise ValueError(
@@ -87,8 +86,6 @@ class ReferenceVLAConfig:
 
     @property
     def cameras(self) -> tuple[str, ...]:
-        from daptq.envs.tasks import parse_cameras
-
         return parse_cameras(self.camera)
 
     @property
