@@ -247,6 +247,10 @@ def test_add_cameras_replays_episodes_into_a_multi_view_copy(tiny_root, tmp_path
             np.testing.assert_array_equal(b.images[0, 1], first["image"])  # the new view is the new camera's
     finally:
         env.close()
+    from daptq.data.format import read_shard_summary
+
+    for src_shard, dst_shard in zip(_shards(tiny_root), _shards(dst), strict=True):
+        assert read_shard_summary(dst_shard) == read_shard_summary(src_shard)  # task, seeds, discarded kept
     # A re-run skips the shards already written; adding a camera the data already has is refused.
     mtimes = [p.stat().st_mtime_ns for p in _shards(dst)]
     add_cameras(tiny_root, dst, "topview", progress=False)

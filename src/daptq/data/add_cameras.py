@@ -27,7 +27,6 @@ from daptq.data.format import (
     atomic_write_bytes,
     atomic_write_json,
     read_shard,
-    read_shard_summary,
     write_shard,
 )
 
@@ -78,7 +77,8 @@ def _add_to_shard(job: dict[str, Any]) -> str:
     for episode in episodes:
         old = episode.images if episode.images.ndim == 5 else episode.images[:, None]
         episode.images = np.concatenate([old, replay_views(env, episode)], axis=1)
-    discarded = read_shard_summary(job["src"])["discarded_seeds"]
+    with np.load(job["src"], allow_pickle=False) as npz:  # read_shard checked the file; only this small array
+        discarded = npz["discarded_seeds"].tolist()
     write_shard(Path(job["dst"]), episodes, discarded)
     return job["dst"]
 
@@ -122,7 +122,7 @@ def add_cameras(
                     {
                         "src": str(shard),
                         "dst": str(target),
-                        "task": read_shard_summary(shard)["task"],
+                        "task": shard.stem.rsplit("-", 1)[0],  # <task>-NNNN.npz, as shard_path names it
                         "image_size": info["image_size"],
                         "new_cameras": ",".join(new_cameras),
                     }
