@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from daptq.data import Episode, compute_stats, generate_dataset, open_dataset, read_shard, rollout_episode
-from daptq.data.format import STEP_FIELDS, write_shard
+from daptq.data.format import DEMO_VERSION, STEP_FIELDS, write_shard
 from daptq.envs import SCENE_VERSION, SEED_SPLITS, TASKS, make_env
 
 pytestmark = pytest.mark.slow  # runs the simulator
@@ -137,6 +137,20 @@ def test_dataset_from_another_scene_version_is_refused(tiny_root, tmp_path):
     info["config"]["scene_version"] = SCENE_VERSION + 1
     (root / "meta" / "info.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match="scene_version"):
+        generate_dataset(root, ["reach"], {"train": 2, "calib": 1}, **TINY)
+
+
+def test_dataset_recorded_with_other_demonstrations_is_not_extended(tiny_root, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_root, root)
+    info = json.loads((root / "meta" / "info.json").read_text())
+    assert info["config"]["demo_version"] == DEMO_VERSION == open_dataset(root).demo_version == 2
+    # Written before the field existed: version 1 (Meta-World's uncorrected experts); adding to it would mix
+    # demonstrations that aim at different points, so it is refused.
+    del info["config"]["demo_version"]
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    assert open_dataset(root).demo_version == 1
+    with pytest.raises(ValueError, match="demo_version"):
         generate_dataset(root, ["reach"], {"train": 2, "calib": 1}, **TINY)
 
 

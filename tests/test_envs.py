@@ -168,3 +168,48 @@ def test_several_cameras_stack_their_views_in_order(envs):
     assert not np.array_equal(obs["image"][0], obs["image"][1])
     with pytest.raises(ValueError, match="unknown camera 'nope'"):
         envs("reach", camera="corner3,nope")
+
+
+@pytest.mark.parametrize("task", ["reach", "drawer-open", "window-open", "peg-insert-side"])
+def test_first_image_shows_the_episodes_own_scene(envs, task):
+    # Meta-World places goal markers and some objects by editing the model; without forward kinematics after
+    # reset, the first frame drew them where an earlier draw of the reset had put them.
+    import mujoco
+
+    env = envs(task, image_size=48)
+    obs, _ = env.reset(seed=7)
+    mw = env.unwrapped_metaworld
+    body_pos, site_pos = mw.data.xpos.copy(), mw.data.site_xpos.copy()
+    mujoco.mj_forward(mw.model, mw.data)
+    np.testing.assert_allclose(mw.data.xpos, body_pos, atol=1e-12)
+    np.testing.assert_allclose(mw.data.site_xpos, site_pos, atol=1e-12)
+    np.testing.assert_array_equal(env.render(), obs["image"])
+    if task == "reach":
+        np.testing.assert_allclose(mw.data.site("goal").xpos, mw._target_pos, atol=1e-9)
+
+
+def test_aimed_observation_shifts_only_the_goal_of_reach_and_pick_place():
+    from daptq.envs.expert import aimed_observation
+
+    obs = np.arange(39, dtype=np.float64)
+    tcp = np.array([0.0, 1.0, -2.5])
+    reach = aimed_observation("reach", obs, tcp)
+    np.testing.assert_array_equal(reach[:-3], obs[:-3])
+    np.testing.assert_allclose(reach[-3:], obs[-3:] + (obs[:3] - tcp))
+    pick = aimed_observation("pick-place", obs, tcp)
+    np.testing.assert_allclose(pick[-3:], obs[-3:] + (obs[:3] - obs[4:7]))
+    assert aimed_observation("push", obs, tcp) is obs
+    assert obs[-1] == 38  # the caller's array is not modified
+
+
+@pytest.mark.parametrize("task, seed", [("reach", 200004), ("reach", 200003), ("pick-place", 200007)])
+def test_corrected_experts_bring_the_scored_point_to_the_goal(envs, task, seed):
+    # Meta-World's own experts stop 4.4-5.0 cm (reach, limit 5) and 6.5-7.0 cm (pick-place, limit 7) away;
+    # goal heights of these seeds: 0.25, 0.06 and 0.30 m.
+    env = envs(task, image_size=16, max_steps=400)
+    env.reset(seed=seed)
+    mw = env.unwrapped_metaworld
+    for _ in range(150):
+        env.step(expert_action(env))
+    scored = mw.tcp_center if task == "reach" else env.metaworld_obs[4:7]
+    assert np.linalg.norm(scored - mw._target_pos) < 0.02

@@ -248,6 +248,7 @@ def test_missing_checkpoints_raise_clear_errors(tmp_path):
 
 @pytest.mark.slow
 def test_bundled_checkpoint_runs_a_short_episode():
+    from daptq.data.format import DEMO_VERSION
     from daptq.envs import SCENE_VERSION, make_env
 
     policy = load_reference_policy("metaworld-mt10")
@@ -255,6 +256,8 @@ def test_bundled_checkpoint_runs_a_short_episode():
     # Changing what the camera sees (SCENE_VERSION) without retraining the bundled model would silently
     # invalidate every published success rate.
     assert policy.scene_version == SCENE_VERSION
+    # Trained on the current demonstrations (aim-corrected experts, correct first images).
+    assert policy.demo_version == DEMO_VERSION
     env = make_env("reach", image_size=policy.config.image_size, camera=policy.config.camera, max_steps=8)
     obs, _ = env.reset(seed=1_000_000)
     policy.reset(seed=0)

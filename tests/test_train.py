@@ -132,7 +132,9 @@ def test_short_training_run_changes_weights_and_saves_a_loadable_checkpoint(tiny
     meta = json.loads((out / "config.json").read_text())
     assert meta["training"]["steps"] == 30 and meta["training"]["final"]
     assert meta["training"]["scene_version"] == 1  # the tiny dataset predates the field: legacy version 1
+    assert meta["training"]["demo_version"] == 1
     policy = load_reference_checkpoint(out)
+    assert policy.demo_version == 1
     # EMA weights were saved, so the zero-initialised output layer of the DiT must have moved.
     assert policy.model.head.action_out.weight.abs().sum() > 0
     assert torch.allclose(

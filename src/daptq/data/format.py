@@ -22,6 +22,11 @@ from daptq.atomic import atomic_save_npz, atomic_write_bytes, atomic_write_json 
 FORMAT_VERSION = 1
 # Datasets and checkpoints written before daptq recorded envs.SCENE_VERSION were all made with version 1.
 LEGACY_SCENE_VERSION = 1
+# How demonstrations are recorded. 2: the reach and pick-place experts aim the fingertips / the puck (not the
+# hand) at the goal (daptq.envs.expert), and an episode's first image shows its own goal and objects (the
+# environment runs forward kinematics after reset). Datasets without the key are version 1.
+DEMO_VERSION = 2
+LEGACY_DEMO_VERSION = 1
 STATE_DIM = 4
 ACTION_DIM = 4
 
@@ -207,6 +212,11 @@ class EpisodeDataset:
     def scene_version(self) -> int:
         """The ``envs.SCENE_VERSION`` the images were rendered with."""
         return int(self.info.get("config", {}).get("scene_version", LEGACY_SCENE_VERSION))
+
+    @property
+    def demo_version(self) -> int:
+        """The ``DEMO_VERSION`` the demonstrations were recorded with."""
+        return int(self.info.get("config", {}).get("demo_version", LEGACY_DEMO_VERSION))
 
     def shard_paths(self, split: str, tasks: list[str] | None = None) -> list[Path]:
         if split not in self.info["splits"]:

@@ -22,7 +22,9 @@ from tqdm import tqdm
 
 from daptq.data.format import (
     ACTION_DIM,
+    DEMO_VERSION,
     FORMAT_VERSION,
+    LEGACY_DEMO_VERSION,
     LEGACY_SCENE_VERSION,
     STATE_DIM,
     Episode,
@@ -251,6 +253,7 @@ def generate_dataset(
         "post_success_steps": post_success_steps,
         "seed_block": SEED_BLOCK,
         "scene_version": SCENE_VERSION,
+        "demo_version": DEMO_VERSION,
     }
     info_path = root / "meta" / "info.json"
     old_tasks: list[str] = []
@@ -258,7 +261,11 @@ def generate_dataset(
         from daptq.data.format import _read_json
 
         old_info = _read_json(info_path)
-        old = {"scene_version": LEGACY_SCENE_VERSION, **old_info.get("config", {})}
+        old = {
+            "scene_version": LEGACY_SCENE_VERSION,
+            "demo_version": LEGACY_DEMO_VERSION,
+            **old_info.get("config", {}),
+        }
         changed = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
         if changed:
             raise ValueError(f"{info_path} was generated with different settings {changed} (old, new)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 from gymnasium import spaces
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
@@ -114,6 +115,11 @@ class MetaWorldEnv(gym.Env):
         self._mw._freeze_rand_vec = False
         self._mw.seeded_rand_vec = True
         mw_obs, _ = self._mw.reset()
+        # Meta-World places goal markers and some objects (drawers, windows, the peg box) by editing the
+        # model, and their rendered world positions are only recomputed by the next physics step: without
+        # this, an episode's first image draws them where an earlier stage of the reset put them.
+        # Forward kinematics leaves the simulated state (qpos, qvel) unchanged.
+        mujoco.mj_forward(self._mw.model, self._mw.data)
         self._mw_obs = np.asarray(mw_obs, dtype=np.float64)
         self._steps = 0
         return self._observation(), {"success": False, "ee_pos": self._mw_obs[:3].copy()}

@@ -32,7 +32,7 @@ from torch import nn
 
 from daptq.atomic import atomic_write_bytes
 from daptq.cameras import parse_cameras
-from daptq.data.format import LEGACY_SCENE_VERSION
+from daptq.data.format import LEGACY_DEMO_VERSION, LEGACY_SCENE_VERSION
 from daptq.models.adapter import METAWORLD_ACTION_SPACE, ActionSpace, Observation, QuantizableModule
 from daptq.models.dit import DiTActionHead, NoiseSchedule
 from daptq.models.encoders import LANGUAGE_DIM, LanguageEncoder, VisionEncoder
@@ -247,6 +247,10 @@ class ReferencePolicy:
         training = self.meta.get("training")
         self.scene_version: int | None = (
             int(training.get("scene_version", LEGACY_SCENE_VERSION)) if training else None
+        )
+        # The data.format.DEMO_VERSION of its demonstrations (informational: which experts it imitates).
+        self.demo_version: int | None = (
+            int(training.get("demo_version", LEGACY_DEMO_VERSION)) if training else None
         )
         self._language_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._language_fingerprint: tuple | None = None

@@ -237,6 +237,7 @@ def train(cfg: TrainConfig) -> Path:
                 "val_loss_ema": last_val,
                 "frames": len(data),
                 "scene_version": dataset.scene_version,
+                "demo_version": dataset.demo_version,
                 "shards": data.files,
                 "instructions": data.instructions,
                 "config": {k: v for k, v in asdict(cfg).items() if k not in ("out",)},
