@@ -4,7 +4,7 @@ Two of them aim at the wrong point, and we correct their aim:
 
 - reach: Meta-World's expert moves the *hand* to the goal, but success is the *fingertip centre* (4.5 cm
   lower) within 5 cm of it, so every demonstration ended 4.4-5.0 cm from the goal, at the edge of success. A
-  policy imitating it with 1 cm of error fails about half the time (worst for goals above the start height,
+  policy imitating it has well under a centimetre of room for error (least for goals above the start height,
   which the hand approaches from below). We give the expert the goal shifted by the hand-to-fingertip offset.
 - pick-place: the expert moves the hand to the goal with the puck hanging 3-5 cm below it; success is the puck
   within 7 cm, and demonstrations succeeded at 6.5-7.0 cm. We shift the goal by the hand-to-puck offset, so
