@@ -3,8 +3,9 @@ aim-corrected ones (``daptq.envs.expert``), noise-free and with the 0.2-std demo
 
 For each (task, seed) the expert runs until the first success and ``--hold`` steps more. Reported per task
 and expert: success rate, the scored point's distance to the goal at the first success and at the end, and
-Meta-World's success radius. Reach scores the fingertip centre (``tcp_center``), push and pick-place the
-puck. Writes ``results/expert_aim.json`` and ``.md``.
+Meta-World's success radius, and how far above the scored point the hand ends. Reach scores the
+fingertip centre (``tcp_center``), push and pick-place the puck. Writes ``results/expert_aim.json``
+and ``.md``.
 
     python benchmarks/expert_aim.py --episodes 20
 """
@@ -19,17 +20,18 @@ import numpy as np
 
 from daptq.atomic import atomic_write_bytes
 
-SUCCESS_RADIUS_M = {"reach": 0.05, "push": 0.05, "pick-place": 0.07}  # Meta-World V3's success thresholds
 SEED_START = 1_000_000  # the evaluation seeds: these experts never made training data on them
 
 
-def scored_point(env) -> np.ndarray:
-    return env.unwrapped_metaworld.tcp_center.copy() if env.task == "reach" else env.metaworld_obs[4:7].copy()
+def hand_height_above_scored_point(env) -> float:
+    mw = env.unwrapped_metaworld
+    scored = mw.tcp_center if env.task == "reach" else mw._get_pos_objects()
+    return float(env.metaworld_obs[2] - scored[2])
 
 
 def run_expert(env, expert, seed: int, noise_std: float, hold: int, max_steps: int) -> dict:
     env.reset(seed=seed)
-    goal = env.unwrapped_metaworld._target_pos.copy()
+    goal_z = float(env.unwrapped_metaworld._target_pos[2])
     rng = np.random.default_rng(seed)
     first = at_first = None
     for t in range(max_steps):
@@ -38,24 +40,26 @@ def run_expert(env, expert, seed: int, noise_std: float, hold: int, max_steps: i
             action = np.clip(action + rng.normal(0.0, noise_std, 4).astype(np.float32), -1.0, 1.0)
         _, _, _, _, info = env.step(action)
         if info["success"] and first is None:
-            first, at_first = t, float(np.linalg.norm(scored_point(env) - goal))
+            first, at_first = t, env.goal_distance()
         if first is not None and t >= first + hold:
             break
     return {
         "seed": seed,
-        "goal_z_m": float(goal[2]),
+        "goal_z_m": goal_z,
         "success": first is not None,
         "dist_at_first_success_m": at_first,
-        "final_dist_m": float(np.linalg.norm(scored_point(env) - goal)),
+        "final_dist_m": env.goal_distance(),
+        "final_hand_above_scored_point_m": hand_height_above_scored_point(env),
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     from daptq.envs import make_env
     from daptq.envs.expert import ExpertPolicy
+    from daptq.envs.metaworld_env import SHARED_SCENE_SUCCESS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    tasks = list(SUCCESS_RADIUS_M)
+    tasks = ["reach", "push", "pick-place"]
     p.add_argument("--tasks", nargs="+", default=tasks, choices=tasks)
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument("--hold", type=int, default=15, help="steps run after the first success")
@@ -87,7 +91,10 @@ def main(argv: list[str] | None = None) -> None:
                             if ok
                             else None,
                             "median_final_dist_m": float(np.median([e["final_dist_m"] for e in eps])),
-                            "success_radius_m": SUCCESS_RADIUS_M[task],
+                            "median_final_hand_above_scored_point_m": float(
+                                np.median([e["final_hand_above_scored_point_m"] for e in eps])
+                            ),
+                            "success_radius_m": SHARED_SCENE_SUCCESS[task][1],
                             "per_episode": eps,
                         }
                     )
@@ -101,15 +108,15 @@ def main(argv: list[str] | None = None) -> None:
         f"# Where the experts leave the scored point ({args.episodes} seeds, {args.hold} steps held)",
         "",
         "| task | expert | noise std | success | median distance at first success (cm) "
-        "| median final distance (cm) | success radius (cm) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| median final distance (cm) | success radius (cm) | hand above scored point at the end (cm) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         first = r["median_dist_at_first_success_m"]
         lines.append(
             f"| {r['task']} | {r['expert']} | {r['noise_std']} | {r['success_rate']:.0%} | "
             f"{'-' if first is None else f'{100 * first:.1f}'} | {100 * r['median_final_dist_m']:.1f} | "
-            f"{100 * r['success_radius_m']:.0f} |"
+            f"{100 * r['success_radius_m']:.0f} | {100 * r['median_final_hand_above_scored_point_m']:.1f} |"
         )
     atomic_write_bytes(out.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))

@@ -208,8 +208,23 @@ def test_corrected_experts_bring_the_scored_point_to_the_goal(envs, task, seed):
     # goal heights of these seeds: 0.25, 0.06 and 0.30 m.
     env = envs(task, image_size=16, max_steps=400)
     env.reset(seed=seed)
-    mw = env.unwrapped_metaworld
     for _ in range(150):
         env.step(expert_action(env))
-    scored = mw.tcp_center if task == "reach" else env.metaworld_obs[4:7]
-    assert np.linalg.norm(scored - mw._target_pos) < 0.02
+    assert env.goal_distance() < 0.02
+
+
+def test_goal_distance_measures_the_point_meta_world_scores(envs):
+    env = envs("reach", image_size=16)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.goal_distance()
+    env.reset(seed=3)
+    mw = env.unwrapped_metaworld
+    goal = mw._target_pos
+    assert env.goal_distance() == pytest.approx(np.linalg.norm(mw.tcp_center - goal))
+    # Push and pick-place score the puck, which the reach scene also holds (instruction swaps use it).
+    assert env.goal_distance("push") == pytest.approx(np.linalg.norm(env.metaworld_obs[4:7] - goal))
+    assert env.goal_distance("push") != pytest.approx(env.goal_distance())
+    # The hand is not the scored point: Meta-World's reach expert aiming it was the demonstrations' flaw.
+    assert np.linalg.norm(env.metaworld_obs[:3] - goal) != pytest.approx(env.goal_distance(), abs=1e-3)
+    with pytest.raises(ValueError, match="drawer-open"):
+        env.goal_distance("drawer-open")

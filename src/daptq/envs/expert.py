@@ -3,12 +3,12 @@
 Two of them aim at the wrong point, and we correct their aim:
 
 - reach: Meta-World's expert moves the *hand* to the goal, but success is the *fingertip centre* (4.5 cm
-  lower) within 5 cm of it, so every demonstration ended 4.4-5.0 cm from the goal, at the edge of success. A
+  lower) within 5 cm of it, so demonstrations reached success 4.9 cm (median) from the goal, at its edge. A
   policy imitating it has well under a centimetre of room for error (least for goals above the start height,
   which the hand approaches from below). We give the expert the goal shifted by the hand-to-fingertip offset.
-- pick-place: the expert moves the hand to the goal with the puck hanging 3-5 cm below it; success is the puck
-  within 7 cm, and demonstrations succeeded at 6.5-7.0 cm. We shift the goal by the hand-to-puck offset, so
-  the puck, not the hand, is carried to the goal.
+- pick-place: the expert moves the hand to the goal with the puck hanging 4 cm below it; success is the puck
+  within 7 cm, and demonstrations succeeded at 6.8 cm (median). We shift the goal by the hand-to-puck
+  offset, so the puck, not the hand, is carried to the goal.
 
 Datasets record this as ``demo_version`` 2 (``daptq.data.format.DEMO_VERSION``); version 1, the uncorrected
 experts, made the first bundled checkpoint.
@@ -21,21 +21,22 @@ import warnings
 import numpy as np
 from metaworld.policies import ENV_POLICY_MAP
 
+from daptq.envs.metaworld_env import SHARED_SCENE_SUCCESS
 from daptq.envs.tasks import check_task
 
-# Tasks whose expert is given a shifted goal, and what must arrive at the goal instead of the hand.
-AIM_CORRECTED_TASKS = {"reach": "fingertip centre", "pick-place": "puck"}
+# Tasks whose expert is given a shifted goal; the point brought to the goal instead of the hand is the one
+# Meta-World scores (SHARED_SCENE_SUCCESS: fingertip centre for reach, puck for pick-place).
+AIM_CORRECTED_TASKS = ("reach", "pick-place")
 
 
 def aimed_observation(task: str, metaworld_obs: np.ndarray, tcp_center: np.ndarray) -> np.ndarray:
-    """Meta-World's state vector with the goal (last 3 entries) shifted so the expert brings the right point
-    (``AIM_CORRECTED_TASKS``) to the real goal; other tasks' observations are returned unchanged."""
+    """Meta-World's state vector with the goal (last 3 entries) shifted so the expert brings the scored point
+    to the real goal; other tasks' observations are returned unchanged."""
     if task not in AIM_CORRECTED_TASKS:
         return metaworld_obs
     obs = np.array(metaworld_obs, dtype=np.float64, copy=True)
-    hand = obs[:3]
-    target_point = np.asarray(tcp_center, dtype=np.float64) if task == "reach" else obs[4:7]
-    obs[-3:] += hand - target_point
+    scored = tcp_center if SHARED_SCENE_SUCCESS[task][0] == "fingertips" else obs[4:7]  # obs[4:7]: the puck
+    obs[-3:] += obs[:3] - np.asarray(scored, dtype=np.float64)  # + (hand - scored point)
     return obs
 
 

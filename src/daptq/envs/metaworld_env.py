@@ -25,6 +25,13 @@ from daptq.envs.tasks import (
 # larger so the 2 cm marker is still a few pixels at 96 px. The goal is a visual-only site: physics and
 # success are unchanged.
 SHARED_GOAL_TASKS = ("reach", "push", "pick-place")
+# What Meta-World V3 scores in that shared scene: which point must come within how many metres of the goal.
+# Any of the three can be checked on one scene (benchmarks/instruction_following.py swaps instructions).
+SHARED_SCENE_SUCCESS: dict[str, tuple[str, float]] = {
+    "reach": ("fingertips", 0.05),
+    "push": ("puck", 0.05),
+    "pick-place": ("puck", 0.07),
+}
 GOAL_RGBA = np.array([0.0, 1.0, 0.0, 1.0])
 GOAL_SIZE = 0.03
 
@@ -98,6 +105,17 @@ class MetaWorldEnv(gym.Env):
         if self._mw_obs is None:
             raise RuntimeError("call reset() before reading the environment state")
         return self._mw_obs
+
+    def goal_distance(self, task: str | None = None) -> float:
+        """Distance (m) from the goal of the point Meta-World scores for ``task`` (default: this env's task)
+        in the shared reach/push/pick-place scene: the fingertip centre for reach, the puck otherwise."""
+        task = self.task if task is None else task
+        if task not in SHARED_SCENE_SUCCESS:
+            raise ValueError(f"goal_distance is defined for {', '.join(SHARED_SCENE_SUCCESS)}, not {task!r}")
+        self.metaworld_obs  # noqa: B018 (raises before the first reset)
+        what = SHARED_SCENE_SUCCESS[task][0]
+        point = self._mw.tcp_center if what == "fingertips" else self._mw._get_pos_objects()
+        return float(np.linalg.norm(np.asarray(point) - self._mw._target_pos))
 
     @property
     def unwrapped_metaworld(self):
