@@ -1,0 +1,1 @@
+"""Quantization methods behind one interface (RTN, SmoothQuant, GPTQ, AWQ, QuantVLA, QVLA, DA-PTQ)."""

@@ -1,0 +1,1 @@
+"""DA-PTQ: Cross-Space Representation Compensation and Drift-Aware Mixed-Precision Allocation."""
