@@ -68,7 +68,9 @@ def quantize_to_directory(
     out: str | Path,
     calibration: Any = None,
 ) -> Path:
-    """Quantize the model ``model`` names with ``config`` and write the policy directory ``out``."""
+    """Quantize the model ``model`` names with ``config`` and write the policy directory ``out``.
+
+    ``calibration`` is a CalibrationSet, a callable building one from the loaded policy, or None."""
     from daptq.models.quantized import model_digest, save_quantized_policy
     from daptq.models.registry import load_policy
 
@@ -76,6 +78,8 @@ def quantize_to_directory(
         raise ValueError(f"{model} is already a directory; quantize its float base model instead")
     policy = load_policy(model)
     digest = model_digest(policy.model)
+    if callable(calibration):
+        calibration = calibration(policy)
     record = quantize_policy(policy, config, calibration, base_model={"spec": model, "digest": digest})
     return save_quantized_policy(policy, record, out, model)
 
@@ -95,15 +99,13 @@ def quantize_from_args(args: argparse.Namespace) -> Path:
 
     calibration = None
     if get_method(config).requires_calibration():
-        from daptq.data.calibration import calibration_for_model
+        from daptq.data.calibration import calibration_for_policy
 
-        calibration = calibration_for_model(
-            args.model,
-            dataset=args.calibration,
-            n_trajectories=args.trajectories,
-            tasks=args.calib_tasks,
-            seed=args.calib_seed,
-        )
+        def calibration(policy):
+            return calibration_for_policy(
+                policy, args.calibration, args.trajectories, args.calib_tasks, args.calib_seed
+            )
+
     return quantize_to_directory(args.model, config, args.out, calibration)
 
 

@@ -191,6 +191,10 @@ class ToyPolicy(nn.Module):
     def model(self) -> nn.Module:
         return self
 
+    @property
+    def chunk_size(self) -> int:
+        return self.config.chunk
+
     def condition(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The latent the action head reads: the second hidden layer's output (B, hidden)."""
         x, _, _ = self._inputs(batch)
