@@ -147,7 +147,7 @@ def test_cli_quantize_eval_inspect_end_to_end(tmp_path, capsys):
     )
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "| net.0 | backbone | 32x12 | W4g6-sym-minmax |" in text and "group 6" in text
+    assert "| net.0 | backbone | 32x12 | W4g6-symfull-minmax |" in text and "group 6" in text
     run = tmp_path / "run"
     args = [
         "eval",

@@ -157,6 +157,13 @@ class MethodConfig:
     spec: QuantSpec = field(default_factory=w4a8)
     scope: Scope = field(default_factory=Scope)
 
+    @classmethod
+    def default_symmetric_range(cls, bits: int) -> str:
+        """The symmetric grid convention (``WeightSpec.symmetric_range``) this method uses at ``bits`` when a
+        user gives only bit widths. Methods override it with a measured choice; the base keeps the
+        historical "restricted" grid."""
+        return "restricted"
+
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
