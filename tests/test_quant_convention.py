@@ -92,3 +92,22 @@ def test_convention_validation_and_round_trip():
     spec = QuantSpec(WeightSpec(4, symmetric_range="full_exact"))
     assert QuantSpec.from_dict(spec.to_dict()) == spec and "symfullx" in spec.short()
     assert QuantSpec.from_dict({"weight": {"bits": 4}}).weight.symmetric_range == "restricted"  # old files
+
+
+def test_full_matches_torchao_symmetric_on_the_same_layer():
+    """An independent implementation: torchao's MappingType.SYMMETRIC int4 (quant range -8..7)."""
+    qp = pytest.importorskip("torchao.quantization.quant_primitives")
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(3))
+    scale, zp = qp.choose_qparams_affine(
+        w, qp.MappingType.SYMMETRIC, (1, 32), torch.int8, quant_min=-8, quant_max=7, scale_dtype=torch.float32
+    )
+    codes_ref = qp.quantize_affine(w, (1, 32), scale, zp, torch.int8, quant_min=-8, quant_max=7)
+    spec = WeightSpec(
+        4, granularity="per_group", group_size=32, scale_dtype="float32", symmetric_range="full"
+    )
+    codes, ours, _ = quantize_weight(w, spec)
+    assert torch.allclose(ours, scale.reshape(ours.shape), rtol=1e-6)
+    differ = codes.int() != codes_ref.int()
+    steps = (w / ours.repeat_interleave(32, dim=1)).abs()
+    assert differ.float().mean() < 0.01
+    assert ((steps[differ] - 7.5).abs() < 1e-4).all()  # only the group extremes, which sit on a tie
