@@ -145,3 +145,22 @@ def test_first_use_generates_the_calibration_split_then_reuses_it(tmp_path):
     assert shards[0].stat().st_mtime_ns == stamp  # reused, not regenerated
     cal = sample_calibration(root, 1, chunk_size=4, seed=0)
     assert cal.batches[0]["image"].shape[1:] == (48, 48, 3) and cal.provenance["episodes"][0][1] >= 100_000
+
+
+def test_cli_quantize_samples_calibration_from_a_dataset(dataset, tmp_path):
+    """Static activation scales need data: `daptq quantize --calibration DATASET` samples and records it."""
+    from daptq.cli import main
+    from daptq.models.registry import load_policy
+
+    cfg = RTNConfig(spec=QuantSpec(WeightSpec(8), ActivationSpec(8, mode="static_per_tensor")))
+    (tmp_path / "rtn.yaml").write_text(cfg.to_yaml())
+    out = tmp_path / "q"
+    args = ["quantize", "toy", "--method", "rtn", "--config", str(tmp_path / "rtn.yaml"), "--out", str(out)]
+    assert main([*args, "--calibration", str(dataset), "--trajectories", "6", "--calib-tasks", "push"]) == 0
+    policy = load_policy(str(out))
+    record = policy.quant_record
+    assert record.calibration["tasks"] == ["push"] and record.calibration["trajectories"] == 6
+    assert record.calibration["bins"]["+x"] >= 1 and policy.net[0].act_scale is not None
+    assert (
+        main([*args, "--calibration", str(dataset), "--trajectories", "50"]) == 2
+    )  # more than the split has
