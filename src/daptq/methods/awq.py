@@ -16,13 +16,34 @@ the weight is clamped to the chosen range, and RTN rounding of the clamped weigh
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
-from daptq.quant.fake import dequantize_weight, fake_quantize_weight, group_layout, quantize_weight
+from daptq.methods import register_method
+from daptq.methods.base import Method, MethodConfig, require_plan
+from daptq.methods.smoothquant import (
+    calibration_run,
+    group_key,
+    observe_static_activations,
+    scale_summary,
+    smoothing_groups_in_plan,
+)
+from daptq.quant.api import quantize_
+from daptq.quant.capture import Samples, capture, fan_in_rows
+from daptq.quant.fake import (
+    dequantize_weight,
+    fake_quantize_weight,
+    group_layout,
+    quantize_weight,
+    weight_as_matrix,
+)
 from daptq.quant.observers import check_finite
-from daptq.quant.spec import WeightSpec
+from daptq.quant.smoothing import SmoothingGroup, smooth_
+from daptq.quant.spec import QuantSpec, WeightSpec
 
 
 def _normalized_weight_mean(weight: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
@@ -131,3 +152,117 @@ def awq_search_clip(
         best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
     r = best_ratio.unsqueeze(-1)
     return torch.clamp(wg, lo * r, hi * r).reshape(rows, cols), best_ratio
+
+
+# ---- the method -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AWQConfig(MethodConfig):
+    """AWQ: ``n_grid`` ratios for the scale search (``duo_scaling``: weight-aware scales as llm-compressor's
+    default), then, if ``clip``, a range-shrink search down to ``1 - max_shrink`` per group on every in-scope
+    layer. Searches use at most ``max_samples`` input rows per layer (a uniform sample of calibration)."""
+
+    VERSION = 1
+    n_grid: int = 20
+    duo_scaling: bool = True
+    clip: bool = True
+    max_shrink: float = 0.5
+    max_samples: int = 2048
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_grid < 1:
+            raise ValueError(f"AWQConfig.n_grid must be >= 1, got {self.n_grid}")
+        if not 0.0 <= self.max_shrink < 1.0:
+            raise ValueError(f"AWQConfig.max_shrink must be in [0, 1), got {self.max_shrink}")
+        if self.max_samples < 1:
+            raise ValueError(f"AWQConfig.max_samples must be >= 1, got {self.max_samples}")
+
+
+def _quantizes_weights(spec: QuantSpec) -> bool:
+    return not spec.weight.is_float
+
+
+def _clippable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+
+
+@register_method(AWQConfig, name="awq")
+class AWQ(Method):
+    """Sample each in-scope layer's input, search and fold scales per smoothing group, clip, then round."""
+
+    def __init__(self, config: AWQConfig) -> None:
+        super().__init__(config)
+        self._groups: list[SmoothingGroup] = []
+        self._samples: dict[str, Samples] = {}
+        self._batches: Sequence[Mapping[str, torch.Tensor]] = ()
+
+    def calibrate(self, adapter: Any, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        plan = require_plan(self)
+        if not batches:
+            raise ValueError("AWQ needs calibration batches")
+        model = adapter.model
+        self._groups, skipped = smoothing_groups_in_plan(adapter, plan, _quantizes_weights)
+        self.decisions["skipped_groups"] = skipped
+        names = {g.input_of for g in self._groups}
+        unclipped = {}
+        if self.config.clip:
+            for n, m in plan.modules.items():
+                if m.spec.weight.is_float:
+                    continue
+                if _clippable(model.get_submodule(n)):
+                    names.add(n)
+                else:
+                    unclipped[n] = (
+                        "grouped/depthwise Conv2d: no single weight matrix to clip against its input"
+                    )
+        self.decisions["unclipped"] = unclipped
+        self._samples = {n: Samples(self.config.max_samples, seed=i) for i, n in enumerate(sorted(names))}
+        if self._samples:
+            capture(model, calibration_run(adapter, batches), inputs=self._samples, rows=fan_in_rows)
+        never = [n for n, s in self._samples.items() if s.count == 0]
+        if never:
+            raise ValueError(f"AWQ: calibration never ran these in-scope modules: {never}")
+        self._batches = batches
+
+    def apply(self, adapter: Any) -> None:
+        plan = require_plan(self)
+        model, cfg = adapter.model, self.config
+        input_scale: dict[str, torch.Tensor] = {}  # layer -> the factor its input was divided by
+        scaling = {}
+        for group in self._groups:
+            x = self._samples[group.input_of].value
+            weights = [model.get_submodule(n).weight.detach() for n in group.layers]
+            specs = [plan.modules[n].spec.weight for n in group.layers]
+            scales, ratio, err = awq_search_scales(x, weights, specs, cfg.n_grid, cfg.duo_scaling)
+            entry = {**group.to_dict(), "ratio": ratio, "block_output_error": err}
+            if ratio is not None:
+                smooth_(model, group, scales)
+                for n in group.layers:
+                    input_scale[n] = scales
+                entry.update(scale_summary(scales))
+            scaling[group_key(group)] = entry
+        self.decisions["scaling"] = scaling
+        clipping = {}
+        if cfg.clip:
+            for name, samples in self._samples.items():
+                if name not in plan.modules or name in self.decisions["unclipped"]:
+                    continue
+                module = model.get_submodule(name)
+                x = samples.value
+                if name in input_scale:
+                    x = x / input_scale[name].to(x)
+                w2d = weight_as_matrix(module.weight.detach())
+                clipped, ratios = awq_search_clip(
+                    x, w2d, plan.modules[name].spec.weight, cfg.n_grid, cfg.max_shrink
+                )
+                with torch.no_grad():
+                    module.weight.copy_(clipped.reshape(module.weight.shape).to(module.weight.dtype))
+                clipping[name] = {
+                    "clipped_fraction": float((ratios < 1).float().mean()),
+                    "mean_ratio": float(ratios.mean()),
+                }
+        self.decisions["clipping"] = clipping
+        qparams = observe_static_activations(adapter, plan.specs, self._batches)
+        quantize_(model, plan.specs, activation_qparams=qparams)
+        if qparams:
+            self.decisions["activation_scales"] = {n: float(s) for n, (s, _) in qparams.items()}
