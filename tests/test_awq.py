@@ -2,9 +2,12 @@
 
 import pytest
 import torch
+from baseline_helpers import single_thread
 
 from daptq.methods.awq import awq_search_clip, awq_search_scales, block_output_error
 from daptq.quant import WeightSpec, fake_quantize_weight
+
+pytestmark = pytest.mark.usefixtures(single_thread.__name__)
 
 SALIENT = [2, 11, 30, 57]
 
@@ -73,3 +76,52 @@ def test_bad_input_is_a_clear_error():
         awq_search_scales(torch.full((4, 8), float("nan")), [torch.randn(3, 8)], [WeightSpec(4)])
     with pytest.raises(ValueError, match="max_shrink"):
         awq_search_clip(torch.randn(4, 8), torch.randn(3, 8), WeightSpec(4), max_shrink=1.0)
+
+
+# ---- the method -------------------------------------------------------------------------------------------
+def test_method_on_the_reference_vla():
+    from baseline_helpers import chunk_error, n_hooks, reference_calibration, tiny_reference_policy
+
+    from daptq.methods import quantize_policy
+    from daptq.methods.awq import AWQConfig
+    from daptq.methods.rtn import RTNConfig
+    from daptq.quant import QuantLinear, QuantSpec
+
+    spec = QuantSpec(WeightSpec(3, granularity="per_group", group_size=16))
+    cal = reference_calibration(n_batches=1)
+    fp, awq, rtn = (tiny_reference_policy() for _ in range(3))
+    record = quantize_policy(awq, AWQConfig(spec=spec, max_samples=512), cal)
+    quantize_policy(rtn, RTNConfig(spec=spec), cal)
+    assert n_hooks(awq.model) == 0 and record.method == "awq"
+    scaling = record.decisions["scaling"]
+    assert len(scaling) == 7 and any(g["ratio"] is not None for g in scaling.values())
+    assert set(record.decisions["clipping"]) == set(record.modules)
+    assert all(isinstance(awq.model.get_submodule(n), QuantLinear) for n in record.modules)
+    assert chunk_error(awq, fp, cal) < chunk_error(rtn, fp, cal)
+    assert type(record).from_json(record.to_json()) == record
+
+
+def test_toy_and_hooks_gone_after_failure():
+    from baseline_helpers import (
+        ToyPolicy,
+        assert_clean_after_failure,
+        reference_calibration,
+        tiny_reference_policy,
+        toy_calibration,
+    )
+
+    from daptq.methods import quantize_policy
+    from daptq.methods.awq import AWQConfig
+    from daptq.quant import QuantSpec
+
+    toy = ToyPolicy()
+    record = quantize_policy(toy, AWQConfig(spec=QuantSpec(WeightSpec(4))), toy_calibration())
+    assert record.decisions["scaling"] == {} and set(record.decisions["clipping"]) == {
+        "net.0",
+        "net.2",
+        "net.4",
+    }
+    cal = reference_calibration(n_batches=1)
+    assert_clean_after_failure(tiny_reference_policy(), AWQConfig(spec=QuantSpec(WeightSpec(4))), cal, 1)
+    with pytest.raises(ValueError, match="max_shrink"):
+        AWQConfig(max_shrink=1.0)
