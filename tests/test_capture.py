@@ -132,3 +132,24 @@ def test_conv_rows_are_channels_or_patches():
     assert h.hessian.shape == (27, 27) and h.count == rows.shape[0]
     with pytest.raises(ValueError, match="depthwise"):
         fan_in_rows(nn.Conv2d(3, 3, 3, groups=3), x)
+
+
+class Conv2dStaticSamePadding(nn.Conv2d):
+    """EfficientNet's TF-style "same" conv: a padding module, then an unpadded conv."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
+
+    def forward(self, x):
+        return super().forward(self.static_padding(x))
+
+
+def test_fan_in_rows_apply_static_same_padding():
+    torch.manual_seed(0)
+    conv = Conv2dStaticSamePadding(3, 4, 3, stride=2)
+    x = torch.randn(2, 3, 9, 9)
+    rows = fan_in_rows(conv, x)
+    with torch.no_grad():
+        y = conv(x).movedim(1, -1).reshape(-1, 4)
+        assert torch.allclose(y, rows @ conv.weight.reshape(4, -1).T + conv.bias, atol=1e-5)

@@ -50,7 +50,8 @@ def channel_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def fan_in_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The rows a layer's weight matrix ``[out, fan_in]`` multiplies: tokens for Linear, patches for Conv2d.
 
-    ``X^T X`` of these rows is the Hessian of the layer's output error in its (flattened) weight.
+    ``X^T X`` of these rows is the Hessian of the layer's output error in its (flattened) weight. A conv
+    with a ``static_padding`` module (EfficientNet's ``Conv2dStaticSamePadding``) has its input padded first.
     """
     if not isinstance(module, nn.Conv2d):
         return x.reshape(-1, x.shape[-1])
@@ -59,6 +60,9 @@ def fan_in_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
             f"fan_in_rows: grouped/depthwise Conv2d (groups={module.groups}) has one weight matrix "
             "per group; its input rows are not defined here"
         )
+    padding = getattr(module, "static_padding", None)  # TF-style "same" convs pad their input first
+    if isinstance(padding, nn.Module):
+        x = padding(x)
     if isinstance(module.padding, str):
         raise ValueError(f"fan_in_rows: Conv2d padding={module.padding!r} (a string) is not supported")
     patches = F.unfold(
