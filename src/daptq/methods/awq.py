@@ -157,9 +157,11 @@ def awq_search_clip(
 # ---- the method -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AWQConfig(MethodConfig):
-    """AWQ: ``n_grid`` ratios for the scale search (``duo_scaling``: weight-aware scales as llm-compressor's
-    default), then, if ``clip``, a range-shrink search down to ``1 - max_shrink`` per group on every in-scope
-    layer. Searches use at most ``max_samples`` input rows per layer (a uniform sample of calibration)."""
+    """AWQ: activation-aware input-channel scales and weight clipping, searched on calibration outputs.
+
+    ``n_grid`` ratios for the scale search (``duo_scaling``: weight-aware scales, llm-compressor's default),
+    then, if ``clip``, a range-shrink search down to ``1 - max_shrink`` per group on every in-scope layer.
+    Searches use at most ``max_samples`` input rows per layer (a uniform sample of calibration)."""
 
     VERSION = 1
     n_grid: int = 20

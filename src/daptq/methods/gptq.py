@@ -175,9 +175,11 @@ def gptq_quantize_layer_(
 # ---- the method -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GPTQConfig(MethodConfig):
-    """GPTQ on every in-scope layer. ``sequential``: each layer's Hessian is measured with the layers before
-    it (in execution order) already quantized, one calibration pass per layer (GPTQ's "true sequential");
-    False measures every Hessian on the float model in one pass (faster, a little less accurate)."""
+    """GPTQ: rounding with inverse-Hessian error feedback, layer by layer.
+
+    ``sequential``: each layer's Hessian is measured with the layers before it (in execution order) already
+    quantized, one calibration pass per layer (GPTQ's "true sequential"); False measures every Hessian on
+    the float model in one pass (faster). ``block_size``, ``damp``, ``act_order``: see ``gptq_quantize``."""
 
     VERSION = 1
     block_size: int = 128
