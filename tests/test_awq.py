@@ -112,7 +112,7 @@ def test_toy_and_hooks_gone_after_failure():
 
     from daptq.methods import quantize_policy
     from daptq.methods.awq import AWQConfig
-    from daptq.quant import QuantSpec
+    from daptq.quant import ActivationSpec, QuantSpec
 
     toy = ToyPolicy()
     record = quantize_policy(toy, AWQConfig(spec=QuantSpec(WeightSpec(4))), toy_calibration())
@@ -122,6 +122,8 @@ def test_toy_and_hooks_gone_after_failure():
         "net.4",
     }
     cal = reference_calibration(n_batches=1)
-    assert_clean_after_failure(tiny_reference_policy(), AWQConfig(spec=QuantSpec(WeightSpec(4))), cal, 1)
+    static = QuantSpec(WeightSpec(4), ActivationSpec(8, mode="static_per_tensor"))
+    for fail_on_call in (1, 2):  # during calibrate; during apply (static scales observed after folding)
+        assert_clean_after_failure(tiny_reference_policy(), AWQConfig(spec=static), cal, fail_on_call)
     with pytest.raises(ValueError, match="max_shrink"):
         AWQConfig(max_shrink=1.0)
