@@ -107,3 +107,18 @@ def test_paper_bit_map():
     assert one.float_by_rank == ["head.z_proj", "head.action_out", "head.blocks.1.fc"]  # round(0.3*10)=3
     with pytest.raises(ValueError, match="has 3 blocks"):
         paper_bit_map(phi, float_blocks=4)
+
+
+def test_per_layer_specs_count_each_layers_own_grid():
+    shapes = {"a": LayerShape(8, 32), "b": LayerShape(8, 24)}
+    per_layer = {
+        "a": {4: WeightSpec(4, granularity="per_group", group_size=16), 16: WeightSpec(16)},
+        "b": {4: WeightSpec(4, granularity="per_group", group_size=8), 16: WeightSpec(16)},
+    }
+    costs = {"a": {4: 1.0, 16: 0.0}, "b": {4: 1.0, 16: 0.0}}
+    alloc = allocate_bits(costs, shapes, per_layer, 10**6)
+    assert alloc.bits == {"a": 16, "b": 16}
+    tight = allocate_bits(costs, shapes, per_layer, 8 * 32 // 2 + 16 * 2 + 8 * 24 * 2)
+    assert tight.bits == {"a": 4, "b": 16}
+    with pytest.raises(ValueError, match="no specs for layer 'b'"):
+        allocate_bits(costs, shapes, {"a": per_layer["a"]}, 10**6)

@@ -106,8 +106,20 @@ class Allocation:
         return 8.0 * self.total_bytes / self.n_weights
 
 
+BitSpecs = Mapping[int, WeightSpec] | Mapping[str, Mapping[int, WeightSpec]]
+
+
 def layer_bytes(shape: LayerShape, bits: int, specs: Mapping[int, WeightSpec]) -> int:
     return ideal_weight_bytes(shape.out_features, shape.fan_in, specs[bits])
+
+
+def _specs_of(specs: BitSpecs, name: str) -> Mapping[int, WeightSpec]:
+    """One shared ``{bits: spec}`` or per layer ``{layer: {bits: spec}}`` (group sizes fitted per layer)."""
+    if all(isinstance(k, int) for k in specs):
+        return specs  # type: ignore[return-value]
+    if name not in specs:
+        raise ValueError(f"allocate_bits: no specs for layer {name!r}")
+    return specs[name]  # type: ignore[index]
 
 
 def budget_from_average_bits(shapes: Mapping[str, LayerShape], average_bits: float) -> int:
@@ -120,16 +132,16 @@ def budget_from_average_bits(shapes: Mapping[str, LayerShape], average_bits: flo
 def allocate_bits(
     costs: Mapping[str, Mapping[int, float]],
     shapes: Mapping[str, LayerShape],
-    specs: Mapping[int, WeightSpec],
+    specs: BitSpecs,
     budget_bytes: int,
     latency: Mapping[str, Mapping[int, float]] | None = None,
     latency_weight: float = 0.0,
 ) -> Allocation:
     """Exact multiple-choice knapsack: one of ``costs[layer]``'s bit widths per layer under ``budget_bytes``.
 
-    ``costs[layer][bits]`` is the estimated damage (e.g. :func:`bit_sensitivities`), ``specs[bits]`` the
-    spec whose bytes are counted, ``latency[layer][bits]`` an optional latency model weighted by
-    ``latency_weight``. Raises ValueError naming the smallest feasible budget when none fits.
+    ``costs[layer][bits]`` is the estimated damage (e.g. :func:`bit_sensitivities`), ``specs[bits]`` (or
+    ``specs[layer][bits]``) the spec whose bytes are counted, ``latency[layer][bits]`` an optional latency
+    model weighted by ``latency_weight``. Raises ValueError naming the smallest feasible budget if none fits.
     """
     names = list(costs)
     if not names:
@@ -142,8 +154,9 @@ def allocate_bits(
     for li, name in enumerate(names):
         if not costs[name]:
             raise ValueError(f"allocate_bits: layer {name!r} has no candidate bit widths")
+        layer_specs = _specs_of(specs, name)
         for bits, cost in sorted(costs[name].items()):
-            if bits not in specs:
+            if bits not in layer_specs:
                 raise ValueError(f"allocate_bits: no spec for {bits} bits (layer {name!r})")
             if not math.isfinite(cost):
                 raise ValueError(f"allocate_bits: cost of {name!r} at {bits} bits is not finite")
@@ -151,7 +164,7 @@ def allocate_bits(
             var_layer.append(li)
             var_bits.append(bits)
             c.append(cost + extra)
-            size.append(layer_bytes(shapes[name], bits, specs))
+            size.append(layer_bytes(shapes[name], bits, layer_specs))
     n_weights = sum(shapes[n].n_weights for n in names)
     smallest = sum(
         min(s for s, li in zip(size, var_layer, strict=True) if li == k) for k in range(len(names))
