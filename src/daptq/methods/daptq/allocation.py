@@ -1,0 +1,194 @@
+"""Bit allocation: the paper's two-level map (Eq. 20) and daptq's exact allocator under a memory budget.
+
+- :func:`paper_bit_map` (Eq. 20): every layer of the last ``float_blocks`` DiT blocks stays float; of the
+  remaining ranked (action-head and interface) layers the top ``keep_float_fraction`` by ``phi`` stay float
+  (bf16), the rest get ``low_bits`` (4). The count kept float is ``round_half_up(k * n)``. The float blocks
+  are taken out *before* ranking, so ``k`` adds float layers beyond them (the ranking would otherwise mostly
+  re-select layers that are float anyway).
+- :func:`allocate_bits`: a multiple-choice knapsack, one bit width per layer from a candidate set
+  ({2, 3, 4, 8, 16}), minimizing ``sum cost(l, b) + latency_weight * latency(l, b)`` subject to
+  ``sum bytes(l, b) <= budget``, solved exactly as a MILP with ``scipy.optimize.milp`` (HiGHS). Bytes are
+  :func:`daptq.quant.ideal_weight_bytes` (codes + scales + zero points; float = 2 bytes per weight), so an
+  average-bit budget counts the scales and zero points too. An impossible budget raises an error naming
+  the smallest feasible one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import LinearConstraint, milp
+
+from daptq.quant import WeightSpec, ideal_weight_bytes
+
+FLOAT_BITS = 16
+
+
+def round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def block_index(name: str, pattern: str) -> int | None:
+    """The DiT block index of a module name (the pattern's first group), or None."""
+    m = re.match(pattern, name)
+    return None if m is None else int(m.group(1))
+
+
+def float_block_layers(names: Sequence[str], pattern: str, float_blocks: int) -> set[str]:
+    """Layers inside the last ``float_blocks`` blocks whose index ``pattern``'s first group captures."""
+    if float_blocks < 0:
+        raise ValueError(f"float_blocks must be >= 0, got {float_blocks}")
+    indices = {n: i for n in names if (i := block_index(n, pattern)) is not None}
+    if float_blocks == 0:
+        return set()
+    if not indices:
+        raise ValueError(f"float_blocks={float_blocks} but no layer matches the block pattern {pattern!r}")
+    blocks = sorted(set(indices.values()))
+    if float_blocks > len(blocks):
+        raise ValueError(f"float_blocks={float_blocks} but the model has {len(blocks)} blocks ({pattern!r})")
+    kept = set(blocks[-float_blocks:])
+    return {n for n, i in indices.items() if i in kept}
+
+
+@dataclass(frozen=True)
+class PaperBitMap:
+    bits: dict[str, int]  # layer -> 16 (float) or low_bits
+    ranked: list[str]  # ranked layers, most sensitive first
+    float_by_rank: list[str]
+    float_by_block: list[str]
+
+
+def paper_bit_map(
+    phi: Mapping[str, float],
+    keep_float_fraction: float = 0.3,
+    low_bits: int = 4,
+    block_pattern: str = r"^head\.blocks\.(\d+)\.",
+    float_blocks: int = 2,
+) -> PaperBitMap:
+    """Eq. 20 over the layers in ``phi`` (the action head and interface, as the paper's scope)."""
+    if not 0.0 <= keep_float_fraction <= 1.0:
+        raise ValueError(f"keep_float_fraction must be in [0, 1], got {keep_float_fraction}")
+    if not phi:
+        raise ValueError("paper_bit_map: no layers to rank")
+    by_block = float_block_layers(list(phi), block_pattern, float_blocks)
+    ranked = sorted((n for n in phi if n not in by_block), key=lambda n: (-phi[n], n))
+    by_rank = ranked[: round_half_up(keep_float_fraction * len(ranked))]
+    floats = set(by_rank) | by_block
+    bits = {n: FLOAT_BITS if n in floats else low_bits for n in phi}
+    return PaperBitMap(bits, ranked, by_rank, sorted(by_block))
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    out_features: int
+    fan_in: int
+
+    @property
+    def n_weights(self) -> int:
+        return self.out_features * self.fan_in
+
+
+@dataclass(frozen=True)
+class Allocation:
+    bits: dict[str, int]
+    objective: float
+    total_bytes: int
+    budget_bytes: int
+    n_weights: int
+
+    @property
+    def average_bits(self) -> float:
+        """Bits per weight, counting scales and zero points."""
+        return 8.0 * self.total_bytes / self.n_weights
+
+
+BitSpecs = Mapping[int, WeightSpec] | Mapping[str, Mapping[int, WeightSpec]]
+
+
+def layer_bytes(shape: LayerShape, bits: int, specs: Mapping[int, WeightSpec]) -> int:
+    return ideal_weight_bytes(shape.out_features, shape.fan_in, specs[bits])
+
+
+def _specs_of(specs: BitSpecs, name: str) -> Mapping[int, WeightSpec]:
+    """One shared ``{bits: spec}`` or per layer ``{layer: {bits: spec}}`` (group sizes fitted per layer)."""
+    if all(isinstance(k, int) for k in specs):
+        return specs  # type: ignore[return-value]
+    if name not in specs:
+        raise ValueError(f"allocate_bits: no specs for layer {name!r}")
+    return specs[name]  # type: ignore[index]
+
+
+def budget_from_average_bits(shapes: Mapping[str, LayerShape], average_bits: float) -> int:
+    """Bytes allowed by an average-bit budget: ``floor(average_bits * n_weights / 8)``."""
+    if not average_bits > 0:
+        raise ValueError(f"average bits must be > 0, got {average_bits}")
+    return int(math.floor(average_bits * sum(s.n_weights for s in shapes.values()) / 8 + 1e-9))
+
+
+def allocate_bits(
+    costs: Mapping[str, Mapping[int, float]],
+    shapes: Mapping[str, LayerShape],
+    specs: BitSpecs,
+    budget_bytes: int,
+    latency: Mapping[str, Mapping[int, float]] | None = None,
+    latency_weight: float = 0.0,
+) -> Allocation:
+    """Exact multiple-choice knapsack: one of ``costs[layer]``'s bit widths per layer under ``budget_bytes``.
+
+    ``costs[layer][bits]`` is the estimated damage (e.g. :func:`bit_sensitivities`), ``specs[bits]`` (or
+    ``specs[layer][bits]``) the spec whose bytes are counted, ``latency[layer][bits]`` an optional latency
+    model weighted by ``latency_weight``. Raises ValueError naming the smallest feasible budget if none fits.
+    """
+    names = list(costs)
+    if not names:
+        raise ValueError("allocate_bits: no layers")
+    if set(names) - set(shapes):
+        raise ValueError(f"allocate_bits: no shape for {sorted(set(names) - set(shapes))[:5]}")
+    if latency_weight and latency is None:
+        raise ValueError("allocate_bits: latency_weight given without a latency model")
+    var_layer, var_bits, c, size = [], [], [], []
+    for li, name in enumerate(names):
+        if not costs[name]:
+            raise ValueError(f"allocate_bits: layer {name!r} has no candidate bit widths")
+        layer_specs = _specs_of(specs, name)
+        for bits, cost in sorted(costs[name].items()):
+            if bits not in layer_specs:
+                raise ValueError(f"allocate_bits: no spec for {bits} bits (layer {name!r})")
+            if not math.isfinite(cost):
+                raise ValueError(f"allocate_bits: cost of {name!r} at {bits} bits is not finite")
+            extra = latency_weight * latency[name][bits] if latency_weight else 0.0  # type: ignore[index]
+            var_layer.append(li)
+            var_bits.append(bits)
+            c.append(cost + extra)
+            size.append(layer_bytes(shapes[name], bits, layer_specs))
+    n_weights = sum(shapes[n].n_weights for n in names)
+    smallest = sum(
+        min(s for s, li in zip(size, var_layer, strict=True) if li == k) for k in range(len(names))
+    )
+    if budget_bytes < smallest:
+        raise ValueError(
+            f"budget of {budget_bytes} bytes ({8 * budget_bytes / n_weights:.3f} bits per weight) is "
+            f"infeasible: the smallest feasible budget for these {len(names)} layers is {smallest} bytes "
+            f"({8 * smallest / n_weights:.3f} bits per weight, scales and zero points counted)"
+        )
+    nv = len(c)
+    one_hot = np.zeros((len(names), nv))
+    one_hot[var_layer, np.arange(nv)] = 1.0
+    constraints = [
+        LinearConstraint(one_hot, 1, 1),
+        LinearConstraint(np.asarray(size, dtype=float)[None], -np.inf, budget_bytes),
+    ]
+    res = milp(np.asarray(c), constraints=constraints, integrality=np.ones(nv), bounds=(0, 1))
+    if res.status != 0 or res.x is None:
+        raise RuntimeError(f"allocate_bits: HiGHS did not find an optimum: {res.message}")
+    chosen = np.round(res.x).astype(int)
+    bits = {names[var_layer[i]]: var_bits[i] for i in range(nv) if chosen[i]}
+    total = int(sum(size[i] for i in range(nv) if chosen[i]))
+    if len(bits) != len(names) or total > budget_bytes:  # guard against tolerance-level violations
+        raise RuntimeError(f"allocate_bits: solver returned an invalid selection ({total} > {budget_bytes})")
+    objective = float(sum(c[i] for i in range(nv) if chosen[i]))
+    return Allocation(bits, objective, total, budget_bytes, n_weights)

@@ -1,0 +1,168 @@
+"""DAPTQConfig: every constant of DA-PTQ as a validated, documented option, and the two presets.
+
+- ``DAPTQConfig.paper()``: faithful to the paper. W4A8 (4-bit symmetric weights in groups of 128, int8
+  dynamic per-token activations), scope = action head + interface; DA-MPA ranks the action-head layers by
+  drift-weighted sensitivity, the top 30% and the last ``float_dit_blocks`` DiT blocks stay float; CSRC at the
+  adapter's interface modules, folded before rounding. Pipeline order of paper-notes section 4.
+- ``DAPTQConfig.budget(average_bits=...)``: daptq's own. Whole model (backbone, interface, action head; the
+  encoders with ``include_encoders=True``), one bit width per layer from ``bits`` chosen exactly (MILP) under
+  an average-bit or byte budget from per-(layer, bits) drift-weighted loss estimates, CSRC on top; rounding
+  by RTN or GPTQ.
+
+Each field's comment says what it is; ``docs/daptq.md`` maps them to the paper's equations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from daptq.methods.base import MethodConfig
+from daptq.methods.scope import Scope
+from daptq.quant.spec import ActivationSpec, QuantSpec, WeightSpec, w4a8
+
+from .allocation import FLOAT_BITS
+from .compensation import CSRCOptions
+from .drift import DriftConfig
+
+PAPER_ROLES = ("interface", "action_head")
+Estimator = Literal["drift_fisher", "drift_taylor", "unweighted_fisher", "action_deviation"]
+
+
+def budget_spec(activation_bits: int | None = None) -> QuantSpec:
+    """The budget preset's base grid: asymmetric min-max weights in groups of 32 (the bit width is chosen per
+    layer), activations float unless ``activation_bits`` is given (dynamic per-token)."""
+    act = None if activation_bits in (None, 16) else ActivationSpec(activation_bits)
+    return QuantSpec(WeightSpec(4, symmetric=False, granularity="per_group", group_size=32), act)
+
+
+@dataclass(frozen=True)
+class DAPTQConfig(MethodConfig):
+    """DA-PTQ's options; defaults are the ``paper`` preset (see the module docstring)."""
+
+    VERSION = 1
+
+    spec: QuantSpec = field(default_factory=w4a8)
+    scope: Scope = field(default_factory=lambda: Scope(roles=PAPER_ROLES))
+    preset: Literal["paper", "budget"] = "paper"
+    # --- drift prior (Eqs. 12-17) -----------------------------------------------------------------------
+    drift_damping: float = 3e-4  # lambda of the damped pseudo-inverse (paper)
+    translation_weight: float = 1.8  # w_x = w_y (paper)
+    rotation_weight: float = 0.15  # w_theta (paper)
+    gripper: Literal["chain", "separate"] = "chain"  # the gripper is the chain's last joint (paper's formula)
+    gripper_weight: float = 1.0  # gripper="separate": its score relative to the chain's mean
+    action_scale: float = 1.0  # action units -> virtual joint increments (rad)
+    drift_weighted: bool = True  # False: sensitivities from the unweighted loss (ablation)
+    # --- sensitivity (Eqs. 18-19) -----------------------------------------------------------------------
+    sensitivity_batches: int = 8  # R: calibration batches whose gradients are averaged
+    sensitivity_seed: int = 0  # seeds the diffusion timesteps/noise of the sensitivity passes
+    # --- DA-MPA, paper preset (Eq. 20) ------------------------------------------------------------------
+    use_mpa: bool = True  # False: every in-scope layer at the spec's bits ("CSRC only" ablation)
+    keep_float_fraction: float = 0.3  # k: share of ranked layers kept float (paper: 30%)
+    rank_roles: tuple[str, ...] = ("action_head",)  # roles ranked by phi (the interface is always quantized)
+    float_dit_blocks: int = 2  # last N DiT blocks kept float (paper: 2; variant: 1)
+    dit_block_pattern: str = r"^head\.blocks\.(\d+)\."  # regex whose group 1 is the DiT block index
+    # --- budget preset ----------------------------------------------------------------------------------
+    bits: tuple[int, ...] = (2, 3, 4, 8, 16)  # candidate weight bit widths per layer
+    average_bits: float | None = None  # budget in bits per weight (scales and zero points counted)
+    budget_bytes: int | None = None  # or a budget in bytes of the in-scope layers' weights
+    estimator: Estimator = "drift_fisher"  # per-(layer, bits) damage estimate driving the allocation
+    latency_weight: float = 0.0  # objective += latency_weight * MiB read per forward (memory-bound model)
+    rounding: Literal["rtn", "gptq"] = "rtn"  # how in-scope weights are rounded
+    gptq_damp: float = 0.01
+    gptq_block_size: int = 128
+    # --- CSRC (Eqs. 4-7) --------------------------------------------------------------------------------
+    use_csrc: bool = True  # False: no compensation ("DA-MPA only" ablation)
+    interface_layers: tuple[str, ...] = ()  # empty: the adapter's interface_modules()
+    csrc_mode: Literal["diagonal", "cross_channel", "both"] = "both"
+    g_min: float = 0.5
+    g_max: float = 2.0
+    csrc_eps: float = 1e-6
+    csrc_rank: int = 16
+    lambda_f: float = 1.0
+    lambda_i: float = 1e-3
+    weighting: Literal["uniform", "variance_ratio"] = "variance_ratio"
+    csrc_max_iter: int = 200
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.drift_config()  # validates the drift constants
+        self.csrc_options()  # validates the CSRC constants
+        if self.sensitivity_batches < 1:
+            raise ValueError(f"DAPTQConfig.sensitivity_batches must be >= 1, got {self.sensitivity_batches}")
+        if not 0.0 <= self.keep_float_fraction <= 1.0:
+            raise ValueError(
+                f"DAPTQConfig.keep_float_fraction must be in [0, 1], got {self.keep_float_fraction}"
+            )
+        if self.float_dit_blocks < 0:
+            raise ValueError(f"DAPTQConfig.float_dit_blocks must be >= 0, got {self.float_dit_blocks}")
+        bad = [b for b in self.bits if b not in (2, 3, 4, 8, FLOAT_BITS)]
+        if bad or not self.bits or len(set(self.bits)) != len(self.bits):
+            raise ValueError(
+                f"DAPTQConfig.bits must be distinct values from (2, 3, 4, 8, 16), got {self.bits}"
+            )
+        if self.preset == "budget":
+            if (self.average_bits is None) == (self.budget_bytes is None):
+                raise ValueError(
+                    "DAPTQConfig: the budget preset needs exactly one of average_bits, budget_bytes"
+                )
+            if self.average_bits is not None and not self.average_bits > 0:
+                raise ValueError(f"DAPTQConfig.average_bits must be > 0, got {self.average_bits}")
+            if self.budget_bytes is not None and self.budget_bytes <= 0:
+                raise ValueError(f"DAPTQConfig.budget_bytes must be > 0, got {self.budget_bytes}")
+        elif self.average_bits is not None or self.budget_bytes is not None:
+            raise ValueError("DAPTQConfig: average_bits/budget_bytes apply to preset='budget' only")
+        if self.latency_weight < 0:
+            raise ValueError(f"DAPTQConfig.latency_weight must be >= 0, got {self.latency_weight}")
+        if not 0 <= self.gptq_damp < 1 or self.gptq_block_size < 1:
+            raise ValueError("DAPTQConfig: need 0 <= gptq_damp < 1 and gptq_block_size >= 1")
+
+    # --- the presets ------------------------------------------------------------------------------------
+    @classmethod
+    def paper(cls, **overrides: Any) -> DAPTQConfig:
+        """The paper's DA-PTQ at W4A8 on the action head and interface."""
+        return cls(**{"preset": "paper", **overrides})
+
+    @classmethod
+    def budget(
+        cls,
+        average_bits: float | None = 3.0,
+        budget_bytes: int | None = None,
+        activation_bits: int | None = None,
+        **overrides: Any,
+    ) -> DAPTQConfig:
+        """Whole-model allocation of ``bits`` under a budget (``average_bits`` or ``budget_bytes``)."""
+        if budget_bytes is not None:
+            average_bits = None
+        base: dict[str, Any] = {
+            "preset": "budget",
+            "spec": budget_spec(activation_bits),
+            "scope": Scope(),
+            "average_bits": average_bits,
+            "budget_bytes": budget_bytes,
+        }
+        return cls(**{**base, **overrides})
+
+    # --- views as the modules' own option objects -------------------------------------------------------
+    def drift_config(self) -> DriftConfig:
+        return DriftConfig(
+            self.drift_damping,
+            self.translation_weight,
+            self.rotation_weight,
+            self.gripper,
+            self.gripper_weight,
+            self.action_scale,
+        )
+
+    def csrc_options(self) -> CSRCOptions:
+        return CSRCOptions(
+            self.csrc_mode,
+            self.g_min,
+            self.g_max,
+            self.csrc_eps,
+            self.csrc_rank,
+            self.lambda_f,
+            self.lambda_i,
+            self.weighting,
+            self.csrc_max_iter,
+        )

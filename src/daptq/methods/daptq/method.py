@@ -1,0 +1,272 @@
+"""The DA-PTQ method on the methods interface, in the pipeline order of paper-notes section 4.
+
+1. ``calibrate`` (float model): drift scores s^ from the calibration actions; gradients of the drift-weighted
+   denoising loss over R batches (phi, and the Fisher for per-bit costs); interface output mean/covariance;
+   GPTQ input Hessians when ``rounding="gptq"``.
+2. ``apply``: the bit map (paper: Eq. 20; budget: the MILP), quantization with that map (RTN or GPTQ), a pass
+   through the quantized model for the interface's mu_Q/S_Q, then CSRC folded into the interface layer
+   before its (re-)rounding.
+3. ``record``: the plan with the final per-module specs, and the decisions (drift weights, phi, bit map,
+   allocation, compensation) in the QuantRecord.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from daptq.methods import register_method
+from daptq.methods.base import Method, forward_batch, require_plan
+from daptq.methods.gptq import gptq_quantize_layer_
+from daptq.methods.scope import ScopePlan, with_weight_bits
+from daptq.quant import QuantSpec, quantize_
+from daptq.quant.capture import Hessian, capture, fan_in_rows
+
+from .allocation import (
+    FLOAT_BITS,
+    LayerShape,
+    allocate_bits,
+    budget_from_average_bits,
+    layer_bytes,
+    paper_bit_map,
+)
+from .compensation import Stats, compensate, fold_compensation, output_stats
+from .config import DAPTQConfig
+from .drift import drift_scores
+from .sensitivity import GradientStats, action_deviation, bit_sensitivities, gradient_stats
+
+Batches = Sequence[Mapping[str, torch.Tensor]]
+
+
+def _run_all(adapter: Any, batches: Batches):
+    def run(_model) -> None:
+        for i, batch in enumerate(batches):
+            forward_batch(adapter, batch, seed=i)
+
+    return run
+
+
+def calibration_actions(batches: Batches) -> np.ndarray:
+    """All calibration action chunks, (N, K, D)."""
+    missing = [i for i, b in enumerate(batches) if "actions" not in b]
+    if missing:
+        raise ValueError(
+            f"DA-PTQ needs calibration action chunks ('actions'); batches {missing[:5]} have none"
+        )
+    return np.concatenate([np.asarray(b["actions"], dtype=np.float64) for b in batches])
+
+
+@register_method(DAPTQConfig, name="daptq")
+class DAPTQ(Method):
+    """Drift-aware PTQ: DA-MPA bit allocation plus CSRC at the interface (see the module docstring)."""
+
+    config: DAPTQConfig
+
+    def __init__(self, config: DAPTQConfig) -> None:
+        super().__init__(config)
+        self._batches: list[Mapping[str, torch.Tensor]] = []
+        self._weights: torch.Tensor | None = None
+        self._grads: GradientStats | None = None
+        self._fp_stats: dict[str, Stats] = {}
+        self._hessians: dict[str, torch.Tensor] = {}
+        self._interfaces: list[str] = []
+
+    # --- 1. the float pass ------------------------------------------------------------------------------
+    def calibrate(self, adapter: Any, batches: Batches) -> None:
+        plan = require_plan(self)
+        cfg = self.config
+        if not batches:
+            raise ValueError("DA-PTQ needs calibration batches")
+        self._batches = list(batches)
+        scores = drift_scores(calibration_actions(batches), adapter.action_space, cfg.drift_config())
+        self._weights = torch.tensor(scores, dtype=torch.float32)
+        self.decisions["drift_scores"] = dict(
+            zip(adapter.action_space.names, map(float, scores), strict=True)
+        )
+        self.decisions["drift_config"] = cfg.drift_config().to_dict()
+        ranked = self._ranked_layers(plan)
+        if ranked:
+            self._grads = gradient_stats(
+                adapter,
+                self._batches[: cfg.sensitivity_batches],
+                ranked,
+                dim_weights=self._weights if cfg.drift_weighted else None,
+                seed=cfg.sensitivity_seed,
+            )
+            self.decisions["phi"] = self._grads.phi
+            self.decisions["sensitivity_batches"] = self._grads.n_batches
+        self._interfaces = self._interface_layers(adapter) if cfg.use_csrc else []
+        if self._interfaces:
+            self._fp_stats = output_stats(adapter.model, _run_all(adapter, self._batches), self._interfaces)
+        if cfg.rounding == "gptq":
+            self._hessians = self._capture_hessians(adapter, plan)
+
+    def _ranked_layers(self, plan: ScopePlan) -> list[str]:
+        cfg = self.config
+        if cfg.preset == "budget":
+            return list(plan.modules) if cfg.estimator != "action_deviation" else []
+        if not cfg.use_mpa:
+            return []
+        return [n for n, m in plan.modules.items() if m.role in cfg.rank_roles]
+
+    def _interface_layers(self, adapter: Any) -> list[str]:
+        names = list(self.config.interface_layers) or [m.name for m in adapter.interface_modules()]
+        if not names:
+            raise ValueError("DA-PTQ: CSRC is on but the adapter declares no interface modules")
+        for n in names:
+            adapter.model.get_submodule(n)  # a clear AttributeError for a wrong name
+        return names
+
+    def _capture_hessians(self, adapter: Any, plan: ScopePlan) -> dict[str, torch.Tensor]:
+        eligible = [
+            n for n in plan.modules if getattr(adapter.model.get_submodule(n), "groups", 1) == 1
+        ]  # grouped/depthwise convs have no single input Hessian: they are rounded with RTN (recorded)
+        skipped = sorted(set(plan.modules) - set(eligible))
+        if skipped:
+            self.decisions["gptq_rtn_fallback"] = {
+                n: "grouped Conv2d: no single input Hessian" for n in skipped
+            }
+        reductions = {n: Hessian() for n in eligible}
+        capture(adapter.model, _run_all(adapter, self._batches), inputs=reductions, rows=fan_in_rows)
+        return {n: h.hessian for n, h in reductions.items()}
+
+    # --- 2. decide, quantize, compensate ----------------------------------------------------------------
+    def apply(self, adapter: Any) -> None:
+        plan = require_plan(self)
+        bits = self._paper_bits(plan) if self.config.preset == "paper" else self._budget_bits(adapter, plan)
+        specs = {
+            n: with_weight_bits(m.spec, b) for n, m in plan.modules.items() if (b := bits[n]) != FLOAT_BITS
+        }
+        self.decisions["bit_map"] = bits
+        self._finalize_plan(plan, specs)
+        model = adapter.model
+        quantize_(model, specs, calibration=_run_all(adapter, self._batches))
+        self.decisions["rounding"] = self.config.rounding
+        if self.config.rounding == "gptq":
+            for name in specs:
+                if name in self._hessians:
+                    self._gptq(model, name)
+        if self._interfaces:
+            self._compensate(adapter)
+
+    def _gptq(self, model, name: str) -> None:
+        gptq_quantize_layer_(
+            model.get_submodule(name),
+            self._hessians[name],
+            block_size=self.config.gptq_block_size,
+            damp=self.config.gptq_damp,
+        )
+
+    def _paper_bits(self, plan: ScopePlan) -> dict[str, int]:
+        cfg = self.config
+        base = {n: m.spec.weight.bits for n, m in plan.modules.items()}
+        if not cfg.use_mpa or self._grads is None:
+            return base
+        bit_map = paper_bit_map(
+            self._grads.phi,
+            cfg.keep_float_fraction,
+            cfg.spec.weight.bits,
+            cfg.dit_block_pattern,
+            cfg.float_dit_blocks,
+        )
+        self.decisions["float_by_rank"] = bit_map.float_by_rank
+        self.decisions["float_by_block"] = bit_map.float_by_block
+        self.decisions["ranking"] = bit_map.ranked
+        return {**base, **bit_map.bits}
+
+    def _budget_bits(self, adapter: Any, plan: ScopePlan) -> dict[str, int]:
+        cfg = self.config
+        per_layer = {
+            n: {b: with_weight_bits(m.spec, b).weight for b in cfg.bits} for n, m in plan.modules.items()
+        }
+        shapes = {n: LayerShape(m.weight_shape[0], m.fan_in) for n, m in plan.modules.items()}
+        costs = self._costs(adapter, plan, per_layer)
+        budget = (
+            cfg.budget_bytes
+            if cfg.budget_bytes is not None
+            else budget_from_average_bits(shapes, float(cfg.average_bits))  # type: ignore[arg-type]
+        )
+        latency = None
+        if cfg.latency_weight:
+            latency = {
+                n: {b: layer_bytes(shapes[n], b, per_layer[n]) / 2**20 for b in cfg.bits} for n in shapes
+            }
+        alloc = allocate_bits(costs, shapes, per_layer, budget, latency, cfg.latency_weight)
+        fp16 = sum(s.n_weights for s in shapes.values()) * 2
+        self.decisions["allocation"] = {
+            "budget_bytes": alloc.budget_bytes,
+            "total_bytes": alloc.total_bytes,
+            "average_bits": alloc.average_bits,
+            "bytes_vs_bf16": alloc.total_bytes / fp16,
+            "objective": alloc.objective,
+            "estimator": cfg.estimator,
+            "costs": {n: {str(b): c for b, c in row.items()} for n, row in costs.items()},
+        }
+        return alloc.bits
+
+    def _costs(self, adapter: Any, plan: ScopePlan, per_layer) -> dict[str, dict[int, float]]:
+        cfg = self.config
+        names = list(plan.modules)
+        if cfg.estimator == "action_deviation":
+            out: dict[str, dict[int, float]] = {n: {} for n in names}
+            for b in cfg.bits:
+                if b == FLOAT_BITS:
+                    for n in names:
+                        out[n][b] = 0.0
+                    continue
+                for n in names:  # one layer and bit width at a time (each layer's own fitted spec)
+                    spec = with_weight_bits(plan.modules[n].spec, b)
+                    out[n][b] = action_deviation(
+                        adapter,
+                        self._batches[: cfg.sensitivity_batches],
+                        [n],
+                        spec,
+                        seed=cfg.sensitivity_seed,
+                    )[n]
+            return out
+        stats = self._grads
+        if cfg.estimator == "unweighted_fisher" and cfg.drift_weighted:
+            stats = gradient_stats(
+                adapter, self._batches[: cfg.sensitivity_batches], names, None, cfg.sensitivity_seed
+            )
+        assert stats is not None
+        proxy = "taylor" if cfg.estimator == "drift_taylor" else "fisher"
+        return {n: bit_sensitivities(adapter.model, _only(stats, n), per_layer[n], proxy)[n] for n in names}
+
+    def _finalize_plan(self, plan: ScopePlan, specs: Mapping[str, QuantSpec]) -> None:
+        modules = {n: dataclasses.replace(m, spec=specs[n]) for n, m in plan.modules.items() if n in specs}
+        kept = dict(plan.kept_float)
+        for n in plan.modules:
+            if n not in specs:
+                kept[n] = f"kept float by DA-PTQ ({self.config.preset} bit map)"
+        self.plan = ScopePlan(modules, kept)
+
+    def _compensate(self, adapter: Any) -> None:
+        model = adapter.model
+        q_stats = output_stats(model, _run_all(adapter, self._batches), self._interfaces)
+        summaries = {}
+        for name in self._interfaces:
+            comp = compensate(self._fp_stats[name], q_stats[name], self.config.csrc_options())
+            layer = model.get_submodule(name)
+            fold_compensation(layer, comp)  # re-rounds a fake-quant layer with RTN: fold before rounding
+            if self.config.rounding == "gptq" and name in self._hessians and hasattr(layer, "requantize"):
+                if not layer.spec.weight.is_float:
+                    self._gptq(model, name)  # the input Hessian does not change under an output-side fold
+            summaries[name] = comp.summary()
+        self.decisions["compensation"] = {
+            "options": dataclasses.asdict(self.config.csrc_options()),
+            **summaries,
+        }
+
+
+def _only(stats: GradientStats, name: str) -> GradientStats:
+    return GradientStats(
+        {name: stats.phi[name]},
+        {name: stats.grad_mean[name]},
+        {name: stats.grad_sq_mean[name]},
+        stats.n_batches,
+    )

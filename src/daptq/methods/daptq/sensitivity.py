@@ -1,0 +1,175 @@
+"""Layer sensitivities on the float model: what DA-MPA ranks and what the budget allocator trades.
+
+- Eq. 18, the drift-weighted denoising loss, is the adapter's own loss re-weighted per action dimension:
+  ``adapter.denoising_loss(batch, dim_weights=s^)``.
+- Eq. 19, ``phi_l = mean over R batches of mean |dL_drift/dW_l|``: :func:`gradient_stats` (``.phi``).
+- Per (layer, bits) cost for the budget preset: :func:`bit_sensitivities`, a second-order Taylor estimate of
+  the loss increase when that layer alone is rounded at b bits, ``0.5 * sum_i F_ii dW_i^2`` with the
+  empirical (batch-gradient) Fisher ``F = mean_r g_r^2`` as the Hessian's diagonal and ``dW`` the RTN error;
+  ``proxy="taylor"`` adds the first-order term ``sum_i g_bar_i dW_i``. No extra forward passes per bit width.
+- The two alternatives the surrogate check compares: the same gradient statistics with ``dim_weights=None``
+  (unweighted sensitivity), and :func:`action_deviation`, a QVLA-style proxy that quantizes one layer at a
+  time and measures the (optionally drift-weighted) squared change of the sampled action chunks, with the
+  sampling noise shared between the float and the quantized pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from daptq.quant import QuantSpec, WeightSpec, fake_quantize_weight, temporarily_quantized
+
+Batch = Mapping[str, torch.Tensor]
+Proxy = Literal["fisher", "taylor"]
+
+
+@dataclass
+class GradientStats:
+    """Per layer: ``phi`` (Eq. 19), mean gradient and mean squared gradient over the R batches."""
+
+    phi: dict[str, float]
+    grad_mean: dict[str, torch.Tensor]
+    grad_sq_mean: dict[str, torch.Tensor]
+    n_batches: int
+
+
+def _weights(model: nn.Module, names: Sequence[str]) -> list[nn.Parameter]:
+    if not names:
+        raise ValueError("sensitivity: no layers given")
+    out = []
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"sensitivity: {name!r} is not a module of the model") from None
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter):
+            raise ValueError(f"sensitivity: {name!r} ({type(module).__name__}) has no weight parameter")
+        out.append(weight)
+    return out
+
+
+def gradient_stats(
+    adapter,
+    batches: Sequence[Batch],
+    names: Sequence[str],
+    dim_weights: torch.Tensor | None = None,
+    seed: int = 0,
+) -> GradientStats:
+    """Gradients of the (drift-weighted) denoising loss w.r.t. each named layer's weight, over R batches.
+
+    The diffusion timesteps and noise come from one generator seeded with ``seed``, so two calls (e.g.
+    weighted and unweighted) see the same draws. ``requires_grad`` flags are restored afterwards.
+    """
+    if not batches:
+        raise ValueError("sensitivity: no calibration batches")
+    weights = _weights(adapter.model, names)
+    flags = {p: p.requires_grad for p in adapter.model.parameters()}
+    sums = [torch.zeros_like(w, dtype=torch.float64) for w in weights]
+    sq_sums = [torch.zeros_like(w, dtype=torch.float64) for w in weights]
+    abs_means = [0.0] * len(weights)
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        for p in weights:
+            p.requires_grad_(True)
+        for batch in batches:
+            loss = adapter.denoising_loss(batch, dim_weights=dim_weights, generator=generator)
+            grads = torch.autograd.grad(loss, weights, allow_unused=True)
+            for i, (name, g) in enumerate(zip(names, grads, strict=True)):
+                if g is None:
+                    raise ValueError(f"sensitivity: the denoising loss does not depend on {name!r}")
+                g = g.detach().double()
+                sums[i] += g
+                sq_sums[i] += g * g
+                abs_means[i] += float(g.abs().mean())
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    r = len(batches)
+    return GradientStats(
+        phi={n: a / r for n, a in zip(names, abs_means, strict=True)},
+        grad_mean={n: s / r for n, s in zip(names, sums, strict=True)},
+        grad_sq_mean={n: s / r for n, s in zip(names, sq_sums, strict=True)},
+        n_batches=r,
+    )
+
+
+def rtn_error(weight: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    """``dW = Q(W) - W`` for round-to-nearest with ``spec`` (zero for bits=16), float64."""
+    w = weight.detach()
+    return (
+        (fake_quantize_weight(w, spec).double() - w.double())
+        if not spec.is_float
+        else torch.zeros_like(w, dtype=torch.float64)
+    )
+
+
+def bit_sensitivities(
+    model: nn.Module,
+    stats: GradientStats,
+    specs: Mapping[int, WeightSpec],
+    proxy: Proxy = "fisher",
+) -> dict[str, dict[int, float]]:
+    """Estimated loss increase ``{layer: {bits: cost}}`` if that layer alone is rounded with ``specs[bits]``.
+
+    ``fisher``: ``0.5 sum F dW^2`` (>= 0, the default: at a trained model the mean gradient is noise);
+    ``taylor``: adds ``sum g_bar dW`` (may be negative).
+    """
+    if proxy not in ("fisher", "taylor"):
+        raise ValueError(f"bit_sensitivities: proxy must be 'fisher' or 'taylor', got {proxy!r}")
+    out: dict[str, dict[int, float]] = {}
+    for name, fisher in stats.grad_sq_mean.items():
+        weight = model.get_submodule(name).weight
+        row = {}
+        for bits, spec in specs.items():
+            dw = rtn_error(weight, spec)
+            cost = 0.5 * float((fisher * dw * dw).sum())
+            if proxy == "taylor":
+                cost += float((stats.grad_mean[name] * dw).sum())
+            row[bits] = cost
+        out[name] = row
+    return out
+
+
+@torch.no_grad()
+def action_deviation(
+    policy,
+    batches: Sequence[Batch],
+    names: Sequence[str],
+    spec: QuantSpec,
+    dim_weights: torch.Tensor | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """QVLA-style proxy: ``mean_j w_j (a_q - a_fp)_j^2`` of sampled chunks with one layer quantized.
+
+    ``policy.predict_chunk(batch, generator)`` samples the chunks; each batch is sampled with a generator
+    seeded with ``seed + batch index`` in both passes, so only the weights differ.
+    """
+    if not batches:
+        raise ValueError("action_deviation: no calibration batches")
+    model = policy.model
+
+    def sample() -> list[torch.Tensor]:
+        return [
+            policy.predict_chunk(b, generator=torch.Generator().manual_seed(seed + i)).double()
+            for i, b in enumerate(batches)
+        ]
+
+    reference = sample()
+    weights = None if dim_weights is None else torch.as_tensor(dim_weights, dtype=torch.float64)
+    out = {}
+    for name in names:
+        _weights(model, [name])
+        with temporarily_quantized(model, name, spec):
+            quantized = sample()
+        errs = []
+        for a_fp, a_q in zip(reference, quantized, strict=True):
+            sq = (a_q - a_fp) ** 2
+            errs.append(float((sq if weights is None else sq * weights).mean()))
+        out[name] = sum(errs) / len(errs)
+    return out

@@ -1,0 +1,163 @@
+"""DA-PTQ through quantize_policy on a small reference VLA: presets, recorded decisions, CSRC's effect."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from daptq.data.calibration import CalibrationSet
+from daptq.methods import config_from_dict, quantize_policy
+from daptq.methods.daptq import DAPTQConfig
+from daptq.methods.daptq.compensation import output_stats
+from daptq.methods.daptq.drift import drift_scores
+from daptq.models.reference import ReferencePolicy, ReferenceVLA, ReferenceVLAConfig
+from daptq.quant import QuantLinear
+
+SMALL = ReferenceVLAConfig(
+    image_size=32,
+    d_model=32,
+    n_layer=1,
+    n_head=2,
+    dit_d_model=32,
+    dit_n_layer=3,
+    dit_n_head=2,
+    num_inference_steps=3,
+)
+INSTRUCTIONS = ["push the puck to the red goal marker", "open the door", "close the drawer", "reach the goal"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The machine's cores are shared; torch's thread pool thrashes on them (40x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _policy() -> ReferencePolicy:
+    torch.manual_seed(0)
+    model = ReferenceVLA(SMALL)
+    with torch.no_grad():  # adaLN-Zero starts at zero; randomize the head so every layer matters
+        for p in model.head.parameters():
+            p.normal_(0, 0.2)
+    return ReferencePolicy(model)
+
+
+def _calibration(n_batches: int = 3, b: int = 8) -> CalibrationSet:
+    rng = np.random.default_rng(0)
+    batches = [
+        {
+            "image": rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8),
+            "state": rng.normal(size=(b, 4)).astype(np.float32),
+            "instruction": [INSTRUCTIONS[i % 4] for i in range(b)],
+            "actions": rng.uniform(-1, 1, (b, SMALL.chunk_size, 4)).astype(np.float32),
+        }
+        for _ in range(n_batches)
+    ]
+    return CalibrationSet(batches, {"split": "test", "action_space": {"names": ["dx", "dy", "dz", "grip"]}})
+
+
+def _interface_gap(fp: ReferencePolicy, q: ReferencePolicy, calib: CalibrationSet) -> tuple[float, float]:
+    """|mu_Q - mu_FP| and ||S_Q - S_FP|| of head.z_proj's output."""
+    batches = list(fp.calibration_batches(iter(calib.batches)))
+
+    def stats(policy):
+        def run(_m):
+            for i, batch in enumerate(batches):
+                policy.predict_chunk(batch, generator=torch.Generator().manual_seed(i))
+
+        return output_stats(policy.model, run, ["head.z_proj"])["head.z_proj"]
+
+    a, b = stats(fp), stats(q)
+    return float((a.mean - b.mean).abs().mean()), float(torch.linalg.matrix_norm(a.cov - b.cov))
+
+
+def test_paper_preset_records_drift_weights_bit_map_and_compensation():
+    policy, calib = _policy(), _calibration()
+    record = quantize_policy(policy, DAPTQConfig.paper(), calib)
+    d = record.decisions
+    assert record.method == "daptq"
+    scores = d["drift_scores"]
+    assert list(scores) == ["dx", "dy", "dz", "grip"] and np.mean(list(scores.values())) == pytest.approx(1.0)
+    actions = np.concatenate([b["actions"] for b in calib.batches])
+    np.testing.assert_allclose(list(scores.values()), drift_scores(actions, policy.action_space), rtol=1e-12)
+    head_layers = [n for n, _ in policy.model.named_modules() if n.startswith("head.") and n != "head.z_proj"]
+    head_linear = [n for n in head_layers if isinstance(policy.model.get_submodule(n), nn.Linear)]
+    assert set(d["phi"]) == set(head_linear)
+    # Last two of the three DiT blocks float; of the other ranked layers, round(0.3 n) stay float.
+    assert all(n.startswith(("head.blocks.1.", "head.blocks.2.")) for n in d["float_by_block"])
+    ranked = [n for n in head_linear if n not in d["float_by_block"]]
+    assert len(d["float_by_rank"]) == int(np.floor(0.3 * len(ranked) + 0.5))
+    top = sorted(ranked, key=lambda n: -d["phi"][n])[: len(d["float_by_rank"])]
+    assert d["float_by_rank"] == top
+    for name, bits in d["bit_map"].items():
+        module = policy.model.get_submodule(name)
+        if bits == 16:
+            assert type(module) is nn.Linear and name in record.decisions["kept_float"]
+        else:
+            assert isinstance(module, QuantLinear) and module.spec.weight.bits == 4 == bits
+            assert module.spec.activation is not None and module.spec.activation.bits == 8
+            assert record.modules[name].spec.weight.bits == 4
+    assert d["bit_map"]["head.z_proj"] == 4  # the interface is quantized, with CSRC folded in
+    assert d["compensation"]["head.z_proj"]["rank"] == 16
+    assert not any(n.startswith(("blocks.", "vision_proj")) for n in record.modules)  # paper scope
+    json.loads(record.to_json())  # everything recorded is JSON
+
+
+def test_csrc_brings_the_interface_output_closer_to_float():
+    calib = _calibration()
+    fp = _policy()
+    gaps, shapes = {}, {}
+    for use_csrc in (False, True):
+        q = _policy()
+        quantize_policy(q, DAPTQConfig.paper(use_mpa=False, use_csrc=use_csrc, csrc_mode="diagonal"), calib)
+        gaps[use_csrc] = _interface_gap(fp, q, calib)
+        shapes[use_csrc] = (
+            [(n, type(m)) for n, m in q.model.named_modules()],
+            [(n, p.shape) for n, p in q.model.named_parameters()],
+        )
+    assert gaps[True][0] < 0.5 * gaps[False][0]  # the mean is matched (up to the re-rounding)
+    assert shapes[True] == shapes[False]  # folded: no extra module or parameter
+
+
+def test_budget_preset_allocates_under_the_average_bit_budget():
+    policy, calib = _policy(), _calibration()
+    cfg = DAPTQConfig.budget(average_bits=3.5)
+    record = quantize_policy(policy, cfg, calib)
+    alloc = record.decisions["allocation"]
+    assert alloc["average_bits"] <= 3.5 and alloc["total_bytes"] <= alloc["budget_bytes"]
+    bits = record.decisions["bit_map"]
+    assert any(n.startswith("blocks.") for n in bits)  # whole model: backbone included
+    assert len(set(bits.values())) > 1  # mixed precision
+    for name, b in bits.items():
+        module = policy.model.get_submodule(name)
+        assert (type(module) is nn.Linear) if b == 16 else (module.spec.weight.bits == b)
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_budget_with_gptq_rounding_and_impossible_budget():
+    policy, calib = _policy(), _calibration(n_batches=2)
+    record = quantize_policy(policy, DAPTQConfig.budget(average_bits=4.5, rounding="gptq"), calib)
+    assert record.decisions["rounding"] == "gptq"
+    before = {k: v.clone() for k, v in _policy().model.state_dict().items()}
+    fresh = _policy()
+    with pytest.raises(ValueError, match="smallest feasible budget"):
+        quantize_policy(fresh, DAPTQConfig.budget(average_bits=1.0), calib)
+    for k, v in fresh.model.state_dict().items():  # all or nothing
+        torch.testing.assert_close(v, before[k])
+
+
+def test_config_validation_names_the_problem():
+    with pytest.raises(ValueError, match="keep_float_fraction"):
+        DAPTQConfig.paper(keep_float_fraction=1.5)
+    with pytest.raises(ValueError, match="exactly one of average_bits, budget_bytes"):
+        DAPTQConfig(preset="budget")
+    with pytest.raises(ValueError, match="bits must be distinct"):
+        DAPTQConfig.budget(bits=(1, 4))
+    with pytest.raises(ValueError, match="g_min"):
+        DAPTQConfig.paper(g_min=2.0)
