@@ -1,0 +1,197 @@
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from daptq.methods.qvla import (
+    QVLA_BITS,
+    LayerSensitivity,
+    MixedBitLinear,
+    allocate_bits,
+    average_bits,
+    jacobian_and_gram,
+    layer_sensitivities,
+    load_mixed_state,
+    mixed_bytes,
+    mixed_state,
+    spearman,
+)
+from daptq.quant import ActivationSpec, WeightSpec, fake_quantize_weight
+
+
+class Toy(nn.Module):
+    """Three linears; the last one's columns span two decades, so channels of ``l2`` differ in how much they
+    move the output (their Jacobian norms), not only in their rounding error."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.l1, self.l2, self.l3 = nn.Linear(8, 24), nn.Linear(24, 32), nn.Linear(32, 6)
+        with torch.no_grad():
+            self.l3.weight.mul_(torch.logspace(-1, 1, 32)[torch.randperm(32)])
+
+    def forward(self, x):
+        return self.l3(torch.tanh(self.l2(torch.tanh(self.l1(x)))))
+
+
+def action_fn(model):
+    return lambda batch, _gen: model(batch)
+
+
+BATCHES = [torch.randn(16, 5, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+
+def exact_rms_deviation(model, name, channel, bits):
+    """Independent reference: quantize one row of a copy with the core RTN, compare outputs."""
+    q = copy.deepcopy(model)
+    layer = q.get_submodule(name)
+    with torch.no_grad():
+        row = layer.weight[channel : channel + 1]
+        layer.weight[channel] = 0 if bits == 0 else fake_quantize_weight(row, WeightSpec(bits))[0]
+        diff = sum(float((q(x) - model(x)).double().square().sum()) for x in BATCHES)
+    return math.sqrt(diff / (16 * 4))
+
+
+def test_jacobian_norms_match_the_full_jacobian():
+    model = Toy()
+    jac_sq, gram, n = jacobian_and_gram(model, ["l2"], action_fn(model), BATCHES, n_probes=256)
+    assert n == 64
+    ref = torch.zeros(32, dtype=torch.float64)
+    h = torch.zeros(24, 24, dtype=torch.float64)
+    for x in BATCHES:
+        for s in range(x.shape[0]):
+            xs = torch.tanh(model.l1(x[s])).detach()
+            h += xs.double().T @ xs.double()
+            J = torch.autograd.functional.jacobian(
+                lambda y: model.l3(torch.tanh(y)), model.l2(xs)
+            )  # (5,6,5,32)
+            ref += J.double().square().sum(dim=(0, 1, 2))
+    assert torch.allclose(gram["l2"], h / 64, rtol=1e-9)
+    rel = (jac_sq["l2"] / (ref / 64) - 1).abs()
+    assert rel.max() < 0.15  # Gaussian probes: unbiased, ~1/sqrt(256*30) relative noise
+    assert all(not m._forward_hooks for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_proxy_ranks_channels_like_the_exact_deviation():
+    model = Toy()
+    sens, _ = layer_sensitivities(model, ["l1", "l2"], action_fn(model), BATCHES, n_probes=16, exact_top_k=0)
+    j2 = QVLA_BITS.index(2)
+    proxy, exact, no_jacobian = [], [], []
+    for name, s in sens.items():
+        for c in range(s.proxy.shape[0]):
+            proxy.append(float(s.proxy[c, j2]))
+            no_jacobian.append(float(s.output_error[c, j2]))
+            exact.append(exact_rms_deviation(model, name, c, 2))
+    rho = spearman(proxy, exact)
+    rho_without_j = spearman(no_jacobian, exact)
+    print(f"Spearman(proxy, exact) = {rho:.3f}; without the Jacobian = {rho_without_j:.3f}")
+    assert rho > 0.85
+    assert rho > rho_without_j + 0.1  # the Jacobian factor is what makes the ranking action-centric
+
+
+def test_top_channels_are_checked_exactly():
+    model = Toy()
+    sens, check = layer_sensitivities(model, ["l2"], action_fn(model), BATCHES, n_probes=8, exact_top_k=10)
+    assert check["checked"] == 10 and check["spearman_proxy_vs_exact"] > 0.5
+    for item in check["top"]:
+        assert item["exact"] == pytest.approx(
+            exact_rms_deviation(model, "l2", item["channel"], item["bits"]), rel=1e-5
+        )
+        j = QVLA_BITS.index(item["bits"])
+        assert float(sens["l2"].used[item["channel"], j]) == pytest.approx(item["exact"])
+    checked = {(i["channel"], i["bits"]) for i in check["top"]}
+    smallest_checked = min(i["proxy"] for i in check["top"])
+    for c in range(32):
+        for j in range(1, 5):  # every unchecked candidate has a smaller proxy than every checked one
+            if (c, QVLA_BITS[j]) not in checked:
+                assert float(sens["l2"].proxy[c, j]) <= smallest_checked
+
+
+def synthetic(fan_ins, outs, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sens = {}
+    for k, (f, o) in enumerate(zip(fan_ins, outs, strict=True)):
+        base = torch.rand(o, 1, generator=g, dtype=torch.float64) * 10 ** (k % 2)
+        growth = torch.tensor([[0.0, 1.0, 4.0, 16.0, 256.0]], dtype=torch.float64)
+        used = base * growth
+        sens[f"l{k}"] = LayerSensitivity(f"l{k}", f, base[:, 0], used, used, used.clone())
+    return sens
+
+
+@pytest.mark.parametrize("avg", [8.0, 4.0, 3.0, 2.5, 2.0, 1.0])
+def test_budget_is_met_exactly(avg):
+    sens = synthetic([24, 32, 48], [32, 24, 16])
+    bits = allocate_bits(sens, avg)
+    fan = {n: s.fan_in for n, s in sens.items()}
+    assert average_bits(bits, fan) == avg  # to the bit: total bits == avg * weights
+    assert sum(int(b.long().sum()) * fan[n] for n, b in bits.items()) == avg * sum(
+        b.numel() * fan[n] for n, b in bits.items()
+    )
+    assert all(set(b.tolist()) <= set(QVLA_BITS) for b in bits.values())
+
+
+def test_less_sensitive_channels_are_demoted_first():
+    sens = synthetic([16], [8])
+    sens["l0"].used[0] *= 1e6  # one channel is far more sensitive than the rest
+    bits = allocate_bits(sens, 4.0)["l0"]
+    assert bits[0] == 16 and bits[1:].float().mean() < 4
+
+
+def test_impossible_budgets_are_clear_errors():
+    sens = synthetic([3], [1])  # one row of 3 weights: totals 48, 24, 12, 6, 0 bits only
+    with pytest.raises(ValueError, match="cannot be met exactly"):
+        allocate_bits(sens, 1.0)
+    with pytest.raises(ValueError, match=r"in \[0, 16\]"):
+        allocate_bits(sens, 17)
+    with pytest.raises(ValueError, match="not a whole number of bits"):
+        allocate_bits(synthetic([3], [2]), 1.1)
+    assert average_bits(allocate_bits(sens, 2.0), {"l0": 3}) == 2.0
+
+
+def test_mixed_layer_forward_and_storage_round_trip():
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 10)
+    row_bits = torch.tensor([16, 8, 4, 2, 0, 4, 4, 2, 8, 16])
+    layer = MixedBitLinear.from_float(copy.deepcopy(lin), row_bits, ActivationSpec(8))
+    expected = torch.zeros(10, 24)
+    for c, b in enumerate(row_bits.tolist()):
+        w = lin.weight[c : c + 1].detach()
+        if b == 16:
+            expected[c] = w.half().float()[0]
+        elif b != 0:
+            expected[c] = fake_quantize_weight(w, WeightSpec(b))[0]
+    assert torch.equal(layer.dequantized_weight(), expected)
+    x = torch.randn(3, 24)
+    from daptq.quant.fake import fake_quantize_activation
+
+    xq = fake_quantize_activation(x, ActivationSpec(8), None, None, -1)
+    assert torch.allclose(layer(x), F.linear(xq, expected, lin.bias), atol=1e-6)
+
+    blob = st_save(mixed_state(layer, "m"))  # through the file format, no pickle
+    fresh = MixedBitLinear.from_float(nn.Linear(24, 10), torch.full((10,), 16), ActivationSpec(8))
+    with torch.no_grad():
+        fresh.bias.copy_(lin.bias)
+    load_mixed_state(fresh, st_load(blob), "m")
+    assert torch.equal(fresh.dequantized_weight(), layer.dequantized_weight())
+    assert torch.equal(fresh(x), layer(x))
+    assert torch.equal(fresh.row_bits, layer.row_bits)
+
+    counted = mixed_bytes(layer)
+    # bit map 10 B; 8-bit: 2 rows x 24 B; 4-bit: 3 rows x 12 B; 2-bit: 2 rows x 6 B; 16-bit: 2 rows x 48 B;
+    # one bf16 scale per quantized row (7 rows)
+    assert counted["stored_bytes"] == 10 + 48 + 36 + 12 + 96 + 7 * 2
+    assert counted["ideal_bytes"] == math.ceil(sum(row_bits.tolist()) * 24 / 8) + 7 * 2
+    assert counted["fp16_bytes"] == 480
+
+
+def test_bad_row_bits_are_rejected():
+    with pytest.raises(ValueError, match="not in"):
+        MixedBitLinear.from_float(nn.Linear(4, 2), torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="entries"):
+        MixedBitLinear.from_float(nn.Linear(4, 2), torch.tensor([4]))
