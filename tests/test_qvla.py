@@ -195,3 +195,38 @@ def test_bad_row_bits_are_rejected():
         MixedBitLinear.from_float(nn.Linear(4, 2), torch.tensor([3, 4]))
     with pytest.raises(ValueError, match="entries"):
         MixedBitLinear.from_float(nn.Linear(4, 2), torch.tensor([4]))
+
+
+def test_reference_differentiable_chunk_matches_predict_chunk_and_has_gradients():
+    import numpy as np
+
+    from daptq.models.reference import ReferencePolicy, ReferenceVLA, ReferenceVLAConfig
+
+    torch.manual_seed(0)
+    cfg = ReferenceVLAConfig(
+        image_size=32,
+        d_model=32,
+        n_layer=1,
+        n_head=2,
+        dit_d_model=32,
+        dit_n_layer=1,
+        dit_n_head=2,
+        num_inference_steps=4,
+    )
+    model = ReferenceVLA(cfg)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.normal_(0, 0.2)
+    policy = ReferencePolicy(model)
+    rng = np.random.default_rng(0)
+    raw = {
+        "image": rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8),
+        "state": rng.normal(size=(2, 4)).astype(np.float32),
+        "instruction": ["open the door", "close the drawer"],
+    }
+    batch = next(policy.calibration_batches(iter([raw])))
+    expected = policy.predict_chunk(batch, generator=torch.Generator().manual_seed(3))
+    chunk = policy.differentiable_chunk(batch, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(chunk.detach(), expected)
+    (grad,) = torch.autograd.grad(chunk.square().sum(), [model.blocks[0].mlp.fc.weight])
+    assert grad.abs().sum() > 0  # the action depends on the backbone through every denoising step
