@@ -178,3 +178,74 @@ def test_hooks_are_removed_also_on_error():
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in fp.modules())
     with pytest.raises(ValueError, match="not an attention module"):
         collect_stats(fp, ["up"], lambda: None)
+
+
+# ---- on the reference VLA, through quantize_policy ---------------------------------------------------------
+def random_calibration(n_batches=2, n=4, seed=0):
+    """Random images and states: enough to drive every layer (the numbers are not the point here)."""
+    import numpy as np
+
+    from daptq.data.calibration import CalibrationSet
+
+    rng = np.random.default_rng(seed)
+    tasks = ["reach the goal", "push the puck to the goal", "open the drawer", "press the button"]
+    return CalibrationSet(
+        [
+            {
+                "image": rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8),
+                "state": rng.uniform(-0.2, 0.8, (n, 4)).astype(np.float32),
+                "instruction": [tasks[i % 4] for i in range(n)],
+            }
+            for _ in range(n_batches)
+        ],
+        {"split": "test", "action_space": {"names": ["dx", "dy", "dz", "grip"]}},
+    )
+
+
+def test_quantvla_on_the_reference_vla():
+    from daptq.methods import config_from_dict, quantize_policy
+    from daptq.methods.quantvla import QuantVLAConfig
+    from daptq.methods.rtn import RTNConfig
+    from daptq.models.reference import load_reference_policy
+    from daptq.quant import ActivationSpec, QuantSpec, WeightSpec
+
+    spec = QuantSpec(WeightSpec(4), ActivationSpec(4))  # W4A4 moves the head's logits enough to fold
+    config = QuantVLAConfig(spec=spec)
+    assert config_from_dict(config.to_dict()) == config
+    policy = load_reference_policy("metaworld-mt10")
+    model = policy.model
+    fp_qkv = model.head.blocks[0].attn.qkv.weight.detach().clone()
+    n_params = sum(p.numel() for p in model.parameters())
+    calibration = random_calibration()
+    record = quantize_policy(policy, config, calibration)
+
+    for i in range(3):
+        block = model.head.blocks[i]
+        assert type(block.attn.qkv) is nn.Linear and type(block.attn.proj) is nn.Linear  # float, no new op
+        assert isinstance(block.mlp.fc, QuantLinear) and isinstance(block.mlp.proj, QuantLinear)
+        assert type(block.adaLN) is nn.Linear
+        assert (
+            "attention projections stay float" in record.decisions["kept_float"][f"head.blocks.{i}.attn.qkv"]
+        )
+        assert len(record.decisions["alpha"][f"head.blocks.{i}.attn"]) == 6
+    assert all(isinstance(model.blocks[i].attn.qkv, QuantLinear) for i in range(6))
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    alpha = torch.tensor(record.decisions["alpha"]["head.blocks.0.attn"])
+    assert (alpha != 1).any(), record.decisions["alpha"]
+    beta = record.decisions["beta"]
+    assert set(beta) == {f"head.blocks.{i}.attn" for i in range(3)}
+    gain = alpha.repeat_interleave(32)[:, None]
+    assert torch.allclose(model.head.blocks[0].attn.qkv.weight[:192], fp_qkv[:192] * gain, rtol=1e-6)
+    assert torch.equal(model.head.blocks[0].attn.qkv.weight[192:], fp_qkv[192:])
+
+    # without ATM/OHB the method is RTN on the selective layout, layer for layer
+    plain = load_reference_policy("metaworld-mt10")
+    quantize_policy(plain, QuantVLAConfig(spec=spec, atm=False, ohb=False), calibration)
+    rtn = load_reference_policy("metaworld-mt10")
+    quantize_policy(rtn, RTNConfig(spec=spec), calibration)
+    assert torch.equal(
+        plain.model.blocks[2].mlp.fc.dequantized_weight(), rtn.model.blocks[2].mlp.fc.dequantized_weight()
+    )
+    assert type(plain.model.head.blocks[1].attn.qkv) is nn.Linear and isinstance(
+        rtn.model.head.blocks[1].attn.qkv, QuantLinear
+    )

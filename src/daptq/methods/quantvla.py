@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from daptq.quant import QuantLinear, Recipe, Rule
-from daptq.quant.spec import QuantSpec
+from daptq.methods import register_method
+from daptq.methods.base import Method, MethodConfig, forward_batch, require_plan
+from daptq.methods.rtn import RTN, RTNConfig
+from daptq.methods.scope import ScopePlan
+from daptq.quant import QuantLinear
 
 NEUTRAL_BAND = 0.03
 LOG_CLIP = 0.4
@@ -66,28 +69,9 @@ def layout_kind(model: nn.Module, name: str) -> str:
     parent = model.get_submodule(parent_name) if parent_name else model
     if is_attention(parent):
         return "attention"
-    if type(parent).__name__.upper().endswith("MLP") and "t_embed" not in parent_name:
+    if type(parent).__name__.upper().endswith("MLP"):
         return "mlp"
     return "other"
-
-
-def selective_recipe(
-    model: nn.Module,
-    roles: dict[str, str],
-    spec: QuantSpec,
-    quantize_roles: Iterable[str] = ("backbone",),
-    head_role: str = "action_head",
-) -> Recipe:
-    """Exact-name rules: every module of ``quantize_roles`` and the head's MLP linears get ``spec``; the
-    head's attention projections and its other linears stay float (they simply get no rule)."""
-    quantize_roles = set(quantize_roles)
-    rules = []
-    for name, role in roles.items():
-        if role in quantize_roles or (role == head_role and layout_kind(model, name) == "mlp"):
-            rules.append(Rule(name, spec, "exact"))
-    if not rules:
-        raise ValueError(f"QuantVLA layout selects no module (roles {sorted(set(roles.values()))})")
-    return Recipe(tuple(rules))
 
 
 def attention_names(model: nn.Module, roles: dict[str, str], role: str = "action_head") -> list[str]:
@@ -280,3 +264,105 @@ def match_attention_(
             fold_output_gain_(q_model.get_submodule(n), betas[n], n)
             decisions["beta"][n] = betas[n]
     return decisions
+
+
+# ---- the method -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QuantVLAConfig(MethodConfig):
+    """QuantVLA on daptq's scope: ``spec`` (default W4A8) on the backbone and the action head's MLPs.
+
+    ``base`` is the quantizer under the layout: ``"rtn"`` (round-to-nearest with the spec's observer). The
+    paper builds on DuQuant's rotation + smoothing; that base is not implemented here.
+    """
+
+    VERSION = 1
+    atm: bool = True
+    ohb: bool = True
+    neutral_band: float = NEUTRAL_BAND
+    clip: float = LOG_CLIP
+    base: Literal["rtn"] = "rtn"
+    head_role: str = "action_head"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.neutral_band < self.clip:
+            raise ValueError(
+                f"QuantVLAConfig: need 0 <= neutral_band < clip, got {self.neutral_band} and {self.clip}"
+            )
+
+
+def _layout_plan(adapter: Any, plan: ScopePlan, head_role: str) -> ScopePlan:
+    """Drop the head's attention projections and its non-MLP linears from ``plan`` (kept float, with why)."""
+    modules, kept = {}, dict(plan.kept_float)
+    for name, m in plan.modules.items():
+        if m.role != head_role:
+            modules[name] = m
+            continue
+        kind = layout_kind(adapter.model, name)
+        if kind == "mlp":
+            modules[name] = m
+        elif kind == "attention":
+            kept[name] = "QuantVLA layout: action-head attention projections stay float"
+        else:
+            kept[name] = "QuantVLA layout: only the action head's MLPs are quantized"
+    if not modules:
+        raise ValueError("QuantVLA layout leaves no module to quantize in this scope")
+    return ScopePlan(modules, kept)
+
+
+@register_method(QuantVLAConfig, name="quantvla")
+class QuantVLA(Method):
+    """Selective layout on an RTN base, then ATM and OHB folded into the head's attention weights."""
+
+    def __init__(self, config: QuantVLAConfig) -> None:
+        super().__init__(config)
+        self._base = RTN(RTNConfig(spec=config.spec, scope=config.scope))
+        self._batches: list[Any] = []
+        self._fp_stats: dict[str, AttentionStats] = {}
+        self._targets: list[str] = []
+
+    def prepare(self, adapter: Any) -> None:
+        super().prepare(adapter)
+        self.plan = _layout_plan(adapter, require_plan(self), self.config.head_role)
+        self._base.plan = self.plan
+        roles = {m.name: m.role for m in adapter.quantizable_modules()}
+        self._targets = attention_names(adapter.model, roles, self.config.head_role)
+
+    def _run(self, adapter: Any) -> Callable[[nn.Module], None]:
+        def run(_model: nn.Module) -> None:
+            for i, batch in enumerate(self._batches):
+                forward_batch(adapter, batch, seed=i)
+
+        return run
+
+    def calibrate(self, adapter: Any, batches: Sequence[Any]) -> None:
+        require_plan(self)
+        if not batches:
+            raise ValueError("QuantVLA: ATM/OHB need calibration batches")
+        self._batches = list(batches)
+        try:
+            self._base.calibrate(adapter, self._batches)  # static activation scales, if the spec has any
+        finally:
+            self._base.remove_hooks()
+        self._fp_stats = collect_stats(
+            adapter.model, self._targets, lambda: self._run(adapter)(adapter.model)
+        )
+
+    def apply(self, adapter: Any) -> None:
+        require_plan(self)
+        if not self._fp_stats:
+            raise RuntimeError("QuantVLA.apply: calibrate() has not run")
+        self._base.apply(adapter)
+        c = self.config
+        decisions = match_attention_(
+            self._fp_stats,
+            adapter.model,
+            self._targets,
+            self._run(adapter),
+            atm=c.atm,
+            ohb=c.ohb,
+            band=c.neutral_band,
+            clip=c.clip,
+        )
+        self.decisions.update({"base": c.base, "attention_modules": self._targets, **decisions})
+        self.decisions.update({f"base_{k}": v for k, v in self._base.decisions.items()})

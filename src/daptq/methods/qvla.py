@@ -28,18 +28,24 @@ deployable one.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
+import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from daptq.quant import ActivationSpec, WeightSpec, quantize_weight
+from daptq.atomic import atomic_write_bytes
+from daptq.methods import register_method
+from daptq.methods.base import Method, MethodConfig, require_plan
+from daptq.quant import ActivationSpec, QuantSpec, WeightSpec, quantize_weight
 from daptq.quant.fake import dequantize_weight, fake_quantize_activation
 from daptq.quant.io import pack_codes, unpack_codes
 
@@ -490,3 +496,188 @@ def _close_gap(level: dict[str, list[int]], gap: int, step) -> int:
 def average_bits(bits: Mapping[str, torch.Tensor], fan_in: Mapping[str, int]) -> float:
     total = sum(int(b.long().sum()) * fan_in[n] for n, b in bits.items())
     return total / sum(b.numel() * fan_in[n] for n, b in bits.items())
+
+
+# ---- the method -------------------------------------------------------------------------------------------
+def _default_qvla_spec() -> QuantSpec:
+    return QuantSpec(row_spec(4), ActivationSpec(8))
+
+
+@dataclass(frozen=True)
+class QVLAConfig(MethodConfig):
+    """QVLA on daptq's scope. ``avg_bits`` is the budget in bits per weight over the in-scope layers; only
+    ``spec.activation`` is used (uniform over the layers), weights get per-channel widths in QVLA_BITS.
+
+    ``spec.weight`` must say per-channel symmetric min-max (what QVLA rounds with); its bit width is ignored.
+    """
+
+    VERSION = 1
+    spec: QuantSpec = field(default_factory=_default_qvla_spec)
+    avg_bits: float = 4.0
+    n_probes: int = 4
+    exact_top_k: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        w = self.spec.weight
+        if (w.granularity, w.symmetric, w.observer) != ("per_channel", True, "minmax"):
+            raise ValueError(
+                "QVLAConfig: QVLA rounds each output channel with symmetric min-max RTN; spec.weight must be "
+                f"per_channel, symmetric, minmax (got {w.short()})"
+            )
+        if self.spec.activation is not None and self.spec.activation.mode != "dynamic_per_token":
+            raise ValueError("QVLAConfig: activations must be dynamic per-token (or None)")
+        if not 0 <= self.avg_bits <= 16:
+            raise ValueError(f"QVLAConfig: avg_bits must be in [0, 16], got {self.avg_bits}")
+        if self.n_probes < 1 or self.exact_top_k < 0:
+            raise ValueError(f"QVLAConfig: need n_probes >= 1 and exact_top_k >= 0, got {self}")
+
+
+def differentiable_action(adapter: Any) -> ActionFn:
+    """The adapter's action chunk with autograd kept (``differentiable_chunk(batch, generator)``)."""
+    fn = getattr(adapter, "differentiable_chunk", None)
+    if fn is None:
+        raise ValueError(
+            f"QVLA needs {type(adapter).__name__}.differentiable_chunk(batch, generator): the action chunk "
+            "with autograd kept, to estimate the Jacobian of the action w.r.t. each layer"
+        )
+    return lambda batch, generator: fn(batch, generator=generator)
+
+
+@register_method(QVLAConfig, name="qvla")
+class QVLA(Method):
+    """Per-channel sensitivities on the float model, greedy demotion to the budget, MixedBitLinear layers."""
+
+    def __init__(self, config: QVLAConfig) -> None:
+        super().__init__(config)
+        self._sens: dict[str, LayerSensitivity] = {}
+
+    def prepare(self, adapter: Any) -> None:
+        super().prepare(adapter)
+        plan = require_plan(self)
+        bad = [n for n, m in plan.modules.items() if m.kind != "Linear"]
+        if bad:
+            raise ValueError(f"QVLA quantizes Linear layers only; exclude {bad[:5]} from the scope")
+        differentiable_action(adapter)  # fail before calibration if the adapter cannot give gradients
+
+    def calibrate(self, adapter: Any, batches: Sequence[Any]) -> None:
+        plan = require_plan(self)
+        if not batches:
+            raise ValueError("QVLA: sensitivities need calibration batches")
+        c = self.config
+        self._sens, check = layer_sensitivities(
+            adapter.model,
+            list(plan.modules),
+            differentiable_action(adapter),
+            list(batches),
+            n_probes=c.n_probes,
+            exact_top_k=c.exact_top_k,
+            seed=c.seed,
+        )
+        rho = check.get("spearman_proxy_vs_exact")
+        if rho is not None and not math.isfinite(rho):
+            check["spearman_proxy_vs_exact"] = None
+        self.decisions["exact_check"] = check
+
+    def apply(self, adapter: Any) -> None:
+        from daptq.quant._util import set_module
+
+        require_plan(self)
+        if not self._sens:
+            raise RuntimeError("QVLA.apply: calibrate() has not run")
+        bits = allocate_bits(self._sens, self.config.avg_bits)
+        model = adapter.model
+        for name, row_bits in bits.items():
+            set_module(
+                model,
+                name,
+                MixedBitLinear.from_float(model.get_submodule(name), row_bits, self.config.spec.activation),
+            )
+        fan = {n: s.fan_in for n, s in self._sens.items()}
+        self.decisions["average_bits"] = average_bits(bits, fan)
+        self.decisions["rows_by_bits"] = {
+            n: {str(w): int((b == w).sum()) for w in QVLA_BITS} for n, b in bits.items()
+        }
+        self.decisions["row_bits"] = {n: b.tolist() for n, b in bits.items()}
+        self.decisions["weight_bytes"] = mixed_model_bytes(model)
+        self.decisions["deployable"] = (
+            "no: no packed kernel takes per-row widths (it would need one GEMM per width group)"
+        )
+
+
+def mixed_layers(model: nn.Module) -> dict[str, MixedBitLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, MixedBitLinear)}
+
+
+def mixed_model_bytes(model: nn.Module) -> dict[str, int]:
+    """Summed ``mixed_bytes`` over every MixedBitLinear of ``model``."""
+    total = {"stored_bytes": 0, "ideal_bytes": 0, "fp16_bytes": 0}
+    for layer in mixed_layers(model).values():
+        for k, v in mixed_bytes(layer).items():
+            total[k] += v
+    return total
+
+
+MIXED_FORMAT = "daptq-qvla-mixed"
+MIXED_FORMAT_VERSION = 1
+
+
+def save_mixed_layers(model: nn.Module, path: str | Path) -> str:
+    """Write every MixedBitLinear of ``model`` (grouped codes, scales, float16 rows, bit maps, biases) to one
+    safetensors file, atomically; returns its sha256 for the caller's record."""
+    from safetensors.torch import save as st_save
+
+    layers = mixed_layers(model)
+    if not layers:
+        raise ValueError("save_mixed_layers: the model has no MixedBitLinear layer")
+    tensors: dict[str, torch.Tensor] = {}
+    meta = {}
+    for name, layer in layers.items():
+        tensors.update(mixed_state(layer, name))
+        if layer.bias is not None:
+            tensors[f"{name}.bias"] = layer.bias.detach()
+        meta[name] = {
+            "shape": [layer.out_features, layer.in_features],
+            "bias": layer.bias is not None,
+            "activation": None if layer.activation is None else layer.activation.to_dict(),
+        }
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    header = {"format": MIXED_FORMAT, "version": str(MIXED_FORMAT_VERSION), "layers": json.dumps(meta)}
+    data = st_save(tensors, metadata=header)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_mixed_layers(model: nn.Module, path: str | Path, sha256: str | None = None) -> list[str]:
+    """Swap the stored layers into ``model`` (a freshly built float model); outputs equal the saved model's
+    bit for bit. ``sha256`` (from ``save_mixed_layers``) is checked when given. Nothing is unpickled."""
+    from safetensors import safe_open
+    from safetensors.torch import load as st_load
+
+    from daptq.quant._util import set_module
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mixed-bit layer file not found: {path}")
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"{path}: sha256 mismatch (the file changed since it was recorded)")
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+    if header.get("format") != MIXED_FORMAT or header.get("version") != str(MIXED_FORMAT_VERSION):
+        raise ValueError(f"{path}: not a {MIXED_FORMAT} v{MIXED_FORMAT_VERSION} file (header {header})")
+    tensors = st_load(data)
+    meta = json.loads(header["layers"])
+    for name, info in meta.items():
+        module = model.get_submodule(name)
+        if type(module) is not nn.Linear or [module.out_features, module.in_features] != info["shape"]:
+            raise ValueError(f"{path}: layer {name} {info['shape']} does not fit {module}")
+        act = None if info["activation"] is None else ActivationSpec.from_dict(info["activation"])
+        layer = MixedBitLinear.from_float(module, torch.full((module.out_features,), 16), act)
+        load_mixed_state(layer, tensors, name)
+        if info["bias"]:
+            with torch.no_grad():
+                layer.bias.copy_(tensors[f"{name}.bias"])
+        set_module(model, name, layer)
+    return list(meta)
