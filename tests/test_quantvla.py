@@ -17,6 +17,15 @@ from daptq.models.transformer import SelfAttention
 from daptq.quant import QuantLinear, QuantSpec, WeightSpec
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The reference-VLA passes are small; several threads on a shared machine only slow them down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class AttnNet(nn.Module):
     """A linear feeding a float attention: quantizing ``up`` changes the attention's logits and output."""
 

@@ -24,6 +24,15 @@ from daptq.methods.qvla import (
 from daptq.quant import ActivationSpec, WeightSpec, fake_quantize_weight
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The reference-VLA passes are small; several threads on a shared machine only slow them down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Toy(nn.Module):
     """Three linears; the last one's columns span two decades, so channels of ``l2`` differ in how much they
     move the output (their Jacobian norms), not only in their rounding error."""
@@ -230,3 +239,63 @@ def test_reference_differentiable_chunk_matches_predict_chunk_and_has_gradients(
     assert torch.equal(chunk.detach(), expected)
     (grad,) = torch.autograd.grad(chunk.square().sum(), [model.blocks[0].mlp.fc.weight])
     assert grad.abs().sum() > 0  # the action depends on the backbone through every denoising step
+
+
+def random_calibration(n_batches=1, n=2, seed=0):
+    """Random images and states: enough to drive every layer (the numbers are not the point here)."""
+    import numpy as np
+
+    from daptq.data.calibration import CalibrationSet
+
+    rng = np.random.default_rng(seed)
+    return CalibrationSet(
+        [
+            {
+                "image": rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8),
+                "state": rng.uniform(-0.2, 0.8, (n, 4)).astype(np.float32),
+                "instruction": ["reach the goal", "open the drawer"][:n],
+            }
+            for _ in range(n_batches)
+        ],
+        {"split": "test", "action_space": {"names": ["dx", "dy", "dz", "grip"]}},
+    )
+
+
+def test_qvla_on_the_reference_vla_meets_the_budget_and_reloads_bit_exactly(tmp_path):
+    import numpy as np
+
+    from daptq.methods import config_from_dict, quantize_policy
+    from daptq.methods.qvla import QVLAConfig, load_mixed_layers, mixed_layers, save_mixed_layers
+    from daptq.models.reference import load_reference_policy
+
+    config = QVLAConfig(avg_bits=3.0, n_probes=1, exact_top_k=4)
+    assert config_from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="per_channel, symmetric, minmax"):
+        QVLAConfig(spec=__import__("daptq.quant", fromlist=["w4a8"]).w4a8())
+    policy = load_reference_policy("metaworld-mt10")
+    calibration = random_calibration()
+    batch = next(policy.calibration_batches(iter(calibration.batches)))
+    fp_actions = policy.predict_chunk(batch, generator=torch.Generator().manual_seed(0))
+    record = quantize_policy(policy, config, calibration)
+    layers = mixed_layers(policy.model)
+    planned = [n for n, m in record.modules.items()]
+    assert sorted(layers) == sorted(planned) and len(layers) > 40
+    fan = {n: m.in_features for n, m in layers.items()}
+    assert average_bits({n: m.row_bits for n, m in layers.items()}, fan) == 3.0
+    assert record.decisions["average_bits"] == 3.0
+    assert record.decisions["exact_check"]["checked"] == 4
+    q_actions = policy.predict_chunk(batch, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(q_actions).all() and not torch.equal(q_actions, fp_actions)
+    counted = record.decisions["weight_bytes"]
+    assert counted["ideal_bytes"] <= counted["stored_bytes"] < counted["fp16_bytes"] * 3 / 16 * 1.05
+
+    sha = save_mixed_layers(policy.model, tmp_path / "qvla.safetensors")
+    fresh = load_reference_policy("metaworld-mt10")
+    assert sorted(load_mixed_layers(fresh.model, tmp_path / "qvla.safetensors", sha256=sha)) == sorted(layers)
+    again = fresh.predict_chunk(batch, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again, q_actions)
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        load_mixed_layers(
+            load_reference_policy("metaworld-mt10").model, tmp_path / "qvla.safetensors", "0" * 64
+        )
+    assert np.isfinite(record.decisions["exact_check"]["exact_over_proxy_median"])
