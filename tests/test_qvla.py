@@ -299,3 +299,21 @@ def test_qvla_on_the_reference_vla_meets_the_budget_and_reloads_bit_exactly(tmp_
             load_reference_policy("metaworld-mt10").model, tmp_path / "qvla.safetensors", "0" * 64
         )
     assert np.isfinite(record.decisions["exact_check"]["exact_over_proxy_median"])
+
+    # a quantized policy directory (what `daptq quantize` writes and `daptq eval DIR` loads)
+    from daptq.models.quantized import save_quantized_policy
+    from daptq.models.registry import load_policy
+
+    save_quantized_policy(policy, record, tmp_path / "policy", "ref:metaworld-mt10")
+    loaded = load_policy(str(tmp_path / "policy"))
+    assert sorted(mixed_layers(loaded.model)) == sorted(layers)
+    assert torch.equal(loaded.predict_chunk(batch, generator=torch.Generator().manual_seed(0)), q_actions)
+
+
+def test_avg_bits_option_builds_a_qvla_config():
+    from daptq.methods.workflow import config_from_options
+
+    assert config_from_options("qvla", avg_bits=2.5).avg_bits == 2.5
+    assert config_from_options("qvla", w_bits=4, a_bits=4, avg_bits=3).spec.activation.bits == 4
+    with pytest.raises(ValueError, match="no bit budget"):
+        config_from_options("rtn", avg_bits=3)

@@ -151,6 +151,21 @@ class MixedBitLinear(nn.Linear):
             x = fake_quantize_activation(x, self.activation, None, None, -1)
         return F.linear(x, self.dequantized_weight(), self.bias)
 
+    # storage in quantized policy directories (daptq.quant.io custom-module protocol)
+    def checkpoint_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = mixed_state(self, prefix)
+        if self.bias is not None:
+            out[f"{prefix}.bias"] = self.bias.detach()
+        return out
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        return {
+            "loader": "daptq.methods.qvla:load_mixed_linear",
+            "bias": self.bias is not None,
+            "activation": None if self.activation is None else self.activation.to_dict(),
+            "average_bits": self.average_bits,
+        }
+
     def extra_repr(self) -> str:
         counts = {b: int((self.row_bits == b).sum()) for b in QVLA_BITS}
         act = "" if self.activation is None else f", {self.activation.short()}"
@@ -634,14 +649,8 @@ def save_mixed_layers(model: nn.Module, path: str | Path) -> str:
     tensors: dict[str, torch.Tensor] = {}
     meta = {}
     for name, layer in layers.items():
-        tensors.update(mixed_state(layer, name))
-        if layer.bias is not None:
-            tensors[f"{name}.bias"] = layer.bias.detach()
-        meta[name] = {
-            "shape": [layer.out_features, layer.in_features],
-            "bias": layer.bias is not None,
-            "activation": None if layer.activation is None else layer.activation.to_dict(),
-        }
+        tensors.update(layer.checkpoint_tensors(name))
+        meta[name] = {"shape": [layer.out_features, layer.in_features], **layer.checkpoint_config()}
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     header = {"format": MIXED_FORMAT, "version": str(MIXED_FORMAT_VERSION), "layers": json.dumps(meta)}
     data = st_save(tensors, metadata=header)
@@ -667,17 +676,31 @@ def load_mixed_layers(model: nn.Module, path: str | Path, sha256: str | None = N
         header = f.metadata() or {}
     if header.get("format") != MIXED_FORMAT or header.get("version") != str(MIXED_FORMAT_VERSION):
         raise ValueError(f"{path}: not a {MIXED_FORMAT} v{MIXED_FORMAT_VERSION} file (header {header})")
-    tensors = st_load(data)
+    tensors = dict(st_load(data))
     meta = json.loads(header["layers"])
-    for name, info in meta.items():
-        module = model.get_submodule(name)
-        if type(module) is not nn.Linear or [module.out_features, module.in_features] != info["shape"]:
-            raise ValueError(f"{path}: layer {name} {info['shape']} does not fit {module}")
-        act = None if info["activation"] is None else ActivationSpec.from_dict(info["activation"])
-        layer = MixedBitLinear.from_float(module, torch.full((module.out_features,), 16), act)
-        load_mixed_state(layer, tensors, name)
-        if info["bias"]:
-            with torch.no_grad():
-                layer.bias.copy_(tensors[f"{name}.bias"])
-        set_module(model, name, layer)
+    for name, cfg in meta.items():
+        set_module(model, name, load_mixed_linear(model.get_submodule(name), tensors, name, cfg))
     return list(meta)
+
+
+def load_mixed_linear(
+    original: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, cfg: Mapping[str, Any]
+) -> MixedBitLinear:
+    """Rebuild one stored layer over the float Linear it replaces (the keys it uses are popped)."""
+    if type(original) is not nn.Linear:
+        raise ValueError(f"{prefix}: a mixed-bit layer replaces a plain nn.Linear, the model has {original}")
+    act = cfg.get("activation")
+    layer = MixedBitLinear.from_float(
+        original,
+        torch.full((original.out_features,), 16),
+        None if act is None else ActivationSpec.from_dict(act),
+    )
+    load_mixed_state(layer, tensors, prefix)
+    for suffix in ("row_bits", "rows_16", *(f"{kind}_{b}" for kind in ("codes", "scale") for b in INT_BITS)):
+        tensors.pop(f"{prefix}.{suffix}", None)
+    if cfg.get("bias"):
+        if f"{prefix}.bias" not in tensors or layer.bias is None:
+            raise ValueError(f"{prefix}: the stored layer has a bias the model lacks (or it is missing)")
+        with torch.no_grad():
+            layer.bias.copy_(tensors.pop(f"{prefix}.bias"))
+    return layer
