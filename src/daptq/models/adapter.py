@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from daptq.quant.smoothing import SmoothingGroup
+
 Role = Literal["vision", "language", "backbone", "interface", "action_head", "other"]
 DimKind = Literal["translation", "rotation", "gripper", "joint"]
 
@@ -115,6 +117,9 @@ class VLAAdapter(Protocol):
 
     def quantizable_modules(self) -> list[QuantizableModule]:
         """Every module a method may quantize, each tagged with its role."""
+
+    def smoothing_groups(self) -> list[SmoothingGroup]:
+        """Layers sharing an input whose channels a preceding module rescales exactly (SmoothQuant, AWQ)."""
 
     def calibration_batches(
         self, batches: Iterator[Mapping[str, Any]]

@@ -37,6 +37,7 @@ from daptq.models.adapter import METAWORLD_ACTION_SPACE, ActionSpace, Observatio
 from daptq.models.dit import DiTActionHead, NoiseSchedule
 from daptq.models.encoders import LANGUAGE_DIM, LanguageEncoder, VisionEncoder
 from daptq.models.transformer import Block
+from daptq.quant.smoothing import SmoothingGroup
 
 CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 WEIGHTS_FILE = "model.safetensors"
@@ -387,6 +388,31 @@ class ReferencePolicy:
                 continue
             out.append(QuantizableModule(name, module, module_role(name), {"kind": kind}))
         return out
+
+    def smoothing_groups(self) -> list[SmoothingGroup]:
+        """Backbone blocks: ln_1 -> qkv, value rows -> attn.proj, ln_2 -> mlp.fc. DiT blocks: the adaLN
+        modulation (shift/scale chunks) -> qkv and -> mlp.fc, value rows -> attn.proj; the final adaLN ->
+        action_out. mlp.proj (after GELU) and the layers fed by the encoders have no foldable predecessor;
+        ln_f is left alone because its output is z itself."""
+        groups = []
+        d = self.config.d_model
+        for i in range(self.config.n_layer):
+            p = f"blocks.{i}"
+            groups += [
+                SmoothingGroup(f"{p}.ln_1", (f"{p}.attn.qkv",), "layernorm"),
+                SmoothingGroup(f"{p}.attn.qkv", (f"{p}.attn.proj",), "linear", offset=2 * d),
+                SmoothingGroup(f"{p}.ln_2", (f"{p}.mlp.fc",), "layernorm"),
+            ]
+        e = self.config.dit_d_model
+        for i in range(self.config.dit_n_layer):  # adaLN chunks: shift1, scale1, gate1, shift2, scale2, gate2
+            p = f"head.blocks.{i}"
+            groups += [
+                SmoothingGroup(f"{p}.adaLN", (f"{p}.attn.qkv",), "adaln", offset=0, scale_offset=e),
+                SmoothingGroup(f"{p}.attn.qkv", (f"{p}.attn.proj",), "linear", offset=2 * e),
+                SmoothingGroup(f"{p}.adaLN", (f"{p}.mlp.fc",), "adaln", offset=3 * e, scale_offset=4 * e),
+            ]
+        groups.append(SmoothingGroup("head.final_adaLN", ("head.action_out",), "adaln", 0, scale_offset=e))
+        return groups
 
     def calibration_batches(self, batches: Iterator[Mapping[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:
         """Dataset batches (``image`` uint8 (B,H,W,3), ``state`` (B,4), ``instruction`` list[str], optional

@@ -1,0 +1,281 @@
+"""GPTQ (Frantar et al., 2023): round a layer's weight column by column, pushing each column's rounding error
+onto the columns not yet rounded, weighted by the inverse Hessian of the layer's output error.
+
+For a Linear ``y = W x`` and calibration inputs ``X``, the output error ``||(W - W_q) X||^2`` is the quadratic
+form ``tr((W - W_q) H (W - W_q)^T)`` with ``H = X^T X / n``. GPTQ minimizes it greedily: rounding column ``j``
+costs ``err_j = (w_j - q_j) / [H^-1]_jj`` and the optimal update of the remaining columns is
+``W[:, j+1:] -= err_j [H^-1]_{j, j+1:}`` (Optimal Brain Surgeon with a fixed order). Using the upper Cholesky
+factor of ``H^-1`` gives every row's updates at once, and applying them lazily per block of columns keeps the
+work in matrix products.
+
+Choices, as in the GPTQ reference code and llm-compressor:
+- dampening: ``H += damp * mean(diag H) * I`` (``damp=0.01``) keeps the factorization stable;
+- act-order: columns are processed by descending ``diag H`` (the most-used inputs first, while many columns
+  are left to absorb their error); the codes are returned in the original column order;
+- the quantization grid (scales, zero points) is fixed from the original weight *before* the column loop
+  ("static groups"), so act-order never reorders which columns share a group scale; it uses the spec's
+  observer (min-max, percentile or MSE) exactly as RTN would.
+- columns whose inputs are always zero (``diag H == 0``) have no output effect; they are rounded to nearest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from daptq.methods import register_method
+from daptq.methods.base import Method, MethodConfig, require_plan
+from daptq.methods.smoothquant import calibration_run, static_activation_layers
+from daptq.quant._util import set_module
+from daptq.quant.capture import Hessian, capture, capturing, fan_in_rows
+from daptq.quant.fake import (
+    QuantConv2d,
+    QuantLinear,
+    code_dtype,
+    fake_quantize_weight,
+    group_layout,
+    quantized_module_for,
+    weight_as_matrix,
+)
+from daptq.quant.observers import ActivationObserver, check_finite, weight_qparams
+from daptq.quant.spec import WeightSpec
+
+
+def _column_grid(
+    scale: torch.Tensor, zero_point: torch.Tensor | None, rows: int, cols: int, spec: WeightSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element scale and zero point ``[rows, cols]`` (float64) from the ``[R, G]`` grid."""
+    _, groups, size = group_layout(rows, cols, spec)
+    s = scale.double()
+    z = torch.zeros_like(s) if zero_point is None else zero_point.double()
+    if spec.granularity == "per_tensor":
+        return s.expand(rows, cols), z.expand(rows, cols)
+    return s.repeat_interleave(size, dim=1), z.repeat_interleave(size, dim=1)
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: WeightSpec,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """GPTQ-round one layer's weight: ``(codes [out, fan_in], scale [R, G], zero_point [R, G] | None)``.
+
+    ``weight``: a Linear ``[out, in]`` or Conv2d weight (flattened to ``[out, fan_in]``); ``hessian``:
+    ``[fan_in, fan_in]``, e.g. ``daptq.quant.capture.Hessian().hessian`` of the layer's input rows (any
+    positive multiple of ``X^T X`` gives the same result). The outputs have the shapes and dtypes of
+    ``daptq.quant.quantize_weight``, so ``QuantLinear.set_quantized_weight(*gptq_quantize(...))`` installs
+    them. The solve runs in float64. Example::
+
+        h = Hessian(); capture(model, run, inputs={"fc": h}, rows=fan_in_rows)
+        codes, scale, zp = gptq_quantize(model.fc.weight, h.hessian, WeightSpec(4, granularity="per_group",
+                                                                                group_size=32))
+    """
+    if spec.is_float:
+        raise ValueError("gptq_quantize: bits=16 keeps the weight float; there is nothing to quantize")
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(f"gptq_quantize: block_size must be a positive integer, got {block_size!r}")
+    if not 0 <= damp < 1:
+        raise ValueError(f"gptq_quantize: damp must be in [0, 1), got {damp!r}")
+    check_finite(weight, "gptq_quantize weight")
+    w2d = weight_as_matrix(weight.detach()).float()
+    rows, cols = w2d.shape
+    if tuple(hessian.shape) != (cols, cols):
+        raise ValueError(f"gptq_quantize: hessian shape {tuple(hessian.shape)} != {(cols, cols)} (fan-in)")
+    check_finite(hessian, "gptq_quantize hessian")
+    _, n_groups, size = group_layout(rows, cols, spec)
+    grid_rows = 1 if spec.granularity == "per_tensor" else rows
+    scale, zero_point = weight_qparams(w2d.reshape(grid_rows, n_groups, size), spec)
+    S, Z = _column_grid(scale, zero_point, rows, cols, spec)
+
+    H = hessian.detach().double().clone()
+    W = w2d.double().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols)
+    W, H, S, Z = W[:, perm], H[perm][:, perm], S[:, perm], Z[:, perm]
+    H += damp * H.diagonal().mean() * torch.eye(cols, dtype=H.dtype)
+    try:
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise ValueError(
+            f"gptq_quantize: the Hessian is not positive definite after damp={damp}; "
+            "use more calibration data or a larger damp"
+        ) from None
+
+    qmin, qmax = spec.qmin, spec.qmax
+    codes = torch.zeros_like(W)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            w, s, z = W1[:, i], S[:, i1 + i], Z[:, i1 + i]
+            q = torch.clamp(torch.round(w / s) + z, qmin, qmax)
+            codes[:, i1 + i] = q
+            err = (w - (q - z) * s) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            err1[:, i] = err
+        W[:, i2:] -= err1 @ U[i1:i2, i2:]  # the lazy update of every later block
+    codes = codes[:, torch.argsort(perm)]
+    return codes.to(code_dtype(spec)), scale, zero_point
+
+
+def gptq_quantize_layer_(
+    layer: QuantLinear | QuantConv2d,
+    hessian: torch.Tensor,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+) -> None:
+    """Run ``gptq_quantize`` on a fake-quant layer with its own spec and install the result (the float
+    ``weight`` is kept unchanged for inspection and undo)."""
+    if not isinstance(layer, QuantLinear | QuantConv2d):
+        raise ValueError(f"gptq_quantize_layer_: expected a fake-quant layer, got {type(layer).__name__}")
+    layer.set_quantized_weight(
+        *gptq_quantize(layer.weight, hessian, layer.spec.weight, block_size, damp, act_order)
+    )
+
+
+# ---- the method -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GPTQConfig(MethodConfig):
+    """GPTQ on every in-scope layer. ``sequential``: each layer's Hessian is measured with the layers before
+    it (in execution order) already quantized, one calibration pass per layer (GPTQ's "true sequential");
+    False measures every Hessian on the float model in one pass (faster, a little less accurate)."""
+
+    VERSION = 1
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = True
+    sequential: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.block_size < 1:
+            raise ValueError(f"GPTQConfig.block_size must be >= 1, got {self.block_size}")
+        if not 0.0 <= self.damp < 1.0:
+            raise ValueError(f"GPTQConfig.damp must be in [0, 1), got {self.damp}")
+
+
+class _Tee:
+    """One capture site feeding several reductions."""
+
+    def __init__(self, *reductions: Any) -> None:
+        self.reductions = reductions
+
+    def update(self, rows: torch.Tensor) -> None:
+        for r in self.reductions:
+            r.update(rows)
+
+
+class _CallOrder:
+    def __init__(self) -> None:
+        self.order: list[str] = []
+
+    def hook(self, name: str):
+        def record(_module, _args):
+            if name not in self.order:
+                self.order.append(name)
+
+        return record
+
+
+def _relative_output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
+    """``tr(dW H dW^T) / tr(W H W^T)``: the layer's relative squared output error on calibration inputs."""
+    w, d = w.double(), (w - wq).double()
+    den = float(torch.einsum("ij,jk,ik->", w, h, w))
+    return float(torch.einsum("ij,jk,ik->", d, h, d)) / den if den > 0 else 0.0
+
+
+@register_method(GPTQConfig, name="gptq")
+class GPTQ(Method):
+    """Layer by layer in execution order: capture the input Hessian, solve with ``gptq_quantize``, install."""
+
+    def __init__(self, config: GPTQConfig) -> None:
+        super().__init__(config)
+        self._order: list[str] = []
+        self._hessians: dict[str, Hessian] = {}
+        self._observers: dict[str, ActivationObserver] = {}
+        self._batches: Sequence[Mapping[str, torch.Tensor]] = ()
+
+    def calibrate(self, adapter: Any, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        plan = require_plan(self)
+        if not batches:
+            raise ValueError("GPTQ needs calibration batches")
+        model = adapter.model
+        bad = [
+            f"{n} (groups={m.groups})"
+            for n in plan.modules
+            if isinstance(m := model.get_submodule(n), nn.Conv2d) and m.groups != 1
+        ]
+        if bad:
+            raise ValueError(
+                "GPTQ solves one weight matrix per layer; grouped/depthwise convolutions are not supported, "
+                f"exclude them from the scope: {bad}"
+            )
+        weights = [n for n, m in plan.modules.items() if not m.spec.weight.is_float]
+        calls = _CallOrder()
+        for name in plan.modules:
+            self.register_forward_pre_hook(model.get_submodule(name), calls.hook(name))
+        sites: dict[str, Any] = {}
+        if not self.config.sequential:
+            self._hessians = {n: Hessian() for n in weights}
+            self._observers = {
+                n: ActivationObserver(plan.modules[n].spec.activation, n)
+                for n in static_activation_layers(plan.specs)
+            }
+            for n in plan.modules:
+                parts = [r for r in (self._hessians.get(n), self._observers.get(n)) if r is not None]
+                if parts:
+                    sites[n] = _Tee(*parts)
+        with capturing(model, inputs=sites, rows=fan_in_rows) if sites else contextlib.nullcontext():
+            calibration_run(adapter, batches)(model)
+        never = [n for n in plan.modules if n not in calls.order]
+        if never:
+            raise ValueError(f"GPTQ: calibration never ran these in-scope modules: {never}")
+        self._order, self._batches = calls.order, batches
+
+    def apply(self, adapter: Any) -> None:
+        plan = require_plan(self)
+        model, cfg = adapter.model, self.config
+        layers: dict[str, dict[str, Any]] = {}
+        static = set(static_activation_layers(plan.specs))
+        for index, name in enumerate(self._order):
+            spec = plan.modules[name].spec
+            hessian, observer = self._hessians.get(name), self._observers.get(name)
+            if cfg.sequential:
+                hessian = None if spec.weight.is_float else Hessian()
+                observer = ActivationObserver(spec.activation, name) if name in static else None
+                parts = [r for r in (hessian, observer) if r is not None]
+                if parts:
+                    run = calibration_run(adapter, self._batches)
+                    capture(model, run, {name: _Tee(*parts)}, rows=fan_in_rows)
+            layer = quantized_module_for(model.get_submodule(name), spec, name, round_now=False)
+            info: dict[str, Any] = {"order": index}
+            if hessian is None:
+                layer.requantize(name)  # float weight (bits=16) with quantized activations
+            else:
+                h = hessian.hessian
+                gptq_quantize_layer_(layer, h, cfg.block_size, cfg.damp, cfg.act_order)
+                w2d = weight_as_matrix(layer.weight.detach())
+                rtn = fake_quantize_weight(w2d, spec.weight)
+                info["rows_seen"] = hessian.count
+                info["rel_output_error"] = _relative_output_error(
+                    w2d, weight_as_matrix(layer.dequantized_weight()), h
+                )
+                info["rtn_rel_output_error"] = _relative_output_error(w2d, rtn, h)
+            if observer is not None:
+                layer.set_activation_qparams(*observer.compute())
+                info["activation_scale"] = float(layer.act_scale)
+            set_module(model, name, layer)
+            layers[name] = info
+        self.decisions["layers"] = layers
+        self.decisions["order"] = list(self._order)
