@@ -258,3 +258,18 @@ def test_quantvla_on_the_reference_vla():
     assert type(plain.model.head.blocks[1].attn.qkv) is nn.Linear and isinstance(
         rtn.model.head.blocks[1].attn.qkv, QuantLinear
     )
+
+
+def test_quantvla_on_a_smoothquant_base():
+    from daptq.methods import quantize_policy
+    from daptq.methods.quantvla import QuantVLAConfig
+    from daptq.models.reference import load_reference_policy
+
+    policy = load_reference_policy("metaworld-mt10")
+    record = quantize_policy(policy, QuantVLAConfig(base="smoothquant"), random_calibration(1))
+    assert record.decisions["base"] == "smoothquant"
+    smoothed = record.decisions["base_smoothing"]
+    assert any(k.startswith("blocks.0.") for k in smoothed) and any(k.startswith("head.") for k in smoothed)
+    assert not any("attn.qkv" in k and k.startswith("head.") for k in smoothed)  # float head attention
+    assert type(policy.model.head.blocks[0].attn.qkv) is nn.Linear
+    assert set(record.decisions["alpha"]) == {f"head.blocks.{i}.attn" for i in range(3)}

@@ -34,6 +34,7 @@ from daptq.methods import register_method
 from daptq.methods.base import Method, MethodConfig, forward_batch, require_plan
 from daptq.methods.rtn import RTN, RTNConfig
 from daptq.methods.scope import ScopePlan
+from daptq.methods.smoothquant import SmoothQuant, SmoothQuantConfig
 from daptq.quant import QuantLinear
 
 NEUTRAL_BAND = 0.03
@@ -271,8 +272,9 @@ def match_attention_(
 class QuantVLAConfig(MethodConfig):
     """QuantVLA on daptq's scope: ``spec`` (default W4A8) on the backbone and the action head's MLPs.
 
-    ``base`` is the quantizer under the layout: ``"rtn"`` (round-to-nearest with the spec's observer). The
-    paper builds on DuQuant's rotation + smoothing; that base is not implemented here.
+    ``base`` is the quantizer under the layout: ``"rtn"`` (round-to-nearest with the spec's observer) or
+    ``"smoothquant"`` (SmoothQuant's migration with strength ``smooth_alpha``, then RTN). The paper builds on
+    DuQuant's block rotation + smoothing; the rotation is not implemented here.
     """
 
     VERSION = 1
@@ -280,7 +282,8 @@ class QuantVLAConfig(MethodConfig):
     ohb: bool = True
     neutral_band: float = NEUTRAL_BAND
     clip: float = LOG_CLIP
-    base: Literal["rtn"] = "rtn"
+    base: Literal["rtn", "smoothquant"] = "rtn"
+    smooth_alpha: float = 0.5
     head_role: str = "action_head"
 
     def __post_init__(self) -> None:
@@ -312,11 +315,15 @@ def _layout_plan(adapter: Any, plan: ScopePlan, head_role: str) -> ScopePlan:
 
 @register_method(QuantVLAConfig, name="quantvla")
 class QuantVLA(Method):
-    """Selective layout on an RTN base, then ATM and OHB folded into the head's attention weights."""
+    """Selective layout on an RTN or SmoothQuant base, then ATM and OHB folded into the head's attention."""
 
     def __init__(self, config: QuantVLAConfig) -> None:
         super().__init__(config)
-        self._base = RTN(RTNConfig(spec=config.spec, scope=config.scope))
+        if config.base == "smoothquant":
+            base_config = SmoothQuantConfig(spec=config.spec, scope=config.scope, alpha=config.smooth_alpha)
+            self._base: Method = SmoothQuant(base_config)
+        else:
+            self._base = RTN(RTNConfig(spec=config.spec, scope=config.scope))
         self._batches: list[Any] = []
         self._fp_stats: dict[str, AttentionStats] = {}
         self._targets: list[str] = []
@@ -341,7 +348,7 @@ class QuantVLA(Method):
             raise ValueError("QuantVLA: ATM/OHB need calibration batches")
         self._batches = list(batches)
         try:
-            self._base.calibrate(adapter, self._batches)  # static activation scales, if the spec has any
+            self._base.calibrate(adapter, self._batches)  # smoothing statistics, static activation scales
         finally:
             self._base.remove_hooks()
         self._fp_stats = collect_stats(
