@@ -31,6 +31,7 @@ def config_from_options(
     observer: str | None = None,
     include_encoders: bool = False,
     symmetric_range: str | None = None,
+    avg_bits: float | None = None,
 ) -> MethodConfig:
     """A method config from a YAML/JSON file or from the bit-width options (not both).
 
@@ -61,6 +62,12 @@ def config_from_options(
             config = dataclasses.replace(config, spec=spec)
         elif flags:
             raise ValueError("--a-bits/--group-size/--asymmetric/--observer/--symmetric-range need --w-bits")
+    if avg_bits is not None:  # a bit budget (QVLA's average bits per weight)
+        if config_path is not None:
+            raise ValueError("give avg_bits in the --config file or as --avg-bits, not both")
+        if "avg_bits" not in {f.name for f in dataclasses.fields(config)}:
+            raise ValueError(f"--avg-bits: method {method!r} has no bit budget (its config has no avg_bits)")
+        config = dataclasses.replace(config, avg_bits=avg_bits)
     if include_encoders:
         config = dataclasses.replace(config, scope=dataclasses.replace(config.scope, include_encoders=True))
     return config
@@ -99,6 +106,7 @@ def quantize_from_args(args: argparse.Namespace) -> Path:
         args.observer,
         args.include_encoders,
         args.symmetric_range,
+        getattr(args, "avg_bits", None),
     )
     from daptq.methods import get_method
 

@@ -104,6 +104,17 @@ class NoiseSchedule(nn.Module):
         device: torch.device | str = "cpu",
     ) -> torch.Tensor:
         """Run DDIM from pure noise; ``eps_model(x_t, t_batch)`` returns the predicted noise."""
+        return self.sample_with_grad(eps_model, shape, num_inference_steps, generator, device)
+
+    def sample_with_grad(
+        self,
+        eps_model,
+        shape: tuple[int, ...],
+        num_inference_steps: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """``sample`` with autograd kept, for methods that differentiate the action w.r.t. a layer (QVLA)."""
         x = torch.randn(shape, generator=generator, device=device)
         timesteps = self.ddim_timesteps(num_inference_steps)
         for i, t in enumerate(timesteps):

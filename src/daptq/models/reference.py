@@ -290,6 +290,22 @@ class ReferencePolicy:
         z = self.model.condition(batch)
         return self.model.sample(z, generator).clamp(self.action_space.low, self.action_space.high)
 
+    def differentiable_chunk(
+        self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``predict_chunk`` with autograd kept (same noise for the same generator state): sensitivity methods
+        differentiate the action chunk w.r.t. a layer's output (QVLA's Jacobian)."""
+        z = self.model.condition(batch)
+        c = self.config
+        chunk = self.model.schedule.sample_with_grad(
+            lambda x, t: self.model.head(x, t, z),
+            (z.shape[0], c.chunk_size, c.action_dim),
+            c.num_inference_steps,
+            generator=generator,
+            device=z.device,
+        )
+        return chunk.clamp(self.action_space.low, self.action_space.high)
+
     def observation_to_batch(self, observation: Observation) -> dict[str, torch.Tensor]:
         """One environment observation -> a batch of one, with the instruction's cached language features."""
         for key in ("image", "state", "instruction"):

@@ -106,13 +106,45 @@ def quantized_state(
             "spec": layer.spec.to_dict(),
             "has_float_weight": spec.is_float or include_float_weights,
         }
+    custom = custom_checkpoint_modules(model)
+    for name, layer in custom.items():
+        tensors.update(layer.checkpoint_tensors(name))
+        modules_cfg[name] = {
+            "type": type(layer).__name__,
+            "weight_shape": list(layer.weight.shape),
+            **layer.checkpoint_config(),
+        }
     for key, value in model.state_dict().items():
         prefix, _, attr = key.rpartition(".")
-        if prefix in layers and attr in _QUANT_STATE:
+        if (prefix in layers and attr in _QUANT_STATE) or prefix in custom:
             continue
         tensors[key] = value
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # unties shared storage
     return tensors, modules_cfg
+
+
+def custom_checkpoint_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Fake-quant layers defined outside daptq.quant that store themselves (methods.qvla's per-row widths).
+
+    Such a layer has ``checkpoint_tensors(prefix) -> {key: tensor}`` (every tensor it needs, bias included,
+    keys under ``prefix``) and ``checkpoint_config() -> dict`` (JSON) whose ``"loader"`` names a function
+    ``"daptq.<module>:<name>"`` with signature ``(float_module, tensors, prefix, cfg) -> layer``; the loader
+    pops the keys it uses from ``tensors``.
+    """
+    return {n: m for n, m in model.named_modules() if n and hasattr(m, "checkpoint_tensors")}
+
+
+def _custom_loader(name: str, loader: Any) -> Callable[..., nn.Module]:
+    """The loader a custom module's config names; only functions inside daptq are accepted."""
+    import importlib
+
+    if not isinstance(loader, str) or not loader.startswith("daptq.") or loader.count(":") != 1:
+        raise ValueError(f"{name}: checkpoint loader must be 'daptq.<module>:<function>', got {loader!r}")
+    module_name, _, fn_name = loader.partition(":")
+    fn = getattr(importlib.import_module(module_name), fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"{name}: checkpoint loader {loader!r} does not exist")
+    return fn
 
 
 def save_quantized(
@@ -207,6 +239,10 @@ def load_quantized_state(
         for name, cfg in modules_cfg.items():
             if not isinstance(cfg, dict):
                 raise ValueError(f"{name}: module config must be an object, got {cfg!r}")
+            if "loader" in cfg:
+                original = get_module(model, name)
+                set_module(model, name, _custom_loader(name, cfg["loader"])(original, tensors, name, cfg))
+                continue
             spec = QuantSpec.from_dict(cfg.get("spec"))
             original = get_module(model, name)
             if tuple(original.weight.shape) != tuple(cfg["weight_shape"]):
