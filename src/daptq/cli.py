@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from daptq.eval.runner import set_process_defaults
+
+    set_process_defaults()  # headless rendering, offline hub: before any subcommand imports MuJoCo
     if argv[:1] == ["train"]:  # argparse's REMAINDER cannot start with an option such as --help
         return _cmd_train(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)

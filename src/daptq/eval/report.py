@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,10 +64,31 @@ def method_label(config: dict[str, Any]) -> str:
     return method_name(config) + ("" if bits == "-" else f" {bits}")
 
 
+def _usable_records(path: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records a report can use: a malformed record or one with missing or damaged arrays is left out
+    with a warning (``daptq eval --resume`` re-runs those episodes)."""
+    paired = config["run"]["reference"] is not None
+    keep, damaged = [], []
+    for i, r in enumerate(store.EpisodeLog(path / store.EPISODES_NAME).read()):
+        problem = store.record_problem(r, paired) or store.arrays_problem(path, r, paired)
+        if problem:
+            damaged.append(f"line {i + 1}: {problem}")
+        else:
+            keep.append(r)
+    if damaged:
+        warnings.warn(
+            f"{path}: {len(damaged)} damaged episode record(s) left out of the report (resume the run to "
+            f"re-run them): {'; '.join(damaged[:5])}",
+            stacklevel=3,
+        )
+    return keep
+
+
 def load_run(path: str | os.PathLike) -> RunData:
     path = Path(path)
+    store.check_no_symlinks(path)
     config = store.read_config(path)
-    records = store.EpisodeLog(path / store.EPISODES_NAME).read()
+    records = _usable_records(path, config)
     if not records:
         raise ValueError(f"{path}: the run has no finished episode yet; nothing to report")
     paired = config["run"]["reference"] is not None

@@ -43,13 +43,23 @@ def _checked_action(action: Any, dim: int, who: str, step: int) -> np.ndarray:
 
 
 def run_episode(
-    env: Any, policy: Policy, seed: int, shadow: Policy | None = None, record_frames: bool = False
+    env: Any,
+    policy: Policy,
+    seed: int,
+    shadow: Policy | None = None,
+    record_frames: bool = False,
+    policy_seed: int | None = None,
 ) -> Rollout:
-    """Roll ``policy`` out until success (terminated) or the step limit (truncated)."""
+    """Roll ``policy`` out until success (terminated) or the step limit (truncated).
+
+    The environment is reset with ``seed``, the policy's (and shadow's) sampling noise with ``policy_seed``
+    (default: ``seed``, which is what pairing needs; another value samples the same episode differently).
+    """
     obs, _ = env.reset(seed=seed)
-    policy.reset(seed=seed)
+    policy_seed = seed if policy_seed is None else policy_seed
+    policy.reset(seed=policy_seed)
     if shadow is not None:
-        shadow.reset(seed=seed)
+        shadow.reset(seed=policy_seed)
     dim = policy.action_space.dim
     ee, actions, shadow_actions = [np.asarray(obs["state"][:3], np.float32)], [], []
     frames = [obs["image"]] if record_frames else None

@@ -33,7 +33,14 @@ from torch import nn
 from daptq.atomic import atomic_write_bytes
 from daptq.cameras import parse_cameras
 from daptq.data.format import LEGACY_DEMO_VERSION, LEGACY_SCENE_VERSION
-from daptq.models.adapter import METAWORLD_ACTION_SPACE, ActionSpace, Observation, QuantizableModule
+from daptq.models.adapter import (
+    METAWORLD_ACTION_SPACE,
+    ActionSpace,
+    Observation,
+    PolicyInfo,
+    QuantizableModule,
+    state_digest,
+)
 from daptq.models.dit import DiTActionHead, NoiseSchedule
 from daptq.models.encoders import LANGUAGE_DIM, LanguageEncoder, VisionEncoder
 from daptq.models.transformer import Block
@@ -266,6 +273,20 @@ class ReferencePolicy:
     @property
     def camera(self) -> str:
         return self.config.camera
+
+    def info(self) -> PolicyInfo:
+        """What the evaluator renders for this policy and the digest of its weights (frozen encoders included)
+        and configuration; ``meta["recipe"]`` (a quantized model's) is passed on."""
+        config = {"model": self.config.to_dict(), "action_space": self.action_space.to_dict()}
+        recipe = self.meta.get("recipe")
+        return PolicyInfo(
+            digest=state_digest(self.model, config),
+            image_size=self.config.image_size,
+            camera=self.config.camera,
+            scene_version=self.scene_version,
+            demo_version=self.demo_version,
+            recipe=recipe if isinstance(recipe, Mapping) else None,
+        )
 
     # ---- Policy -------------------------------------------------------------------------------------------
     def reset(self, seed: int | None = None) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from daptq.models.adapter import METAWORLD_ACTION_SPACE, ActionSpace, Observation
+from daptq.models.adapter import METAWORLD_ACTION_SPACE, ActionSpace, Observation, PolicyInfo, state_digest
 
 # Centre and half-extent of the Meta-World Sawyer workspace (m), used to normalise the state input.
 _WORKSPACE_CENTRE = (0.0, 0.6, 0.15)
@@ -115,6 +115,10 @@ class ToyPolicy(nn.Module):
     def recipe(self) -> dict:
         """Recorded in a run's config.json so the run can be reproduced."""
         return {"method": "toy", **asdict(self.config)}
+
+    def info(self) -> PolicyInfo:
+        """State-only: declares no image size, camera or scene; identified by its weights and config."""
+        return PolicyInfo(digest=state_digest(self, self.recipe), recipe=self.recipe)
 
     def _perturb(self, rel_std: float, noise_seed: int) -> None:
         gen = torch.Generator().manual_seed(noise_seed)
