@@ -17,7 +17,8 @@ def _records(run_dir):
     out = {}
     for r in store.read_records(run_dir):
         r = dict(r)
-        r.pop("wall_s")
+        for key in ("wall_s", "simulated_steps", "reference_cached"):  # how it ran, not what it gave
+            r.pop(key)
         out[(r["task"], r["seed"])] = r
     return out
 

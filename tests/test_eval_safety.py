@@ -193,7 +193,8 @@ def test_damaged_records_and_arrays_are_re_run_on_resume(tmp_path):
     assert sorted(r["seed"] for r in records) == seeds  # none lost, none duplicated, no {} left
     for r in records:
         want = dict(intact[(r["task"], r["seed"])])
-        want.pop("wall_s"), r.pop("wall_s")
+        for key in ("wall_s", "simulated_steps", "reference_cached"):
+            want.pop(key), r.pop(key)
         assert r == want  # the re-run episodes are the same episodes
         assert store.arrays_problem(run, r, paired=True) is None
         assert np.isfinite(store.load_arrays(run, r["task"], r["seed"])["ee"]).all()
@@ -205,7 +206,12 @@ def test_config_records_how_the_run_was_executed(tmp_path):
     with pytest.raises(Interrupt):
         evaluate("toy", "toy", on_episode=lambda r: (_ for _ in ()).throw(Interrupt()), **kwargs)
     config = json.loads((run / store.CONFIG_NAME).read_text())
-    assert config["execution"] == {"backend": "local", "workers": 1, "envs_per_worker": 1}
+    assert config["execution"] == {
+        "backend": "local",
+        "workers": 1,
+        "envs_per_worker": 1,
+        "reference_cache": None,
+    }
     evaluate("toy", "toy", resume=True, workers=2, **kwargs)
     config = json.loads((run / store.CONFIG_NAME).read_text())
     assert config["execution"]["workers"] == 1

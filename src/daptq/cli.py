@@ -26,6 +26,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(result["overall"], indent=2))
         return 0
     from daptq.eval import evaluate
+    from daptq.eval.cache import default_cache_dir
     from daptq.eval.summary import format_summary
 
     summary = evaluate(
@@ -43,6 +44,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         divergence_threshold=args.divergence_threshold,
         hf_cutoff=args.hf_cutoff,
         progress=not args.no_progress,
+        reference_cache=None if args.no_reference_cache else (args.reference_cache or default_cache_dir()),
+        reseed_floor=not args.no_reseed_floor,
     )
     print(format_summary(summary))
     print(f"results in {args.out} (report: daptq report {args.out})")
@@ -111,6 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--divergence-threshold", type=float, default=0.02, help="metres (default 0.02)")
     ev.add_argument("--hf-cutoff", type=float, default=0.25, help="high-frequency cutoff, cycles per step")
     ev.add_argument("--no-progress", action="store_true")
+    cache = ev.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--reference-cache",
+        metavar="DIR",
+        help="cached reference rollouts (default: ~/.cache/daptq/reference-rollouts, or $XDG_CACHE_HOME)",
+    )
+    cache.add_argument("--no-reference-cache", action="store_true", help="compute every reference rollout")
+    ev.add_argument(
+        "--no-reseed-floor",
+        action="store_true",
+        help="skip the FP reseed floor (the reference against itself with another sampling seed)",
+    )
     ev.add_argument("--open-loop", metavar="DATASET", help="open-loop action error on recorded demos")
     ev.add_argument("--split", default="val", help="dataset split for --open-loop")
     ev.add_argument("--max-episodes", type=int, help="episodes per task for --open-loop")

@@ -102,8 +102,13 @@ def episode_record(
     reference: Rollout | None,
     divergence_threshold: float,
     hf_cutoff: float,
+    floor: Rollout | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The JSON record (scalar metrics) and the per-step arrays of one (paired) episode."""
+    """The JSON record (scalar metrics) and the per-step arrays of one (paired) episode.
+
+    ``floor`` is the reference re-sampled with another noise seed: its drift from the reference (``floor_*``)
+    is how far the policy's own sampling noise alone moves a trajectory, the floor for the candidate's drift.
+    """
     record: dict[str, Any] = {
         "task": task,
         "seed": int(seed),
@@ -125,4 +130,9 @@ def episode_record(
         record.update({f"action_{k}": v for k, v in metrics.action_error(candidate.actions, shadow).items()})
         record["grip_disagreements"] = metrics.gripper_disagreements(candidate.actions[:, -1], shadow[:, -1])
         arrays.update({"ref_ee": reference.ee, "ref_actions": reference.actions, "shadow_actions": shadow})
+        if floor is not None:
+            fl = metrics.drift_metrics(floor.ee, reference.ee, divergence_threshold)
+            record.update({f"floor_{k}": v for k, v in fl.items()})
+            record["floor_success"] = floor.success
+            arrays["floor_ee"] = floor.ee
     return record, arrays

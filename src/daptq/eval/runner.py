@@ -28,8 +28,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from daptq.eval import store
+from daptq.eval.cache import ReferenceCache, base_key
 from daptq.eval.metrics import DEFAULT_DIVERGENCE_THRESHOLD_M, DEFAULT_HF_CUTOFF
-from daptq.eval.rollout import episode_record, run_episode
+from daptq.eval.rollout import Rollout, episode_record, run_episode
 from daptq.eval.summary import summarize
 from daptq.models.adapter import PolicyInfo
 
@@ -39,22 +40,32 @@ _VERSIONED_PACKAGES = ("daptq", "torch", "torchao", "numpy", "metaworld", "mujoc
 # ----------------------------------------------------------------------------------------------- episodes
 
 
+# The reseed floor: the reference re-sampled with its noise seed moved by this fixed offset.
+FLOOR_SEED_OFFSET = 1 << 30
+
+
 class EpisodeRunner:
     """Builds the policies once and the current task's env on first use; runs one (paired) episode per call.
 
     Jobs arrive task by task, so only one env is kept: switching task closes the previous one (each env holds
-    a renderer context, and ten of them per worker would be wasted memory).
+    a renderer context, and ten of them per worker would be wasted memory). Reference rollouts (and the
+    reseed floor) come from the reference cache when ``execution["reference_cache"]`` names one.
+    Episodes run with one torch thread in every process, so 1 and N workers (and the cache) agree bitwise.
     """
 
-    def __init__(self, run: dict[str, Any]) -> None:
+    def __init__(self, run: dict[str, Any], execution: dict[str, Any] | None = None) -> None:
         from daptq.models.registry import load_policy
 
         self.run = run
+        execution = execution or {}
         self.candidate = load_policy(run["candidate"])
         self.reference = self.shadow = None
         if run["reference"] is not None:
             self.reference = load_policy(run["reference"])
             self.shadow = load_policy(run["reference"])
+        self.cache = None
+        if execution.get("reference_cache") and self.reference is not None:
+            self.cache = ReferenceCache(execution["reference_cache"], execution["cache_key"])
         self._task: str | None = None
         self._env: Any = None
 
@@ -78,17 +89,50 @@ class EpisodeRunner:
                 )
         return self._env
 
+    def reference_rollout(self, task: str, seed: int, policy_seed: int) -> tuple[Rollout, bool]:
+        """The reference's rollout of (task, seed) with sampling seed ``policy_seed``; True if cached."""
+        key = None
+        if self.cache is not None:
+            key = self.cache.key(task, seed, policy_seed, self.run["max_steps"][task])
+            hit = self.cache.get(key)
+            if hit is not None:
+                return hit, True
+        rollout = run_episode(self.env(task), self.reference, seed, policy_seed=policy_seed)
+        if key is not None:
+            self.cache.put(key, rollout)
+        return rollout, False
+
     def __call__(self, job: tuple[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+        import torch
+
         task, seed = job
-        env = self.env(task)
-        start = time.perf_counter()
-        cand = run_episode(env, self.candidate, seed, shadow=self.shadow)
-        ref = run_episode(env, self.reference, seed) if self.reference is not None else None
-        record, arrays = episode_record(
-            task, seed, cand, ref, self.run["divergence_threshold"], self.run["hf_cutoff"]
-        )
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            env = self.env(task)
+            start = time.perf_counter()
+            cand = run_episode(env, self.candidate, seed, shadow=self.shadow)
+            ref = floor = None
+            simulated = cand.steps
+            cached = []
+            if self.reference is not None:
+                ref, hit = self.reference_rollout(task, seed, seed)
+                cached.append(hit)
+                simulated += 0 if hit else ref.steps
+                if self.run["reseed_floor"]:
+                    floor, hit = self.reference_rollout(task, seed, seed + FLOOR_SEED_OFFSET)
+                    cached.append(hit)
+                    simulated += 0 if hit else floor.steps
+            record, arrays = episode_record(
+                task, seed, cand, ref, self.run["divergence_threshold"], self.run["hf_cutoff"], floor=floor
+            )
+        finally:
+            torch.set_num_threads(threads)
         record["env_steps"] = cand.steps + (ref.steps if ref is not None else 0)
+        # How this episode was computed (differs between runs of the same episode; never part of a result).
         record["wall_s"] = time.perf_counter() - start  # episodes only, env construction excluded
+        record["simulated_steps"] = simulated
+        record["reference_cached"] = all(cached) if cached else None
         return record, arrays
 
     def close(self) -> None:
@@ -110,14 +154,14 @@ def set_process_defaults() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _init_worker(run: dict[str, Any]) -> None:
+def _init_worker(run: dict[str, Any], execution: dict[str, Any]) -> None:
     global _WORKER, _WORKER_INIT_ERROR
     set_process_defaults()
     import torch
 
     torch.set_num_threads(1)  # one core per worker; several workers share the machine
     try:
-        _WORKER = EpisodeRunner(run)
+        _WORKER = EpisodeRunner(run, execution)
     except (
         Exception
     ) as exc:  # re-raised from _run_job: a Pool would respawn a worker whose init raised, forever
@@ -237,6 +281,7 @@ def _run_spec(
     camera: str | None,
     divergence_threshold: float,
     hf_cutoff: float,
+    reseed_floor: bool = True,
 ) -> dict[str, Any]:
     """Validate the request and resolve its defaults: the identity of a run (what --resume must match)."""
     from daptq.envs import DEFAULT_MAX_STEPS, MT10, SCENE_VERSION, SEED_SPLITS, check_tasks, parse_cameras
@@ -256,6 +301,8 @@ def _run_spec(
         _check_int("image_size", image_size, 1)
     if camera is not None:
         parse_cameras(camera)
+    if not isinstance(reseed_floor, bool):
+        raise ValueError(f"reseed_floor must be True or False, got {reseed_floor!r}")
     return {
         "candidate": candidate,
         "reference": reference,
@@ -268,6 +315,8 @@ def _run_spec(
         "divergence_threshold": _check_float("divergence_threshold (metres)", divergence_threshold, 0.0),
         "hf_cutoff": _check_float("hf_cutoff (cycles/step)", hf_cutoff, 0.0, 0.5),
         "scene_version": SCENE_VERSION,
+        "reseed_floor": bool(reseed_floor) and reference is not None,
+        "floor_seed_offset": FLOOR_SEED_OFFSET,
     }
 
 
@@ -474,6 +523,8 @@ def evaluate(
     hf_cutoff: float = DEFAULT_HF_CUTOFF,
     progress: bool = True,
     on_episode: Callable[[dict[str, Any]], None] | None = None,
+    reference_cache: str | os.PathLike | None = None,
+    reseed_floor: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``candidate`` on ``episodes`` seeds per task; paired against ``reference`` when one is given.
 
@@ -483,19 +534,33 @@ def evaluate(
     called after each episode is committed to disk (a progress hook; tests raise from it to simulate an
     interruption). Returns the summary. ``image_size`` / ``camera`` default to what the policies declare
     (``Policy.info()``), else 96 px and "corner3"; a value that contradicts a declaration raises ValueError.
+    ``reference_cache`` is a directory of cached reference rollouts (``daptq.eval.cache``; None: no cache,
+    the CLI defaults to ``default_cache_dir()``). ``reseed_floor`` pairs the reference with itself re-sampled
+    (noise seed + ``FLOOR_SEED_OFFSET``) in every paired episode: the drift that sampling noise alone makes.
     Everything is validated before the first write; the run directory is locked while this call writes it.
     """
     workers = _check_int("workers", workers, 1)
     run = _run_spec(
         candidate, reference, tasks, episodes, seed_start, max_steps, image_size, camera,
-        divergence_threshold, hf_cutoff,
+        divergence_threshold, hf_cutoff, reseed_floor,
     )  # fmt: skip
+    if reference_cache is not None and Path(reference_cache).exists() and not Path(reference_cache).is_dir():
+        raise ValueError(f"reference_cache {reference_cache}: exists and is not a directory")
     set_process_defaults()
-    config = _run_config(run, {"backend": "local", "workers": workers, "envs_per_worker": 1})
+    execution = {
+        "backend": "local",
+        "workers": workers,
+        "envs_per_worker": 1,
+        "reference_cache": None if reference_cache is None else str(Path(reference_cache).resolve()),
+    }
+    config = _run_config(run, execution)
+    context = {**execution}
+    if config["reference"] is not None:
+        context["cache_key"] = base_key(run, config["reference"])
     out = Path(out)
     lock = _open_run_dir(out, config, resume)
     try:
-        return _run_and_summarize(out, run, workers, progress, on_episode)
+        return _run_and_summarize(out, run, context, progress, on_episode)
     finally:
         lock.release()
 
@@ -503,7 +568,7 @@ def evaluate(
 def _run_and_summarize(
     out: Path,
     run: dict[str, Any],
-    workers: int,
+    context: dict[str, Any],
     progress: bool,
     on_episode: Callable[[dict[str, Any]], None] | None,
 ) -> dict[str, Any]:
@@ -516,7 +581,7 @@ def _run_and_summarize(
     bar = tqdm(
         total=total, initial=len(records), desc="eval", unit="ep", disable=not progress, dynamic_ncols=True
     )
-    results = _results(run, jobs, workers, total - len(records))
+    results = _results(run, context, jobs, total - len(records))
     try:
         for record, arrays in results:
             store.atomic_save_npz(store.arrays_path(out, record["task"], record["seed"]), arrays)
@@ -544,19 +609,20 @@ def _running_rates(records: list[dict[str, Any]], paired: bool) -> str:
     return text
 
 
-def _results(run: dict[str, Any], jobs: Iterator[tuple[str, int]], workers: int, pending: int):
+def _results(run: dict[str, Any], context: dict[str, Any], jobs: Iterator[tuple[str, int]], pending: int):
     """Yield (record, arrays) per job as episodes finish: in-process for one worker, else a spawn pool."""
     if pending <= 0:
         return
+    workers = context["workers"]
     if workers == 1:
-        runner = EpisodeRunner(run)
+        runner = EpisodeRunner(run, context)
         try:
             for job in jobs:
                 yield runner(job)
         finally:
             runner.close()
         return
-    yield from _pool_results(run, jobs, min(workers, pending))
+    yield from _pool_results(run, context, jobs, min(workers, pending))
 
 
 class _Failed:
@@ -564,11 +630,13 @@ class _Failed:
         self.exc = exc
 
 
-def _pool_results(run: dict[str, Any], jobs: Iterator[tuple[str, int]], workers: int):
+def _pool_results(
+    run: dict[str, Any], context: dict[str, Any], jobs: Iterator[tuple[str, int]], workers: int
+):
     """A spawn pool fed at most two jobs per worker at a time (``imap`` would queue every job at once)."""
     finished: queue.SimpleQueue[Any] = queue.SimpleQueue()
     ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(run,)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(run, context)) as pool:
         # Leaving the with-block (normally or by an exception) terminates the workers.
         in_flight = 0
         while True:

@@ -204,6 +204,12 @@ def record_problem(record: dict[str, Any], paired: bool) -> str | None:
             return f"{key!r} is {value!r}"
     if paired and "time_to_divergence" not in record:
         return "missing 'time_to_divergence'"
+    if "floor_drift_mean" in record:
+        for key in ("floor_drift_max", "floor_drift_final", "floor_drift_auc", "floor_success"):
+            if key not in record:
+                return f"missing {key!r}"
+        if "floor_time_to_divergence" not in record:
+            return "missing 'floor_time_to_divergence'"
     return None
 
 
@@ -222,11 +228,17 @@ def arrays_problem(run_dir: str | os.PathLike, record: dict[str, Any], paired: b
         expected.update(
             {"ref_ee": (ref_steps + 1, 3), "ref_actions": (ref_steps, None), "shadow_actions": (steps, None)}
         )
+        if "floor_drift_mean" in record:
+            expected["floor_ee"] = (None, 3)
     for key, (rows, cols) in expected.items():
         a = arrays.get(key)
         if a is None:
             return f"array {key!r} missing"
-        if a.ndim != 2 or a.shape[0] != rows or (cols is not None and a.shape[1] != cols):
+        if (
+            a.ndim != 2
+            or (rows is not None and a.shape[0] != rows)
+            or (cols is not None and a.shape[1] != cols)
+        ):
             return f"array {key!r} has shape {a.shape}, the record says {rows} rows"
         if not np.all(np.isfinite(a)):
             return f"array {key!r} is not finite"
