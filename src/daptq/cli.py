@@ -46,6 +46,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         reference_cache=None if args.no_reference_cache else (args.reference_cache or default_cache_dir()),
         reseed_floor=not args.no_reseed_floor,
+        envs_per_worker=args.envs_per_worker,
     )
     print(format_summary(summary))
     print(f"results in {args.out} (report: daptq report {args.out})")
@@ -106,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--episodes", type=int, default=10, help="episodes (seeds) per task")
     ev.add_argument("--seed-start", type=int, help="first seed (default: the start of the 'eval' seed split)")
     ev.add_argument("--workers", type=int, default=1, help="worker processes")
+    ev.add_argument(
+        "--envs-per-worker",
+        type=int,
+        default=1,
+        help="environments each worker steps in lockstep, one batched policy call per step (default 1)",
+    )
     ev.add_argument("--out", default="runs/eval", help="run directory")
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     ev.add_argument("--max-steps", type=int, help="step limit per episode (default: per-task limit)")

@@ -51,8 +51,11 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def base_key(run: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
-    """The part of every entry's key that a run fixes (``reference`` is config.json's "reference")."""
+def base_key(run: dict[str, Any], reference: dict[str, Any], batch_slots: int = 1) -> dict[str, Any]:
+    """The part of every entry's key that a run fixes (``reference`` is config.json's "reference").
+
+    ``batch_slots``: the fixed batch size of the policy calls (1: the one-env rollout). Kernels need not give
+    bitwise-equal rows at other batch sizes, so rollouts computed at another size are other entries."""
     from daptq.envs.tasks import ENV_VERSION
 
     return {
@@ -65,6 +68,7 @@ def base_key(run: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
         "env_version": ENV_VERSION,
         "versions": package_versions(),
         "torch_threads": 1,
+        "batch_slots": int(batch_slots),
     }
 
 

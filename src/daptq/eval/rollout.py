@@ -9,6 +9,8 @@ basis of the action-error metrics.
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +86,82 @@ def run_episode(
         shadow_actions=np.stack(shadow_actions) if shadow is not None and shadow_actions else None,
         frames=frames,
     )
+
+
+class _ChunkPlayer:
+    """One policy's action queues over a batch of episodes: a chunk per episode whose queue is empty, all of
+    them from one ``predict_chunks`` call, each episode's noise from its own seeded generator."""
+
+    def __init__(self, policy: Any, seeds: Sequence[int], slots: int | None) -> None:
+        import torch
+
+        self.policy = policy
+        self.slots = slots
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.queues: list[deque[np.ndarray]] = [deque() for _ in seeds]
+
+    def actions(self, observations: Sequence[Any], active: Sequence[int]) -> dict[int, np.ndarray]:
+        need = [i for i in active if not self.queues[i]]
+        if need:
+            chunks = self.policy.predict_chunks(
+                [observations[i] for i in need], [self.generators[i] for i in need], slots=self.slots
+            )
+            for i, chunk in zip(need, chunks, strict=True):
+                self.queues[i].extend(np.asarray(chunk, dtype=np.float32))
+        return {i: self.queues[i].popleft() for i in active}
+
+
+def run_episodes(
+    envs: Sequence[Any],
+    policy: Any,
+    seeds: Sequence[int],
+    shadow: Any | None = None,
+    policy_seeds: Sequence[int] | None = None,
+    slots: int | None = None,
+) -> list[Rollout]:
+    """``run_episode`` for several environments stepped in lockstep, the policy (and the shadow) called once
+    per step on the batch of episodes that need a new chunk (``predict_chunks``).
+
+    Episode i resets ``envs[i]`` with ``seeds[i]`` and draws its sampling noise from a generator seeded with
+    ``policy_seeds[i]`` (default ``seeds[i]``), as ``policy.reset(seed)`` seeds it in the one-env rollout, so
+    both rollouts sample the same noise. ``slots`` fixes the batch size of every call (padding rows).
+    """
+    n = len(seeds)
+    if len(envs) < n or n == 0:
+        raise ValueError(f"run_episodes needs one environment per seed, got {len(envs)} for {n} seeds")
+    policy_seeds = list(seeds if policy_seeds is None else policy_seeds)
+    dim = policy.action_space.dim
+    obs = [env.reset(seed=int(s))[0] for env, s in zip(envs, seeds, strict=False)]
+    players = [_ChunkPlayer(policy, policy_seeds, slots)]
+    if shadow is not None:
+        players.append(_ChunkPlayer(shadow, policy_seeds, slots))
+    ee = [[np.asarray(o["state"][:3], np.float32)] for o in obs]
+    actions: list[list[np.ndarray]] = [[] for _ in range(n)]
+    shadow_actions: list[list[np.ndarray]] = [[] for _ in range(n)]
+    success, done = [False] * n, [False] * n
+    while not all(done):
+        active = [i for i in range(n) if not done[i]]
+        chosen = players[0].actions(obs, active)
+        shadowed = players[1].actions(obs, active) if shadow is not None else {}
+        for i in active:
+            step = len(actions[i])
+            action = _checked_action(chosen[i], dim, "policy", step)
+            if shadow is not None:
+                shadow_actions[i].append(_checked_action(shadowed[i], dim, "shadow reference", step))
+            obs[i], _, terminated, truncated, info = envs[i].step(action)
+            actions[i].append(action)
+            ee[i].append(np.asarray(obs[i]["state"][:3], np.float32))
+            success[i] = success[i] or bool(info["success"])
+            done[i] = bool(terminated or truncated)
+    return [
+        Rollout(
+            success=success[i],
+            ee=np.stack(ee[i]),
+            actions=np.stack(actions[i]),
+            shadow_actions=np.stack(shadow_actions[i]) if shadow is not None else None,
+        )
+        for i in range(n)
+    ]
 
 
 def _behaviour(rollout: Rollout, hf_cutoff: float) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from daptq.eval import store
 from daptq.eval.cache import ReferenceCache, base_key
 from daptq.eval.metrics import DEFAULT_DIVERGENCE_THRESHOLD_M, DEFAULT_HF_CUTOFF
-from daptq.eval.rollout import Rollout, episode_record, run_episode
+from daptq.eval.rollout import Rollout, episode_record, run_episode, run_episodes
 from daptq.eval.summary import summarize
 from daptq.models.adapter import PolicyInfo
 
@@ -45,12 +45,14 @@ FLOOR_SEED_OFFSET = 1 << 30
 
 
 class EpisodeRunner:
-    """Builds the policies once and the current task's env on first use; runs one (paired) episode per call.
+    """Builds the policies once and the current task's envs on first use; runs (paired) episodes.
 
-    Jobs arrive task by task, so only one env is kept: switching task closes the previous one (each env holds
-    a renderer context, and ten of them per worker would be wasted memory). Reference rollouts (and the
-    reseed floor) come from the reference cache when ``execution["reference_cache"]`` names one.
-    Episodes run with one torch thread in every process, so 1 and N workers (and the cache) agree bitwise.
+    Jobs arrive task by task, so only one task's envs are kept: switching task closes the previous ones (each
+    env holds a renderer context). With ``envs_per_worker`` N > 1 a call runs a group of up to N episodes of
+    one task in lockstep (``run_episodes``: one batched policy call per step, fixed N batch slots); N = 1 is
+    the one-env rollout. Reference rollouts (and the reseed floor) come from the reference cache when
+    ``execution["reference_cache"]`` names one. Episodes run with one torch thread in every process, so 1 and
+    M workers (and the cache) agree bitwise.
     """
 
     def __init__(self, run: dict[str, Any], execution: dict[str, Any] | None = None) -> None:
@@ -58,6 +60,7 @@ class EpisodeRunner:
 
         self.run = run
         execution = execution or {}
+        self.slots = int(execution.get("envs_per_worker", 1))
         self.candidate = load_policy(run["candidate"])
         self.reference = self.shadow = None
         if run["reference"] is not None:
@@ -67,78 +70,98 @@ class EpisodeRunner:
         if execution.get("reference_cache") and self.reference is not None:
             self.cache = ReferenceCache(execution["reference_cache"], execution["cache_key"])
         self._task: str | None = None
-        self._env: Any = None
+        self._envs: list[Any] = []
 
-    def env(self, task: str) -> Any:
+    def envs(self, task: str, n: int) -> list[Any]:
         if task != self._task:
-            from daptq.envs import make_env
-
             self.close()
-            self._env = make_env(
+            self._task = task
+        from daptq.envs import make_env
+
+        while len(self._envs) < n:
+            env = make_env(
                 task,
                 image_size=self.run["image_size"],
                 camera=self.run["camera"],
                 max_steps=self.run["max_steps"][task],
             )
-            self._task = task
-            env_dim = int(self._env.action_space.shape[0])
+            self._envs.append(env)
+            env_dim = int(env.action_space.shape[0])
             if self.candidate.action_space.dim != env_dim:
                 raise ValueError(
                     f"{self.run['candidate']} acts in {self.candidate.action_space.dim} dimensions, "
                     f"the {task} environment in {env_dim}"
                 )
-        return self._env
+        return self._envs[:n]
 
-    def reference_rollout(self, task: str, seed: int, policy_seed: int) -> tuple[Rollout, bool]:
-        """The reference's rollout of (task, seed) with sampling seed ``policy_seed``; True if cached."""
-        key = None
+    def _rollouts(self, policy: Any, task: str, seeds: list[int], offset: int, shadow: Any = None) -> list:
+        envs = self.envs(task, len(seeds))
+        policy_seeds = [s + offset for s in seeds]
+        if self.slots == 1:
+            return [
+                run_episode(env, policy, s, shadow=shadow, policy_seed=p)
+                for env, s, p in zip(envs, seeds, policy_seeds, strict=False)
+            ]
+        return run_episodes(envs, policy, seeds, shadow=shadow, policy_seeds=policy_seeds, slots=self.slots)
+
+    def reference_rollouts(self, task: str, seeds: list[int], offset: int) -> list[tuple[Rollout, bool]]:
+        """The reference's rollouts of (task, seed) with sampling seeds ``seed + offset``; True if cached."""
+        keys = [None] * len(seeds)
+        found: list[Rollout | None] = [None] * len(seeds)
         if self.cache is not None:
-            key = self.cache.key(task, seed, policy_seed, self.run["max_steps"][task])
-            hit = self.cache.get(key)
-            if hit is not None:
-                return hit, True
-        rollout = run_episode(self.env(task), self.reference, seed, policy_seed=policy_seed)
-        if key is not None:
-            self.cache.put(key, rollout)
-        return rollout, False
+            keys = [self.cache.key(task, s, s + offset, self.run["max_steps"][task]) for s in seeds]
+            found = [self.cache.get(k) for k in keys]
+        missing = [i for i, r in enumerate(found) if r is None]
+        if missing:
+            computed = self._rollouts(self.reference, task, [seeds[i] for i in missing], offset)
+            for i, rollout in zip(missing, computed, strict=True):
+                found[i] = rollout
+                if keys[i] is not None:
+                    self.cache.put(keys[i], rollout)
+        return [(r, i not in missing) for i, r in enumerate(found)]
 
-    def __call__(self, job: tuple[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    def __call__(self, jobs: list[tuple[str, int]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """Run a group of episodes of one task (at most ``envs_per_worker``); one (record, arrays) each."""
         import torch
 
-        task, seed = job
+        task = jobs[0][0]
+        if any(t != task for t, _ in jobs) or len(jobs) > self.slots:
+            raise ValueError(f"a group holds up to {self.slots} episodes of one task, got {jobs}")
+        seeds = [s for _, s in jobs]
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            env = self.env(task)
+            self.envs(task, len(seeds))
             start = time.perf_counter()
-            cand = run_episode(env, self.candidate, seed, shadow=self.shadow)
-            ref = floor = None
-            simulated = cand.steps
-            cached = []
+            cands = self._rollouts(self.candidate, task, seeds, 0, shadow=self.shadow)
+            refs = floors = [(None, None)] * len(seeds)
             if self.reference is not None:
-                ref, hit = self.reference_rollout(task, seed, seed)
-                cached.append(hit)
-                simulated += 0 if hit else ref.steps
+                refs = self.reference_rollouts(task, seeds, 0)
                 if self.run["reseed_floor"]:
-                    floor, hit = self.reference_rollout(task, seed, seed + FLOOR_SEED_OFFSET)
-                    cached.append(hit)
-                    simulated += 0 if hit else floor.steps
+                    floors = self.reference_rollouts(task, seeds, FLOOR_SEED_OFFSET)
+            wall = (time.perf_counter() - start) / len(seeds)
+        finally:
+            torch.set_num_threads(threads)
+        out = []
+        for seed, cand, (ref, ref_hit), (floor, floor_hit) in zip(seeds, cands, refs, floors, strict=True):
             record, arrays = episode_record(
                 task, seed, cand, ref, self.run["divergence_threshold"], self.run["hf_cutoff"], floor=floor
             )
-        finally:
-            torch.set_num_threads(threads)
-        record["env_steps"] = cand.steps + (ref.steps if ref is not None else 0)
-        # How this episode was computed (differs between runs of the same episode; never part of a result).
-        record["wall_s"] = time.perf_counter() - start  # episodes only, env construction excluded
-        record["simulated_steps"] = simulated
-        record["reference_cached"] = all(cached) if cached else None
-        return record, arrays
+            record["env_steps"] = cand.steps + (ref.steps if ref is not None else 0)
+            # How this episode was computed (differs between runs of the same episode; never a result).
+            record["wall_s"] = wall  # episodes only (a group's time shared), env construction excluded
+            hits = [h for h in (ref_hit, floor_hit) if h is not None]
+            record["simulated_steps"] = cand.steps + sum(
+                r.steps for r, h in ((ref, ref_hit), (floor, floor_hit)) if r is not None and not h
+            )
+            record["reference_cached"] = all(hits) if hits else None
+            out.append((record, arrays))
+        return out
 
     def close(self) -> None:
-        if self._env is not None:
-            self._env.close()
-        self._env, self._task = None, None
+        for env in self._envs:
+            env.close()
+        self._envs, self._task = [], None
 
 
 _WORKER: EpisodeRunner | None = None
@@ -168,7 +191,7 @@ def _init_worker(run: dict[str, Any], execution: dict[str, Any]) -> None:
         _WORKER_INIT_ERROR = exc
 
 
-def _run_job(job: tuple[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _run_job(job: list[tuple[str, int]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     if _WORKER is None:
         raise RuntimeError(
             f"evaluation worker failed to start: {_WORKER_INIT_ERROR!r}"
@@ -525,6 +548,7 @@ def evaluate(
     on_episode: Callable[[dict[str, Any]], None] | None = None,
     reference_cache: str | os.PathLike | None = None,
     reseed_floor: bool = True,
+    envs_per_worker: int = 1,
 ) -> dict[str, Any]:
     """Evaluate ``candidate`` on ``episodes`` seeds per task; paired against ``reference`` when one is given.
 
@@ -537,9 +561,12 @@ def evaluate(
     ``reference_cache`` is a directory of cached reference rollouts (``daptq.eval.cache``; None: no cache,
     the CLI defaults to ``default_cache_dir()``). ``reseed_floor`` pairs the reference with itself re-sampled
     (noise seed + ``FLOOR_SEED_OFFSET``) in every paired episode: the drift that sampling noise alone makes.
+    ``envs_per_worker`` N > 1 steps N environments per worker in lockstep with one batched policy call per
+    step (fixed N batch slots); N = 1 is the one-env rollout.
     Everything is validated before the first write; the run directory is locked while this call writes it.
     """
     workers = _check_int("workers", workers, 1)
+    envs_per_worker = _check_int("envs_per_worker", envs_per_worker, 1)
     run = _run_spec(
         candidate, reference, tasks, episodes, seed_start, max_steps, image_size, camera,
         divergence_threshold, hf_cutoff, reseed_floor,
@@ -550,13 +577,13 @@ def evaluate(
     execution = {
         "backend": "local",
         "workers": workers,
-        "envs_per_worker": 1,
+        "envs_per_worker": envs_per_worker,
         "reference_cache": None if reference_cache is None else str(Path(reference_cache).resolve()),
     }
     config = _run_config(run, execution)
     context = {**execution}
     if config["reference"] is not None:
-        context["cache_key"] = base_key(run, config["reference"])
+        context["cache_key"] = base_key(run, config["reference"], batch_slots=envs_per_worker)
     out = Path(out)
     lock = _open_run_dir(out, config, resume)
     try:
@@ -577,7 +604,7 @@ def _run_and_summarize(
     records = _finished_episodes(out, log, run)
     total = len(run["tasks"]) * run["episodes"]
     paired = run["reference"] is not None
-    jobs = _pending_jobs(run, {(r["task"], r["seed"]) for r in records})
+    jobs = _groups(_pending_jobs(run, {(r["task"], r["seed"]) for r in records}), context["envs_per_worker"])
     bar = tqdm(
         total=total, initial=len(records), desc="eval", unit="ep", disable=not progress, dynamic_ncols=True
     )
@@ -609,20 +636,36 @@ def _running_rates(records: list[dict[str, Any]], paired: bool) -> str:
     return text
 
 
-def _results(run: dict[str, Any], context: dict[str, Any], jobs: Iterator[tuple[str, int]], pending: int):
-    """Yield (record, arrays) per job as episodes finish: in-process for one worker, else a spawn pool."""
+def _groups(jobs: Iterator[tuple[str, int]], size: int) -> Iterator[list[tuple[str, int]]]:
+    """Consecutive jobs of one task in groups of at most ``size`` (a worker's batch of environments)."""
+    group: list[tuple[str, int]] = []
+    for job in jobs:
+        if group and (len(group) == size or job[0] != group[0][0]):
+            yield group
+            group = []
+        group.append(job)
+    if group:
+        yield group
+
+
+def _results(
+    run: dict[str, Any], context: dict[str, Any], groups: Iterator[list[tuple[str, int]]], pending: int
+):
+    """Yield (record, arrays) per episode as they finish: in-process for one worker, else a spawn pool."""
     if pending <= 0:
         return
     workers = context["workers"]
     if workers == 1:
         runner = EpisodeRunner(run, context)
         try:
-            for job in jobs:
-                yield runner(job)
+            for group in groups:
+                yield from runner(group)
         finally:
             runner.close()
         return
-    yield from _pool_results(run, context, jobs, min(workers, pending))
+    groups_needed = -(-pending // context["envs_per_worker"])
+    for finished in _pool_results(run, context, groups, min(workers, groups_needed)):
+        yield from finished
 
 
 class _Failed:
@@ -631,7 +674,7 @@ class _Failed:
 
 
 def _pool_results(
-    run: dict[str, Any], context: dict[str, Any], jobs: Iterator[tuple[str, int]], workers: int
+    run: dict[str, Any], context: dict[str, Any], jobs: Iterator[list[tuple[str, int]]], workers: int
 ):
     """A spawn pool fed at most two jobs per worker at a time (``imap`` would queue every job at once)."""
     finished: queue.SimpleQueue[Any] = queue.SimpleQueue()

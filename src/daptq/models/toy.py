@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -140,9 +140,14 @@ class ToyPolicy(nn.Module):
 
     @torch.no_grad()
     def predict_chunk(
-        self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
+        self,
+        batch: Mapping[str, torch.Tensor],
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``batch["state"]`` (B, 4), optional ``batch["task_embedding"]`` (B, E) -> actions (B, chunk, D)."""
+        """``batch["state"]`` (B, 4), optional ``batch["task_embedding"]`` (B, E) -> actions (B, chunk, D).
+
+        ``noise`` (B, chunk, D), already scaled, replaces the draw from ``generator`` (batched rollouts)."""
         state = batch["state"].float()
         if state.ndim != 2 or state.shape[1] != 4:
             raise ValueError(f"toy: batch['state'] must be (B, 4), got {tuple(state.shape)}")
@@ -159,11 +164,38 @@ class ToyPolicy(nn.Module):
         pull = torch.zeros_like(out)
         n = min(3, pull.shape[-1])
         pull[..., :n] = (self.config.gain * (target - ee))[:, :n].unsqueeze(1)
-        if self.config.action_noise > 0:
+        if noise is not None:
+            if noise.shape != out.shape:
+                raise ValueError(f"toy: noise has shape {tuple(noise.shape)}, expected {tuple(out.shape)}")
+        elif self.config.action_noise > 0:
             noise = torch.randn(out.shape, generator=generator) * self.config.action_noise
         else:
             noise = torch.zeros_like(out)
         return torch.tanh(out + pull + noise)
+
+    @torch.no_grad()
+    def predict_chunks(
+        self,
+        observations: Sequence[Observation],
+        generators: Sequence[torch.Generator],
+        slots: int | None = None,
+    ) -> np.ndarray:
+        """The chunks ``select_action`` would queue, for a batch of observations in one forward pass: row i's
+        noise comes from ``generators[i]`` as ``select_action``'s comes from the policy's own; ``slots``
+        pads the batch to a fixed size (discarded rows). Returns (B, chunk, action_dim) float32."""
+        if len(observations) != len(generators) or not observations:
+            raise ValueError(f"{len(observations)} observations but {len(generators)} generators")
+        n = len(observations)
+        if slots is not None and slots < n:
+            raise ValueError(f"slots={slots} < {n} observations")
+        obs = [*observations, *[observations[0]] * ((slots or n) - n)]
+        state = torch.as_tensor(np.stack([np.asarray(o["state"], dtype=np.float32) for o in obs]))
+        emb = torch.stack([self.task_embedding(str(o.get("instruction", ""))) for o in obs])
+        dim, k = self.action_space.dim, self.config.chunk
+        noise = [torch.randn((1, k, dim), generator=g) * self.config.action_noise for g in generators]
+        noise += [torch.zeros(1, k, dim)] * (len(obs) - n)
+        chunk = self.predict_chunk({"state": state, "task_embedding": emb}, noise=torch.cat(noise))
+        return chunk[:n].numpy().astype(np.float32)
 
     def select_action(self, observation: Observation) -> np.ndarray:
         if not self._queue:
