@@ -211,6 +211,7 @@ def test_config_records_how_the_run_was_executed(tmp_path):
         "workers": 1,
         "envs_per_worker": 1,
         "reference_cache": None,
+        "ray_address": None,
     }
     evaluate("toy", "toy", resume=True, workers=2, **kwargs)
     config = json.loads((run / store.CONFIG_NAME).read_text())

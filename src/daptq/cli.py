@@ -47,6 +47,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         reference_cache=None if args.no_reference_cache else (args.reference_cache or default_cache_dir()),
         reseed_floor=not args.no_reseed_floor,
         envs_per_worker=args.envs_per_worker,
+        backend=args.backend,
+        ray_address=args.ray_address,
     )
     print(format_summary(summary))
     print(f"results in {args.out} (report: daptq report {args.out})")
@@ -113,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="environments each worker steps in lockstep, one batched policy call per step (default 1)",
     )
+    ev.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default="local",
+        help="local process pool (default) or Ray actors (pip install 'daptq[ray]')",
+    )
+    ev.add_argument("--ray-address", help="join this Ray cluster (e.g. auto, ray://head:10001)")
     ev.add_argument("--out", default="runs/eval", help="run directory")
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     ev.add_argument("--max-steps", type=int, help="step limit per episode (default: per-task limit)")

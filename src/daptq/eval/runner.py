@@ -549,6 +549,8 @@ def evaluate(
     reference_cache: str | os.PathLike | None = None,
     reseed_floor: bool = True,
     envs_per_worker: int = 1,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``candidate`` on ``episodes`` seeds per task; paired against ``reference`` when one is given.
 
@@ -562,11 +564,21 @@ def evaluate(
     the CLI defaults to ``default_cache_dir()``). ``reseed_floor`` pairs the reference with itself re-sampled
     (noise seed + ``FLOOR_SEED_OFFSET``) in every paired episode: the drift that sampling noise alone makes.
     ``envs_per_worker`` N > 1 steps N environments per worker in lockstep with one batched policy call per
-    step (fixed N batch slots); N = 1 is the one-env rollout.
+    step (fixed N batch slots); N = 1 is the one-env rollout. ``backend`` "local" runs ``workers`` processes
+    (or the parent for one), "ray" runs ``workers`` Ray actors (``daptq.eval.ray_backend``; ``ray_address``
+    joins an existing cluster); either way this process is the run directory's only writer.
     Everything is validated before the first write; the run directory is locked while this call writes it.
     """
     workers = _check_int("workers", workers, 1)
     envs_per_worker = _check_int("envs_per_worker", envs_per_worker, 1)
+    if backend not in ("local", "ray"):
+        raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+    if ray_address is not None and backend != "ray":
+        raise ValueError("ray_address needs backend='ray'")
+    if backend == "ray":
+        from daptq.eval.ray_backend import _import_ray
+
+        _import_ray()  # a clear error before anything is written
     run = _run_spec(
         candidate, reference, tasks, episodes, seed_start, max_steps, image_size, camera,
         divergence_threshold, hf_cutoff, reseed_floor,
@@ -575,7 +587,8 @@ def evaluate(
         raise ValueError(f"reference_cache {reference_cache}: exists and is not a directory")
     set_process_defaults()
     execution = {
-        "backend": "local",
+        "backend": backend,
+        "ray_address": ray_address,
         "workers": workers,
         "envs_per_worker": envs_per_worker,
         "reference_cache": None if reference_cache is None else str(Path(reference_cache).resolve()),
@@ -655,6 +668,12 @@ def _results(
     if pending <= 0:
         return
     workers = context["workers"]
+    groups_needed = -(-pending // context["envs_per_worker"])
+    if context["backend"] == "ray":
+        from daptq.eval.ray_backend import ray_results
+
+        yield from ray_results(run, context, groups, min(workers, groups_needed), context["ray_address"])
+        return
     if workers == 1:
         runner = EpisodeRunner(run, context)
         try:
@@ -663,7 +682,6 @@ def _results(
         finally:
             runner.close()
         return
-    groups_needed = -(-pending // context["envs_per_worker"])
     for finished in _pool_results(run, context, groups, min(workers, groups_needed)):
         yield from finished
 
