@@ -64,8 +64,9 @@ class EpisodeRunner:
         self.candidate = load_policy(run["candidate"])
         self.reference = self.shadow = None
         if run["reference"] is not None:
-            self.reference = load_policy(run["reference"])
-            self.shadow = load_policy(run["reference"])
+            # One instance serves as both: the shadow acts during the candidate's rollout, the reference
+            # after it, and the batched path keeps every episode's queue and generator outside the policy.
+            self.reference = self.shadow = load_policy(run["reference"])
         self.cache = None
         if execution.get("reference_cache") and self.reference is not None:
             self.cache = ReferenceCache(execution["reference_cache"], execution["cache_key"])
@@ -397,7 +398,9 @@ def _run_config(run: dict[str, Any], execution: dict[str, Any]) -> dict[str, Any
     from daptq.models.registry import load_policy
 
     cand_policy = load_policy(run["candidate"])
-    ref_policy = load_policy(run["reference"]) if run["reference"] is not None else None
+    ref_policy = None
+    if run["reference"] is not None:
+        ref_policy = cand_policy if run["reference"] == run["candidate"] else load_policy(run["reference"])
     if ref_policy is not None and cand_policy.action_space != ref_policy.action_space:
         raise ValueError(
             f"candidate and reference have different action spaces: {cand_policy.action_space.to_dict()} vs "
