@@ -1,11 +1,21 @@
-"""Throughput of paired closed-loop evaluation with 1 and 2 worker processes.
+"""Throughput of paired closed-loop evaluation with the reference VLA: today's path against batching + cache.
 
-Runs the same paired evaluation (toy candidate with weight noise vs the toy FP reference, so the policy costs
-almost nothing and the simulator + renderer dominate, as they do for small VLAs on CPU) once per worker count
-and reports episodes/s and env steps/s over the whole call, start-up (env construction, worker spawn)
-included. Writes results/eval_throughput.json and .md.
+Measured in one run on the same (task, seed) list, all with 2 worker processes:
 
-    python benchmarks/eval_throughput.py [--episodes 4] [--max-steps 50] [--tasks reach push]
+- baseline: ``--envs-per-worker 1 --no-reference-cache`` (the one-env path, every rollout computed);
+- first method: ``--envs-per-worker N`` with an empty reference cache (the reference is computed, batched,
+  and cached);
+- second method: the same again against the now cached reference (no reference rollout at all).
+
+The candidate is the reference VLA itself (``ref:metaworld-mt10`` against ``ref:metaworld-mt10``): no
+quantized VLA exists yet, and a candidate's cost per call is that of the network it runs, which for an FP
+candidate is the reference's (fake-quantized candidates cost more, which favours batching further). The
+reseed floor is off in all three (``--reseed-floor`` turns it on in the new paths only), so every row
+does the same paired work as today's path. Then one process profiles where a paired episode's time goes
+(physics, render, vision encoder, backbone, DiT sampling, the rest: Python and the metrics) on the
+baseline path and the batched paths. Writes results/eval_throughput.json and .md.
+
+    python benchmarks/eval_throughput.py [--tasks reach push] [--episodes 8] [--max-steps 60] [--envs 4]
 """
 
 from __future__ import annotations
@@ -16,56 +26,161 @@ import platform
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from daptq.eval import evaluate, store
 
+MODEL = "ref:metaworld-mt10"
 
-def measure(workers: int, tasks: list[str], episodes: int, max_steps: int, image_size: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="daptq-bench-") as tmp:
+
+def _run(out: Path, args, workers: int, envs: int, cache: Path | None, floor: bool) -> dict:
+    start = time.perf_counter()
+    evaluate(
+        MODEL,
+        MODEL,
+        tasks=args.tasks,
+        episodes=args.episodes,
+        workers=workers,
+        out=out,
+        max_steps=args.max_steps,
+        progress=False,
+        reference_cache=cache,
+        reseed_floor=floor,
+        envs_per_worker=envs,
+    )
+    wall = time.perf_counter() - start
+    records = store.read_records(out)
+    return {
+        "episodes": len(records),
+        "wall_s": round(wall, 2),
+        "paired_episodes_per_s": round(len(records) / wall, 4),
+        # Excluding start-up (policy loading, worker spawn, env construction): time inside episodes.
+        "paired_episodes_per_s_in_episodes": round(
+            len(records) / (sum(r["wall_s"] for r in records) / workers), 4
+        ),
+        "simulated_steps": sum(r["simulated_steps"] for r in records),
+        "reference_cached": sum(bool(r["reference_cached"]) for r in records),
+        "drift_max_mean": sum(r["drift_max"] for r in records) / len(records),
+    }
+
+
+class _Profile:
+    """Wall time inside a few functions of the rollout, by wrapping them (one process, one thread)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._undo: list = []
+
+    def wrap(self, owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return original(*a, **kw)
+            finally:
+                self.seconds[label] += time.perf_counter() - t
+
+        setattr(owner, name, timed)
+        self._undo.append((owner, name, original))
+
+    def restore(self) -> None:
+        for owner, name, original in reversed(self._undo):
+            setattr(owner, name, original)
+
+
+def profile(args, tmp: Path, envs: int, cache: Path | None, label: str) -> dict:
+    from daptq.envs.metaworld_env import MetaWorldEnv
+    from daptq.models.encoders import VisionEncoder
+    from daptq.models.reference import ReferenceVLA
+
+    prof = _Profile()
+    prof.wrap(MetaWorldEnv, "step", "env (physics + render)")
+    prof.wrap(MetaWorldEnv, "reset", "env (physics + render)")
+    prof.wrap(MetaWorldEnv, "render", "render")
+    prof.wrap(VisionEncoder, "forward", "vision encoder")
+    prof.wrap(ReferenceVLA, "condition", "backbone incl. vision")
+    prof.wrap(ReferenceVLA, "sample", "DiT sampling")
+    try:
         start = time.perf_counter()
         evaluate(
-            "toy:weight_noise=0.1",
-            "toy",
-            tasks=tasks,
-            episodes=episodes,
-            workers=workers,
-            out=Path(tmp) / "run",
-            max_steps=max_steps,
-            image_size=image_size,
+            MODEL,
+            MODEL,
+            tasks=args.tasks[:1],
+            episodes=args.profile_episodes,
+            workers=1,
+            out=tmp / f"profile-{label}",
+            max_steps=args.max_steps,
             progress=False,
+            reference_cache=cache,
+            reseed_floor=False,
+            envs_per_worker=envs,
         )
         wall = time.perf_counter() - start
-        records = store.read_records(Path(tmp) / "run")
-    env_steps = sum(r["env_steps"] for r in records)
-    busy = sum(r["wall_s"] for r in records)  # time inside episodes, summed over workers
+    finally:
+        prof.restore()
+    s = prof.seconds
+    records = store.read_records(tmp / f"profile-{label}")
+    busy = sum(r["wall_s"] for r in records)  # inside episodes (policy load and env construction excluded)
+    parts = {
+        "physics (env step/reset minus render)": s["env (physics + render)"] - s["render"],
+        "render": s["render"],
+        "vision encoder": s["vision encoder"],
+        "backbone (excl. vision)": s["backbone incl. vision"] - s["vision encoder"],
+        "DiT sampling": s["DiT sampling"],
+    }
+    parts["Python, metrics, rest"] = busy - sum(parts.values())
+    n = len(records)
     return {
-        "workers": workers,
-        "episodes": len(records),
-        "env_steps": env_steps,
-        "wall_s": round(wall, 2),
-        "episodes_per_s": round(len(records) / wall, 3),
-        "env_steps_per_s": round(env_steps / wall, 1),
-        "env_steps_per_s_in_episodes_per_worker": round(env_steps / busy, 1),
+        "path": label,
+        "episodes": n,
+        "wall_s_incl_startup": round(wall, 2),
+        "seconds_per_paired_episode": round(busy / n, 3),
+        "share": {k: round(v / busy, 3) for k, v in parts.items()},
+        "seconds_per_episode": {k: round(v / n, 3) for k, v in parts.items()},
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["reach", "push"])
-    parser.add_argument("--episodes", type=int, default=4, help="episodes per task")
-    parser.add_argument("--max-steps", type=int, default=50)
-    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--episodes", type=int, default=8, help="episodes per task")
+    parser.add_argument("--max-steps", type=int, default=60)
+    parser.add_argument("--envs", type=int, default=4, help="--envs-per-worker of the new paths")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--profile-episodes", type=int, default=4, help="episodes of the profile (one task)")
+    parser.add_argument("--reseed-floor", action="store_true", help="compute the floor in the new paths")
     parser.add_argument("--out", default="results/eval_throughput")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
     load_start = os.getloadavg()[0]
-    rows = [measure(w, args.tasks, args.episodes, args.max_steps, args.image_size) for w in (1, 2)]
+    with tempfile.TemporaryDirectory(prefix="daptq-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        w = args.workers
+        rows = {
+            "baseline (one env, no cache)": _run(tmp / "base", args, w, 1, None, False),
+            "first method (batched, cold cache)": _run(
+                tmp / "first", args, w, args.envs, tmp / "cache", args.reseed_floor
+            ),
+            "second method (batched, cached reference)": _run(
+                tmp / "second", args, w, args.envs, tmp / "cache", args.reseed_floor
+            ),
+        }
+        profiles = [
+            profile(args, tmp, 1, None, "baseline: one env, no cache"),
+            profile(args, tmp, args.envs, tmp / "pcache", f"batched x{args.envs}, cold cache"),
+            profile(args, tmp, args.envs, tmp / "pcache", f"batched x{args.envs}, cached reference"),
+        ]
+    base = rows["baseline (one env, no cache)"]["paired_episodes_per_s"]
+    ratios = {k: round(v["paired_episodes_per_s"] / base, 2) for k, v in rows.items()}
+    base_in = rows["baseline (one env, no cache)"]["paired_episodes_per_s_in_episodes"]
+    ratios_in = {k: round(v["paired_episodes_per_s_in_episodes"] / base_in, 2) for k, v in rows.items()}
     result = {
-        "benchmark": "paired closed-loop evaluation throughput (toy policy, Meta-World, rendering on)",
+        "benchmark": "paired closed-loop evaluation throughput (reference VLA vs itself, Meta-World)",
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "settings": vars(args),
         "machine": {
@@ -75,37 +190,53 @@ def main(argv: list[str] | None = None) -> None:
             "load_avg_1m_end": os.getloadavg()[0],
         },
         "rows": rows,
-        "speedup_2_vs_1_workers": round(rows[1]["episodes_per_s"] / rows[0]["episodes_per_s"], 2),
+        "speedup_vs_baseline": ratios,
+        "speedup_vs_baseline_in_episodes": ratios_in,
+        "profile": profiles,
     }
     out = Path(args.out)
     store.atomic_write_json(out.with_suffix(".json"), result)
-    cpus = result["machine"]["cpus"]
-    load_end = result["machine"]["load_avg_1m_end"]
-    # A load average above ~0.5 before the benchmark's own work means something else was running.
-    busy = "other jobs shared the machine" if load_start > 0.5 else "the machine was otherwise idle"
+    md = _markdown(result, args)
+    store.atomic_write_bytes(out.with_suffix(".md"), md.encode("utf-8"))
+    print(md)
+
+
+def _markdown(result: dict, args) -> str:
+    m = result["machine"]
     md = [
         "# Evaluation throughput",
         "",
-        f"`{result['command']}` on {cpus} CPUs (1-min load average {load_start:.1f} at "
-        f"the start, {load_end:.1f} at the end: {busy}). "
-        "Paired episodes (candidate + reference rollout + shadow reference), "
-        f"{args.max_steps} steps max, {args.image_size} px images, "
-        f"tasks {', '.join(args.tasks)}.",
+        f"`{result['command']}` on {m['cpus']} CPUs (1-min load average {m['load_avg_1m_start']:.1f} at the "
+        f"start, {m['load_avg_1m_end']:.1f} at the end; other engineers' jobs shared the machine). "
+        f"`{MODEL}` paired against itself, {args.workers} workers, tasks {', '.join(args.tasks)}, "
+        f"{args.episodes} episodes each, {args.max_steps} steps max, 96 px; reseed floor "
+        f"{'on' if args.reseed_floor else 'off'} in the new paths.",
         "",
-        "| workers | episodes | env steps | wall (s) | episodes/s | env steps/s "
-        "| env steps/s per worker in episodes |",
-        "|---|---|---|---|---|---|---|",
-        *(
-            f"| {r['workers']} | {r['episodes']} | {r['env_steps']} | {r['wall_s']} | {r['episodes_per_s']} "
-            f"| {r['env_steps_per_s']} | {r['env_steps_per_s_in_episodes_per_worker']} |"
-            for r in rows
-        ),
-        "",
-        f"Speed-up of 2 workers over 1: {result['speedup_2_vs_1_workers']}x (start-up included).",
-        "",
+        "| path | episodes | wall (s, start-up incl.) | paired episodes/s | speed-up | speed-up in episodes "
+        "(start-up excl.) | env steps simulated | episodes with cached reference | FP-vs-FP drift max (m) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    store.atomic_write_bytes(out.with_suffix(".md"), "\n".join(md).encode("utf-8"))
-    print("\n".join(md))
+    for name, r in result["rows"].items():
+        md.append(
+            f"| {name} | {r['episodes']} | {r['wall_s']} | {r['paired_episodes_per_s']} "
+            f"| {result['speedup_vs_baseline'][name]}x | {result['speedup_vs_baseline_in_episodes'][name]}x "
+            f"| {r['simulated_steps']} | {r['reference_cached']} "
+            f"| {r['drift_max_mean']:.3g} |"
+        )
+    parts = list(result["profile"][0]["share"])
+    md += [
+        "",
+        f"Profile (one process, one thread, {args.profile_episodes} paired episodes of {args.tasks[0]}): "
+        "seconds per paired episode and where they go.",
+        "",
+        "| path | s / paired episode | " + " | ".join(parts) + " |",
+        "|---|---|" + "---|" * len(parts),
+    ]
+    for p in result["profile"]:
+        cells = [f"{p['seconds_per_episode'][k]:.2f} s ({100 * p['share'][k]:.0f}%)" for k in parts]
+        md.append(f"| {p['path']} | {p['seconds_per_paired_episode']} | " + " | ".join(cells) + " |")
+    md.append("")
+    return "\n".join(md)
 
 
 if __name__ == "__main__":

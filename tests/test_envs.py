@@ -228,3 +228,22 @@ def test_goal_distance_measures_the_point_meta_world_scores(envs):
     assert np.linalg.norm(env.metaworld_obs[:3] - goal) != pytest.approx(env.goal_distance(), abs=1e-3)
     with pytest.raises(ValueError, match="drawer-open"):
         env.goal_distance("drawer-open")
+
+
+def test_importing_envs_and_models_has_no_side_effects():
+    """``import daptq.envs`` imports no simulator and sets no variable; the encoders leave the hub setting
+    alone. The CLI and evaluation workers set both where their process starts."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys; import daptq.envs, daptq.envs.tasks, daptq.eval, daptq.models.encoders; "
+        "from daptq.envs import MT10, check_tasks; check_tasks(['reach']); "
+        "assert 'mujoco' not in sys.modules and 'metaworld' not in sys.modules, 'simulator imported'; "
+        "assert 'MUJOCO_GL' not in os.environ and 'HF_HUB_OFFLINE' not in os.environ, 'variable set'; "
+        "from daptq.eval.runner import set_process_defaults; set_process_defaults(); "
+        "assert os.environ['MUJOCO_GL'] == 'egl' and os.environ['HF_HUB_OFFLINE'] == '1'"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "HF_HUB_OFFLINE")}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)

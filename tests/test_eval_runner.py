@@ -17,7 +17,8 @@ def _records(run_dir):
     out = {}
     for r in store.read_records(run_dir):
         r = dict(r)
-        r.pop("wall_s")
+        for key in ("wall_s", "simulated_steps", "reference_cached"):  # how it ran, not what it gave
+            r.pop(key)
         out[(r["task"], r["seed"])] = r
     return out
 
@@ -155,34 +156,33 @@ def test_bad_input_is_rejected_without_losing_episodes(tmp_path):
 
 
 def test_observation_settings_follow_the_policies():
-    from types import SimpleNamespace
-
     from daptq.eval.runner import _observation_settings
+    from daptq.models.adapter import PolicyInfo
 
-    plain, vla = SimpleNamespace(), SimpleNamespace(image_size=64, camera="corner2")
-    assert _observation_settings([plain, None], None, None) == (96, "corner3")
+    plain, vla = PolicyInfo("a"), PolicyInfo("b", image_size=64, camera="corner2")
+    assert _observation_settings([plain], None, None) == (96, "corner3")
     assert _observation_settings([plain, vla], None, None) == (64, "corner2")
     assert _observation_settings([vla, vla], 64, None) == (64, "corner2")
     with pytest.raises(ValueError, match="image_size=32 requested, but the policies expect 64"):
         _observation_settings([vla], 32, None)
     with pytest.raises(ValueError, match="different camera"):
-        _observation_settings([vla, SimpleNamespace(camera="corner3")], None, None)
+        _observation_settings([vla, PolicyInfo("c", camera="corner3")], None, None)
 
 
 def test_a_policy_trained_on_another_scene_version_is_warned_about():
     import warnings
-    from types import SimpleNamespace
 
     from daptq.envs import SCENE_VERSION
     from daptq.eval.runner import _warn_on_scene_mismatch
+    from daptq.models.adapter import PolicyInfo
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_on_scene_mismatch(
-            [SimpleNamespace(), None, SimpleNamespace(scene_version=SCENE_VERSION)], SCENE_VERSION
+            [PolicyInfo("a"), PolicyInfo("b", scene_version=SCENE_VERSION)], SCENE_VERSION
         )
     with pytest.warns(UserWarning, match=f"trained on scene version {SCENE_VERSION + 1}"):
-        _warn_on_scene_mismatch([SimpleNamespace(scene_version=SCENE_VERSION + 1)], SCENE_VERSION)
+        _warn_on_scene_mismatch([PolicyInfo("c", scene_version=SCENE_VERSION + 1)], SCENE_VERSION)
 
 
 def test_model_directory_digests_detect_a_changed_model(tmp_path):

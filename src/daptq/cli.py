@@ -26,6 +26,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(result["overall"], indent=2))
         return 0
     from daptq.eval import evaluate
+    from daptq.eval.cache import default_cache_dir
     from daptq.eval.summary import format_summary
 
     summary = evaluate(
@@ -43,6 +44,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         divergence_threshold=args.divergence_threshold,
         hf_cutoff=args.hf_cutoff,
         progress=not args.no_progress,
+        reference_cache=None if args.no_reference_cache else (args.reference_cache or default_cache_dir()),
+        reseed_floor=not args.no_reseed_floor,
+        envs_per_worker=args.envs_per_worker,
+        backend=args.backend,
+        ray_address=args.ray_address,
     )
     print(format_summary(summary))
     print(f"results in {args.out} (report: daptq report {args.out})")
@@ -161,6 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--episodes", type=int, default=10, help="episodes (seeds) per task")
     ev.add_argument("--seed-start", type=int, help="first seed (default: the start of the 'eval' seed split)")
     ev.add_argument("--workers", type=int, default=1, help="worker processes")
+    ev.add_argument(
+        "--envs-per-worker",
+        type=int,
+        default=1,
+        help="environments each worker steps in lockstep, one batched policy call per step (default 1)",
+    )
+    ev.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default="local",
+        help="local process pool (default) or Ray actors (pip install 'daptq[ray]')",
+    )
+    ev.add_argument("--ray-address", help="join this Ray cluster (e.g. auto, ray://head:10001)")
     ev.add_argument("--out", default="runs/eval", help="run directory")
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     ev.add_argument("--max-steps", type=int, help="step limit per episode (default: per-task limit)")
@@ -169,6 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--divergence-threshold", type=float, default=0.02, help="metres (default 0.02)")
     ev.add_argument("--hf-cutoff", type=float, default=0.25, help="high-frequency cutoff, cycles per step")
     ev.add_argument("--no-progress", action="store_true")
+    cache = ev.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--reference-cache",
+        metavar="DIR",
+        help="cached reference rollouts (default: ~/.cache/daptq/reference-rollouts, or $XDG_CACHE_HOME)",
+    )
+    cache.add_argument("--no-reference-cache", action="store_true", help="compute every reference rollout")
+    ev.add_argument(
+        "--no-reseed-floor",
+        action="store_true",
+        help="skip the FP reseed floor (the reference against itself with another sampling seed)",
+    )
     ev.add_argument("--open-loop", metavar="DATASET", help="open-loop action error on recorded demos")
     ev.add_argument("--split", default="val", help="dataset split for --open-loop")
     ev.add_argument("--max-episodes", type=int, help="episodes per task for --open-loop")
@@ -201,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from daptq.eval.runner import set_process_defaults
+
+    set_process_defaults()  # headless rendering, offline hub: before any subcommand imports MuJoCo
     if argv[:1] == ["train"]:  # argparse's REMAINDER cannot start with an option such as --help
         return _cmd_train(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)

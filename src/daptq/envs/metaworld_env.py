@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from daptq.envs import use_headless_rendering
 
-import gymnasium as gym
-import mujoco
-import numpy as np
-from gymnasium import spaces
-from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
+use_headless_rendering()  # simulator modules only: MUJOCO_GL must be set before MuJoCo is imported
 
-from daptq.cameras import parse_cameras
-from daptq.envs.render import OffscreenRenderer
-from daptq.envs.tasks import (
+from typing import Any  # noqa: E402
+
+import gymnasium as gym  # noqa: E402
+import mujoco  # noqa: E402
+import numpy as np  # noqa: E402
+from gymnasium import spaces  # noqa: E402
+from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE  # noqa: E402
+
+from daptq.cameras import parse_cameras  # noqa: E402
+from daptq.envs.render import OffscreenRenderer  # noqa: E402
+from daptq.envs.tasks import (  # noqa: E402
     DEFAULT_MAX_STEPS,
     METAWORLD_MAX_STEPS,
     SCENE_VERSION,

@@ -7,11 +7,15 @@ that costs ~7-13 steps/s; turning shadows, reflections and multisampling off ren
 
 from __future__ import annotations
 
-import atexit
-import weakref
+from daptq.envs import use_headless_rendering
 
-import mujoco
-import numpy as np
+use_headless_rendering()  # simulator modules only: MUJOCO_GL must be set before MuJoCo is imported
+
+import atexit  # noqa: E402
+import weakref  # noqa: E402
+
+import mujoco  # noqa: E402
+import numpy as np  # noqa: E402
 
 # Renderers still open at interpreter exit are closed by an atexit hook registered after mujoco's EGL backend
 # registers its own eglTerminate hook (atexit runs last-registered first); otherwise mujoco's __del__ runs

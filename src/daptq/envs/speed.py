@@ -7,14 +7,18 @@ and Meta-World's own ``render_mode="rgb_array"`` path (gymnasium renderer, 480x4
 
 from __future__ import annotations
 
-import argparse
-import time
+from daptq.envs import use_headless_rendering
 
-import mujoco
-import numpy as np
+use_headless_rendering()  # simulator modules only: MUJOCO_GL must be set before MuJoCo is imported
 
-from daptq.envs import make_env
-from daptq.envs.render import OffscreenRenderer
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import mujoco  # noqa: E402
+import numpy as np  # noqa: E402
+
+from daptq.envs import make_env  # noqa: E402
+from daptq.envs.render import OffscreenRenderer  # noqa: E402
 
 
 def _time_steps(env, render, steps: int, seed: int) -> float:

@@ -31,6 +31,10 @@ SEED_SPLITS: dict[str, int] = {"train": 0, "calib": 100_000, "val": 200_000, "ev
 # marker was tried and not adopted: docs/benchmark.md, "Goal stem".)
 SCENE_VERSION = 1
 
+# Bumped whenever anything about a rollout changes without a package version changing (reset, stepping,
+# rendering, observations, step limits); cached reference rollouts are keyed by it.
+ENV_VERSION = 1
+
 # Meta-World's own horizon; our step limits never exceed it (its env raises past it).
 METAWORLD_MAX_STEPS = 500
 

@@ -7,7 +7,6 @@ pose after each of the T actions); ``actions`` are ``(T, action_dim)``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,19 +17,20 @@ DEFAULT_HF_CUTOFF = 0.25  # cycles per control step: the upper half of the spect
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion; sensible at 0 or n successes, unlike Wald's."""
+    """Wilson score interval for a binomial proportion; sensible at 0 or n successes, unlike Wald's.
+
+    scipy computes it exactly at the edges (0/n gives a lower bound of exactly 0, n/n an upper bound of
+    exactly 1), where the textbook formula lands ~1e-17 on the wrong side of p and breaks error bars.
+    """
     if n < 0 or successes < 0 or successes > n:
         raise ValueError(f"wilson_interval needs 0 <= successes <= n, got successes={successes}, n={n}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if n == 0:
         return (0.0, 1.0)
-    z = stats.norm.ppf(0.5 + confidence / 2.0)
+    ci = stats.binomtest(int(successes), int(n)).proportion_ci(confidence, method="wilson")
     p = successes / n
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    return (min(float(ci.low), p), max(float(ci.high), p))
 
 
 def mcnemar_exact(candidate: Sequence[bool], reference: Sequence[bool]) -> dict[str, float | int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,10 +64,31 @@ def method_label(config: dict[str, Any]) -> str:
     return method_name(config) + ("" if bits == "-" else f" {bits}")
 
 
+def _usable_records(path: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records a report can use: a malformed record or one with missing or damaged arrays is left out
+    with a warning (``daptq eval --resume`` re-runs those episodes)."""
+    paired = config["run"]["reference"] is not None
+    keep, damaged = [], []
+    for i, r in enumerate(store.EpisodeLog(path / store.EPISODES_NAME).read()):
+        problem = store.record_problem(r, paired) or store.arrays_problem(path, r, paired)
+        if problem:
+            damaged.append(f"line {i + 1}: {problem}")
+        else:
+            keep.append(r)
+    if damaged:
+        warnings.warn(
+            f"{path}: {len(damaged)} damaged episode record(s) left out of the report (resume the run to "
+            f"re-run them): {'; '.join(damaged[:5])}",
+            stacklevel=3,
+        )
+    return keep
+
+
 def load_run(path: str | os.PathLike) -> RunData:
     path = Path(path)
+    store.check_no_symlinks(path)
     config = store.read_config(path)
-    records = store.EpisodeLog(path / store.EPISODES_NAME).read()
+    records = _usable_records(path, config)
     if not records:
         raise ValueError(f"{path}: the run has no finished episode yet; nothing to report")
     paired = config["run"]["reference"] is not None
@@ -101,8 +123,8 @@ def _comparison_table(runs: list[RunData]) -> list[str]:
     lines = [
         "| run | method | bits | episodes | success % [95% CI] | FP success % | diff (95% bootstrap) "
         "| McNemar p | drift mean / final (cm) | diverged % | TTD median (steps) | action MAE (per dim) "
-        "| HF share (per dim) |",
-        "|" + "---|" * 13,
+        "| HF share (per dim) | FP reseed floor drift (cm) | drift / floor |",
+        "|" + "---|" * 15,
     ]
     for run in runs:
         o = run.summary["overall"]
@@ -130,6 +152,8 @@ def _comparison_table(runs: list[RunData]) -> list[str]:
                     f"{_pct(o['success_rate'])} {_ci(o['success_ci95'])}",
                     *paired_cols,
                     _vec(o["hf_share_mean"], ".2f"),
+                    _cm(o.get("floor_drift_mean")) if run.paired else "-",
+                    _ratio(o.get("drift_to_floor_ratio")) if run.paired else "-",
                 ]
             )
             + " |"
@@ -155,16 +179,19 @@ def _method_by_bits_table(runs: list[RunData]) -> list[str]:
     return lines
 
 
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def _task_table(run: RunData) -> list[str]:
     lines = [
         "| task | episodes | success % [95% CI] | FP success % [95% CI] | McNemar p | drift mean (cm) "
-        "| final (cm) "
-        "| diverged % |",
-        "|" + "---|" * 8,
+        "| final (cm) | diverged % | FP reseed floor: drift (cm) / diverged % | drift / floor |",
+        "|" + "---|" * 10,
     ]
     for task, s in run.summary["per_task"].items():
         if not s["episodes"]:
-            lines.append(f"| {task} | 0 | - | - | - | - | - | - |")
+            lines.append(f"| {task} | 0 | - | - | - | - | - | - | - | - |")
             continue
         if run.paired:
             extra = [
@@ -173,9 +200,11 @@ def _task_table(run: RunData) -> list[str]:
                 _cm(s["drift_mean"]),
                 _cm(s["drift_final_mean"]),
                 _pct(s["diverged_fraction"]),
+                f"{_cm(s.get('floor_drift_mean'))} / {_pct(s.get('floor_diverged_fraction'))}",
+                _ratio(s.get("drift_to_floor_ratio")),
             ]
         else:
-            extra = ["-"] * 5
+            extra = ["-"] * 7
         row = [task, str(s["episodes"]), f"{_pct(s['success_rate'])} {_ci(s['success_ci95'])}", *extra]
         lines.append("| " + " | ".join(row) + " |")
     return lines
@@ -365,7 +394,9 @@ def write_report(
     md += [
         "Success intervals are Wilson 95%; diff is candidate minus FP success with a paired bootstrap 95% "
         "interval; McNemar is the exact test on discordant episode pairs. Drift is the end-effector "
-        "distance to the paired FP trajectory; a run diverges at the first step above "
+        "distance to the paired FP trajectory; the FP reseed floor is the drift of the FP policy against "
+        "itself with only its sampling seed changed (what noise alone does), and drift / floor their ratio; "
+        "a run diverges at the first step above "
         f"{100 * runs[0].config['run']['divergence_threshold']:.1f} cm. HF share: spectral power of each "
         f"action dimension at >= {runs[0].config['run']['hf_cutoff']} cycles/step. "
         "Definitions: docs/evaluation.md.",

@@ -9,6 +9,8 @@ basis of the action-error metrics.
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,13 +45,23 @@ def _checked_action(action: Any, dim: int, who: str, step: int) -> np.ndarray:
 
 
 def run_episode(
-    env: Any, policy: Policy, seed: int, shadow: Policy | None = None, record_frames: bool = False
+    env: Any,
+    policy: Policy,
+    seed: int,
+    shadow: Policy | None = None,
+    record_frames: bool = False,
+    policy_seed: int | None = None,
 ) -> Rollout:
-    """Roll ``policy`` out until success (terminated) or the step limit (truncated)."""
+    """Roll ``policy`` out until success (terminated) or the step limit (truncated).
+
+    The environment is reset with ``seed``, the policy's (and shadow's) sampling noise with ``policy_seed``
+    (default: ``seed``, which is what pairing needs; another value samples the same episode differently).
+    """
     obs, _ = env.reset(seed=seed)
-    policy.reset(seed=seed)
+    policy_seed = seed if policy_seed is None else policy_seed
+    policy.reset(seed=policy_seed)
     if shadow is not None:
-        shadow.reset(seed=seed)
+        shadow.reset(seed=policy_seed)
     dim = policy.action_space.dim
     ee, actions, shadow_actions = [np.asarray(obs["state"][:3], np.float32)], [], []
     frames = [obs["image"]] if record_frames else None
@@ -76,6 +88,82 @@ def run_episode(
     )
 
 
+class _ChunkPlayer:
+    """One policy's action queues over a batch of episodes: a chunk per episode whose queue is empty, all of
+    them from one ``predict_chunks`` call, each episode's noise from its own seeded generator."""
+
+    def __init__(self, policy: Any, seeds: Sequence[int], slots: int | None) -> None:
+        import torch
+
+        self.policy = policy
+        self.slots = slots
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.queues: list[deque[np.ndarray]] = [deque() for _ in seeds]
+
+    def actions(self, observations: Sequence[Any], active: Sequence[int]) -> dict[int, np.ndarray]:
+        need = [i for i in active if not self.queues[i]]
+        if need:
+            chunks = self.policy.predict_chunks(
+                [observations[i] for i in need], [self.generators[i] for i in need], slots=self.slots
+            )
+            for i, chunk in zip(need, chunks, strict=True):
+                self.queues[i].extend(np.asarray(chunk, dtype=np.float32))
+        return {i: self.queues[i].popleft() for i in active}
+
+
+def run_episodes(
+    envs: Sequence[Any],
+    policy: Any,
+    seeds: Sequence[int],
+    shadow: Any | None = None,
+    policy_seeds: Sequence[int] | None = None,
+    slots: int | None = None,
+) -> list[Rollout]:
+    """``run_episode`` for several environments stepped in lockstep, the policy (and the shadow) called once
+    per step on the batch of episodes that need a new chunk (``predict_chunks``).
+
+    Episode i resets ``envs[i]`` with ``seeds[i]`` and draws its sampling noise from a generator seeded with
+    ``policy_seeds[i]`` (default ``seeds[i]``), as ``policy.reset(seed)`` seeds it in the one-env rollout, so
+    both rollouts sample the same noise. ``slots`` fixes the batch size of every call (padding rows).
+    """
+    n = len(seeds)
+    if len(envs) < n or n == 0:
+        raise ValueError(f"run_episodes needs one environment per seed, got {len(envs)} for {n} seeds")
+    policy_seeds = list(seeds if policy_seeds is None else policy_seeds)
+    dim = policy.action_space.dim
+    obs = [env.reset(seed=int(s))[0] for env, s in zip(envs, seeds, strict=False)]
+    players = [_ChunkPlayer(policy, policy_seeds, slots)]
+    if shadow is not None:
+        players.append(_ChunkPlayer(shadow, policy_seeds, slots))
+    ee = [[np.asarray(o["state"][:3], np.float32)] for o in obs]
+    actions: list[list[np.ndarray]] = [[] for _ in range(n)]
+    shadow_actions: list[list[np.ndarray]] = [[] for _ in range(n)]
+    success, done = [False] * n, [False] * n
+    while not all(done):
+        active = [i for i in range(n) if not done[i]]
+        chosen = players[0].actions(obs, active)
+        shadowed = players[1].actions(obs, active) if shadow is not None else {}
+        for i in active:
+            step = len(actions[i])
+            action = _checked_action(chosen[i], dim, "policy", step)
+            if shadow is not None:
+                shadow_actions[i].append(_checked_action(shadowed[i], dim, "shadow reference", step))
+            obs[i], _, terminated, truncated, info = envs[i].step(action)
+            actions[i].append(action)
+            ee[i].append(np.asarray(obs[i]["state"][:3], np.float32))
+            success[i] = success[i] or bool(info["success"])
+            done[i] = bool(terminated or truncated)
+    return [
+        Rollout(
+            success=success[i],
+            ee=np.stack(ee[i]),
+            actions=np.stack(actions[i]),
+            shadow_actions=np.stack(shadow_actions[i]) if shadow is not None else None,
+        )
+        for i in range(n)
+    ]
+
+
 def _behaviour(rollout: Rollout, hf_cutoff: float) -> dict[str, Any]:
     grip = rollout.actions[:, -1] if rollout.steps else np.zeros(0)
     return {
@@ -92,8 +180,13 @@ def episode_record(
     reference: Rollout | None,
     divergence_threshold: float,
     hf_cutoff: float,
+    floor: Rollout | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The JSON record (scalar metrics) and the per-step arrays of one (paired) episode."""
+    """The JSON record (scalar metrics) and the per-step arrays of one (paired) episode.
+
+    ``floor`` is the reference re-sampled with another noise seed: its drift from the reference (``floor_*``)
+    is how far the policy's own sampling noise alone moves a trajectory, the floor for the candidate's drift.
+    """
     record: dict[str, Any] = {
         "task": task,
         "seed": int(seed),
@@ -115,4 +208,9 @@ def episode_record(
         record.update({f"action_{k}": v for k, v in metrics.action_error(candidate.actions, shadow).items()})
         record["grip_disagreements"] = metrics.gripper_disagreements(candidate.actions[:, -1], shadow[:, -1])
         arrays.update({"ref_ee": reference.ee, "ref_actions": reference.actions, "shadow_actions": shadow})
+        if floor is not None:
+            fl = metrics.drift_metrics(floor.ee, reference.ee, divergence_threshold)
+            record.update({f"floor_{k}": v for k, v in fl.items()})
+            record["floor_success"] = floor.success
+            arrays["floor_ee"] = floor.ee
     return record, arrays

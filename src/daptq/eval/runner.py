@@ -12,23 +12,27 @@ import datetime as _dt
 import hashlib
 import importlib.metadata
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
+import queue
 import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from daptq.eval import store
+from daptq.eval.cache import ReferenceCache, base_key
 from daptq.eval.metrics import DEFAULT_DIVERGENCE_THRESHOLD_M, DEFAULT_HF_CUTOFF
-from daptq.eval.rollout import episode_record, run_episode
+from daptq.eval.rollout import Rollout, episode_record, run_episode, run_episodes
 from daptq.eval.summary import summarize
+from daptq.models.adapter import PolicyInfo
 
 _VERSIONED_PACKAGES = ("daptq", "torch", "torchao", "numpy", "metaworld", "mujoco", "gymnasium", "scipy")
 
@@ -36,82 +40,159 @@ _VERSIONED_PACKAGES = ("daptq", "torch", "torchao", "numpy", "metaworld", "mujoc
 # ----------------------------------------------------------------------------------------------- episodes
 
 
-class EpisodeRunner:
-    """Builds the policies once and the current task's env on first use; runs one (paired) episode per call.
+# The reseed floor: the reference re-sampled with its noise seed moved by this fixed offset.
+FLOOR_SEED_OFFSET = 1 << 30
 
-    Jobs arrive task by task, so only one env is kept: switching task closes the previous one (each env holds
-    a renderer context, and ten of them per worker would be wasted memory).
+
+class EpisodeRunner:
+    """Builds the policies once and the current task's envs on first use; runs (paired) episodes.
+
+    Jobs arrive task by task, so only one task's envs are kept: switching task closes the previous ones (each
+    env holds a renderer context). With ``envs_per_worker`` N > 1 a call runs a group of up to N episodes of
+    one task in lockstep (``run_episodes``: one batched policy call per step, fixed N batch slots); N = 1 is
+    the one-env rollout. Reference rollouts (and the reseed floor) come from the reference cache when
+    ``execution["reference_cache"]`` names one. Episodes run with one torch thread in every process, so 1 and
+    M workers (and the cache) agree bitwise.
     """
 
-    def __init__(self, run: dict[str, Any]) -> None:
+    def __init__(self, run: dict[str, Any], execution: dict[str, Any] | None = None) -> None:
         from daptq.models.registry import load_policy
 
         self.run = run
+        execution = execution or {}
+        self.slots = int(execution.get("envs_per_worker", 1))
         self.candidate = load_policy(run["candidate"])
         self.reference = self.shadow = None
         if run["reference"] is not None:
-            self.reference = load_policy(run["reference"])
-            self.shadow = load_policy(run["reference"])
+            # One instance serves as both: the shadow acts during the candidate's rollout, the reference
+            # after it, and the batched path keeps every episode's queue and generator outside the policy.
+            self.reference = self.shadow = load_policy(run["reference"])
+        self.cache = None
+        if execution.get("reference_cache") and self.reference is not None:
+            self.cache = ReferenceCache(execution["reference_cache"], execution["cache_key"])
         self._task: str | None = None
-        self._env: Any = None
+        self._envs: list[Any] = []
 
-    def env(self, task: str) -> Any:
+    def envs(self, task: str, n: int) -> list[Any]:
         if task != self._task:
-            from daptq.envs import make_env
-
             self.close()
-            self._env = make_env(
+            self._task = task
+        from daptq.envs import make_env
+
+        while len(self._envs) < n:
+            env = make_env(
                 task,
                 image_size=self.run["image_size"],
                 camera=self.run["camera"],
                 max_steps=self.run["max_steps"][task],
             )
-            self._task = task
-            env_dim = int(self._env.action_space.shape[0])
+            self._envs.append(env)
+            env_dim = int(env.action_space.shape[0])
             if self.candidate.action_space.dim != env_dim:
                 raise ValueError(
                     f"{self.run['candidate']} acts in {self.candidate.action_space.dim} dimensions, "
                     f"the {task} environment in {env_dim}"
                 )
-        return self._env
+        return self._envs[:n]
 
-    def __call__(self, job: tuple[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
-        task, seed = job
-        env = self.env(task)
-        start = time.perf_counter()
-        cand = run_episode(env, self.candidate, seed, shadow=self.shadow)
-        ref = run_episode(env, self.reference, seed) if self.reference is not None else None
-        record, arrays = episode_record(
-            task, seed, cand, ref, self.run["divergence_threshold"], self.run["hf_cutoff"]
-        )
-        record["env_steps"] = cand.steps + (ref.steps if ref is not None else 0)
-        record["wall_s"] = time.perf_counter() - start  # episodes only, env construction excluded
-        return record, arrays
+    def _rollouts(self, policy: Any, task: str, seeds: list[int], offset: int, shadow: Any = None) -> list:
+        envs = self.envs(task, len(seeds))
+        policy_seeds = [s + offset for s in seeds]
+        if self.slots == 1:
+            return [
+                run_episode(env, policy, s, shadow=shadow, policy_seed=p)
+                for env, s, p in zip(envs, seeds, policy_seeds, strict=False)
+            ]
+        return run_episodes(envs, policy, seeds, shadow=shadow, policy_seeds=policy_seeds, slots=self.slots)
+
+    def reference_rollouts(self, task: str, seeds: list[int], offset: int) -> list[tuple[Rollout, bool]]:
+        """The reference's rollouts of (task, seed) with sampling seeds ``seed + offset``; True if cached."""
+        keys = [None] * len(seeds)
+        found: list[Rollout | None] = [None] * len(seeds)
+        if self.cache is not None:
+            keys = [self.cache.key(task, s, s + offset, self.run["max_steps"][task]) for s in seeds]
+            found = [self.cache.get(k) for k in keys]
+        missing = [i for i, r in enumerate(found) if r is None]
+        if missing:
+            computed = self._rollouts(self.reference, task, [seeds[i] for i in missing], offset)
+            for i, rollout in zip(missing, computed, strict=True):
+                found[i] = rollout
+                if keys[i] is not None:
+                    self.cache.put(keys[i], rollout)
+        return [(r, i not in missing) for i, r in enumerate(found)]
+
+    def __call__(self, jobs: list[tuple[str, int]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """Run a group of episodes of one task (at most ``envs_per_worker``); one (record, arrays) each."""
+        import torch
+
+        task = jobs[0][0]
+        if any(t != task for t, _ in jobs) or len(jobs) > self.slots:
+            raise ValueError(f"a group holds up to {self.slots} episodes of one task, got {jobs}")
+        seeds = [s for _, s in jobs]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            self.envs(task, len(seeds))
+            start = time.perf_counter()
+            cands = self._rollouts(self.candidate, task, seeds, 0, shadow=self.shadow)
+            refs = floors = [(None, None)] * len(seeds)
+            if self.reference is not None:
+                refs = self.reference_rollouts(task, seeds, 0)
+                if self.run["reseed_floor"]:
+                    floors = self.reference_rollouts(task, seeds, FLOOR_SEED_OFFSET)
+            wall = (time.perf_counter() - start) / len(seeds)
+        finally:
+            torch.set_num_threads(threads)
+        out = []
+        for seed, cand, (ref, ref_hit), (floor, floor_hit) in zip(seeds, cands, refs, floors, strict=True):
+            record, arrays = episode_record(
+                task, seed, cand, ref, self.run["divergence_threshold"], self.run["hf_cutoff"], floor=floor
+            )
+            record["env_steps"] = cand.steps + (ref.steps if ref is not None else 0)
+            # How this episode was computed (differs between runs of the same episode; never a result).
+            record["wall_s"] = wall  # episodes only (a group's time shared), env construction excluded
+            hits = [h for h in (ref_hit, floor_hit) if h is not None]
+            record["simulated_steps"] = cand.steps + sum(
+                r.steps for r, h in ((ref, ref_hit), (floor, floor_hit)) if r is not None and not h
+            )
+            record["reference_cached"] = all(hits) if hits else None
+            out.append((record, arrays))
+        return out
 
     def close(self) -> None:
-        if self._env is not None:
-            self._env.close()
-        self._env, self._task = None, None
+        for env in self._envs:
+            env.close()
+        self._envs, self._task = [], None
 
 
 _WORKER: EpisodeRunner | None = None
 _WORKER_INIT_ERROR: BaseException | None = None
 
 
-def _init_worker(run: dict[str, Any]) -> None:
+def set_process_defaults() -> None:
+    """What a process that renders and loads encoders needs before it imports them: headless rendering
+    (``MUJOCO_GL``, unless set) and an offline Hugging Face hub (the encoders' files are bundled)."""
+    from daptq.envs import use_headless_rendering
+
+    use_headless_rendering()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _init_worker(run: dict[str, Any], execution: dict[str, Any]) -> None:
     global _WORKER, _WORKER_INIT_ERROR
+    set_process_defaults()
     import torch
 
     torch.set_num_threads(1)  # one core per worker; several workers share the machine
     try:
-        _WORKER = EpisodeRunner(run)
+        _WORKER = EpisodeRunner(run, execution)
     except (
         Exception
     ) as exc:  # re-raised from _run_job: a Pool would respawn a worker whose init raised, forever
         _WORKER_INIT_ERROR = exc
 
 
-def _run_job(job: tuple[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _run_job(job: list[tuple[str, int]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     if _WORKER is None:
         raise RuntimeError(
             f"evaluation worker failed to start: {_WORKER_INIT_ERROR!r}"
@@ -185,11 +266,32 @@ def _file_digests(spec: str) -> dict[str, str] | None:
 
 
 def _describe(policy: Any, spec: str) -> dict[str, Any]:
+    """What a run records of a model: its action space, what it declares and the digest of its weights
+    and config (compared on resume), plus file digests when the spec is a directory."""
+    info = policy.info()
     return {
         "action_space": policy.action_space.to_dict(),
-        "recipe": _jsonable(getattr(policy, "recipe", None)),
+        "recipe": _jsonable(dict(info.recipe) if info.recipe is not None else None),
+        "digest": info.digest,
+        "declares": _jsonable({k: v for k, v in info.to_dict().items() if k not in ("digest", "recipe")}),
         "files_sha256": _file_digests(spec),
     }
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_float(name: str, value: Any, low: float, high: float = math.inf, low_open: bool = True) -> float:
+    """A finite real in (low, high] (or [low, high]): nan and inf would reach config.json and the metrics."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if (value <= low if low_open else value < low) or value > high:
+        bound = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be in {bound}, got {value!r}")
+    return float(value)
 
 
 def _run_spec(
@@ -199,30 +301,32 @@ def _run_spec(
     episodes: int,
     seed_start: int | None,
     max_steps: int | None,
-    image_size: int,
-    camera: str,
+    image_size: int | None,
+    camera: str | None,
     divergence_threshold: float,
     hf_cutoff: float,
+    reseed_floor: bool = True,
 ) -> dict[str, Any]:
     """Validate the request and resolve its defaults: the identity of a run (what --resume must match)."""
-    from daptq.envs import DEFAULT_MAX_STEPS, MT10, SCENE_VERSION, SEED_SPLITS, check_tasks
+    from daptq.envs import DEFAULT_MAX_STEPS, MT10, SCENE_VERSION, SEED_SPLITS, check_tasks, parse_cameras
 
     if not isinstance(candidate, str) or not candidate:
         raise ValueError(f"candidate must be a model spec string, got {candidate!r}")
     if reference is not None and (not isinstance(reference, str) or not reference):
         raise ValueError(f"reference must be a model spec string or None, got {reference!r}")
     tasks = check_tasks(MT10 if tasks is None else ([tasks] if isinstance(tasks, str) else tasks))
-    if not isinstance(episodes, int) or episodes <= 0:
-        raise ValueError(f"episodes must be a positive integer, got {episodes!r}")
-    seed_start = SEED_SPLITS["eval"] if seed_start is None else int(seed_start)
-    if seed_start < 0:
-        raise ValueError(f"seed_start must be >= 0, got {seed_start}")
-    if max_steps is not None and max_steps <= 0:
-        raise ValueError(f"max_steps must be positive, got {max_steps}")
-    if divergence_threshold <= 0:
-        raise ValueError(f"divergence_threshold must be positive (metres), got {divergence_threshold}")
-    if not 0 < hf_cutoff <= 0.5:
-        raise ValueError(f"hf_cutoff must be in (0, 0.5] cycles/step, got {hf_cutoff}")
+    _check_int("episodes", episodes, 1)
+    seed_start = SEED_SPLITS["eval"] if seed_start is None else _check_int("seed_start", seed_start, 0)
+    if seed_start + episodes > 2**32:
+        raise ValueError(f"seeds {seed_start}..{seed_start + episodes - 1} exceed the 32-bit seed range")
+    if max_steps is not None:
+        _check_int("max_steps", max_steps, 1)
+    if image_size is not None:
+        _check_int("image_size", image_size, 1)
+    if camera is not None:
+        parse_cameras(camera)
+    if not isinstance(reseed_floor, bool):
+        raise ValueError(f"reseed_floor must be True or False, got {reseed_floor!r}")
     return {
         "candidate": candidate,
         "reference": reference,
@@ -232,31 +336,32 @@ def _run_spec(
         "max_steps": {t: int(max_steps or DEFAULT_MAX_STEPS[t]) for t in tasks},
         "image_size": image_size,
         "camera": camera,
-        "divergence_threshold": float(divergence_threshold),
-        "hf_cutoff": float(hf_cutoff),
+        "divergence_threshold": _check_float("divergence_threshold (metres)", divergence_threshold, 0.0),
+        "hf_cutoff": _check_float("hf_cutoff (cycles/step)", hf_cutoff, 0.0, 0.5),
         "scene_version": SCENE_VERSION,
+        "reseed_floor": bool(reseed_floor) and reference is not None,
+        "floor_seed_offset": FLOOR_SEED_OFFSET,
     }
 
 
-def _warn_on_scene_mismatch(policies: list[Any], scene_version: int) -> None:
+def _warn_on_scene_mismatch(infos: list[PolicyInfo], scene_version: int) -> None:
     """A policy trained on images of another scene version sees an unfamiliar scene: say so."""
-    for p in policies:
-        trained_on = getattr(p, "scene_version", None)  # None for policies that do not record it
-        if trained_on is not None and trained_on != scene_version:
+    for info in infos:
+        if info.scene_version is not None and info.scene_version != scene_version:
             warnings.warn(
-                f"a policy was trained on scene version {trained_on}, but the environments render scene "
-                f"version {scene_version}; its success rates will not match its training",
+                f"a policy was trained on scene version {info.scene_version}, but the environments render "
+                f"scene version {scene_version}; its success rates will not match its training",
                 stacklevel=3,
             )
 
 
-def _observation_settings(policies: list[Any], image_size: int | None, camera: str | None) -> tuple[int, str]:
-    """Render what the policies were trained on: their declared ``image_size`` / ``camera``, else defaults."""
+def _observation_settings(
+    infos: list[PolicyInfo], image_size: int | None, camera: str | None
+) -> tuple[int, str]:
+    """Render what the policies declare (``PolicyInfo.image_size`` / ``camera``), else 96 px, "corner3"."""
     resolved: dict[str, Any] = {"image_size": image_size, "camera": camera}
     for name, default in (("image_size", 96), ("camera", "corner3")):
-        declared = {
-            getattr(p, name) for p in policies if p is not None and getattr(p, name, None) is not None
-        }
+        declared = {getattr(i, name) for i in infos if getattr(i, name) is not None}
         if len(declared) > 1:
             raise ValueError(f"candidate and reference expect different {name}: {sorted(declared)}")
         if declared and resolved[name] is not None and resolved[name] not in declared:
@@ -270,46 +375,158 @@ def _observation_settings(policies: list[Any], image_size: int | None, camera: s
     return resolved["image_size"], str(resolved["camera"])
 
 
-def _prepare_run_dir(out: Path, config: dict[str, Any], resume: bool) -> None:
-    """Create a fresh run directory, or check that ``out`` holds this very run when resuming."""
+def _check_environment(run: dict[str, Any], action_dim: int) -> None:
+    """Build (and close) one environment as the workers will, so an unknown camera or an action-dimension
+    mismatch fails before anything is written."""
+    from daptq.envs import make_env
+
+    task = run["tasks"][0]
+    env = make_env(task, image_size=run["image_size"], camera=run["camera"], max_steps=run["max_steps"][task])
+    try:
+        env_dim = int(env.action_space.shape[0])
+    finally:
+        env.close()
+    if action_dim != env_dim:
+        raise ValueError(
+            f"{run['candidate']} acts in {action_dim} dimensions, the {task} environment in {env_dim}"
+        )
+
+
+def _run_config(run: dict[str, Any], execution: dict[str, Any]) -> dict[str, Any]:
+    """Load the policies once in the parent, resolve what to render and check everything a worker would,
+    so a bad request fails before the first write. Returns the whole config.json."""
+    from daptq.models.registry import load_policy
+
+    cand_policy = load_policy(run["candidate"])
+    ref_policy = None
+    if run["reference"] is not None:
+        ref_policy = cand_policy if run["reference"] == run["candidate"] else load_policy(run["reference"])
+    if ref_policy is not None and cand_policy.action_space != ref_policy.action_space:
+        raise ValueError(
+            f"candidate and reference have different action spaces: {cand_policy.action_space.to_dict()} vs "
+            f"{ref_policy.action_space.to_dict()}"
+        )
+    infos = [p.info() for p in (cand_policy, ref_policy) if p is not None]
+    run["image_size"], run["camera"] = _observation_settings(infos, run["image_size"], run["camera"])
+    _warn_on_scene_mismatch(infos, run["scene_version"])
+    _check_environment(run, cand_policy.action_space.dim)
+    return {
+        "format": store.RUN_FORMAT,
+        "format_version": store.RUN_FORMAT_VERSION,
+        "run": run,
+        "candidate": _describe(cand_policy, run["candidate"]),
+        "reference": _describe(ref_policy, run["reference"]) if ref_policy is not None else None,
+        "execution": execution,
+        "provenance": {
+            "versions": _versions(),
+            "git_commit": _git("rev-parse", "HEAD") or None,
+            "git_dirty": _git_dirty(),
+            "platform": platform.platform(),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        },
+    }
+
+
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    """What must match for a resume: the run settings and what the models resolved to (digests included)."""
+    ident = {**config["run"], "candidate_model": config["candidate"], "reference_model": config["reference"]}
+    return json.loads(json.dumps(ident))  # compare in JSON form (tuples become lists, as on disk)
+
+
+def _open_run_dir(out: Path, config: dict[str, Any], resume: bool) -> store.RunLock:
+    """Lock ``out`` and create a fresh run there, or check that it holds this very run when resuming.
+
+    Returns the held lock: the caller is the run directory's only writer until it releases it.
+    """
+    if out.is_symlink():
+        raise ValueError(f"{out}: the run directory is a symbolic link; pass the real path")
     if resume:
-        existing = store.read_config(out)  # raises for a missing or non-daptq directory
-        # The run settings and what the model specs resolved to (a re-quantized directory keeps its path).
-        old = {
-            **existing["run"],
-            "candidate_model": existing["candidate"],
-            "reference_model": existing["reference"],
-        }
-        new = {
-            **config["run"],
-            "candidate_model": config["candidate"],
-            "reference_model": config["reference"],
-        }
-        new = json.loads(json.dumps(new))  # compare in JSON form (tuples become lists, as on disk)
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if diff:
-            stored = {k: old.get(k) for k in diff}
-            requested = {k: new.get(k) for k in diff}
-            raise ValueError(
-                f"{out}: cannot resume, the run stored there differs from the requested one in: "
-                f"{', '.join(diff)} (stored: {stored}, requested: {requested})"
-            )
-        if existing["provenance"]["versions"] != config["provenance"]["versions"]:
-            warnings.warn(
-                f"{out}: resuming with different package versions than the run started with", stacklevel=3
-            )
-        return
+        store.check_no_symlinks(out)
+        store.read_config(out)  # a clear error for a missing or non-daptq directory, before locking
+        lock = store.RunLock(out).acquire()
+        try:
+            _check_resumable(out, config)
+        except BaseException:
+            lock.release()
+            raise
+        return lock
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        hint = (
-            " (it holds a daptq run: pass resume=True / --resume)"
-            if (out / store.CONFIG_NAME).exists()
-            else ""
-        )
-        raise ValueError(f"{out}: output directory is not empty{hint}; choose a new directory")
     out.mkdir(parents=True, exist_ok=True)
-    store.atomic_write_json(out / store.CONFIG_NAME, config)
+    lock = store.RunLock(out).acquire()
+    try:
+        if any(p.name != store.LOCK_NAME for p in out.iterdir()):
+            hint = (
+                " (it holds a daptq run: pass resume=True / --resume)"
+                if (out / store.CONFIG_NAME).exists()
+                else ""
+            )
+            raise ValueError(f"{out}: output directory is not empty{hint}; choose a new directory")
+        store.atomic_write_json(out / store.CONFIG_NAME, config)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _check_resumable(out: Path, config: dict[str, Any]) -> None:
+    existing = store.read_config(out)
+    old, new = _identity(existing), _identity(config)
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        stored = {k: old.get(k) for k in diff}
+        requested = {k: new.get(k) for k in diff}
+        raise ValueError(
+            f"{out}: cannot resume, the run stored there differs from the requested one in: "
+            f"{', '.join(diff)} (stored: {stored}, requested: {requested})"
+        )
+    if existing["provenance"]["versions"] != config["provenance"]["versions"]:
+        warnings.warn(
+            f"{out}: resuming with different package versions than the run started with", stacklevel=4
+        )
+    # Trajectories depend (in the last bits) on how episodes were spread over processes: record every session.
+    sessions = [*existing.get("resumed", []), {**config["execution"], "at": config["provenance"]["created"]}]
+    store.atomic_write_json(out / store.CONFIG_NAME, {**existing, "resumed": sessions})
+
+
+def _finished_episodes(out: Path, log: store.EpisodeLog, run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The usable records of a run: a record that is malformed, or whose arrays are missing or damaged, is
+    dropped from the log (and its episode runs again); episodes outside the run or twice are an error."""
+    paired = run["reference"] is not None
+    records = log.read(repair=True)
+    keep, damaged, seen = [], [], set()
+    first, last = run["seed_start"], run["seed_start"] + run["episodes"]
+    for i, r in enumerate(records):
+        problem = store.record_problem(r, paired)
+        if problem is None:
+            key = (r["task"], r["seed"])
+            if r["task"] not in run["tasks"] or not first <= r["seed"] < last:
+                raise ValueError(
+                    f"{out}/{store.EPISODES_NAME}: line {i + 1} is an episode outside this run {key}"
+                )
+            if key in seen:
+                raise ValueError(f"{out}/{store.EPISODES_NAME}: line {i + 1} repeats episode {key}")
+            problem = store.arrays_problem(out, r, paired)
+            seen.add(key)
+        if problem is None:
+            keep.append(r)
+        else:
+            damaged.append(f"line {i + 1}: {problem}")
+    if damaged:
+        warnings.warn(
+            f"{out}: {len(damaged)} damaged episode record(s) dropped and re-run: {'; '.join(damaged[:5])}",
+            stacklevel=3,
+        )
+        log.rewrite(keep)
+    return keep
+
+
+def _pending_jobs(run: dict[str, Any], done: set[tuple[str, int]]) -> Iterator[tuple[str, int]]:
+    """The (task, seed) pairs still to run, generated lazily: a huge run never holds all its jobs."""
+    for task in run["tasks"]:
+        for seed in range(run["seed_start"], run["seed_start"] + run["episodes"]):
+            if (task, seed) not in done:
+                yield task, seed
 
 
 # -------------------------------------------------------------------------------------------------- evaluate
@@ -332,80 +549,82 @@ def evaluate(
     hf_cutoff: float = DEFAULT_HF_CUTOFF,
     progress: bool = True,
     on_episode: Callable[[dict[str, Any]], None] | None = None,
+    reference_cache: str | os.PathLike | None = None,
+    reseed_floor: bool = True,
+    envs_per_worker: int = 1,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``candidate`` on ``episodes`` seeds per task; paired against ``reference`` when one is given.
 
     Seeds are ``seed_start .. seed_start + episodes - 1`` for every task (default start: the "eval" split).
     Results go to ``out`` (config.json, episodes.jsonl, episodes/*.npz, summary.json); ``resume=True``
-    continues a run in ``out`` whose config matches. ``on_episode(record)`` is called after each episode is
-    committed to disk (a progress hook; tests raise from it to simulate an interruption). Returns the summary.
-    ``image_size`` / ``camera`` default to what the policies declare (attributes of the same names), else
-    96 px and "corner3"; a value that contradicts a policy's declaration raises ValueError.
+    continues a run in ``out`` whose config (models' digests included) matches. ``on_episode(record)`` is
+    called after each episode is committed to disk (a progress hook; tests raise from it to simulate an
+    interruption). Returns the summary. ``image_size`` / ``camera`` default to what the policies declare
+    (``Policy.info()``), else 96 px and "corner3"; a value that contradicts a declaration raises ValueError.
+    ``reference_cache`` is a directory of cached reference rollouts (``daptq.eval.cache``; None: no cache,
+    the CLI defaults to ``default_cache_dir()``). ``reseed_floor`` pairs the reference with itself re-sampled
+    (noise seed + ``FLOOR_SEED_OFFSET``) in every paired episode: the drift that sampling noise alone makes.
+    ``envs_per_worker`` N > 1 steps N environments per worker in lockstep with one batched policy call per
+    step (fixed N batch slots); N = 1 is the one-env rollout. ``backend`` "local" runs ``workers`` processes
+    (or the parent for one), "ray" runs ``workers`` Ray actors (``daptq.eval.ray_backend``; ``ray_address``
+    joins an existing cluster); either way this process is the run directory's only writer.
+    Everything is validated before the first write; the run directory is locked while this call writes it.
     """
-    if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    workers = _check_int("workers", workers, 1)
+    envs_per_worker = _check_int("envs_per_worker", envs_per_worker, 1)
+    if backend not in ("local", "ray"):
+        raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+    if ray_address is not None and backend != "ray":
+        raise ValueError("ray_address needs backend='ray'")
+    if backend == "ray":
+        from daptq.eval.ray_backend import _import_ray
+
+        _import_ray()  # a clear error before anything is written
     run = _run_spec(
-        candidate,
-        reference,
-        tasks,
-        episodes,
-        seed_start,
-        max_steps,
-        image_size,
-        camera,
-        divergence_threshold,
-        hf_cutoff,
-    )
-    from daptq.models.registry import load_policy
-
-    cand_policy = load_policy(candidate)  # fail fast in the parent: bad spec, incompatible action spaces
-    ref_policy = load_policy(reference) if reference is not None else None
-    if ref_policy is not None and cand_policy.action_space != ref_policy.action_space:
-        raise ValueError(
-            f"candidate and reference have different action spaces: {cand_policy.action_space.to_dict()} vs "
-            f"{ref_policy.action_space.to_dict()}"
-        )
-    run["image_size"], run["camera"] = _observation_settings([cand_policy, ref_policy], image_size, camera)
-    _warn_on_scene_mismatch([cand_policy, ref_policy], run["scene_version"])
-    config = {
-        "format": store.RUN_FORMAT,
-        "format_version": store.RUN_FORMAT_VERSION,
-        "run": run,
-        "candidate": _describe(cand_policy, candidate),
-        "reference": _describe(ref_policy, reference) if ref_policy is not None else None,
-        "provenance": {
-            "versions": _versions(),
-            "git_commit": _git("rev-parse", "HEAD") or None,
-            "git_dirty": _git_dirty(),
-            "platform": platform.platform(),
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        },
+        candidate, reference, tasks, episodes, seed_start, max_steps, image_size, camera,
+        divergence_threshold, hf_cutoff, reseed_floor,
+    )  # fmt: skip
+    if reference_cache is not None and Path(reference_cache).exists() and not Path(reference_cache).is_dir():
+        raise ValueError(f"reference_cache {reference_cache}: exists and is not a directory")
+    set_process_defaults()
+    execution = {
+        "backend": backend,
+        "ray_address": ray_address,
+        "workers": workers,
+        "envs_per_worker": envs_per_worker,
+        "reference_cache": None if reference_cache is None else str(Path(reference_cache).resolve()),
     }
-    del cand_policy, ref_policy
+    config = _run_config(run, execution)
+    context = {**execution}
+    if config["reference"] is not None:
+        context["cache_key"] = base_key(run, config["reference"], batch_slots=envs_per_worker)
     out = Path(out)
-    _prepare_run_dir(out, config, resume)
-    log = store.EpisodeLog(out / store.EPISODES_NAME)
-    records = log.read(repair=True)
-    all_jobs = [(t, s) for t in run["tasks"] for s in range(run["seed_start"], run["seed_start"] + episodes)]
-    done = {(r["task"], r["seed"]) for r in records}
-    unknown = done - set(all_jobs)
-    if unknown or len(done) != len(records):
-        raise ValueError(
-            f"{out}/{store.EPISODES_NAME}: holds episodes outside this run or duplicates "
-            f"({len(records)} lines, {len(done)} distinct, outside: {sorted(unknown)[:5]})"
-        )
-    jobs = [j for j in all_jobs if j not in done]
-    paired = reference is not None
+    lock = _open_run_dir(out, config, resume)
+    try:
+        return _run_and_summarize(out, run, context, progress, on_episode)
+    finally:
+        lock.release()
 
+
+def _run_and_summarize(
+    out: Path,
+    run: dict[str, Any],
+    context: dict[str, Any],
+    progress: bool,
+    on_episode: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
+    """Run the episodes ``out`` lacks, committing each as it finishes, then write summary.json."""
+    log = store.EpisodeLog(out / store.EPISODES_NAME)
+    records = _finished_episodes(out, log, run)
+    total = len(run["tasks"]) * run["episodes"]
+    paired = run["reference"] is not None
+    jobs = _groups(_pending_jobs(run, {(r["task"], r["seed"]) for r in records}), context["envs_per_worker"])
     bar = tqdm(
-        total=len(all_jobs),
-        initial=len(done),
-        desc="eval",
-        unit="ep",
-        disable=not progress,
-        dynamic_ncols=True,
+        total=total, initial=len(records), desc="eval", unit="ep", disable=not progress, dynamic_ncols=True
     )
-    results = _results(run, jobs, workers)
+    results = _results(run, context, jobs, total - len(records))
     try:
         for record, arrays in results:
             store.atomic_save_npz(store.arrays_path(out, record["task"], record["seed"]), arrays)
@@ -419,7 +638,7 @@ def evaluate(
         results.close()  # stops the worker pool now, also when on_episode raised
         bar.close()
     summary = summarize(records, paired=paired, tasks=run["tasks"])
-    summary["complete"] = len(records) == len(all_jobs)
+    summary["complete"] = len(records) == total
     summary["run"] = run
     store.atomic_write_json(out / store.SUMMARY_NAME, summary)
     return summary
@@ -433,19 +652,67 @@ def _running_rates(records: list[dict[str, Any]], paired: bool) -> str:
     return text
 
 
-def _results(run: dict[str, Any], jobs: list[tuple[str, int]], workers: int):
-    """Yield (record, arrays) per job as episodes finish: in-process for one worker, else a spawn pool."""
-    if not jobs:
+def _groups(jobs: Iterator[tuple[str, int]], size: int) -> Iterator[list[tuple[str, int]]]:
+    """Consecutive jobs of one task in groups of at most ``size`` (a worker's batch of environments)."""
+    group: list[tuple[str, int]] = []
+    for job in jobs:
+        if group and (len(group) == size or job[0] != group[0][0]):
+            yield group
+            group = []
+        group.append(job)
+    if group:
+        yield group
+
+
+def _results(
+    run: dict[str, Any], context: dict[str, Any], groups: Iterator[list[tuple[str, int]]], pending: int
+):
+    """Yield (record, arrays) per episode as they finish: in-process for one worker, else a spawn pool."""
+    if pending <= 0:
+        return
+    workers = context["workers"]
+    groups_needed = -(-pending // context["envs_per_worker"])
+    if context["backend"] == "ray":
+        from daptq.eval.ray_backend import ray_results
+
+        yield from ray_results(run, context, groups, min(workers, groups_needed), context["ray_address"])
         return
     if workers == 1:
-        runner = EpisodeRunner(run)
+        runner = EpisodeRunner(run, context)
         try:
-            for job in jobs:
-                yield runner(job)
+            for group in groups:
+                yield from runner(group)
         finally:
             runner.close()
         return
+    for finished in _pool_results(run, context, groups, min(workers, groups_needed)):
+        yield from finished
+
+
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _pool_results(
+    run: dict[str, Any], context: dict[str, Any], jobs: Iterator[list[tuple[str, int]]], workers: int
+):
+    """A spawn pool fed at most two jobs per worker at a time (``imap`` would queue every job at once)."""
+    finished: queue.SimpleQueue[Any] = queue.SimpleQueue()
     ctx = mp.get_context("spawn")
-    with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(run,)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(run, context)) as pool:
         # Leaving the with-block (normally or by an exception) terminates the workers.
-        yield from pool.imap_unordered(_run_job, jobs, chunksize=1)
+        in_flight = 0
+        while True:
+            while in_flight < 2 * workers and (job := next(jobs, None)) is not None:
+                pool.apply_async(
+                    _run_job, (job,), callback=finished.put, error_callback=lambda e: finished.put(_Failed(e))
+                )
+                in_flight += 1
+            if not in_flight:
+                return
+            item = finished.get()
+            in_flight -= 1
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item

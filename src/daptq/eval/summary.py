@@ -58,7 +58,26 @@ def _group(records: list[dict[str, Any]], paired: bool) -> dict[str, Any]:
             / max(1, sum(r["steps"] for r in records)),
         }
     )
+    out.update(_floor(records, out["drift_mean"]))
     return out
+
+
+def _floor(records: list[dict[str, Any]], drift_mean: float | None) -> dict[str, Any]:
+    """The reseed floor (the reference against itself re-sampled) and the candidate's drift as a ratio to
+    it; all None when the run has no floor (``reseed_floor=False``)."""
+    with_floor = [r for r in records if "floor_drift_mean" in r]
+    if len(with_floor) != len(records) or not records:
+        keys = ("floor_drift_mean", "floor_drift_final_mean", "floor_diverged_fraction", "floor_success_rate")
+        return {k: None for k in (*keys, "drift_to_floor_ratio")}
+    floor = _mean([r["floor_drift_mean"] for r in records])
+    return {
+        "floor_drift_mean": floor,
+        "floor_drift_final_mean": _mean([r["floor_drift_final"] for r in records]),
+        "floor_diverged_fraction": sum(r["floor_time_to_divergence"] is not None for r in records)
+        / len(records),
+        "floor_success_rate": sum(bool(r["floor_success"]) for r in records) / len(records),
+        "drift_to_floor_ratio": None if not floor or drift_mean is None else drift_mean / floor,
+    }
 
 
 def summarize(
@@ -89,6 +108,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     head = f"{'task':<22} {'n':>4} {'success % [95% CI]':>22}"
     if paired:
         head += f" {'FP %':>6} {'McNemar p':>9} {'drift cm':>8} {'final cm':>8} {'diverged':>8}"
+        head += f" {'floor cm':>8} {'drift/floor':>11}"
     lines = [head, "-" * len(head)]
     rows = [*summary["per_task"].items(), ("overall", summary["overall"])]
     for task, s in rows:
@@ -104,5 +124,8 @@ def format_summary(summary: dict[str, Any]) -> str:
                 f" {100 * s['drift_mean']:>8.2f} {100 * s['drift_final_mean']:>8.2f}"
                 f" {100 * s['diverged_fraction']:>7.0f}%"
             )
+            floor, ratio = s.get("floor_drift_mean"), s.get("drift_to_floor_ratio")
+            line += f" {'-' if floor is None else f'{100 * floor:.2f}':>8}"
+            line += f" {'-' if ratio is None else f'{ratio:.2f}':>11}"
         lines.append(line)
     return "\n".join(lines)

@@ -8,8 +8,10 @@ dimensions mean.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -68,6 +70,47 @@ METAWORLD_ACTION_SPACE = ActionSpace(
 )
 
 
+@dataclass(frozen=True)
+class PolicyInfo:
+    """What a policy tells the evaluator: what to render for it, what it was trained on, and what it is.
+
+    ``digest`` identifies the policy's weights and configuration (``state_digest``): a run records it for
+    every model and a resume refuses a model whose digest changed, even when its spec string did not.
+    ``None`` fields are not declared (the evaluator then uses its defaults and checks nothing).
+    """
+
+    digest: str
+    image_size: int | None = None
+    camera: str | None = None
+    scene_version: int | None = None
+    demo_version: int | None = None
+    recipe: Mapping[str, Any] | None = None  # the quantization recipe / method summary; None for FP
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.digest, str) or not self.digest:
+            raise ValueError(f"PolicyInfo.digest must be a non-empty string, got {self.digest!r}")
+        if self.image_size is not None and (
+            not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or self.image_size <= 0
+        ):
+            raise ValueError(f"PolicyInfo.image_size must be a positive integer, got {self.image_size!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["recipe"] = dict(self.recipe) if self.recipe is not None else None
+        return out
+
+
+def state_digest(module: nn.Module, config: Any) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes, bytes) and a JSON-able config."""
+    h = hashlib.sha256()
+    h.update(json.dumps(config, sort_keys=True, default=repr).encode("utf-8"))
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 @dataclass
 class QuantizableModule:
     """One module a method may quantize, with its fully-qualified name and its role in the VLA."""
@@ -89,6 +132,9 @@ class Policy(Protocol):
 
     def select_action(self, observation: Observation) -> np.ndarray:
         """Return one action (float32, shape ``(action_space.dim,)``) for the current observation."""
+
+    def info(self) -> PolicyInfo:
+        """What the evaluator needs to know about this policy (observation settings, digest, recipe)."""
 
     def predict_chunk(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None):
         """Batched action chunks ``(B, K, action_dim)`` from a batch of model inputs (calibration, tests)."""

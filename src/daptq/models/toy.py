@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -20,7 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from daptq.models.adapter import METAWORLD_ACTION_SPACE, ActionSpace, Observation, QuantizableModule
+from daptq.models.adapter import (
+    METAWORLD_ACTION_SPACE,
+    ActionSpace,
+    Observation,
+    PolicyInfo,
+    QuantizableModule,
+    state_digest,
+)
 
 # Centre and half-extent of the Meta-World Sawyer workspace (m), used to normalise the state input.
 _WORKSPACE_CENTRE = (0.0, 0.6, 0.15)
@@ -123,6 +130,10 @@ class ToyPolicy(nn.Module):
     def recipe(self, value: dict) -> None:
         self.__dict__["_quant_recipe"] = dict(value)
 
+    def info(self) -> PolicyInfo:
+        """State-only: declares no image size, camera or scene; identified by its weights and config."""
+        return PolicyInfo(digest=state_digest(self, self.recipe), recipe=self.recipe)
+
     def _perturb(self, rel_std: float, noise_seed: int) -> None:
         gen = torch.Generator().manual_seed(noise_seed)
         for p in self.net.parameters():
@@ -143,10 +154,15 @@ class ToyPolicy(nn.Module):
 
     @torch.no_grad()
     def predict_chunk(
-        self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
+        self,
+        batch: Mapping[str, torch.Tensor],
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``batch["state"]`` (B, 4), optional ``batch["task_embedding"]`` (B, E) -> actions (B, chunk, D)."""
-        return self._chunk(batch, generator)
+        """``batch["state"]`` (B, 4), optional ``batch["task_embedding"]`` (B, E) -> actions (B, chunk, D).
+
+        ``noise`` (B, chunk, D), already scaled, replaces the draw from ``generator`` (batched rollouts)."""
+        return self._chunk(batch, generator, noise)
 
     def _inputs(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         state = batch["state"].float()
@@ -158,7 +174,12 @@ class ToyPolicy(nn.Module):
         ee = (state[:, :3] - self.centre) / self.half_extent
         return torch.cat([ee, state[:, 3:4], emb.float()], dim=1), ee, emb
 
-    def _chunk(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
+    def _chunk(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        generator: torch.Generator | None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x, ee, emb = self._inputs(batch)
         base, slope = self.net(x).chunk(2, dim=1)
         # A smooth chunk: the base action drifting linearly over its K steps (a short motion primitive).
@@ -169,11 +190,38 @@ class ToyPolicy(nn.Module):
         pull = torch.zeros_like(out)
         n = min(3, pull.shape[-1])
         pull[..., :n] = (self.config.gain * (target - ee))[:, :n].unsqueeze(1)
-        if self.config.action_noise > 0:
+        if noise is not None:
+            if noise.shape != out.shape:
+                raise ValueError(f"toy: noise has shape {tuple(noise.shape)}, expected {tuple(out.shape)}")
+        elif self.config.action_noise > 0:
             noise = torch.randn(out.shape, generator=generator) * self.config.action_noise
         else:
             noise = torch.zeros_like(out)
         return torch.tanh(out + pull + noise)
+
+    @torch.no_grad()
+    def predict_chunks(
+        self,
+        observations: Sequence[Observation],
+        generators: Sequence[torch.Generator],
+        slots: int | None = None,
+    ) -> np.ndarray:
+        """The chunks ``select_action`` would queue, for a batch of observations in one forward pass: row i's
+        noise comes from ``generators[i]`` as ``select_action``'s comes from the policy's own; ``slots``
+        pads the batch to a fixed size (discarded rows). Returns (B, chunk, action_dim) float32."""
+        if len(observations) != len(generators) or not observations:
+            raise ValueError(f"{len(observations)} observations but {len(generators)} generators")
+        n = len(observations)
+        if slots is not None and slots < n:
+            raise ValueError(f"slots={slots} < {n} observations")
+        obs = [*observations, *[observations[0]] * ((slots or n) - n)]
+        state = torch.as_tensor(np.stack([np.asarray(o["state"], dtype=np.float32) for o in obs]))
+        emb = torch.stack([self.task_embedding(str(o.get("instruction", ""))) for o in obs])
+        dim, k = self.action_space.dim, self.config.chunk
+        noise = [torch.randn((1, k, dim), generator=g) * self.config.action_noise for g in generators]
+        noise += [torch.zeros(1, k, dim)] * (len(obs) - n)
+        chunk = self.predict_chunk({"state": state, "task_embedding": emb}, noise=torch.cat(noise))
+        return chunk[:n].numpy().astype(np.float32)
 
     def select_action(self, observation: Observation) -> np.ndarray:
         if not self._queue:

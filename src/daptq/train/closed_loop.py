@@ -22,15 +22,11 @@ from daptq.models.reference import ReferencePolicy, load_reference
 
 
 def run_episode(policy: ReferencePolicy, env, seed: int, policy_seed: int) -> dict:
-    obs, info = env.reset(seed=seed)
-    policy.reset(seed=policy_seed)
-    steps, success = 0, False
-    while True:
-        obs, _, terminated, truncated, info = env.step(policy.select_action(obs))
-        steps += 1
-        success = success or bool(info["success"])
-        if terminated or truncated:
-            return {"seed": seed, "success": success, "steps": steps}
+    """One episode with the evaluator's rollout (``daptq.eval.rollout.run_episode``), as a small record."""
+    from daptq.eval.rollout import run_episode as rollout
+
+    result = rollout(env, policy, seed, policy_seed=policy_seed)
+    return {"seed": seed, "success": result.success, "steps": result.steps}
 
 
 def check(
@@ -90,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
+    from daptq.eval.runner import set_process_defaults
+
+    set_process_defaults()
     if args.episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {args.episodes}")
     torch.set_num_threads(args.threads)
