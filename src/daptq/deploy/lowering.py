@@ -63,7 +63,7 @@ class _MatMulNBits(torch.autograd.Function):
     @staticmethod
     def symbolic(g, x, packed, scales, zero_points, weight, k, n, bits, block_size, accuracy_level):
         inputs = [x, packed, scales] + ([] if _is_none(zero_points) else [zero_points])
-        return g.op(
+        y = g.op(
             "com.microsoft::MatMulNBits",
             *inputs,
             K_i=k,
@@ -72,6 +72,10 @@ class _MatMulNBits(torch.autograd.Function):
             block_size_i=block_size,
             accuracy_level_i=accuracy_level,
         )
+        sizes = x.type().varyingSizes()  # tell the exporter's shape inference: [..., K] -> [..., N]
+        if sizes is not None:
+            y.setType(x.type().with_dtype(torch.float32).with_sizes([*sizes[:-1], n]))
+        return y
 
 
 class _MatMulInteger(torch.autograd.Function):
