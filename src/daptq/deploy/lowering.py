@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from daptq.quant import QuantConv2d, QuantLinear, dequantize_weight, ideal_weight_bytes
+from daptq.quant import QuantConv2d, QuantLinear, ideal_weight_bytes
 from daptq.quant.fake import dynamic_token_qparams, fake_quantize_activation
 
 NBITS_BLOCK = 32  # block length used when a per-channel/per-tensor scale is repeated over blocks
@@ -49,6 +49,8 @@ class LayerPlan:
     activation: str  # how the input is rounded at run time
     ideal_bytes: int
     stored_bytes: int
+    out_features: int
+    fan_in: int
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -281,7 +283,7 @@ def lower_layer(
         raise ValueError(f"{name}: static activation scale not calibrated")
     spec, a = layer.spec, layer.spec.activation
     act = "none" if a is None else a.short()
-    ideal = ideal_weight_bytes(layer.weight.shape[0], layer.weight[0].numel(), spec.weight)
+    ideal = ideal_weight_bytes(layer.weight.shape[0], layer.weight[0].numel(), spec.weight)  # daptq's count
     level: int | None
     if isinstance(layer, QuantConv2d):
         module: nn.Module = DequantizedConv2d(layer)
@@ -301,7 +303,10 @@ def lower_layer(
         else:
             module, kernel, level = DequantizedLinear(layer), "dequantized_fp32", None
             act = "none" if a is None else f"{act} (emulated)"
-    plan = LayerPlan(name, kind, spec.short(), kernel, level, act, ideal, module.stored_bytes())
+    out_f, fan_in = layer.weight.shape[0], layer.weight[0].numel()
+    plan = LayerPlan(
+        name, kind, spec.short(), kernel, level, act, ideal, module.stored_bytes(), out_f, fan_in
+    )
     return module, plan
 
 
@@ -315,8 +320,3 @@ def lower_model_(model: nn.Module, w4a8_kernel: W4A8Kernel = "int8") -> list[Lay
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
         plans.append(plan)
     return plans
-
-
-def dequantized_reference(layer: QuantLinear) -> torch.Tensor:
-    """The fp32 [out, in] weight daptq evaluates with (for tests and reports)."""
-    return dequantize_weight(layer.qweight, layer.weight_scale, layer.weight_zero_point, layer.spec.weight)
