@@ -280,7 +280,7 @@ def run_bench(
     warmup: int = 2,
     threads: int = 1,
     group_size: int = 128,
-    cache: Path = Path(".bench_cache"),
+    cache: Path = Path("runs/bench_cache"),
 ) -> dict[str, Any]:
     """Measure every (model, variant); models are benched one after the other, variants round-robin."""
     results = []
@@ -400,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prepare", action="store_true")
     p.add_argument("--model", required=True)
     p.add_argument("--variant")
-    p.add_argument("--cache", default=".bench_cache")
+    p.add_argument("--cache", default="runs/bench_cache")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=2)

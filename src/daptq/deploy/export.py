@@ -221,3 +221,18 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if manifest.get("format") != "daptq-onnx" or manifest.get("version") != MANIFEST_VERSION:
         raise ValueError(f"{path}: not a daptq-onnx manifest of version {MANIFEST_VERSION}")
     return manifest
+
+
+def export_policy(
+    spec: str, out: str | Path, fmt: str = "onnx", w4a8_kernel: W4A8Kernel = "int8", overwrite: bool = False
+) -> Path:
+    """``daptq export``: load a model spec (``ref:<name>`` or a quantized policy directory) and export it."""
+    if fmt != "onnx":
+        raise ValueError(f"export format must be 'onnx', got {fmt!r}")
+    from daptq.models.reference import ReferencePolicy
+    from daptq.models.registry import load_policy
+
+    policy = load_policy(spec)
+    if not isinstance(policy, ReferencePolicy):
+        raise ValueError(f"{spec}: only reference-VLA policies export to ONNX, got {type(policy).__name__}")
+    return export_reference_policy(policy, out, w4a8_kernel, source=spec, overwrite=overwrite)
