@@ -47,7 +47,10 @@ BASE_VARIANTS = (
     "ort-w4a8",
 )
 GROUP_SIZES = (128, 64, 32)
-SYNTHETIC = {
+SYNTHETIC = {  # random-weight models of the reference architecture (latency does not depend on weights)
+    "toy-vla": dict(
+        image_size=32, d_model=64, n_layer=2, n_head=4, dit_d_model=64, dit_n_layer=1, dit_n_head=4
+    ),
     "cogact-d2048": dict(d_model=2048, n_layer=4, n_head=16, dit_d_model=768, dit_n_layer=4, dit_n_head=12),
 }
 
@@ -283,6 +286,9 @@ def run_bench(
     cache: Path = Path("runs/bench_cache"),
 ) -> dict[str, Any]:
     """Measure every (model, variant); models are benched one after the other, variants round-robin."""
+    unknown = sorted(set(variants) - set(BASE_VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown bench variant(s) {unknown}; known: {list(BASE_VARIANTS)}")
     results = []
     for model in models:
         chosen = ["onnx"] if model.startswith("onnx:") else list(variants)

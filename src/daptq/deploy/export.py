@@ -20,6 +20,7 @@ import copy
 import hashlib
 import io
 import json
+import os
 import shutil
 import tempfile
 import warnings
@@ -177,6 +178,9 @@ def export_reference_policy(
     graphs, plans = export_graphs(model, w4a8_kernel)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the export is an ordinary directory
     try:
         digests = {}
         for name, graph in graphs.items():
