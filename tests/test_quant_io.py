@@ -224,3 +224,22 @@ def test_config_that_is_not_an_object_is_a_clear_error(tmp_path):
     (tmp_path / "quantization_config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a daptq-quant config"):
         read_config(tmp_path)
+
+
+def test_failed_load_leaves_the_model_untouched(saved):
+    """A checkpoint that fails half way (here: a tensor missing for the last layer) must not leave the
+    earlier layers converted."""
+    from safetensors.torch import load_file, save_file
+
+    _, _, path = saved
+    tensors = load_file(path / WEIGHTS_FILE)
+    del tensors["out.weight_scale"]
+    save_file(tensors, path / WEIGHTS_FILE)
+    target = make_net()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    modules = dict(target.named_modules())
+    with pytest.raises(ValueError, match="out.weight_scale"):
+        load_quantized(target, path)
+    assert dict(target.named_modules()) == modules
+    assert not any(isinstance(m, QuantLinear) for m in target.modules())
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())

@@ -78,3 +78,32 @@ def test_spec_from_bits_matches_cli_meaning():
         spec_from_bits(5)
     with pytest.raises(ValueError, match="ActivationSpec: bits"):
         spec_from_bits(4, 2, 32)
+
+
+@pytest.mark.parametrize(
+    "weight",
+    [
+        {"bits": 4.0},
+        {"bits": 4, "symmetric": "false"},
+        {"bits": 4, "symmetric": 0},
+        {"bits": 4, "granularity": "per_group", "group_size": 32.0},
+        {"bits": 4, "percentile": "99"},
+        {"bits": 4, "observer": None},
+    ],
+)
+def test_spec_fields_are_strictly_typed(weight):
+    """JSON/YAML values of the wrong type are refused, never read by truthiness or float equality."""
+    with pytest.raises(ValueError, match="WeightSpec"):
+        QuantSpec.from_dict({"weight": weight})
+
+
+@pytest.mark.parametrize("act", [{"bits": 8.0}, {"bits": 8, "symmetric": "false"}, "int8"])
+def test_activation_spec_fields_are_strictly_typed(act):
+    with pytest.raises(ValueError, match="ActivationSpec|activation"):
+        QuantSpec.from_dict({"weight": {"bits": 8}, "activation": act})
+
+
+def test_null_weight_and_percentile_int_are_handled():
+    with pytest.raises(ValueError, match="weight must be a mapping"):
+        QuantSpec.from_dict({"weight": None})
+    assert WeightSpec(4, percentile=99).percentile == 99.0

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from daptq.models.adapter import METAWORLD_ACTION_SPACE, ActionSpace, Observation
+from daptq.models.adapter import METAWORLD_ACTION_SPACE, ActionSpace, Observation, QuantizableModule
 
 # Centre and half-extent of the Meta-World Sawyer workspace (m), used to normalise the state input.
 _WORKSPACE_CENTRE = (0.0, 0.6, 0.15)
@@ -113,8 +114,14 @@ class ToyPolicy(nn.Module):
 
     @property
     def recipe(self) -> dict:
-        """Recorded in a run's config.json so the run can be reproduced."""
-        return {"method": "toy", **asdict(self.config)}
+        """Recorded in a run's config.json so the run can be reproduced (a quantized toy: its record's
+        summary, set by ``load_quantized_policy``)."""
+        override = self.__dict__.get("_quant_recipe")
+        return dict(override) if override is not None else {"method": "toy", **asdict(self.config)}
+
+    @recipe.setter
+    def recipe(self, value: dict) -> None:
+        self.__dict__["_quant_recipe"] = dict(value)
 
     def _perturb(self, rel_std: float, noise_seed: int) -> None:
         gen = torch.Generator().manual_seed(noise_seed)
@@ -139,6 +146,9 @@ class ToyPolicy(nn.Module):
         self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """``batch["state"]`` (B, 4), optional ``batch["task_embedding"]`` (B, E) -> actions (B, chunk, D)."""
+        return self._chunk(batch, generator)
+
+    def _inputs(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         state = batch["state"].float()
         if state.ndim != 2 or state.shape[1] != 4:
             raise ValueError(f"toy: batch['state'] must be (B, 4), got {tuple(state.shape)}")
@@ -146,7 +156,11 @@ class ToyPolicy(nn.Module):
         if emb is None:
             emb = torch.zeros(state.shape[0], self.config.embed_dim)
         ee = (state[:, :3] - self.centre) / self.half_extent
-        base, slope = self.net(torch.cat([ee, state[:, 3:4], emb.float()], dim=1)).chunk(2, dim=1)
+        return torch.cat([ee, state[:, 3:4], emb.float()], dim=1), ee, emb
+
+    def _chunk(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
+        x, ee, emb = self._inputs(batch)
+        base, slope = self.net(x).chunk(2, dim=1)
         # A smooth chunk: the base action drifting linearly over its K steps (a short motion primitive).
         k = torch.arange(self.config.chunk, dtype=torch.float32).view(1, -1, 1) / self.config.chunk
         out = base.unsqueeze(1) + k * slope.unsqueeze(1)
@@ -168,6 +182,61 @@ class ToyPolicy(nn.Module):
             chunk = self.predict_chunk({"state": state, "task_embedding": emb}, generator=self._sampler)
             self._queue.extend(chunk[0].numpy().astype(np.float32))
         return self._queue.popleft()
+
+    # ---- VLAAdapter (so methods, `daptq quantize` and CI can run on the toy) -------------------------------
+    # Roles: net.0 plays the backbone, net.2 the interface producing the latent, net.4 the action head.
+    ROLES = {"net.0": "backbone", "net.2": "interface", "net.4": "action_head"}
+
+    @property
+    def model(self) -> nn.Module:
+        return self
+
+    @property
+    def chunk_size(self) -> int:
+        return self.config.chunk
+
+    def condition(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The latent the action head reads: the second hidden layer's output (B, hidden)."""
+        x, _, _ = self._inputs(batch)
+        return self.net[:4](x)
+
+    def denoising_loss(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        dim_weights: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The toy is not a diffusion head: MSE of its sampled chunk against ``batch["actions"]``."""
+        if "actions" not in batch:
+            raise ValueError("denoising_loss needs batch['actions'] (B, K, action_dim)")
+        actions = batch["actions"].float()
+        err = (self._chunk(batch, generator)[:, : actions.shape[1]] - actions) ** 2
+        if dim_weights is not None:
+            err = err * torch.as_tensor(dim_weights, dtype=err.dtype)
+        return err.mean()
+
+    def interface_modules(self) -> list[QuantizableModule]:
+        return [QuantizableModule("net.2", self.net[2], "interface", {"d_z": self.config.hidden})]
+
+    def quantizable_modules(self) -> list[QuantizableModule]:
+        return [
+            QuantizableModule(name, self.get_submodule(name), role, {"kind": "linear"})
+            for name, role in self.ROLES.items()
+        ]
+
+    def calibration_batches(self, batches: Iterator[Mapping[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:
+        """Dataset batches (``state`` (B,4), ``instruction`` list[str], optional ``actions``) -> inputs."""
+        for raw in batches:
+            for key in ("state", "instruction"):
+                if key not in raw:
+                    raise ValueError(f"calibration batch is missing {key!r} (has {sorted(raw)})")
+            batch = {
+                "state": torch.as_tensor(np.asarray(raw["state"]), dtype=torch.float32),
+                "task_embedding": torch.stack([self.task_embedding(str(s)) for s in raw["instruction"]]),
+            }
+            if "actions" in raw:
+                batch["actions"] = torch.as_tensor(np.asarray(raw["actions"]), dtype=torch.float32)
+            yield batch
 
 
 def toy_policy_from_spec(spec: str) -> ToyPolicy:

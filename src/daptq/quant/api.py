@@ -44,12 +44,14 @@ def quantize_(
     method: str = "rtn",
     forward_fn: ForwardFn = default_forward,
     strict: bool = True,
+    activation_qparams: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> dict[str, QuantSpec]:
     """Quantize ``model`` in place with round-to-nearest and return ``{module name: spec}`` of what changed.
 
     ``recipe`` may be a Recipe, a single QuantSpec (applied to every Linear/Conv2d) or ``{exact name: spec}``.
     ``calibration`` (an iterable of batches, or a callable running the model) is required when any spec has a
-    static activation scale. Example::
+    static activation scale, unless ``activation_qparams`` gives those layers' ``(scale, zero_point)``
+    (observed elsewhere, e.g. by a method on the float model). Example::
 
         quantize_(model, QuantSpec(WeightSpec(4, granularity="per_group", group_size=128)))
     """
@@ -61,6 +63,11 @@ def quantize_(
     needs_calibration = [
         n for n, s in specs.items() if s.activation is not None and s.activation.mode == "static_per_tensor"
     ]
+    given = dict(activation_qparams or {})
+    stray = sorted(set(given) - set(needs_calibration))
+    if stray:
+        raise ValueError(f"activation_qparams names layers without a static activation spec: {stray[:5]}")
+    needs_calibration = [n for n in needs_calibration if n not in given]
     if needs_calibration and calibration is None:
         raise ValueError(f"static activation specs need calibration data; layers: {needs_calibration[:5]}...")
     for name in specs:  # validate everything before touching the model
@@ -72,6 +79,8 @@ def quantize_(
     try:
         for name, spec in specs.items():
             swapped[name] = set_module(model, name, quantized_module_for(get_module(model, name), spec, name))
+        for name, (scale, zp) in given.items():
+            get_module(model, name).set_activation_qparams(scale, zp)
         if needs_calibration:
             calibrate(model, calibration, forward_fn=forward_fn, names=needs_calibration)
     except BaseException:
@@ -79,6 +88,26 @@ def quantize_(
             set_module(model, name, original)
         raise
     return specs
+
+
+@contextlib.contextmanager
+def restored_on_failure(model: nn.Module) -> Iterator[None]:
+    """All or nothing: if the block raises, every submodule and tensor of ``model`` is put back as it was."""
+    modules = dict(model.named_modules())
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        yield
+    except BaseException:
+        for name, module in modules.items():  # parents first, so children land in the original parents
+            if not name:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = modules[parent_name] if parent_name else model
+            if getattr(parent, child, None) is not module:
+                setattr(parent, child, module)
+        with torch.no_grad():
+            model.load_state_dict(state, strict=True)
+        raise
 
 
 @contextlib.contextmanager

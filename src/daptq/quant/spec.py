@@ -35,7 +35,25 @@ def _check_observer(owner: str, observer: str, percentile: float) -> None:
         raise ValueError(f"{owner}: percentile must be in (50, 100], got {percentile}")
 
 
+def _check_field_types(owner: str, obj: Any, types: Mapping[str, tuple[type, ...]]) -> None:
+    """Strict types, no truthiness: ``symmetric: "false"`` is not a bool, ``bits: 4.0`` is not an int.
+    Ints are accepted (and converted) where a float is expected."""
+    for name, allowed in types.items():
+        value = getattr(obj, name)
+        if isinstance(value, bool) and bool not in allowed:
+            ok = False
+        else:
+            ok = isinstance(value, allowed)
+        if not ok:
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ValueError(f"{owner}: {name} must be {names}, got {value!r} ({type(value).__name__})")
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(obj, name, float(value))
+
+
 def _reject_unknown(cls_name: str, d: Mapping[str, Any], allowed: set[str]) -> None:
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{cls_name}: expected a mapping, got {type(d).__name__}: {d!r}")
     unknown = set(d) - allowed
     if unknown:
         raise ValueError(f"{cls_name}: unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
@@ -59,8 +77,20 @@ class WeightSpec:
     scale_dtype: ScaleDType = "bfloat16"
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or self.bits not in WEIGHT_BITS:
-            raise ValueError(f"WeightSpec: bits must be one of {WEIGHT_BITS}, got {self.bits!r}")
+        _check_field_types(
+            "WeightSpec",
+            self,
+            {
+                "symmetric": (bool,),
+                "granularity": (str,),
+                "group_size": (int, type(None)),
+                "observer": (str,),
+                "percentile": (float, int),
+                "scale_dtype": (str,),
+            },
+        )
+        if type(self.bits) is not int or self.bits not in WEIGHT_BITS:
+            raise ValueError(f"WeightSpec: bits must be one of {WEIGHT_BITS} (an integer), got {self.bits!r}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(
                 f"WeightSpec: granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
@@ -132,8 +162,20 @@ class ActivationSpec:
     percentile: float = 99.99
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or self.bits not in ACTIVATION_BITS:
-            raise ValueError(f"ActivationSpec: bits must be one of {ACTIVATION_BITS}, got {self.bits!r}")
+        _check_field_types(
+            "ActivationSpec",
+            self,
+            {
+                "symmetric": (bool,),
+                "mode": (str,),
+                "observer": (str,),
+                "percentile": (float, int),
+            },
+        )
+        if type(self.bits) is not int or self.bits not in ACTIVATION_BITS:
+            raise ValueError(
+                f"ActivationSpec: bits must be one of {ACTIVATION_BITS} (an integer), got {self.bits!r}"
+            )
         if self.mode not in ACTIVATION_MODES:
             raise ValueError(f"ActivationSpec: mode must be one of {ACTIVATION_MODES}, got {self.mode!r}")
         _check_observer("ActivationSpec", self.observer, self.percentile)
@@ -172,6 +214,8 @@ class QuantSpec:
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
+        if isinstance(self.version, bool) or not isinstance(self.version, int):
+            raise ValueError(f"QuantSpec: version must be an integer, got {self.version!r}")
         if not isinstance(self.weight, WeightSpec):
             raise ValueError(f"QuantSpec: weight must be a WeightSpec, got {type(self.weight).__name__}")
         if self.activation is not None and not isinstance(self.activation, ActivationSpec):
@@ -199,8 +243,14 @@ class QuantSpec:
             raise ValueError(f"QuantSpec.from_dict: expected a mapping, got {type(d).__name__}")
         _reject_unknown("QuantSpec", d, {"version", "weight", "activation"})
         act = d.get("activation")
+        weight = d.get("weight", {})
+        for key, value in (("weight", weight), ("activation", act)):
+            if value is not None and not isinstance(value, Mapping):
+                raise ValueError(f"QuantSpec.{key} must be a mapping, got {type(value).__name__}: {value!r}")
+        if weight is None:
+            raise ValueError("QuantSpec.weight must be a mapping, got null")
         return cls(
-            weight=WeightSpec.from_dict(d.get("weight", {})),
+            weight=WeightSpec.from_dict(weight),
             activation=None if act is None else ActivationSpec.from_dict(act),
             version=d.get("version", SPEC_VERSION),
         )

@@ -1,0 +1,147 @@
+"""Calibration sampling: the calib split only, stratified by end-effector motion, chunks, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from daptq.data.calibration import (
+    MOTION_BINS,
+    CalibrationSet,
+    motion_bin,
+    sample_calibration,
+    stratified_pick,
+)
+from daptq.data.chunks import episode_chunks
+from daptq.data.format import FORMAT_VERSION, Episode, shard_path, write_shard
+from daptq.methods import quantize_policy
+from daptq.methods.rtn import RTNConfig
+from daptq.models.toy import ToyPolicy
+from daptq.quant import ActivationSpec, QuantSpec, WeightSpec
+
+DIRECTIONS = np.eye(3)
+
+
+def _episode(task: str, seed: int, direction: np.ndarray, length: int = 12) -> Episode:
+    t = np.linspace(0, 1, length, dtype=np.float32)[:, None]
+    ee = (np.array([0.0, 0.6, 0.15]) + 0.1 * t * direction).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    return Episode(
+        task=task,
+        instruction=f"do {task}",
+        seed=seed,
+        success=True,
+        images=rng.integers(0, 255, (length, 8, 8, 3), dtype=np.uint8),
+        states=np.concatenate([ee, np.ones((length, 1), np.float32)], axis=1),
+        actions=np.arange(length * 4, dtype=np.float32).reshape(length, 4) / 100,
+        ee_pos=ee,
+        executed_actions=np.zeros((length, 4), np.float32),
+        step_success=np.zeros(length, bool),
+    )
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Two tasks x 12 calib episodes: 10 move +x, one each in the other directions of task 'push'."""
+    root = tmp_path_factory.mktemp("calib-ds")
+    for task in ("reach", "push"):
+        eps = []
+        for i in range(12):
+            if task == "push" and i < 5:
+                direction = [DIRECTIONS[1], -DIRECTIONS[1], DIRECTIONS[2], -DIRECTIONS[2], -DIRECTIONS[0]][i]
+            else:
+                direction = DIRECTIONS[0]
+            eps.append(_episode(task, 100_000 + i, direction))
+        write_shard(shard_path(root, "calib", task, 0), eps, [])
+    info = {
+        "format_version": FORMAT_VERSION,
+        "complete": True,
+        "tasks": ["reach", "push"],
+        "splits": {"calib": {"episodes_per_task": 12, "seed_start": 100_000}},
+        "action_names": ["dx", "dy", "dz", "grip"],
+    }
+    (root / "meta").mkdir()
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    return root
+
+
+def test_motion_bins():
+    for k, d in enumerate([DIRECTIONS[0], -DIRECTIONS[0], DIRECTIONS[1], -DIRECTIONS[1], DIRECTIONS[2]]):
+        assert motion_bin(np.stack([np.zeros(3), 0.1 * d])) == k
+    assert len(MOTION_BINS) == 6
+
+
+def test_stratified_pick_covers_every_bin_first():
+    bins = [0] * 20 + [1, 2, 3, 4, 5]
+    picked = stratified_pick(bins, 6, seed=0)
+    assert sorted(bins[i] for i in picked) == [0, 1, 2, 3, 4, 5]
+    assert stratified_pick(bins, 6, seed=0) == picked and len(set(stratified_pick(bins, 25, 1))) == 25
+
+
+def test_sample_is_stratified_deterministic_and_has_chunks(dataset):
+    cal = sample_calibration(dataset, 6, chunk_size=5, frames_per_trajectory=3, batch_size=4, seed=3)
+    assert cal.provenance["bins"] == dict.fromkeys(MOTION_BINS, 1)  # 6 trajectories, one per motion bin
+    assert cal.provenance["split"] == "calib" and all(s >= 100_000 for _, s in cal.provenance["episodes"])
+    assert cal.num_samples == 18 and [len(b["state"]) for b in cal.batches] == [4, 4, 4, 4, 2]
+    b = cal.batches[0]
+    assert b["image"].shape == (4, 8, 8, 3) and b["actions"].shape == (4, 5, 4)
+    again = sample_calibration(dataset, 6, chunk_size=5, frames_per_trajectory=3, batch_size=4, seed=3)
+    assert again.provenance == cal.provenance
+    assert all(
+        np.array_equal(x["state"], y["state"]) for x, y in zip(cal.batches, again.batches, strict=True)
+    )
+    other = sample_calibration(dataset, 6, chunk_size=5, frames_per_trajectory=3, batch_size=4, seed=4)
+    assert other.provenance["episodes"] != cal.provenance["episodes"]
+
+
+def test_chunks_repeat_the_last_label_past_the_episode_end():
+    actions = np.arange(10, dtype=np.float32).reshape(5, 2)
+    chunks = episode_chunks(actions, np.array([0, 3]), 4)
+    expected = np.stack([actions[[0, 1, 2, 3]], actions[[3, 4, 4, 4]]])
+    assert np.array_equal(chunks, expected)
+
+
+def test_task_subset_and_errors(dataset):
+    cal = sample_calibration(dataset, 4, tasks=["reach"], seed=0)
+    assert cal.provenance["tasks"] == ["reach"]
+    with pytest.raises(ValueError, match="asked for 13 .* has 12 for tasks"):
+        sample_calibration(dataset, 13, tasks=["reach"])
+    with pytest.raises(ValueError, match="not in this dataset"):
+        sample_calibration(dataset, 1, tasks=["door-open"])
+    with pytest.raises(ValueError, match="evaluation split"):
+        sample_calibration(dataset, 1, split="eval")
+    with pytest.raises(ValueError, match="positive integer"):
+        sample_calibration(dataset, 0)
+
+
+def test_sampled_set_calibrates_a_policy(dataset):
+    cal = sample_calibration(dataset, 6, chunk_size=4, seed=0)
+    p = ToyPolicy()
+    record = quantize_policy(
+        p, RTNConfig(spec=QuantSpec(WeightSpec(8), ActivationSpec(8, mode="static_per_tensor"))), cal
+    )
+    assert record.calibration["trajectories"] == 6 and record.calibration["samples"] == 24
+    assert p.net[0].act_scale is not None
+
+
+def test_calibration_set_check_names_the_problem():
+    ok = {"state": np.zeros((2, 4), np.float32), "instruction": ["a", "b"]}
+    with pytest.raises(ValueError, match="'instruction' must be 2"):
+        CalibrationSet([{**ok, "instruction": ["a"]}]).check(None)
+    with pytest.raises(ValueError, match="'image' has 1 rows"):
+        CalibrationSet([{**ok, "image": np.zeros((1, 8, 8, 3), np.uint8)}]).check(None)
+
+
+def test_first_use_generates_the_calibration_split_then_reuses_it(tmp_path):
+    from daptq.data.calibration import ensure_calibration_dataset
+
+    root = ensure_calibration_dataset(48, "corner3", 1, ["reach"], tmp_path, progress=False)
+    shards = sorted((root / "calib").glob("*.npz"))
+    assert len(shards) == 1 and json.loads((root / "meta" / "info.json").read_text())["complete"]
+    stamp = shards[0].stat().st_mtime_ns
+    assert ensure_calibration_dataset(48, "corner3", 1, ["reach"], tmp_path, progress=False) == root
+    assert shards[0].stat().st_mtime_ns == stamp  # reused, not regenerated
+    cal = sample_calibration(root, 1, chunk_size=4, seed=0)
+    assert cal.batches[0]["image"].shape[1:] == (48, 48, 3) and cal.provenance["episodes"][0][1] >= 100_000
