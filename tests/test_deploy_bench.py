@@ -12,6 +12,7 @@ from daptq.deploy.bench import run_bench, to_markdown, write_report
 from daptq.models.registry import load_policy
 
 
+@pytest.mark.slow
 def test_bench_measures_each_variant_in_its_own_process(tmp_path):
     report = run_bench(
         ["toy-vla"],
@@ -47,6 +48,7 @@ def test_bench_reports_a_failing_worker_and_refuses_unknown_variants(tmp_path):
         run_bench(["toy-vla"], ["torch-fp33"])
 
 
+@pytest.mark.slow
 def test_cli_export_float_reference_matches_pytorch(tmp_path):
     out = tmp_path / "fp"
     assert main(["export", "ref:metaworld-mt10", "--format", "onnx", "--out", str(out)]) == 0

@@ -19,7 +19,7 @@ from daptq.deploy import OnnxPolicy, export_onnx, export_reference_policy, lower
 from daptq.deploy.bench import reference_w4a8_recipe
 from daptq.models.reference import ReferencePolicy, ReferenceVLA, ReferenceVLAConfig
 from daptq.models.registry import load_policy
-from daptq.quant import quantize_, quantized_modules, sqnr_db
+from daptq.quant import Recipe, Rule, quantize_, quantized_modules, sqnr_db
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -191,3 +191,27 @@ def test_bundled_vla_w4a8_export(tmp_path):
         err = float((b - a).abs().max())
         print(f"bundled VLA W4A8 {kernel}: max |chunk - fake-quant chunk| = {err:.2e}")
         assert err < tol, kernel
+
+
+def test_quantized_encoder_convs_export(toy_policies, tmp_path):
+    """EfficientNet's TF-style "same" convs (input padding kept) and MiniLM's linears, quantized, export
+    with their dequantized weights and emulated activation rounding: z and language features match."""
+    from daptq.quant import ActivationSpec, QuantSpec, WeightSpec
+
+    fp, _ = toy_policies
+    policy = ReferencePolicy(copy.deepcopy(fp.model))
+    spec = QuantSpec(WeightSpec(8), ActivationSpec(8))
+    quantize_(policy.model, {"vision.stem": spec, "vision.blocks.1._depthwise_conv": spec})
+    quantize_(
+        policy.model,
+        Recipe((Rule("language.*", QuantSpec(WeightSpec(4, granularity="per_group", group_size=32))),)),
+    )
+    deployed = OnnxPolicy(export_reference_policy(policy, tmp_path / "enc", w4a8_kernel="emulate"), threads=1)
+    kernels = {p["name"]: p["kernel"] for g in deployed.manifest["layers"].values() for p in g}
+    assert kernels["vision.stem"] == "dequantized_fp32"
+    assert {k for n, k in kernels.items() if n.startswith("language.")} == {"matmul_nbits"}
+    obs = observation(3)
+    batch = policy.observation_to_batch(obs)
+    deployed_batch = deployed.observation_to_batch(obs)
+    assert rel_err(deployed_batch["language_features"], batch["language_features"]) < 1e-4
+    assert rel_err(deployed.condition(deployed_batch), policy.model.condition(batch)) < 1e-4

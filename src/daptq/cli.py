@@ -86,7 +86,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from daptq.deploy.export import export_policy
 
-    out = export_policy(args.model, args.out, args.format, args.w4a8_kernel, args.overwrite)
+    try:
+        out = export_policy(args.model, args.out, args.format, args.w4a8_kernel, args.overwrite)
+    except FileExistsError as err:
+        print(f"daptq export: error: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {out} (load it as onnx:{out})")
     return 0
 

@@ -205,6 +205,15 @@ def build_variant(model: str, variant: str, cache: Path, group_size: int, thread
     return call, info
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM). ``getrusage``'s ru_maxrss survives exec, so a worker
+    started by a big parent would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: best available
+
+
 def worker_main(args: argparse.Namespace) -> int:
     """Build one variant, warm it up, then answer 'N' with N call timings and 'exit' with the peak RSS."""
     try:
@@ -225,8 +234,7 @@ def worker_main(args: argparse.Namespace) -> int:
             call()
             times.append(time.perf_counter() - t0)
         print(PROTOCOL + json.dumps({"times": times}), flush=True)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(PROTOCOL + json.dumps({"peak_rss_bytes": peak_kib * 1024}), flush=True)
+    print(PROTOCOL + json.dumps({"peak_rss_bytes": peak_rss_bytes()}), flush=True)
     return 0
 
 

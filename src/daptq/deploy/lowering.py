@@ -234,22 +234,28 @@ class DequantizedLinear(nn.Module):
 
 
 class DequantizedConv2d(nn.Module):
-    """fp32 Conv on the dequantized weight, activation fake-quant (per pixel) emulated."""
+    """fp32 Conv on the dequantized weight, activation fake-quant (per pixel) emulated; keeps a TF-style
+    "same" conv's input padding (EfficientNet)."""
 
     def __init__(self, layer: QuantConv2d) -> None:
         super().__init__()
         self.spec = layer.spec
-        self.conv = layer.to_float()
-        self.conv.weight = nn.Parameter(layer.dequantized_weight().detach().float().clone(), False)
+        self.static_padding = getattr(layer, "static_padding", None)
+        self.stride, self.padding = layer.stride, layer.padding
+        self.dilation, self.groups = layer.dilation, layer.groups
+        self.weight = nn.Parameter(layer.dequantized_weight().detach().float().clone(), False)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone(), False)
         self._act = (layer.act_scale, layer.act_zero_point)
 
     def stored_bytes(self) -> int:
-        return self.conv.weight.nbytes
+        return self.weight.nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.static_padding is not None:
+            x = self.static_padding(x)
         if self.spec.activation is not None:
             x = fake_quantize_activation(x, self.spec.activation, *self._act, 1)
-        return self.conv(x)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 def matmul_integer_fits(layer: QuantLinear) -> bool:
