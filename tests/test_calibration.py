@@ -134,13 +134,19 @@ def test_calibration_set_check_names_the_problem():
         CalibrationSet([{**ok, "image": np.zeros((1, 8, 8, 3), np.uint8)}]).check(None)
 
 
-def test_first_use_generates_the_calibration_split_then_reuses_it(tmp_path):
+def test_first_use_generates_the_calibration_split_then_reuses_it(tmp_path, monkeypatch):
     from daptq.data.calibration import ensure_calibration_dataset
 
     root = ensure_calibration_dataset(48, "corner3", 1, ["reach"], tmp_path, progress=False)
     shards = sorted((root / "calib").glob("*.npz"))
     assert len(shards) == 1 and json.loads((root / "meta" / "info.json").read_text())["complete"]
     stamp = shards[0].stat().st_mtime_ns
+    import daptq.data.generate as generate
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the cached calibration split should have been reused")
+
+    monkeypatch.setattr(generate, "generate_dataset", no_generation)
     assert ensure_calibration_dataset(48, "corner3", 1, ["reach"], tmp_path, progress=False) == root
     assert shards[0].stat().st_mtime_ns == stamp  # reused, not regenerated
     cal = sample_calibration(root, 1, chunk_size=4, seed=0)

@@ -236,6 +236,8 @@ def ensure_calibration_dataset(
 
         meta = json.loads(info.read_text())
         have = meta.get("splits", {}).get(CALIBRATION_SPLIT, {}).get("episodes_per_task", 0)
+        if isinstance(have, dict):  # tasks with different counts: the smallest of the wanted ones counts
+            have = min((have.get(t, 0) for t in wanted), default=0)
         if meta.get("complete") and set(wanted) <= set(meta.get("tasks", [])) and have >= episodes_per_task:
             return root
     if progress:
