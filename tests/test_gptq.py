@@ -159,7 +159,7 @@ def test_method_on_the_reference_vla_sequential_and_not():
 
     cal = reference_calibration(n_batches=1)
     fp, seq, par, rtn = (tiny_reference_policy() for _ in range(4))
-    record = quantize_policy(seq, GPTQConfig(spec=W4G16, block_size=8), cal)
+    record = quantize_policy(seq, GPTQConfig(spec=W4G16, block_size=8, sequential=True), cal)
     r_par = quantize_policy(par, GPTQConfig(spec=W4G16, sequential=False), cal)
     quantize_policy(rtn, RTNConfig(spec=W4G16), cal)
     assert n_hooks(seq.model) == 0 and n_hooks(par.model) == 0 and record.method == "gptq"
@@ -196,7 +196,8 @@ def test_method_on_the_toy_and_hooks_gone_after_failure():
     assert set(record.decisions["layers"]) == {"net.0", "net.2", "net.4"} and n_hooks(toy) == 0
     cal = reference_calibration(n_batches=1)
     for fail_on_call in (1, 4):  # during calibrate; during apply's per-layer passes
-        assert_clean_after_failure(tiny_reference_policy(), GPTQConfig(spec=W4G16), cal, fail_on_call)
+        config = GPTQConfig(spec=W4G16, sequential=True)
+        assert_clean_after_failure(tiny_reference_policy(), config, cal, fail_on_call)
 
 
 @pytest.mark.slow  # ~25 s on a loaded 2-core machine: every encoder layer, depthwise convs per channel
