@@ -24,7 +24,8 @@ def textbook_grid(w, spec):
     g = cols if spec.granularity == "per_channel" else spec.group_size
     wg = w.reshape(rows, cols // g, g)
     if spec.symmetric:
-        scale = (wg.abs().amax(-1) / spec.qmax).to(torch.bfloat16).double()
+        steps = {"restricted": spec.qmax, "full": spec.qmax + 0.5}[spec.symmetric_range]
+        scale = (wg.abs().amax(-1) / steps).to(torch.bfloat16).double()
         zero = torch.zeros_like(scale)
     else:
         lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
@@ -68,6 +69,7 @@ SPECS = [
     (WeightSpec(3, symmetric=False, granularity="per_group", group_size=16), True),
     (WeightSpec(4, granularity="per_group", group_size=16), False),
     (WeightSpec(2, symmetric=False, granularity="per_group", group_size=32), True),
+    (WeightSpec(3, granularity="per_group", group_size=16, symmetric_range="full"), True),  # all 8 codes
 ]
 
 
