@@ -9,7 +9,6 @@ start-up cost of a process.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import importlib.metadata
 import json
 import math
@@ -256,14 +255,12 @@ def _file_digests(spec: str) -> dict[str, str] | None:
     root = Path(spec)
     if not root.is_dir():
         return None
-    digests = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda f=f: f.read(1 << 20), b""):
-                h.update(block)
-        digests[path.relative_to(root).as_posix()] = h.hexdigest()
-    return digests
+    from daptq.models.quantized import sha256_file
+
+    return {
+        path.relative_to(root).as_posix(): sha256_file(path)
+        for path in sorted(p for p in root.rglob("*") if p.is_file())
+    }
 
 
 def _describe(policy: Any, spec: str) -> dict[str, Any]:

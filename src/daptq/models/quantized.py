@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from daptq.atomic import atomic_write_text
+from daptq.models.adapter import state_digest
 from daptq.versioned_json import read_versioned_json
 
 POLICY_FORMAT = "daptq-quantized-policy"
@@ -46,12 +47,7 @@ def sha256_file(path: Path) -> str:
 
 def model_digest(model: torch.nn.Module) -> str:
     """sha256 over every state tensor (name, dtype, shape, bytes) in name order: identifies base weights."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return state_digest(model, None)
 
 
 def is_quantized_policy_dir(path: str | os.PathLike) -> bool:
