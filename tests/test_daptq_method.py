@@ -153,6 +153,7 @@ def test_budget_with_gptq_rounding_and_impossible_budget():
 
 
 def test_config_validation_names_the_problem():
+    assert DAPTQConfig.budget(average_bits=2.5, group_size=64).spec.weight.group_size == 64
     with pytest.raises(ValueError, match="keep_float_fraction"):
         DAPTQConfig.paper(keep_float_fraction=1.5)
     with pytest.raises(ValueError, match="exactly one of average_bits, budget_bytes"):
