@@ -54,6 +54,7 @@ class _StrictConfig(MethodConfig):
     mode: str = "a"
     names: tuple[str, ...] = ()
     maybe: int | None = None
+    extra_specs: tuple[QuantSpec, ...] = ()
 
 
 @register_method(_StrictConfig, name="_strict_test")
@@ -89,7 +90,7 @@ def test_config_rejects_wrong_types(field, value):
 
 
 def test_config_coerces_only_safe_types_and_round_trips():
-    cfg = _StrictConfig(alpha=1, names=["x", "y"], maybe=None)
+    cfg = _StrictConfig(alpha=1, names=["x", "y"], maybe=None, extra_specs=(QuantSpec(WeightSpec(3)),))
     assert cfg.alpha == 1.0 and isinstance(cfg.alpha, float) and cfg.names == ("x", "y")
     d = cfg.to_dict()
     assert d["method"] == "_strict_test" and d["version"] == 3

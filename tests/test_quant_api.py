@@ -184,3 +184,32 @@ def test_conv_quantization_and_double_quantize_error():
 def test_unknown_method_rejected():
     with pytest.raises(ValueError, match="method='rtn'"):
         quantize_(toy(), weight_only(8), method="gptq")
+
+
+class _ScaledLinear(torch.nn.Linear):
+    """A Linear subclass whose forward does more than F.linear: swapping it would drop the scaling."""
+
+    def forward(self, x):
+        return 3.0 * super().forward(x)
+
+
+def test_linear_subclass_overriding_forward_is_refused_not_swapped():
+    from daptq.quant import QuantSpec, WeightSpec, quantize_
+
+    model = torch.nn.Sequential(_ScaledLinear(8, 8), torch.nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="0: .*_ScaledLinear subclasses Linear and overrides forward"):
+        quantize_(model, QuantSpec(WeightSpec(8)))
+    assert type(model[0]) is _ScaledLinear and type(model[1]) is torch.nn.Linear
+
+
+def test_plain_subclass_without_forward_override_is_swapped_and_restored():
+    from daptq.quant import QuantLinear, QuantSpec, WeightSpec, dequantize_, quantize_
+
+    class Tagged(torch.nn.Linear):
+        pass
+
+    model = torch.nn.Sequential(Tagged(8, 8))
+    quantize_(model, QuantSpec(WeightSpec(8)))
+    assert isinstance(model[0], QuantLinear)
+    dequantize_(model)
+    assert type(model[0]) is Tagged

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import pickle
@@ -224,3 +225,45 @@ def test_config_that_is_not_an_object_is_a_clear_error(tmp_path):
     (tmp_path / "quantization_config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a daptq-quant config"):
         read_config(tmp_path)
+
+
+def test_failed_load_leaves_the_model_untouched(saved):
+    """A checkpoint that fails half way (here: a tensor missing for the last layer) must not leave the
+    earlier layers converted."""
+    from safetensors.torch import load_file, save_file
+
+    _, _, path = saved
+    tensors = load_file(path / WEIGHTS_FILE)
+    del tensors["out.weight_scale"]
+    save_file(tensors, path / WEIGHTS_FILE)
+    cfg = json.loads((path / CONFIG_FILE).read_text())  # a consistent (re-signed) but incomplete checkpoint
+    cfg["files"][WEIGHTS_FILE] = hashlib.sha256((path / WEIGHTS_FILE).read_bytes()).hexdigest()
+    (path / CONFIG_FILE).write_text(json.dumps(cfg))
+    target = make_net()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    modules = dict(target.named_modules())
+    with pytest.raises(ValueError, match="out.weight_scale"):
+        load_quantized(target, path)
+    assert dict(target.named_modules()) == modules
+    assert not any(isinstance(m, QuantLinear) for m in target.modules())
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+def test_flipped_bytes_in_tensor_data_are_detected(saved):
+    _, _, path = saved
+    data = bytearray((path / WEIGHTS_FILE).read_bytes())
+    data[-5] ^= 0x01  # inside the tensor data: safetensors alone loads this silently
+    (path / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        load_quantized(make_net(), path)
+
+
+def test_new_weights_beside_an_old_config_do_not_load(saved, tmp_path):
+    """A save that died between its two renames: new weights file in place, the config still the old one."""
+    model, x, path = saved
+    other = make_net()
+    quantize_(other, weight_only(8))
+    save_quantized(other, tmp_path / "other")
+    (path / WEIGHTS_FILE).write_bytes((tmp_path / "other" / WEIGHTS_FILE).read_bytes())
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        load_quantized(make_net(), path)

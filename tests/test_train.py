@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from daptq.data.chunks import ChunkDataset
 from daptq.data.format import FORMAT_VERSION, Episode, atomic_write_json, shard_path, write_shard
 from daptq.models.reference import load_reference_checkpoint
-from daptq.train.chunks import ChunkDataset
 from daptq.train.features import encode_shards, is_cached
 from daptq.train.trainer import TrainConfig, lr_at, train
 

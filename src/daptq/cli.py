@@ -83,6 +83,63 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from daptq.methods.workflow import quantize_from_args
+
+    out = quantize_from_args(args)
+    print(f"wrote {out} (inspect: daptq inspect {out}; evaluate: daptq eval {out})")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from daptq.methods.workflow import inspect_text
+
+    print(inspect_text(args.directory))
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from daptq.methods.workflow import methods_text
+
+    print(methods_text())
+    return 0
+
+
+def _add_quantize_parser(sub) -> None:
+    q = sub.add_parser(
+        "quantize", help="quantize a policy with a method and write a quantized policy directory"
+    )
+    q.add_argument("model", help="model spec: ref:<name> or toy:...")
+    q.add_argument("--method", required=True, help="a registered method (see `daptq methods`)")
+    q.add_argument("--config", help="YAML/JSON method config (its fields; CLI spec flags are then refused)")
+    q.add_argument("--w-bits", type=int, help="weight bits (2, 3, 4, 8; 16 keeps weights float)")
+    q.add_argument("--a-bits", type=int, help="activation bits (4, 8; 16 or absent: float activations)")
+    q.add_argument("--group-size", type=int, help="per-group weights with this group size (else per-channel)")
+    q.add_argument("--asymmetric", action="store_true", help="affine (asymmetric) weight grid")
+    q.add_argument("--observer", choices=["minmax", "percentile", "mse"], help="weight range observer")
+    q.add_argument(
+        "--symmetric-range",
+        choices=["restricted", "full", "full_exact"],
+        help="symmetric grid convention (default: the method's measured choice per bit width)",
+    )
+    q.add_argument(
+        "--include-encoders", action="store_true", help="also quantize the vision/language encoders"
+    )
+    q.add_argument("--calibration", metavar="DATASET", help="dataset with a 'calib' split (default: cache)")
+    q.add_argument("--trajectories", type=int, default=64, help="calibration trajectories (paper: 512)")
+    q.add_argument("--calib-tasks", nargs="+", help="calibrate on these tasks only (default: all)")
+    q.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration sampler")
+    q.add_argument("--out", required=True, help="output directory")
+    q.set_defaults(func=_cmd_quantize)
+    ins = sub.add_parser(
+        "inspect", help="what a quantized policy directory holds (per module role, spec, bytes)"
+    )
+    ins.add_argument("directory")
+    ins.set_defaults(func=_cmd_inspect)
+    me = sub.add_parser("methods", help="list the registered quantization methods and their configs")
+    me.set_defaults(func=_cmd_methods)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from daptq import __version__
 
@@ -122,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--paths", type=int, default=3, help="episodes whose end-effector paths are plotted")
     rep.add_argument("--gif", nargs=2, metavar=("TASK", "SEED"), help="also render one episode as a GIF")
     rep.set_defaults(func=_cmd_report)
+
+    _add_quantize_parser(sub)
 
     # `data` and `train` hand their arguments to the modules' own parsers (`daptq train --help` lists them).
     data = sub.add_parser(

@@ -16,10 +16,8 @@ see ``daptq.methods.base`` for the lifecycle and a runnable example.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -30,6 +28,7 @@ from daptq.data.calibration import CalibrationSet
 from daptq.methods.base import HooksMixin, Method, MethodConfig, forward_batch
 from daptq.methods.record import ModuleRecord, QuantRecord
 from daptq.methods.scope import PlannedModule, Scope, ScopePlan, resolve_scope
+from daptq.quant.api import restored_on_failure
 
 _REGISTRY: dict[str, tuple[type[MethodConfig], type[Method]]] = {}
 # Modules whose import registers the built-in methods (imported lazily by the lookups below).
@@ -124,26 +123,6 @@ def as_adapter(policy: Any) -> Any:
     if not isinstance(policy.model, nn.Module):
         raise ValueError(f"{type(policy).__name__}.model must be an nn.Module")
     return policy
-
-
-@contextlib.contextmanager
-def restored_on_failure(model: nn.Module) -> Iterator[None]:
-    """All or nothing: if the block raises, every module and tensor of ``model`` is put back as it was."""
-    modules = dict(model.named_modules())
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    try:
-        yield
-    except BaseException:
-        from daptq.quant._util import set_module
-
-        for name, module in modules.items():
-            if name:
-                with contextlib.suppress(ValueError, AttributeError):
-                    if model.get_submodule(name) is not module:
-                        set_module(model, name, module)
-        with torch.no_grad():
-            model.load_state_dict(state, strict=True)
-        raise
 
 
 def quantize_policy(

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from daptq.quant.fake import swap_problem
 from daptq.quant.recipe import Rule, opaque_linear_names
 from daptq.quant.spec import QuantSpec, WeightSpec
 
@@ -163,22 +164,8 @@ def fit_group_size(spec: QuantSpec, fan_in: int, fallback: GroupFallback) -> tup
     return QuantSpec(weight, spec.activation, spec.version), note
 
 
-def _swap_problem(name: str, module: nn.Module) -> str | None:
-    """Why ``module`` cannot be swapped for a fake-quant layer without changing behaviour, or None."""
-    base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
-    cls = type(module)
-    if cls is not base and cls.forward is not base.forward:
-        return (
-            f"{name}: {cls.__module__}.{cls.__qualname__} subclasses {base.__name__} and overrides forward; "
-            "swapping it for a fake-quant layer would drop that behaviour (exclude it from the scope)"
-        )
-    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
-        return f"{name}: Conv2d with padding_mode={module.padding_mode!r} (only 'zeros' is supported)"
-    return None
-
-
 def resolve_scope(
-    model: nn.Module, modules: list[Any], scope: Scope, spec: QuantSpec, swap_check=_swap_problem
+    model: nn.Module, modules: list[Any], scope: Scope, spec: QuantSpec, swap_check=swap_problem
 ) -> ScopePlan:
     """Resolve ``scope`` with base ``spec`` over an adapter's ``quantizable_modules()`` (objects with
     ``name``, ``module``, ``role``). Raises one ValueError listing every module that cannot be served."""

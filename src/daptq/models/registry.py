@@ -29,9 +29,9 @@ def load_policy(spec: str) -> Policy:
         return toy_policy_from_spec(spec)
     path = Path(spec)
     if path.is_dir():
-        raise NotImplementedError(
-            f"{spec}: loading quantized policy directories arrives with `daptq quantize` for VLAs"
-        )
+        from daptq.models.quantized import load_quantized_policy
+
+        return load_quantized_policy(path)
     raise FileNotFoundError(
         f"model spec {spec!r} is neither 'ref:<name>', 'toy:...', nor an existing directory written by "
         "`daptq quantize`"

@@ -114,8 +114,14 @@ class ToyPolicy(nn.Module):
 
     @property
     def recipe(self) -> dict:
-        """Recorded in a run's config.json so the run can be reproduced."""
-        return {"method": "toy", **asdict(self.config)}
+        """Recorded in a run's config.json so the run can be reproduced (a quantized toy: its record's
+        summary, set by ``load_quantized_policy``)."""
+        override = self.__dict__.get("_quant_recipe")
+        return dict(override) if override is not None else {"method": "toy", **asdict(self.config)}
+
+    @recipe.setter
+    def recipe(self, value: dict) -> None:
+        self.__dict__["_quant_recipe"] = dict(value)
 
     def _perturb(self, rel_std: float, noise_seed: int) -> None:
         gen = torch.Generator().manual_seed(noise_seed)
@@ -184,6 +190,10 @@ class ToyPolicy(nn.Module):
     @property
     def model(self) -> nn.Module:
         return self
+
+    @property
+    def chunk_size(self) -> int:
+        return self.config.chunk
 
     def condition(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The latent the action head reads: the second hidden layer's output (B, hidden)."""

@@ -16,6 +16,7 @@ from .api import (
     fold_affine_,
     quantize_,
     quantized_modules,
+    restored_on_failure,
     temporarily_quantized,
 )
 from .bytes import ByteReport, ByteRow, ideal_weight_bytes, model_bytes
@@ -28,7 +29,15 @@ from .fake import (
     quantize_weight_with_qparams,
     sqnr_db,
 )
-from .io import CONFIG_FILE, WEIGHTS_FILE, load_quantized, read_config, save_quantized
+from .io import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    load_quantized,
+    load_quantized_state,
+    quantized_state,
+    read_config,
+    save_quantized,
+)
 from .kernels import (
     DeployReport,
     DeployRow,
@@ -71,12 +80,15 @@ __all__ = [
     "fold_affine_",
     "ideal_weight_bytes",
     "load_quantized",
+    "load_quantized_state",
     "model_bytes",
     "quantizable_names",
     "quantize_",
     "quantize_weight",
     "quantize_weight_with_qparams",
     "quantized_modules",
+    "quantized_state",
+    "restored_on_failure",
     "read_config",
     "recipe_table",
     "save_quantized",

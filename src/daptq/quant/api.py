@@ -91,6 +91,26 @@ def quantize_(
 
 
 @contextlib.contextmanager
+def restored_on_failure(model: nn.Module) -> Iterator[None]:
+    """All or nothing: if the block raises, every submodule and tensor of ``model`` is put back as it was."""
+    modules = dict(model.named_modules())
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        yield
+    except BaseException:
+        for name, module in modules.items():  # parents first, so children land in the original parents
+            if not name:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = modules[parent_name] if parent_name else model
+            if getattr(parent, child, None) is not module:
+                setattr(parent, child, module)
+        with torch.no_grad():
+            model.load_state_dict(state, strict=True)
+        raise
+
+
+@contextlib.contextmanager
 def calibration_hooks(
     model: nn.Module, names: Iterable[str] | None = None
 ) -> Iterator[dict[str, ActivationObserver]]:

@@ -136,7 +136,8 @@ class _QuantWeightMixin:
     weight: nn.Parameter
     _feature_dim: int
 
-    def _init_quant_state(self, spec: QuantSpec) -> None:
+    def _init_quant_state(self, spec: QuantSpec, original: nn.Module | None = None) -> None:
+        self.__dict__["_float_original"] = original  # not a submodule: given back by to_float
         self.spec = spec
         self.register_buffer("qweight", None)
         self.register_buffer("weight_scale", None)
@@ -240,6 +241,13 @@ class _QuantWeightMixin:
             )
         return fake_quantize_activation(x, a, self.act_scale, self.act_zero_point, self._feature_dim)
 
+    def _original_float(self) -> nn.Module | None:
+        """The module this layer replaced, if it still holds the same parameters (keeps subclass types)."""
+        orig = self.__dict__.get("_float_original")
+        if orig is not None and orig.weight is self.weight and orig.bias is self.bias:
+            return orig
+        return None
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, spec={self.spec.short()}"  # type: ignore[misc]
 
@@ -264,13 +272,15 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
         nn.Module.__init__(q)
         q.in_features, q.out_features = linear.in_features, linear.out_features
         q.weight, q.bias = linear.weight, linear.bias
-        q._init_quant_state(spec)
+        q._init_quant_state(spec, linear)
         if round_now:
             q.requantize(f"{name}.weight")
         return q
 
     def to_float(self) -> nn.Linear:
-        """Undo: a plain nn.Linear holding the original float weight."""
+        """Undo: the module it replaced (or a plain nn.Linear) holding the original float weight."""
+        if (orig := self._original_float()) is not None:
+            return orig
         lin = nn.Linear.__new__(nn.Linear)
         nn.Module.__init__(lin)
         lin.in_features, lin.out_features = self.in_features, self.out_features
@@ -315,12 +325,17 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
         for attr in _CONV_ATTRS:
             setattr(q, attr, getattr(conv, attr))
         q.weight, q.bias = conv.weight, conv.bias
-        q._init_quant_state(spec)
+        q.static_padding = static_same_padding(conv)  # TF-style "same" convs pad their input first
+        q._init_quant_state(spec, conv)
         if round_now:
             q.requantize(f"{name}.weight")
         return q
 
     def to_float(self) -> nn.Conv2d:
+        if (orig := self._original_float()) is not None:
+            return orig
+        if self.static_padding is not None:
+            raise ValueError("to_float: a same-padding conv can only be restored to the module it replaced")
         conv = nn.Conv2d.__new__(nn.Conv2d)
         nn.Module.__init__(conv)
         for attr in _CONV_ATTRS:
@@ -329,6 +344,8 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
         return conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.static_padding is not None:
+            x = self.static_padding(x)
         return self._conv_forward(self._quantize_input(x), self.dequantized_weight(), self.bias)
 
 
@@ -336,12 +353,46 @@ QUANT_MODULE_TYPES = (QuantLinear, QuantConv2d)
 FLOAT_MODULE_TYPES = (nn.Linear, nn.Conv2d)
 
 
+def static_same_padding(conv: nn.Conv2d) -> nn.Module | None:
+    """The input-padding module of an EfficientNet-style ``Conv2dStaticSamePadding`` (whose forward is
+    ``conv2d(static_padding(x))``), else None."""
+    if type(conv).__name__ == "Conv2dStaticSamePadding" and isinstance(
+        getattr(conv, "static_padding", None), nn.Module
+    ):
+        return conv.static_padding
+    return None
+
+
+def swap_problem(name: str, module: nn.Module) -> str | None:
+    """Why swapping ``module`` for a fake-quant layer would change its behaviour, or None if it is safe.
+
+    Plain nn.Linear / nn.Conv2d and same-padding convs (their padding is kept) are safe; a subclass that
+    overrides ``forward`` (a scaled Linear, a dynamic-padding conv) would silently lose that behaviour.
+    """
+    if isinstance(module, QUANT_MODULE_TYPES):
+        return f"{name} is already quantized ({type(module).__name__}); undo it first"
+    if not isinstance(module, FLOAT_MODULE_TYPES):
+        return f"{name} is a {type(module).__name__}; only nn.Linear and nn.Conv2d can be quantized"
+    base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+    cls = type(module)
+    if cls.forward is not base.forward and not (
+        base is nn.Conv2d and static_same_padding(module) is not None
+    ):
+        return (
+            f"{name}: {cls.__module__}.{cls.__qualname__} subclasses {base.__name__} and overrides forward; "
+            "swapping it for a fake-quant layer would drop that behaviour (exclude it from the scope)"
+        )
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        return f"{name}: Conv2d with padding_mode={module.padding_mode!r} (only 'zeros' is supported)"
+    return None
+
+
 def quantized_module_for(
     module: nn.Module, spec: QuantSpec, name: str, round_now: bool = True
 ) -> QuantLinear | QuantConv2d:
     """The fake-quant replacement of a float Linear/Conv2d (the type registry lives here, in one place)."""
-    if isinstance(module, QUANT_MODULE_TYPES):
-        raise ValueError(f"{name} is already quantized ({type(module).__name__}); undo it first")
+    if (problem := swap_problem(name, module)) is not None:
+        raise ValueError(problem)
     if isinstance(module, nn.Linear):
         return QuantLinear.from_float(module, spec, name, round_now)
     if isinstance(module, nn.Conv2d):

@@ -9,6 +9,7 @@ unpickled; every file is written atomically.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from torch import nn
 from daptq.versioned_json import read_versioned_json
 
 from ._util import atomic_write_bytes, atomic_write_text, get_module, set_module
-from .api import quantized_modules
+from .api import quantized_modules, restored_on_failure
 from .bytes import container_bits
 from .fake import QuantConv2d, QuantLinear, code_dtype, dequantize_weight, quantized_module_for
 from .kernels import DEPLOYABLE_TYPES
@@ -68,16 +69,15 @@ def unpack_codes(packed: torch.Tensor, spec: WeightSpec, shape: tuple[int, int])
     return u.reshape(shape).to(code_dtype(spec))
 
 
-def save_quantized(
-    model: nn.Module, directory: str | Path, recipe: Recipe | None = None, include_float_weights: bool = False
-) -> Path:
-    """Write ``model.safetensors`` and ``quantization_config.json`` into ``directory`` (created if needed)."""
+def quantized_state(
+    model: nn.Module, include_float_weights: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors a checkpoint stores (packed codes, scales, other state) and the per-module config."""
     if any(isinstance(m, DEPLOYABLE_TYPES) for m in model.modules()):
         raise ValueError(
             "save_quantized expects a fake-quant model; save before to_deployable_ (packing is "
             "recomputed from the saved codes)"
         )
-    directory = Path(directory)
     layers = quantized_modules(model)
     tensors: dict[str, torch.Tensor] = {}
     modules_cfg: dict[str, Any] = {}
@@ -113,6 +113,15 @@ def save_quantized(
             continue
         tensors[key] = value
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # unties shared storage
+    return tensors, modules_cfg
+
+
+def save_quantized(
+    model: nn.Module, directory: str | Path, recipe: Recipe | None = None, include_float_weights: bool = False
+) -> Path:
+    """Write ``model.safetensors`` and ``quantization_config.json`` into ``directory`` (created if needed)."""
+    directory = Path(directory)
+    tensors, modules_cfg = quantized_state(model, include_float_weights)
     config = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -120,9 +129,31 @@ def save_quantized(
         "modules": modules_cfg,
         "recipe": None if recipe is None else recipe.to_dict(),
     }
-    atomic_write_bytes(directory / WEIGHTS_FILE, st_save(tensors, metadata={"format": FORMAT_NAME}))
+    data = st_save(tensors, metadata={"format": FORMAT_NAME})
+    # The config is written last and names the exact weights file it belongs to: flipped bytes, or a save that
+    # died between the two renames (new weights beside an old config), fail to load instead of mixing.
+    config["files"] = {WEIGHTS_FILE: hashlib.sha256(data).hexdigest()}
+    atomic_write_bytes(directory / WEIGHTS_FILE, data)
     atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2))
     return directory
+
+
+def _verify_files(directory: Path, config: dict[str, Any]) -> None:
+    """Check the sha256 the config recorded for each file (configs written before daptq recorded them
+    carry none)."""
+    files = config.get("files", {})
+    if not isinstance(files, dict):
+        raise ValueError(f"{directory / CONFIG_FILE}: 'files' must map file names to sha256 digests")
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {path}")
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        if actual != expected:
+            raise ValueError(
+                f"{path}: checksum mismatch with {CONFIG_FILE} (sha256 {actual[:16]}..., recorded "
+                f"{str(expected)[:16]}...): the file was changed, corrupted, or belongs to another save"
+            )
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -166,55 +197,79 @@ def load_quantized(model_or_factory: nn.Module | Callable[[], nn.Module], direct
     """Rebuild a fake-quant model from ``save_quantized`` output; returns the (same or new) model.
 
     ``model_or_factory`` is the float architecture (its weights are overwritten) or a zero-argument callable
-    building it.
+    building it. If loading fails the model is left exactly as it was.
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
     config = read_config(directory)
-    tensors = _read_safetensors(directory / WEIGHTS_FILE)
+    tensors = _read_safetensors(directory / WEIGHTS_FILE)  # format errors first (pickles, truncation)
+    _verify_files(directory, config)
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
     if not isinstance(model, nn.Module):
         raise ValueError(f"model factory returned {type(model).__name__}, not an nn.Module")
-    for name, cfg in config["modules"].items():
-        spec = QuantSpec.from_dict(cfg["spec"])
-        original = get_module(model, name)
-        if tuple(original.weight.shape) != tuple(cfg["weight_shape"]):
-            raise ValueError(
-                f"{name}: model weight shape {tuple(original.weight.shape)} != checkpoint "
-                f"{tuple(cfg['weight_shape'])}"
-            )
-        expected = {"QuantLinear": nn.Linear, "QuantConv2d": nn.Conv2d}.get(cfg["type"])
-        if (
-            expected is None
-            or not isinstance(original, expected)
-            or isinstance(original, QuantLinear | QuantConv2d)
-        ):
-            raise ValueError(
-                f"{name}: checkpoint type {cfg['type']} does not fit model module {type(original)}"
-            )
-        layer = quantized_module_for(original, spec, name, round_now=False)
-        w = layer.weight
-        if cfg.get("has_float_weight"):
-            w.copy_(_take(tensors, f"{name}.weight"))
-        if not spec.weight.is_float:
-            shape = (w.shape[0], w[0].numel())
-            codes = unpack_codes(_take(tensors, f"{name}.qweight_packed"), spec.weight, shape)
-            scale = _take(tensors, f"{name}.weight_scale")
-            zp = tensors.pop(f"{name}.weight_zero_point", None)
-            layer.set_quantized_weight(codes, scale, zp)
-            if not cfg.get("has_float_weight"):
-                w.copy_(dequantize_weight(codes, scale, zp, spec.weight).reshape(w.shape))
-        if f"{name}.act_scale" in tensors:
-            layer.set_activation_qparams(
-                tensors.pop(f"{name}.act_scale"), tensors.pop(f"{name}.act_zero_point", None)
-            )
-        set_module(model, name, layer)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    quant_prefixes = set(config["modules"])
-    missing = [k for k in missing if k.rpartition(".")[0] not in quant_prefixes]
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}"
-        )
+    load_quantized_state(model, tensors, config.get("modules"))
     return model
+
+
+@torch.no_grad()
+def load_quantized_state(
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    modules_cfg: Any,
+    allow_missing: Callable[[str], bool] | None = None,
+) -> None:
+    """Swap in the fake-quant layers ``modules_cfg`` describes and load ``tensors``; all or nothing.
+
+    ``allow_missing(key)`` names float tensors the checkpoint may leave out (they keep the model's values,
+    e.g. the unchanged encoders of a quantized policy).
+    """
+    if not isinstance(modules_cfg, dict):
+        raise ValueError(f"checkpoint 'modules' must be an object of module configs, got {modules_cfg!r}")
+    tensors = dict(tensors)
+    with restored_on_failure(model):
+        for name, cfg in modules_cfg.items():
+            if not isinstance(cfg, dict):
+                raise ValueError(f"{name}: module config must be an object, got {cfg!r}")
+            spec = QuantSpec.from_dict(cfg.get("spec"))
+            original = get_module(model, name)
+            if tuple(original.weight.shape) != tuple(cfg["weight_shape"]):
+                raise ValueError(
+                    f"{name}: model weight shape {tuple(original.weight.shape)} != checkpoint "
+                    f"{tuple(cfg['weight_shape'])}"
+                )
+            expected = {"QuantLinear": nn.Linear, "QuantConv2d": nn.Conv2d}.get(cfg["type"])
+            if (
+                expected is None
+                or not isinstance(original, expected)
+                or isinstance(original, QuantLinear | QuantConv2d)
+            ):
+                raise ValueError(
+                    f"{name}: checkpoint type {cfg['type']} does not fit model module {type(original)}"
+                )
+            layer = quantized_module_for(original, spec, name, round_now=False)
+            w = layer.weight
+            if cfg.get("has_float_weight"):
+                w.copy_(_take(tensors, f"{name}.weight"))
+            if not spec.weight.is_float:
+                shape = (w.shape[0], w[0].numel())
+                codes = unpack_codes(_take(tensors, f"{name}.qweight_packed"), spec.weight, shape)
+                scale = _take(tensors, f"{name}.weight_scale")
+                zp = tensors.pop(f"{name}.weight_zero_point", None)
+                layer.set_quantized_weight(codes, scale, zp)
+                if not cfg.get("has_float_weight"):
+                    w.copy_(dequantize_weight(codes, scale, zp, spec.weight).reshape(w.shape))
+            if f"{name}.act_scale" in tensors:
+                layer.set_activation_qparams(
+                    tensors.pop(f"{name}.act_scale"), tensors.pop(f"{name}.act_zero_point", None)
+                )
+            set_module(model, name, layer)
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        quant_prefixes = set(modules_cfg)
+        missing = [k for k in missing if k.rpartition(".")[0] not in quant_prefixes]
+        if allow_missing is not None:
+            missing = [k for k in missing if not allow_missing(k)]
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}"
+            )

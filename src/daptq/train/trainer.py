@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from daptq.data import EpisodeDataset, open_dataset
+from daptq.data.chunks import ChunkDataset
 from daptq.models.reference import (
     ReferenceVLA,
     ReferenceVLAConfig,
@@ -33,7 +34,6 @@ from daptq.models.reference import (
     save_reference_checkpoint,
     transfer_weights,
 )
-from daptq.train.chunks import ChunkDataset
 from daptq.train.features import encode_shards, shard_instructions
 
 

@@ -1,4 +1,4 @@
-"""Training samples: (frame features, state, instruction) -> the next K expert action labels.
+"""Action chunks: (frame, state, instruction) -> the next K expert labels, for training and calibration.
 
 All cached shards are held in memory as flat arrays (fp16 vision tokens), and a batch is drawn by sampling
 frame indices uniformly. The chunk for frame t is the labels of t..t+K-1 within its episode; past the
@@ -14,6 +14,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
+
+
+def chunk_steps(index: torch.Tensor, episode_end: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Frame indices ``(N, K)`` of the action chunk of each frame in ``index``: t..t+K-1, clamped to the last
+    frame of its episode (``episode_end[i]``), so a chunk past the end repeats the final "stay" label."""
+    steps = index[:, None] + torch.arange(chunk_size)[None, :]
+    return torch.minimum(steps, episode_end[:, None])
+
+
+def episode_chunks(actions: np.ndarray, frames: np.ndarray, chunk_size: int) -> np.ndarray:
+    """``(len(frames), K, action_dim)`` chunks of one episode's ``actions`` (T, action_dim) at ``frames``."""
+    index = torch.as_tensor(np.asarray(frames, dtype=np.int64))
+    end = torch.full_like(index, len(actions) - 1)
+    return np.asarray(actions)[chunk_steps(index, end, chunk_size).numpy()]
 
 
 class ChunkDataset:
@@ -67,8 +81,7 @@ class ChunkDataset:
         return len(self.actions)
 
     def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        steps = index[:, None] + torch.arange(self.chunk_size)[None, :]
-        steps = torch.minimum(steps, self.episode_end[index][:, None])
+        steps = chunk_steps(index, self.episode_end[index], self.chunk_size)
         lang = self.instruction_index[index]
         return {
             "vision_features": self.vision[index],

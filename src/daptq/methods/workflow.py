@@ -1,0 +1,186 @@
+"""The quantize -> directory workflow behind ``daptq quantize``, ``daptq inspect`` and ``daptq methods``.
+
+``quantize_to_directory("toy", RTNConfig(...), "out/toy-w4")`` loads the model, samples calibration data if
+the method needs it, runs ``quantize_policy`` and writes the quantized policy directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from daptq.methods import available_methods, config_type_for, quantize_policy
+from daptq.methods.base import MethodConfig
+from daptq.methods.record import QuantRecord
+from daptq.quant.bytes import checkpoint_weight_bytes, format_bytes, ideal_weight_bytes
+from daptq.quant.spec import spec_from_bits
+
+
+def config_from_options(
+    method: str,
+    config_path: str | None = None,
+    w_bits: int | None = None,
+    a_bits: int | None = None,
+    group_size: int | None = None,
+    asymmetric: bool = False,
+    observer: str | None = None,
+    include_encoders: bool = False,
+    symmetric_range: str | None = None,
+) -> MethodConfig:
+    """A method config from a YAML/JSON file or from the bit-width options (not both).
+
+    With bit widths only, symmetric weights use the method's measured grid convention for that bit width
+    (``MethodConfig.default_symmetric_range``) unless ``symmetric_range`` is given."""
+    config_type = config_type_for(method)
+    flags = w_bits is not None or a_bits is not None or group_size is not None or asymmetric or observer
+    flags = flags or symmetric_range is not None
+    if config_path is not None:
+        if flags:
+            raise ValueError("give either --config or the --w-bits/--a-bits/... options, not both")
+        path = Path(config_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"method config not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML is a superset of JSON
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: does not parse: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a method config must be a mapping, got {type(data).__name__}")
+        data.setdefault("method", method)
+        config = config_type.from_dict(data)
+    else:
+        config = config_type()
+        if w_bits is not None:
+            grid = symmetric_range or config_type.default_symmetric_range(w_bits)
+            spec = spec_from_bits(w_bits, a_bits, group_size, not asymmetric, observer or "minmax", grid)
+            config = dataclasses.replace(config, spec=spec)
+        elif flags:
+            raise ValueError("--a-bits/--group-size/--asymmetric/--observer/--symmetric-range need --w-bits")
+    if include_encoders:
+        config = dataclasses.replace(config, scope=dataclasses.replace(config.scope, include_encoders=True))
+    return config
+
+
+def quantize_to_directory(
+    model: str,
+    config: MethodConfig,
+    out: str | Path,
+    calibration: Any = None,
+) -> Path:
+    """Quantize the model ``model`` names with ``config`` and write the policy directory ``out``.
+
+    ``calibration`` is a CalibrationSet, a callable building one from the loaded policy, or None."""
+    from daptq.models.quantized import model_digest, save_quantized_policy
+    from daptq.models.registry import load_policy
+
+    if Path(model).is_dir():
+        raise ValueError(f"{model} is already a directory; quantize its float base model instead")
+    policy = load_policy(model)
+    digest = model_digest(policy.model)
+    if callable(calibration):
+        calibration = calibration(policy)
+    record = quantize_policy(policy, config, calibration, base_model={"spec": model, "digest": digest})
+    return save_quantized_policy(policy, record, out, model)
+
+
+def quantize_from_args(args: argparse.Namespace) -> Path:
+    config = config_from_options(  # by keyword: options are added by several methods
+        args.method,
+        config_path=args.config,
+        w_bits=args.w_bits,
+        a_bits=args.a_bits,
+        group_size=args.group_size,
+        asymmetric=args.asymmetric,
+        observer=args.observer,
+        include_encoders=args.include_encoders,
+        symmetric_range=args.symmetric_range,
+    )
+    from daptq.methods import get_method
+
+    calibration = None
+    if get_method(config).requires_calibration():
+        from daptq.data.calibration import calibration_for_policy
+
+        def calibration(policy):
+            return calibration_for_policy(
+                policy, args.calibration, args.trajectories, args.calib_tasks, args.calib_seed
+            )
+
+    return quantize_to_directory(args.model, config, args.out, calibration)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def inspect_text(directory: str | Path) -> str:
+    """The record of a quantized policy directory as Markdown tables (checksums verified first)."""
+    from daptq.models.quantized import read_quantized_policy_config
+
+    config, qconfig = read_quantized_policy_config(directory)
+    record = QuantRecord.from_dict(qconfig.get("record"))
+    rows, fp_total, ideal_total, stored_total = [], 0, 0, 0
+    for name, m in record.modules.items():
+        out, fan_in = m.weight_shape[0], 1
+        for s in m.weight_shape[1:]:
+            fan_in *= s
+        fp = out * fan_in * 2
+        ideal = ideal_weight_bytes(out, fan_in, m.spec.weight)
+        stored = checkpoint_weight_bytes(out, fan_in, m.spec.weight)
+        fp_total, ideal_total, stored_total = fp_total + fp, ideal_total + ideal, stored_total + stored
+        rows.append(
+            [name, m.role, "x".join(map(str, m.weight_shape)), m.spec.short(), format_bytes(fp)]
+            + [format_bytes(ideal), format_bytes(stored), m.note]
+        )
+    rows.append(["**total**", "", "", "", format_bytes(fp_total), format_bytes(ideal_total)])
+    rows[-1] += [format_bytes(stored_total), ""]
+    base = config["base_model"]
+    head = [
+        f"# {directory}",
+        "",
+        f"method: {record.method}; base model: {base['spec']} (sha256 {str(base.get('digest'))[:16]}...)",
+        f"calibration: {json.dumps(record.calibration) if record.calibration else 'none'}",
+        "timings: " + ", ".join(f"{k} {v:.2f}" for k, v in record.timings.items()),
+        "",
+        "## Modules",
+        "",
+    ]
+    header = ["module", "role", "shape", "spec", "bf16 bytes", "ideal bytes", "stored bytes", "note"]
+    body = [_table(header, rows)]
+    kept = record.decisions.get("kept_float", {})
+    if kept:
+        body += [
+            "",
+            f"## Kept float ({len(kept)})",
+            "",
+            _table(["module", "why"], [[n, r] for n, r in kept.items()]),
+        ]
+    other = {k: v for k, v in record.decisions.items() if k != "kept_float"}
+    if other:
+        body += ["", "## Decisions", "", "```json", json.dumps(other, indent=1)[:20000], "```"]
+    body += ["", "## Config", "", "```yaml", yaml.safe_dump(record.config, sort_keys=False).rstrip(), "```"]
+    return "\n".join(head + body)
+
+
+def methods_text() -> str:
+    """Every registered method with its config fields and defaults."""
+    parts = []
+    for name, config_type in available_methods().items():
+        if name.startswith("_"):
+            continue
+        doc = (config_type.__doc__ or "").strip().splitlines()[0] if config_type.__doc__ else ""
+        parts.append(f"{name} (config {config_type.__name__}, version {config_type.VERSION}): {doc}")
+        for f in dataclasses.fields(config_type):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            shown = default.short() if hasattr(default, "short") else default
+            if hasattr(default, "active_roles"):
+                shown = f"roles {list(default.active_roles)}"
+            parts.append(f"    {f.name}: {shown}")
+    return "\n".join(parts)
