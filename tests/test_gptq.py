@@ -2,10 +2,13 @@
 
 import pytest
 import torch
+from baseline_helpers import single_thread
 from torch import nn
 
 from daptq.methods.gptq import gptq_quantize, gptq_quantize_layer_
 from daptq.quant import QuantLinear, QuantSpec, WeightSpec, dequantize_weight, quantize_weight
+
+pytestmark = pytest.mark.usefixtures(single_thread.__name__)
 
 
 def correlated_inputs(n=768, c=64, seed=0):
@@ -96,6 +99,23 @@ def test_block_size_does_not_change_the_result():
     assert (a != b).float().mean() < 0.01  # equal up to rounding ties
 
 
+def test_grouped_hessians_solve_each_row_group_on_its_own():
+    torch.manual_seed(2)
+    w = torch.randn(12, 18) * 0.1  # a grouped conv's [out, fan_in]: 3 groups of 4 output rows
+    hs = torch.stack([(x := correlated_inputs(256, 18, seed=j)).T @ x / 256 for j in range(3)]).double()
+    for spec in (WeightSpec(4), WeightSpec(3, symmetric=False, granularity="per_group", group_size=6)):
+        codes, scale, zp = gptq_quantize(w, hs, spec, block_size=5)
+        for j in range(3):
+            rows = slice(4 * j, 4 * j + 4)
+            alone = gptq_quantize(w[rows], hs[j], spec, block_size=5)[0]
+            assert torch.equal(codes[rows], alone)
+    with pytest.raises(ValueError, match="dividing"):
+        gptq_quantize(w, hs[:, :, :].repeat(2, 1, 1)[:5], WeightSpec(4))
+    # per-tensor: one scale for every row group, fixed before any group is solved
+    codes, scale, _ = gptq_quantize(w, hs, WeightSpec(4, granularity="per_tensor"))
+    assert scale.shape == (1, 1)
+
+
 def test_dead_inputs_and_layer_install():
     torch.manual_seed(0)
     lin = nn.Linear(64, 16)
@@ -124,3 +144,87 @@ def test_bad_input_is_a_clear_error():
         gptq_quantize(w, h, WeightSpec(16))
     with pytest.raises(ValueError, match="block_size"):
         gptq_quantize(w, h, spec, block_size=0)
+
+
+# ---- the method -------------------------------------------------------------------------------------------
+W4G16 = QuantSpec(WeightSpec(4, granularity="per_group", group_size=16))
+
+
+def test_method_on_the_reference_vla_sequential_and_not():
+    from baseline_helpers import chunk_error, n_hooks, reference_calibration, tiny_reference_policy
+
+    from daptq.methods import quantize_policy
+    from daptq.methods.gptq import GPTQConfig
+    from daptq.methods.rtn import RTNConfig
+
+    cal = reference_calibration(n_batches=1)
+    fp, seq, par, rtn = (tiny_reference_policy() for _ in range(4))
+    record = quantize_policy(seq, GPTQConfig(spec=W4G16, block_size=8), cal)
+    r_par = quantize_policy(par, GPTQConfig(spec=W4G16, sequential=False), cal)
+    quantize_policy(rtn, RTNConfig(spec=W4G16), cal)
+    assert n_hooks(seq.model) == 0 and n_hooks(par.model) == 0 and record.method == "gptq"
+    layers = record.decisions["layers"]
+    assert set(layers) == set(record.modules) and record.decisions["order"][0] == "vision_proj"
+    for name, info in layers.items():
+        assert isinstance(seq.model.get_submodule(name), QuantLinear)
+        assert info["rel_output_error"] <= info["rtn_rel_output_error"] * 1.001, name
+    rtn_error = chunk_error(rtn, fp, cal)
+    assert chunk_error(seq, fp, cal) < 0.7 * rtn_error and chunk_error(par, fp, cal) < 0.7 * rtn_error
+    assert type(record).from_json(record.to_json()) == record
+    # sequential: layer k's Hessian comes from inputs produced by the already-rounded layers before it
+    first, later = record.decisions["order"][0], "blocks.0.mlp.proj"
+    assert torch.equal(seq.model.get_submodule(first).qweight, par.model.get_submodule(first).qweight)
+    assert not torch.equal(seq.model.get_submodule(later).qweight, par.model.get_submodule(later).qweight)
+    assert r_par.decisions["order"] == record.decisions["order"]
+
+
+def test_method_on_the_toy_and_hooks_gone_after_failure():
+    from baseline_helpers import (
+        ToyPolicy,
+        assert_clean_after_failure,
+        n_hooks,
+        reference_calibration,
+        tiny_reference_policy,
+        toy_calibration,
+    )
+
+    from daptq.methods import quantize_policy
+    from daptq.methods.gptq import GPTQConfig
+
+    toy = ToyPolicy()
+    record = quantize_policy(toy, GPTQConfig(spec=QuantSpec(WeightSpec(4))), toy_calibration())
+    assert set(record.decisions["layers"]) == {"net.0", "net.2", "net.4"} and n_hooks(toy) == 0
+    cal = reference_calibration(n_batches=1)
+    for fail_on_call in (1, 4):  # during calibrate; during apply's per-layer passes
+        assert_clean_after_failure(tiny_reference_policy(), GPTQConfig(spec=W4G16), cal, fail_on_call)
+
+
+@pytest.mark.slow  # ~25 s on a loaded 2-core machine: every encoder layer, depthwise convs per channel
+def test_method_quantizes_every_role_including_depthwise_convs():
+    from baseline_helpers import n_hooks, reference_calibration, tiny_reference_policy
+
+    from daptq.methods import Scope, quantize_policy
+    from daptq.methods.gptq import GPTQConfig
+    from daptq.quant import QuantConv2d
+
+    policy = tiny_reference_policy()
+    config = GPTQConfig(spec=QuantSpec(WeightSpec(8)), scope=Scope(include_encoders=True), sequential=False)
+    record = quantize_policy(policy, config, reference_calibration(n_batches=1))
+    depthwise = "vision.blocks.1._depthwise_conv"
+    assert isinstance(policy.model.get_submodule(depthwise), QuantConv2d)
+    assert {m.role for m in record.modules.values()} >= {"vision", "language", "backbone", "action_head"}
+    for name, info in record.decisions["layers"].items():
+        assert info["rel_output_error"] <= info["rtn_rel_output_error"] * 1.001 + 1e-9, name
+    assert n_hooks(policy.model) == 0
+
+
+def test_config_is_validated_and_round_trips():
+    from daptq.methods import config_from_dict
+    from daptq.methods.gptq import GPTQConfig
+
+    with pytest.raises(ValueError, match="damp"):
+        GPTQConfig(damp=1.5)
+    with pytest.raises(ValueError, match="act_order"):
+        GPTQConfig(act_order="false")
+    cfg = GPTQConfig(spec=W4G16, block_size=64, act_order=False)
+    assert config_from_dict(cfg.to_dict()) == cfg

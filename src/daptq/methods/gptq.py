@@ -20,10 +20,29 @@ Choices, as in the GPTQ reference code and llm-compressor:
 
 from __future__ import annotations
 
-import torch
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from daptq.quant.fake import QuantConv2d, QuantLinear, code_dtype, group_layout, weight_as_matrix
-from daptq.quant.observers import check_finite, weight_qparams
+import torch
+from torch import nn
+
+from daptq.methods import register_method
+from daptq.methods.base import Method, MethodConfig, require_plan
+from daptq.methods.smoothquant import calibration_run, static_activation_layers
+from daptq.quant._util import set_module
+from daptq.quant.capture import Hessian, capture, capturing, fan_in_rows
+from daptq.quant.fake import (
+    QuantConv2d,
+    QuantLinear,
+    code_dtype,
+    fake_quantize_weight,
+    group_layout,
+    quantized_module_for,
+    weight_as_matrix,
+)
+from daptq.quant.observers import ActivationObserver, check_finite, weight_qparams
 from daptq.quant.spec import WeightSpec
 
 
@@ -51,9 +70,10 @@ def gptq_quantize(
 
     ``weight``: a Linear ``[out, in]`` or Conv2d weight (flattened to ``[out, fan_in]``); ``hessian``:
     ``[fan_in, fan_in]``, e.g. ``daptq.quant.capture.Hessian().hessian`` of the layer's input rows (any
-    positive multiple of ``X^T X`` gives the same result). The outputs have the shapes and dtypes of
-    ``daptq.quant.quantize_weight``, so ``QuantLinear.set_quantized_weight(*gptq_quantize(...))`` installs
-    them. The solve runs in float64. Example::
+    positive multiple of ``X^T X`` gives the same result); for a grouped conv, ``[g, fan_in, fan_in]``: one
+    Hessian per group of ``out / g`` consecutive output rows (``Hessian(blocks=g)``). The outputs have the
+    shapes and dtypes of ``daptq.quant.quantize_weight``, so ``QuantLinear.set_quantized_weight(*gptq_quantize
+    (...))`` installs them. The solve runs in float64. Example::
 
         h = Hessian(); capture(model, run, inputs={"fc": h}, rows=fan_in_rows)
         codes, scale, zp = gptq_quantize(model.fc.weight, h.hessian, WeightSpec(4, granularity="per_group",
@@ -68,16 +88,45 @@ def gptq_quantize(
     check_finite(weight, "gptq_quantize weight")
     w2d = weight_as_matrix(weight.detach()).float()
     rows, cols = w2d.shape
-    if tuple(hessian.shape) != (cols, cols):
-        raise ValueError(f"gptq_quantize: hessian shape {tuple(hessian.shape)} != {(cols, cols)} (fan-in)")
-    check_finite(hessian, "gptq_quantize hessian")
+    hessians = hessian.detach().double()
+    if hessians.dim() == 2:
+        hessians = hessians[None]
+    n_blocks = hessians.shape[0]
+    if hessians.dim() != 3 or tuple(hessians.shape[1:]) != (cols, cols) or rows % n_blocks:
+        raise ValueError(
+            f"gptq_quantize: hessian shape {tuple(hessian.shape)} != {(cols, cols)} (fan-in), or "
+            f"[g, {cols}, {cols}] with g dividing the {rows} output rows (grouped conv)"
+        )
+    check_finite(hessians, "gptq_quantize hessian")
     _, n_groups, size = group_layout(rows, cols, spec)
     grid_rows = 1 if spec.granularity == "per_tensor" else rows
     scale, zero_point = weight_qparams(w2d.reshape(grid_rows, n_groups, size), spec)
     S, Z = _column_grid(scale, zero_point, rows, cols, spec)
+    W = w2d.double()
+    per_block = rows // n_blocks
+    codes = torch.cat(
+        [
+            _solve(W[r], hessians[j], S[r], Z[r], spec, block_size, damp, act_order)
+            for j in range(n_blocks)
+            for r in [slice(j * per_block, (j + 1) * per_block)]
+        ]
+    )
+    return codes.to(code_dtype(spec)), scale, zero_point
 
-    H = hessian.detach().double().clone()
-    W = w2d.double().clone()
+
+def _solve(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    S: torch.Tensor,
+    Z: torch.Tensor,
+    spec: WeightSpec,
+    block_size: int,
+    damp: float,
+    act_order: bool,
+) -> torch.Tensor:
+    """The column loop for rows ``W`` sharing the Hessian ``H``, on the fixed grid ``S, Z``: float codes."""
+    cols = W.shape[1]
+    H, W = H.clone(), W.clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols)
@@ -90,7 +139,6 @@ def gptq_quantize(
             f"gptq_quantize: the Hessian is not positive definite after damp={damp}; "
             "use more calibration data or a larger damp"
         ) from None
-
     qmin, qmax = spec.qmin, spec.qmax
     codes = torch.zeros_like(W)
     for i1 in range(0, cols, block_size):
@@ -105,8 +153,7 @@ def gptq_quantize(
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             err1[:, i] = err
         W[:, i2:] -= err1 @ U[i1:i2, i2:]  # the lazy update of every later block
-    codes = codes[:, torch.argsort(perm)]
-    return codes.to(code_dtype(spec)), scale, zero_point
+    return codes[:, torch.argsort(perm)]
 
 
 def gptq_quantize_layer_(
@@ -123,3 +170,139 @@ def gptq_quantize_layer_(
     layer.set_quantized_weight(
         *gptq_quantize(layer.weight, hessian, layer.spec.weight, block_size, damp, act_order)
     )
+
+
+# ---- the method -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GPTQConfig(MethodConfig):
+    """GPTQ: rounding with inverse-Hessian error feedback, layer by layer.
+
+    ``sequential``: each layer's Hessian is measured with the layers before it (in execution order) already
+    quantized, one calibration pass per layer (GPTQ's "true sequential"); False measures every Hessian on
+    the float model in one pass (faster). ``block_size``, ``damp``, ``act_order``: see ``gptq_quantize``."""
+
+    VERSION = 1
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = True
+    sequential: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.block_size < 1:
+            raise ValueError(f"GPTQConfig.block_size must be >= 1, got {self.block_size}")
+        if not 0.0 <= self.damp < 1.0:
+            raise ValueError(f"GPTQConfig.damp must be in [0, 1), got {self.damp}")
+
+
+class _Tee:
+    """One capture site feeding several reductions."""
+
+    def __init__(self, *reductions: Any) -> None:
+        self.reductions = reductions
+
+    def update(self, rows: torch.Tensor) -> None:
+        for r in self.reductions:
+            r.update(rows)
+
+
+class _CallOrder:
+    def __init__(self) -> None:
+        self.order: list[str] = []
+
+    def hook(self, name: str):
+        def record(_module, _args):
+            if name not in self.order:
+                self.order.append(name)
+
+        return record
+
+
+def _blocks(module: nn.Module) -> int:
+    """How many Hessians a layer needs: one per group of a grouped conv, else one."""
+    return module.groups if isinstance(module, nn.Conv2d) else 1
+
+
+def _relative_output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
+    """``tr(dW H dW^T) / tr(W H W^T)``: the layer's relative squared output error on calibration inputs
+    (``h`` ``[fan_in, fan_in]`` or one per row group, ``[g, fan_in, fan_in]``)."""
+    h = h if h.dim() == 3 else h[None]
+    w, d = (t.double().reshape(h.shape[0], -1, h.shape[-1]) for t in (w, w - wq))
+    den = float(torch.einsum("gij,gjk,gik->", w, h, w))
+    return float(torch.einsum("gij,gjk,gik->", d, h, d)) / den if den > 0 else 0.0
+
+
+@register_method(GPTQConfig, name="gptq")
+class GPTQ(Method):
+    """Layer by layer in execution order: capture the input Hessian, solve with ``gptq_quantize``, install."""
+
+    def __init__(self, config: GPTQConfig) -> None:
+        super().__init__(config)
+        self._order: list[str] = []
+        self._hessians: dict[str, Hessian] = {}
+        self._observers: dict[str, ActivationObserver] = {}
+        self._batches: Sequence[Mapping[str, torch.Tensor]] = ()
+
+    def calibrate(self, adapter: Any, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        plan = require_plan(self)
+        if not batches:
+            raise ValueError("GPTQ needs calibration batches")
+        model = adapter.model
+        weights = [n for n, m in plan.modules.items() if not m.spec.weight.is_float]
+        calls = _CallOrder()
+        for name in plan.modules:
+            self.register_forward_pre_hook(model.get_submodule(name), calls.hook(name))
+        sites: dict[str, Any] = {}
+        if not self.config.sequential:
+            self._hessians = {n: Hessian(_blocks(model.get_submodule(n))) for n in weights}
+            self._observers = {
+                n: ActivationObserver(plan.modules[n].spec.activation, n)
+                for n in static_activation_layers(plan.specs)
+            }
+            for n in plan.modules:
+                parts = [r for r in (self._hessians.get(n), self._observers.get(n)) if r is not None]
+                if parts:
+                    sites[n] = _Tee(*parts)
+        with capturing(model, inputs=sites, rows=fan_in_rows) if sites else contextlib.nullcontext():
+            calibration_run(adapter, batches)(model)
+        never = [n for n in plan.modules if n not in calls.order]
+        if never:
+            raise ValueError(f"GPTQ: calibration never ran these in-scope modules: {never}")
+        self._order, self._batches = calls.order, batches
+
+    def apply(self, adapter: Any) -> None:
+        plan = require_plan(self)
+        model, cfg = adapter.model, self.config
+        layers: dict[str, dict[str, Any]] = {}
+        static = set(static_activation_layers(plan.specs))
+        for index, name in enumerate(self._order):
+            spec = plan.modules[name].spec
+            hessian, observer = self._hessians.get(name), self._observers.get(name)
+            if cfg.sequential:
+                hessian = None if spec.weight.is_float else Hessian(_blocks(model.get_submodule(name)))
+                observer = ActivationObserver(spec.activation, name) if name in static else None
+                parts = [r for r in (hessian, observer) if r is not None]
+                if parts:
+                    run = calibration_run(adapter, self._batches)
+                    capture(model, run, {name: _Tee(*parts)}, rows=fan_in_rows)
+            layer = quantized_module_for(model.get_submodule(name), spec, name, round_now=False)
+            info: dict[str, Any] = {"order": index}
+            if hessian is None:
+                layer.requantize(name)  # float weight (bits=16) with quantized activations
+            else:
+                h = hessian.hessian
+                gptq_quantize_layer_(layer, h, cfg.block_size, cfg.damp, cfg.act_order)
+                w2d = weight_as_matrix(layer.weight.detach())
+                rtn = fake_quantize_weight(w2d, spec.weight)
+                info["rows_seen"] = hessian.count
+                info["rel_output_error"] = _relative_output_error(
+                    w2d, weight_as_matrix(layer.dequantized_weight()), h
+                )
+                info["rtn_rel_output_error"] = _relative_output_error(w2d, rtn, h)
+            if observer is not None:
+                layer.set_activation_qparams(*observer.compute())
+                info["activation_scale"] = float(layer.act_scale)
+            set_module(model, name, layer)
+            layers[name] = info
+        self.decisions["layers"] = layers
+        self.decisions["order"] = list(self._order)
