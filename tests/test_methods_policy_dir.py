@@ -147,7 +147,7 @@ def test_cli_quantize_eval_inspect_end_to_end(tmp_path, capsys):
     )
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "| net.0 | backbone | 32x12 | W4g6-sym-minmax |" in text and "group 6" in text
+    assert "| net.0 | backbone | 32x12 | W4g6-symfull-minmax |" in text and "group 6" in text
     run = tmp_path / "run"
     args = [
         "eval",
@@ -175,3 +175,12 @@ def test_cli_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
     assert main(["quantize", "toy", "--method", "rtn", "--w-bits", "5", "--out", str(out)]) == 2
     assert "bits must be one of" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_model_digest_covers_scalars_and_changes_with_any_tensor():
+    model = torch.nn.Linear(3, 2)
+    model.register_buffer("step", torch.tensor(3))  # a 0-dim tensor
+    d = qdir.model_digest(model)
+    assert d == qdir.model_digest(model)
+    model.step += 1
+    assert qdir.model_digest(model) != d

@@ -55,6 +55,12 @@ CASES = [
         "bfloat16",
         1e-2,
     ),
+    # full-range symmetric grids use code -8: the int4 kernel stores it as unsigned 0, int8 as -128
+    (QuantSpec(WeightSpec(4, granularity="per_group", group_size=32, symmetric_range="full")),) * 1
+    + (Int4WeightOnlyLinear, "float32", 1e-5),
+    (QuantSpec(WeightSpec(4, granularity="per_group", group_size=32, symmetric_range="full_exact")),) * 1
+    + (Int4WeightOnlyLinear, "float32", 1e-5),
+    (QuantSpec(WeightSpec(8, symmetric_range="full")),) * 1 + (Int8WeightOnlyLinear, "float32", 1e-5),
 ]
 
 

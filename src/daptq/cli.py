@@ -119,6 +119,11 @@ def _add_quantize_parser(sub) -> None:
     q.add_argument("--observer", choices=["minmax", "percentile", "mse"], help="weight range observer")
     q.add_argument("--avg-bits", type=float, help="average bits per weight (methods with a budget: qvla)")
     q.add_argument(
+        "--symmetric-range",
+        choices=["restricted", "full", "full_exact"],
+        help="symmetric grid convention (default: the method's measured choice per bit width)",
+    )
+    q.add_argument(
         "--include-encoders", action="store_true", help="also quantize the vision/language encoders"
     )
     q.add_argument("--calibration", metavar="DATASET", help="dataset with a 'calib' split (default: cache)")

@@ -127,6 +127,11 @@ def _from_jsonish(value: Any, hint: Any) -> Any:
             if isinstance(arg, type) and hasattr(arg, "from_dict") and isinstance(value, Mapping):
                 return arg.from_dict(value)
         return value
+    if origin is tuple and isinstance(value, list | tuple):
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_jsonish(v, args[0]) for v in value)
+        return value
     if isinstance(hint, type) and hasattr(hint, "from_dict") and isinstance(value, Mapping):
         return hint.from_dict(value)
     return value
@@ -156,6 +161,13 @@ class MethodConfig:
 
     spec: QuantSpec = field(default_factory=w4a8)
     scope: Scope = field(default_factory=Scope)
+
+    @classmethod
+    def default_symmetric_range(cls, bits: int) -> str:
+        """The symmetric grid convention (``WeightSpec.symmetric_range``) this method uses at ``bits`` when a
+        user gives only bit widths. Methods override it with a measured choice; the base keeps the
+        historical "restricted" grid."""
+        return "restricted"
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))

@@ -8,7 +8,7 @@ installs the scales after swapping in the fake-quant layers.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,6 +17,19 @@ from daptq.methods import register_method
 from daptq.methods.base import Method, MethodConfig, forward_batch, module_of, require_plan
 from daptq.quant.api import quantize_
 from daptq.quant.observers import ActivationObserver
+from daptq.quant.spec import ActivationSpec, QuantSpec, WeightSpec
+
+# The symmetric grid RTN uses per weight bit width, chosen by layer MSE on the reference VLA's in-scope
+# weights (results/symmetric_convention.md, `python benchmarks/symmetric_convention.py`): the full range wins
+# at 2-4 bits (W2 per-channel 0.24 vs 0.56 restricted, W4 g128 0.0085 vs 0.0096), exact extremes at 8.
+RTN_SYMMETRIC_RANGE = {2: "full", 3: "full", 4: "full", 8: "full_exact", 16: "restricted"}
+
+
+def _rtn_default_spec() -> QuantSpec:
+    return QuantSpec(
+        WeightSpec(4, granularity="per_group", group_size=128, symmetric_range=RTN_SYMMETRIC_RANGE[4]),
+        ActivationSpec(8),
+    )
 
 
 @dataclass(frozen=True)
@@ -24,6 +37,11 @@ class RTNConfig(MethodConfig):
     """Round-to-nearest with the spec's observer (min-max, percentile or MSE clipping); no extra fields."""
 
     VERSION = 1
+    spec: QuantSpec = field(default_factory=_rtn_default_spec)
+
+    @classmethod
+    def default_symmetric_range(cls, bits: int) -> str:
+        return RTN_SYMMETRIC_RANGE.get(bits, "restricted")
 
 
 def _static_layers(specs: Mapping[str, Any]) -> list[str]:

@@ -30,11 +30,16 @@ def config_from_options(
     asymmetric: bool = False,
     observer: str | None = None,
     include_encoders: bool = False,
+    symmetric_range: str | None = None,
     avg_bits: float | None = None,
 ) -> MethodConfig:
-    """A method config from a YAML/JSON file or from the bit-width options (not both)."""
+    """A method config from a YAML/JSON file or from the bit-width options (not both).
+
+    With bit widths only, symmetric weights use the method's measured grid convention for that bit width
+    (``MethodConfig.default_symmetric_range``) unless ``symmetric_range`` is given."""
     config_type = config_type_for(method)
     flags = w_bits is not None or a_bits is not None or group_size is not None or asymmetric or observer
+    flags = flags or symmetric_range is not None
     if config_path is not None:
         if flags:
             raise ValueError("give either --config or the --w-bits/--a-bits/... options, not both")
@@ -52,12 +57,11 @@ def config_from_options(
     else:
         config = config_type()
         if w_bits is not None:
-            spec = spec_from_bits(
-                w_bits, a_bits, group_size, symmetric=not asymmetric, observer=observer or "minmax"
-            )
+            grid = symmetric_range or config_type.default_symmetric_range(w_bits)
+            spec = spec_from_bits(w_bits, a_bits, group_size, not asymmetric, observer or "minmax", grid)
             config = dataclasses.replace(config, spec=spec)
         elif flags:
-            raise ValueError("--a-bits/--group-size/--asymmetric/--observer need --w-bits")
+            raise ValueError("--a-bits/--group-size/--asymmetric/--observer/--symmetric-range need --w-bits")
     if avg_bits is not None:  # a bit budget (QVLA's average bits per weight)
         if config_path is not None:
             raise ValueError("give avg_bits in the --config file or as --avg-bits, not both")
@@ -92,16 +96,17 @@ def quantize_to_directory(
 
 
 def quantize_from_args(args: argparse.Namespace) -> Path:
-    config = config_from_options(
+    config = config_from_options(  # by keyword: options are added by several methods
         args.method,
-        args.config,
-        args.w_bits,
-        args.a_bits,
-        args.group_size,
-        args.asymmetric,
-        args.observer,
-        args.include_encoders,
-        getattr(args, "avg_bits", None),
+        config_path=args.config,
+        w_bits=args.w_bits,
+        a_bits=args.a_bits,
+        group_size=args.group_size,
+        asymmetric=args.asymmetric,
+        observer=args.observer,
+        include_encoders=args.include_encoders,
+        symmetric_range=args.symmetric_range,
+        avg_bits=args.avg_bits,
     )
     from daptq.methods import get_method
 

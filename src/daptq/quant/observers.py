@@ -29,12 +29,26 @@ def check_finite(x: torch.Tensor, what: str) -> None:
 
 
 def _range_to_qparams(
-    lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, symmetric: bool, scale_dtype: torch.dtype
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype,
+    symmetric_range: str = "restricted",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale (rounded to its storage dtype, so fake-quant and kernels see the same number), zero point."""
+    """Scale (rounded to its storage dtype, so fake-quant and kernels see the same number), zero point.
+    ``symmetric_range``: see ``WeightSpec``."""
     if symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
-        scale = amax / qmax
+        if symmetric_range == "restricted":
+            scale = amax / qmax
+        elif symmetric_range == "full":
+            scale = amax / (qmax + 0.5)
+        elif symmetric_range == "full_exact":
+            scale = torch.maximum((-lo).clamp(min=0.0) / -qmin, hi.clamp(min=0.0) / qmax)
+        else:
+            raise ValueError(f"unknown symmetric_range {symmetric_range!r}")
     else:
         lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)  # keep 0 exactly representable
         scale = (hi - lo) / (qmax - qmin)
@@ -86,17 +100,21 @@ def weight_qparams(groups: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor
     groups = groups.float()
     sdt = scale_torch_dtype(spec)
     qmin, qmax = spec.qmin, spec.qmax
+    grid = spec.symmetric_range
     if spec.observer == "percentile":
         lo, hi = _percentile_range(groups, spec.percentile, spec.symmetric)
-        return _range_to_qparams(lo, hi, qmin, qmax, spec.symmetric, sdt)
+        if grid == "full_exact":  # the signed range, not |x|, decides which extreme gets code -n
+            lo = torch.maximum(lo, groups.amin(dim=-1))
+            hi = torch.minimum(hi, groups.amax(dim=-1))
+        return _range_to_qparams(lo, hi, qmin, qmax, spec.symmetric, sdt, grid)
     lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
     if spec.observer == "minmax":
-        return _range_to_qparams(lo, hi, qmin, qmax, spec.symmetric, sdt)
+        return _range_to_qparams(lo, hi, qmin, qmax, spec.symmetric, sdt, grid)
     # mse: per group, the clip ratio of the min-max range that minimizes the squared rounding error
     best_err = torch.full(lo.shape, float("inf"))
-    best_scale, best_zp = _range_to_qparams(lo, hi, qmin, qmax, spec.symmetric, sdt)
+    best_scale, best_zp = _range_to_qparams(lo, hi, qmin, qmax, spec.symmetric, sdt, grid)
     for ratio in MSE_GRID:
-        scale, zp = _range_to_qparams(lo * ratio, hi * ratio, qmin, qmax, spec.symmetric, sdt)
+        scale, zp = _range_to_qparams(lo * ratio, hi * ratio, qmin, qmax, spec.symmetric, sdt, grid)
         deq = dequantize_grouped(quantize_grouped(groups, scale, zp, qmin, qmax), scale, zp)
         err = (deq - groups).pow(2).sum(dim=-1)
         better = err < best_err

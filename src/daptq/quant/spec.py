@@ -19,11 +19,14 @@ OBSERVERS = ("minmax", "percentile", "mse")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 ACTIVATION_MODES = ("static_per_tensor", "dynamic_per_token")
 SCALE_DTYPES = ("float32", "bfloat16", "float16")
+# Symmetric grids (see WeightSpec.symmetric_range): which of the 2^b codes the scale lets the range use.
+SYMMETRIC_RANGES = ("restricted", "full", "full_exact")
 
 Observer = Literal["minmax", "percentile", "mse"]
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
 ActivationMode = Literal["static_per_tensor", "dynamic_per_token"]
 ScaleDType = Literal["float32", "bfloat16", "float16"]
+SymmetricRange = Literal["restricted", "full", "full_exact"]
 
 _SCALE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -63,6 +66,15 @@ def _reject_unknown(cls_name: str, d: Mapping[str, Any], allowed: set[str]) -> N
 class WeightSpec:
     """How a weight is rounded: bit width, symmetric or affine, granularity, and how the range is chosen.
 
+    ``symmetric_range`` (symmetric grids only) chooses the scale of a group with range [lo, hi],
+    amax = max(|lo|, |hi|), n = 2^(bits-1):
+
+    - ``"restricted"`` (daptq's historical default): amax / (n - 1); code -n is never used (W2 is ternary).
+    - ``"full"`` (torchao style): amax / (n - 0.5); all 2^bits codes are used, the positive extreme is
+      clipped by half a step.
+    - ``"full_exact"`` (llm-compressor style): max(-lo / n, hi / (n - 1)); both extremes are exact, code -n
+      is used when the negative side dominates.
+
     Granularity refers to the weight viewed as a 2-D matrix ``[out_features, in_features]`` (a Conv2d weight
     is flattened to ``[out_channels, in_channels/groups * kh * kw]``): per-channel means one scale per output
     row, per-group one scale per ``group_size`` consecutive input elements of each row.
@@ -75,6 +87,7 @@ class WeightSpec:
     observer: Observer = "minmax"
     percentile: float = 99.9
     scale_dtype: ScaleDType = "bfloat16"
+    symmetric_range: SymmetricRange = "restricted"
 
     def __post_init__(self) -> None:
         _check_field_types(
@@ -87,8 +100,15 @@ class WeightSpec:
                 "observer": (str,),
                 "percentile": (float, int),
                 "scale_dtype": (str,),
+                "symmetric_range": (str,),
             },
         )
+        if self.symmetric_range not in SYMMETRIC_RANGES:
+            raise ValueError(
+                f"WeightSpec: symmetric_range must be one of {SYMMETRIC_RANGES}, got {self.symmetric_range!r}"
+            )
+        if not self.symmetric and self.symmetric_range != "restricted":
+            raise ValueError("WeightSpec: symmetric_range applies to symmetric grids only (symmetric=True)")
         if type(self.bits) is not int or self.bits not in WEIGHT_BITS:
             raise ValueError(f"WeightSpec: bits must be one of {WEIGHT_BITS} (an integer), got {self.bits!r}")
         if self.granularity not in GRANULARITIES:
@@ -136,7 +156,8 @@ class WeightSpec:
         if self.is_float:
             return "W16(float)"
         gran = {"per_tensor": "t", "per_channel": "c"}.get(self.granularity, f"g{self.group_size}")
-        return f"W{self.bits}{gran}-{'sym' if self.symmetric else 'asym'}-{self.observer}"
+        grid = {"restricted": "sym", "full": "symfull", "full_exact": "symfullx"}[self.symmetric_range]
+        return f"W{self.bits}{gran}-{grid if self.symmetric else 'asym'}-{self.observer}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -274,6 +295,7 @@ def spec_from_bits(
     group_size: int | None = None,
     symmetric: bool = True,
     observer: Observer = "minmax",
+    symmetric_range: SymmetricRange = "restricted",
 ) -> QuantSpec:
     """The CLI's ``--w-bits/--a-bits/--group-size``: per-group if ``group_size`` else per-channel weights;
     ``a_bits`` None or 16 means no activation quantization, otherwise dynamic per-token."""
@@ -283,6 +305,7 @@ def spec_from_bits(
         "per_group" if group_size else "per_channel",
         group_size or None,
         observer,
+        symmetric_range=symmetric_range if symmetric else "restricted",
     )
     activation = None if a_bits in (None, 16) else ActivationSpec(a_bits)
     return QuantSpec(weight, activation)
