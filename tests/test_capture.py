@@ -130,5 +130,48 @@ def test_conv_rows_are_channels_or_patches():
         y_rows = rows @ conv.weight.reshape(4, -1).T + conv.bias
     assert torch.allclose(y, y_rows, atol=1e-5)
     assert h.hessian.shape == (27, 27) and h.count == rows.shape[0]
-    with pytest.raises(ValueError, match="depthwise"):
-        fan_in_rows(nn.Conv2d(3, 3, 3, groups=3), x)
+
+
+def test_grouped_conv_rows_and_block_hessians():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)  # 2 groups: 3 output rows each read 2 input channels
+    x = torch.randn(2, 4, 5, 5)
+    rows = fan_in_rows(conv, x)
+    assert rows.shape == (50, 2 * 18)
+    w = conv.weight.reshape(6, 18)
+    with torch.no_grad():
+        y = conv(x).movedim(1, -1).reshape(-1, 6)
+        for j in range(2):  # group j: output rows 3j..3j+2 multiply columns 18j..18j+17
+            xj = rows[:, 18 * j : 18 * (j + 1)]
+            assert torch.allclose(
+                y[:, 3 * j : 3 * j + 3], xj @ w[3 * j : 3 * j + 3].T + conv.bias[3 * j : 3 * j + 3], atol=1e-5
+            )
+    h = Hessian(blocks=2)
+    h.update(rows)
+    r64 = rows.double()
+    for j in range(2):
+        xj = r64[:, 18 * j : 18 * (j + 1)]
+        assert torch.allclose(h.hessian[j], xj.T @ xj / 50)
+    with pytest.raises(ValueError, match="blocks"):
+        Hessian(blocks=4).update(torch.randn(3, 6))
+
+
+class Conv2dStaticSamePadding(nn.Conv2d):
+    """EfficientNet's TF-style "same" conv: a padding module, then an unpadded conv."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
+
+    def forward(self, x):
+        return super().forward(self.static_padding(x))
+
+
+def test_fan_in_rows_apply_static_same_padding():
+    torch.manual_seed(0)
+    conv = Conv2dStaticSamePadding(3, 4, 3, stride=2)
+    x = torch.randn(2, 3, 9, 9)
+    rows = fan_in_rows(conv, x)
+    with torch.no_grad():
+        y = conv(x).movedim(1, -1).reshape(-1, 4)
+        assert torch.allclose(y, rows @ conv.weight.reshape(4, -1).T + conv.bias, atol=1e-5)

@@ -24,7 +24,8 @@ def textbook_grid(w, spec):
     g = cols if spec.granularity == "per_channel" else spec.group_size
     wg = w.reshape(rows, cols // g, g)
     if spec.symmetric:
-        scale = (wg.abs().amax(-1) / spec.qmax).to(torch.bfloat16).double()
+        steps = {"restricted": spec.qmax, "full": spec.qmax + 0.5}[spec.symmetric_range]
+        scale = (wg.abs().amax(-1) / steps).to(torch.bfloat16).double()
         zero = torch.zeros_like(scale)
     else:
         lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
@@ -68,6 +69,7 @@ SPECS = [
     (WeightSpec(3, symmetric=False, granularity="per_group", group_size=16), True),
     (WeightSpec(4, granularity="per_group", group_size=16), False),
     (WeightSpec(2, symmetric=False, granularity="per_group", group_size=32), True),
+    (WeightSpec(3, granularity="per_group", group_size=16, symmetric_range="full"), True),  # all 8 codes
 ]
 
 
@@ -97,6 +99,23 @@ def test_block_size_does_not_change_the_result():
     a = gptq_quantize(w, h, spec, block_size=7)[0]
     b = gptq_quantize(w, h, spec, block_size=128)[0]
     assert (a != b).float().mean() < 0.01  # equal up to rounding ties
+
+
+def test_grouped_hessians_solve_each_row_group_on_its_own():
+    torch.manual_seed(2)
+    w = torch.randn(12, 18) * 0.1  # a grouped conv's [out, fan_in]: 3 groups of 4 output rows
+    hs = torch.stack([(x := correlated_inputs(256, 18, seed=j)).T @ x / 256 for j in range(3)]).double()
+    for spec in (WeightSpec(4), WeightSpec(3, symmetric=False, granularity="per_group", group_size=6)):
+        codes, scale, zp = gptq_quantize(w, hs, spec, block_size=5)
+        for j in range(3):
+            rows = slice(4 * j, 4 * j + 4)
+            alone = gptq_quantize(w[rows], hs[j], spec, block_size=5)[0]
+            assert torch.equal(codes[rows], alone)
+    with pytest.raises(ValueError, match="dividing"):
+        gptq_quantize(w, hs[:, :, :].repeat(2, 1, 1)[:5], WeightSpec(4))
+    # per-tensor: one scale for every row group, fixed before any group is solved
+    codes, scale, _ = gptq_quantize(w, hs, WeightSpec(4, granularity="per_tensor"))
+    assert scale.shape == (1, 1)
 
 
 def test_dead_inputs_and_layer_install():
@@ -142,7 +161,7 @@ def test_method_on_the_reference_vla_sequential_and_not():
 
     cal = reference_calibration(n_batches=1)
     fp, seq, par, rtn = (tiny_reference_policy() for _ in range(4))
-    record = quantize_policy(seq, GPTQConfig(spec=W4G16, block_size=8), cal)
+    record = quantize_policy(seq, GPTQConfig(spec=W4G16, block_size=8, sequential=True), cal)
     r_par = quantize_policy(par, GPTQConfig(spec=W4G16, sequential=False), cal)
     quantize_policy(rtn, RTNConfig(spec=W4G16), cal)
     assert n_hooks(seq.model) == 0 and n_hooks(par.model) == 0 and record.method == "gptq"
@@ -179,7 +198,27 @@ def test_method_on_the_toy_and_hooks_gone_after_failure():
     assert set(record.decisions["layers"]) == {"net.0", "net.2", "net.4"} and n_hooks(toy) == 0
     cal = reference_calibration(n_batches=1)
     for fail_on_call in (1, 4):  # during calibrate; during apply's per-layer passes
-        assert_clean_after_failure(tiny_reference_policy(), GPTQConfig(spec=W4G16), cal, fail_on_call)
+        config = GPTQConfig(spec=W4G16, sequential=True)
+        assert_clean_after_failure(tiny_reference_policy(), config, cal, fail_on_call)
+
+
+@pytest.mark.slow  # ~25 s on a loaded 2-core machine: every encoder layer, depthwise convs per channel
+def test_method_quantizes_every_role_including_depthwise_convs():
+    from baseline_helpers import n_hooks, reference_calibration, tiny_reference_policy
+
+    from daptq.methods import Scope, quantize_policy
+    from daptq.methods.gptq import GPTQConfig
+    from daptq.quant import QuantConv2d
+
+    policy = tiny_reference_policy()
+    config = GPTQConfig(spec=QuantSpec(WeightSpec(8)), scope=Scope(include_encoders=True), sequential=False)
+    record = quantize_policy(policy, config, reference_calibration(n_batches=1))
+    depthwise = "vision.blocks.1._depthwise_conv"
+    assert isinstance(policy.model.get_submodule(depthwise), QuantConv2d)
+    assert {m.role for m in record.modules.values()} >= {"vision", "language", "backbone", "action_head"}
+    for name, info in record.decisions["layers"].items():
+        assert info["rel_output_error"] <= info["rtn_rel_output_error"] * 1.001 + 1e-9, name
+    assert n_hooks(policy.model) == 0
 
 
 def test_config_is_validated_and_round_trips():

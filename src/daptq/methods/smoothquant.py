@@ -139,8 +139,10 @@ def scale_summary(s: torch.Tensor) -> dict[str, Any]:
 # ---- the method -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SmoothQuantConfig(MethodConfig):
-    """SmoothQuant with migration strength ``alpha`` (0: keep activations as they are, 1: move all of their
-    range into the weights). Only groups whose layers quantize activations are smoothed."""
+    """SmoothQuant: activation outliers migrated into the weights by folded per-channel scales.
+
+    ``alpha`` is the migration strength (0: activations keep their range, 1: all of it moves into the
+    weights). Only the adapter's smoothing groups whose layers quantize activations are smoothed."""
 
     VERSION = 1
     alpha: float = 0.5

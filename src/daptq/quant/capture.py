@@ -50,20 +50,21 @@ def channel_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def fan_in_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The rows a layer's weight matrix ``[out, fan_in]`` multiplies: tokens for Linear, patches for Conv2d.
 
-    ``X^T X`` of these rows is the Hessian of the layer's output error in its (flattened) weight.
+    ``X^T X`` of these rows is the Hessian of the layer's output error in its (flattened) weight. A conv
+    with a ``static_padding`` module (EfficientNet's ``Conv2dStaticSamePadding``) has its input padded first.
+    A grouped conv (``groups=g``) gives ``[N, g * fan_in]``: group ``j``'s patches are columns
+    ``[j * fan_in, (j + 1) * fan_in)``, the inputs of its ``out / g`` output rows (``Hessian(blocks=g)``).
     """
     if not isinstance(module, nn.Conv2d):
         return x.reshape(-1, x.shape[-1])
-    if module.groups != 1:
-        raise ValueError(
-            f"fan_in_rows: grouped/depthwise Conv2d (groups={module.groups}) has one weight matrix "
-            "per group; its input rows are not defined here"
-        )
+    padding = getattr(module, "static_padding", None)  # TF-style "same" convs pad their input first
+    if isinstance(padding, nn.Module):
+        x = padding(x)
     if isinstance(module.padding, str):
         raise ValueError(f"fan_in_rows: Conv2d padding={module.padding!r} (a string) is not supported")
     patches = F.unfold(
         x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
-    )  # [B, C*kh*kw, L]
+    )  # [B, C*kh*kw, L], channel-major, so each group's columns are contiguous
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
 
@@ -92,16 +93,29 @@ class _ChannelReduction:
 
 
 class Hessian(_ChannelReduction):
-    """Running ``sum X^T X`` (float64) and row count; ``hessian`` is their ratio, ``[C, C]``."""
+    """Running ``sum X^T X`` (float64) and row count; ``hessian`` is their ratio, ``[C, C]``.
 
-    def __init__(self) -> None:
+    ``blocks=g`` splits the channels into ``g`` equal consecutive blocks and keeps one ``[C/g, C/g]``
+    Hessian per block (``[g, C/g, C/g]``): the per-group Hessians of a grouped conv (see ``fan_in_rows``).
+    """
+
+    def __init__(self, blocks: int = 1) -> None:
+        if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1:
+            raise ValueError(f"Hessian: blocks must be a positive integer, got {blocks!r}")
+        self.blocks = blocks
         self.count = 0
         self.sum: torch.Tensor | None = None
 
     def update(self, rows: torch.Tensor) -> None:
         x = _rows64(rows, "Hessian input")
         self._check_width(x)
-        xtx = x.T @ x
+        if self.blocks == 1:
+            xtx = x.T @ x
+        else:
+            if x.shape[1] % self.blocks:
+                raise ValueError(f"Hessian: {x.shape[1]} channels do not split into {self.blocks} blocks")
+            xb = x.reshape(x.shape[0], self.blocks, -1)
+            xtx = torch.einsum("ngi,ngj->gij", xb, xb)
         self.sum = xtx if self.sum is None else self.sum + xtx
         self.count += x.shape[0]
 
