@@ -106,7 +106,7 @@ def quantize_from_args(args: argparse.Namespace) -> Path:
         observer=args.observer,
         include_encoders=args.include_encoders,
         symmetric_range=args.symmetric_range,
-        avg_bits=getattr(args, "avg_bits", None),
+        avg_bits=args.avg_bits,
     )
     from daptq.methods import get_method
 
