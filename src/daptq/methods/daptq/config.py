@@ -1,7 +1,8 @@
 """DAPTQConfig: every constant of DA-PTQ as a validated, documented option, and the two presets.
 
 - ``DAPTQConfig.paper()``: faithful to the paper. W4A8 (4-bit symmetric weights in groups of 128, int8
-  dynamic per-token activations), scope = action head + interface; DA-MPA ranks the action-head layers by
+  dynamic per-token activations), scope = backbone + interface + action head (what the paper quantizes: its
+  -42.5% memory needs the VLM quantized, not only the head); DA-MPA ranks the action-head layers by
   drift-weighted sensitivity, the top 30% and the last ``float_dit_blocks`` DiT blocks stay float; CSRC at the
   adapter's interface modules, folded before rounding. Pipeline order of paper-notes section 4.
 - ``DAPTQConfig.budget(average_bits=...)``: daptq's own. Whole model (backbone, interface, action head; the
@@ -18,14 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from daptq.methods.base import MethodConfig
-from daptq.methods.scope import Scope
+from daptq.methods.scope import DEFAULT_ROLES, Scope
 from daptq.quant.spec import ActivationSpec, QuantSpec, WeightSpec, w4a8
 
 from .allocation import FLOAT_BITS
 from .compensation import CSRCOptions
 from .drift import DriftConfig
 
-PAPER_ROLES = ("interface", "action_head")
+PAPER_ROLES = DEFAULT_ROLES  # backbone, interface, action head; the frozen encoders by flag
 Estimator = Literal["drift_fisher", "drift_taylor", "unweighted_fisher", "action_deviation"]
 
 
