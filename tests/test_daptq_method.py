@@ -180,3 +180,15 @@ def test_config_validation_names_the_problem():
         DAPTQConfig.budget(bits=(1, 4))
     with pytest.raises(ValueError, match="g_min"):
         DAPTQConfig.paper(g_min=2.0)
+
+
+def test_avg_bits_option_selects_the_budget_preset():
+    from daptq.methods.workflow import config_from_options
+
+    config = config_from_options("daptq", avg_bits=2.5)
+    assert config.preset == "budget" and config.average_bits == 2.5
+    assert config == DAPTQConfig.budget(average_bits=2.5)
+    with pytest.raises(ValueError, match="budget preset"):
+        config_from_options("daptq", w_bits=4, avg_bits=3.0)
+    with pytest.raises(ValueError, match="no bit budget"):
+        config_from_options("rtn", avg_bits=3.0)

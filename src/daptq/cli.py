@@ -157,7 +157,11 @@ def _add_quantize_parser(sub) -> None:
     q.add_argument("--group-size", type=int, help="per-group weights with this group size (else per-channel)")
     q.add_argument("--asymmetric", action="store_true", help="affine (asymmetric) weight grid")
     q.add_argument("--observer", choices=["minmax", "percentile", "mse"], help="weight range observer")
-    q.add_argument("--avg-bits", type=float, help="average bits per weight (methods with a budget: qvla)")
+    q.add_argument(
+        "--avg-bits",
+        type=float,
+        help="average bits per weight, scales counted (qvla; daptq: its budget preset)",
+    )
     q.add_argument(
         "--symmetric-range",
         choices=["restricted", "full", "full_exact"],

@@ -62,12 +62,15 @@ def config_from_options(
             config = dataclasses.replace(config, spec=spec)
         elif flags:
             raise ValueError("--a-bits/--group-size/--asymmetric/--observer/--symmetric-range need --w-bits")
-    if avg_bits is not None:  # a bit budget (QVLA's average bits per weight)
+    if avg_bits is not None:  # a bit budget (average bits per weight, scales and zero points counted)
         if config_path is not None:
             raise ValueError("give avg_bits in the --config file or as --avg-bits, not both")
-        if "avg_bits" not in {f.name for f in dataclasses.fields(config)}:
-            raise ValueError(f"--avg-bits: method {method!r} has no bit budget (its config has no avg_bits)")
-        config = dataclasses.replace(config, avg_bits=avg_bits)
+        if hasattr(config, "with_average_bits"):  # methods whose budget is a preset of their own (daptq)
+            config = config.with_average_bits(avg_bits)
+        elif "avg_bits" in {f.name for f in dataclasses.fields(config)}:
+            config = dataclasses.replace(config, avg_bits=avg_bits)
+        else:
+            raise ValueError(f"--avg-bits: method {method!r} has no bit budget")
     if include_encoders:
         config = dataclasses.replace(config, scope=dataclasses.replace(config.scope, include_encoders=True))
     return config

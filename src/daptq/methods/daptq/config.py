@@ -15,7 +15,7 @@ Each field's comment says what it is; ``docs/daptq.md`` maps them to the paper's
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from daptq.methods.base import MethodConfig
@@ -124,7 +124,7 @@ class DAPTQConfig(MethodConfig):
     # --- the presets ------------------------------------------------------------------------------------
     @classmethod
     def paper(cls, **overrides: Any) -> DAPTQConfig:
-        """The paper's DA-PTQ at W4A8 on the action head and interface."""
+        """The paper's DA-PTQ at W4A8 on the backbone, interface and action head."""
         return cls(**{"preset": "paper", **overrides})
 
     @classmethod
@@ -147,6 +147,16 @@ class DAPTQConfig(MethodConfig):
             "budget_bytes": budget_bytes,
         }
         return cls(**{**base, **overrides})
+
+    def with_average_bits(self, average_bits: float) -> DAPTQConfig:
+        """``--avg-bits``: the ``budget`` preset at that average (a bit budget is what selects it)."""
+        if self.preset != "budget" and self != DAPTQConfig():
+            raise ValueError(
+                "--avg-bits selects the budget preset; give the other options in a --config file"
+            )
+        if self.preset == "budget":
+            return replace(self, average_bits=average_bits, budget_bytes=None)
+        return DAPTQConfig.budget(average_bits=average_bits)
 
     # --- views as the modules' own option objects -------------------------------------------------------
     def drift_config(self) -> DriftConfig:
