@@ -1,0 +1,185 @@
+"""Quantization methods on the reference VLA, paired closed-loop against FP: one table per setting.
+
+For each method (``NAME`` or ``LABEL=NAME``): quantize ``ref:metaworld-mt10`` into
+``ROOT/q/<label>-<setting>`` (skipped when that directory exists), evaluate it against the FP reference on the
+evaluation seeds (``ROOT/eval-<label>-<setting>``, resumed when present; the FP reference rollouts and the
+reseed floor come from the shared reference cache), and write
+``results/methods_<setting>.{json,md}``: success with Wilson intervals, McNemar p against FP, mean and max
+end-effector drift beside the FP reseed floor, action error, weight bytes of the in-scope layers (backbone,
+interface, action head; float layers counted at bf16) relative to bf16, and the method's calibration time.
+
+    python benchmarks/methods_closed_loop.py --setting w4a8 --methods rtn gptq daptq \\
+        --tasks reach push pick-place --episodes 50 --root runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from daptq.atomic import atomic_write_text
+
+REFERENCE = "ref:metaworld-mt10"
+
+# Setting name -> `daptq quantize` options shared by every method (a method's own preset is used when the
+# options are empty: DA-PTQ `paper` is W4A8 by definition).
+SETTINGS: dict[str, dict[str, object]] = {
+    "w4a8": {"w_bits": 4, "a_bits": 8, "group_size": 128},
+    "w8a8": {"w_bits": 8, "a_bits": 8},
+    "w4a16-g32": {"w_bits": 4, "group_size": 32},
+    "w4a4": {"w_bits": 4, "a_bits": 4, "asymmetric": True},
+    "w3a16": {"w_bits": 3, "asymmetric": True},
+    "w2a16-g32": {"w_bits": 2, "group_size": 32, "asymmetric": True},
+}
+PRESET_METHODS = {"daptq": {"w4a8": {}}}  # methods whose preset *is* the setting
+
+
+def method_config(method: str, setting: str):
+    from daptq.methods.workflow import config_from_options
+
+    options = PRESET_METHODS.get(method, {}).get(setting, SETTINGS[setting])
+    return config_from_options(method, **options)
+
+
+def in_scope_bytes(directory: Path) -> tuple[int, int, int]:
+    """(bf16, ideal, stored) bytes of the default-scope layers; layers a method kept float count at bf16."""
+    from daptq.methods.record import QuantRecord
+    from daptq.methods.scope import DEFAULT_ROLES
+    from daptq.models.quantized import read_quantized_policy_config
+    from daptq.models.registry import load_policy
+    from daptq.quant.bytes import checkpoint_weight_bytes, ideal_weight_bytes
+
+    config, qconfig = read_quantized_policy_config(directory)
+    record = QuantRecord.from_dict(qconfig["record"])
+    base = load_policy(config["base_model"]["spec"])
+    bf16 = ideal = stored = 0
+    for q in base.quantizable_modules():
+        if q.role not in DEFAULT_ROLES:
+            continue
+        w = q.module.weight
+        out, fan_in = w.shape[0], w[0].numel()
+        fp = out * fan_in * 2
+        m = record.modules.get(q.name)
+        spec = m.spec.weight if m is not None else None
+        bf16 += fp
+        ideal += fp if spec is None or spec.is_float else ideal_weight_bytes(out, fan_in, spec)
+        stored += fp if spec is None or spec.is_float else checkpoint_weight_bytes(out, fan_in, spec)
+    return bf16, ideal, stored
+
+
+def row_for(name: str, qdir: Path, run: Path) -> dict:
+    from daptq.models.quantized import read_quantized_policy_config
+
+    summary = json.loads((run / "summary.json").read_text())
+    overall = summary["overall"]
+    records = [json.loads(line) for line in (run / "episodes.jsonl").read_text().splitlines() if line.strip()]
+    _, qconfig = read_quantized_policy_config(qdir)
+    timings = qconfig["record"]["timings"]
+    bf16, ideal, stored = in_scope_bytes(qdir)
+    return {
+        "method": name,
+        "episodes": len(records),
+        "success_rate": overall["success_rate"],
+        "success_ci95": overall["success_ci95"],
+        "ref_success_rate": overall["ref_success_rate"],
+        "mcnemar_p": overall["mcnemar"]["p_value"],
+        "drift_mean_m": overall["drift_mean"],
+        "drift_max_m": max(r["drift_max"] for r in records),
+        "floor_drift_mean_m": overall["floor_drift_mean"],
+        "drift_to_floor": overall["drift_to_floor_ratio"],
+        "action_rmse": float(np.mean([np.mean(r["action_rmse"]) for r in records])),
+        "bytes_vs_bf16_ideal": ideal / bf16,
+        "bytes_vs_bf16_stored": stored / bf16,
+        "calibration_s": sum(timings.values()),
+    }
+
+
+def markdown(setting: str, rows: list[dict], command: str) -> str:
+    head = (
+        "| method | episodes | success [95% CI] | FP | McNemar p | drift mean / max (cm) "
+        "| FP reseed floor (cm) | drift / floor | action RMSE | bytes vs bf16 (ideal / stored) "
+        "| calibration (s) |\n"
+        "|---|---:|---|---:|---:|---|---:|---:|---:|---|---:|"
+    )
+    lines = [f"# Methods at {setting}, paired closed loop vs FP", "", f"`{command}`", "", head]
+    for r in rows:
+        lo, hi = r["success_ci95"]
+        lines.append(
+            f"| {r['method']} | {r['episodes']} "
+            f"| {100 * r['success_rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] "
+            f"| {100 * r['ref_success_rate']:.1f}% | {r['mcnemar_p']:.3g} "
+            f"| {100 * r['drift_mean_m']:.2f} / {100 * r['drift_max_m']:.1f} "
+            f"| {100 * r['floor_drift_mean_m']:.2f} "
+            f"| {r['drift_to_floor']:.2f} | {r['action_rmse']:.4f} "
+            f"| {r['bytes_vs_bf16_ideal']:.3f} / {r['bytes_vs_bf16_stored']:.3f} | {r['calibration_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="w4a8")
+    p.add_argument(
+        "--methods", nargs="+", default=["rtn", "gptq", "daptq-paper=daptq"], help="NAME or LABEL=NAME"
+    )
+    p.add_argument("--tasks", nargs="+")
+    p.add_argument("--episodes", type=int, default=50)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--envs-per-worker", type=int, default=4)
+    p.add_argument("--reference-cache")
+    p.add_argument("--root", default="runs")
+    p.add_argument("--results", default="results")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from daptq.eval import evaluate
+    from daptq.methods.workflow import quantize_to_directory
+
+    torch.set_num_threads(1)
+    root = Path(args.root)
+    rows = []
+    for entry in args.methods:
+        label, _, method = entry.rpartition("=")
+        label = label or method
+        name = f"{label}-{args.setting}"
+        qdir, run = root / "q" / name, root / f"eval-{name}"
+        if not qdir.is_dir():
+            from daptq.data.calibration import calibration_for_policy
+
+            start = time.perf_counter()
+            quantize_to_directory(
+                REFERENCE, method_config(method, args.setting), qdir, calibration_for_policy
+            )
+            print(f"{name}: quantized in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        evaluate(
+            str(qdir),
+            REFERENCE,
+            tasks=args.tasks,
+            episodes=args.episodes,
+            workers=args.workers,
+            envs_per_worker=args.envs_per_worker,
+            out=run,
+            resume=(run / "config.json").is_file(),
+            reference_cache=args.reference_cache,
+            progress=False,
+        )
+        rows.append(row_for(label, qdir, run))
+    command = "python benchmarks/methods_closed_loop.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    out = Path(args.results)
+    payload = {"setting": args.setting, "tasks": args.tasks, "command": command, "rows": rows}
+    atomic_write_text(out / f"methods_{args.setting}.json", json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(out / f"methods_{args.setting}.md", markdown(args.setting, rows, command))
+    print(markdown(args.setting, rows, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
