@@ -247,3 +247,28 @@ def test_importing_envs_and_models_has_no_side_effects():
     )
     env = {k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "HF_HUB_OFFLINE")}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_lazy_images_render_only_on_access_and_change_nothing():
+    eager = make_env("push", image_size=32)
+    lazy = make_env("push", image_size=32, lazy_images=True)
+    rng = np.random.default_rng(0)
+    obs_e, _ = eager.reset(seed=5)
+    obs_l, _ = lazy.reset(seed=5)
+    unread = None
+    for step in range(12):
+        if step == 1:
+            unread = obs_l  # its image is never read while current
+        np.testing.assert_array_equal(obs_e["state"], obs_l["state"])
+        assert "image" in obs_l and sorted(obs_l) == ["image", "instruction", "state"]
+        if step % 4 == 0:  # read the image every 4th step only, as a chunked policy does
+            np.testing.assert_array_equal(obs_e["image"], obs_l["image"])
+        action = rng.uniform(-1, 1, 4)
+        obs_e, *_ = eager.step(action)
+        obs_l, *_ = lazy.step(action)
+    np.testing.assert_array_equal(obs_e["state"], obs_l["state"])  # skipped renders did not move physics
+    np.testing.assert_array_equal(obs_e["image"], obs_l["image"])
+    with pytest.raises(RuntimeError, match="moved on"):
+        unread["image"]  # an old observation's image would show the current state: refused
+    eager.close()
+    lazy.close()

@@ -217,3 +217,16 @@ def test_config_records_how_the_run_was_executed(tmp_path):
     config = json.loads((run / store.CONFIG_NAME).read_text())
     assert config["execution"]["workers"] == 1
     assert [(s["workers"], s["envs_per_worker"]) for s in config["resumed"]] == [(2, 1)]
+
+
+def test_the_cli_evaluates_reports_and_refuses_nan(tmp_path, capsys):
+    from daptq.cli import main
+
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    common = ["--tasks", "reach", "push", "--max-steps", "20", "--image-size", "16", "--no-progress"]
+    argv = ["eval", "toy", *common, "--episodes", "3", "--out", str(run), "--reference-cache", str(cache)]
+    assert main(argv) == 0
+    assert main(["report", str(run)]) == 0 and (run / "report.md").is_file()
+    bad = ["eval", "toy", "--reference", "toy", *common, "--out", str(tmp_path / "nan")]
+    assert main([*bad, "--divergence-threshold", "nan"]) == 2
+    assert "divergence_threshold" in capsys.readouterr().err and not (tmp_path / "nan").exists()

@@ -297,9 +297,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["train"]:  # argparse's REMAINDER cannot start with an option such as --help
         return _cmd_train(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
+    from daptq.eval.store import RunDirectoryLocked
+
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+    except (ValueError, FileNotFoundError, NotImplementedError, RunDirectoryLocked) as err:
         print(f"daptq {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -6,6 +6,7 @@ from daptq.envs import use_headless_rendering
 
 use_headless_rendering()  # simulator modules only: MUJOCO_GL must be set before MuJoCo is imported
 
+from collections.abc import Mapping  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gymnasium as gym  # noqa: E402
@@ -63,8 +64,11 @@ class MetaWorldEnv(gym.Env):
         max_steps: int | None = None,
         instruction: str | None = None,
         terminate_on_success: bool = True,
+        lazy_images: bool = False,
     ) -> None:
         self.task = check_task(task)
+        self.lazy_images = lazy_images
+        self._observation_id = 0  # bumped by reset and step: a lazy image renders only the current state
         if max_steps is None:
             max_steps = DEFAULT_MAX_STEPS[task]
         if not 1 <= max_steps <= METAWORLD_MAX_STEPS:
@@ -176,9 +180,52 @@ class MetaWorldEnv(gym.Env):
             self._renderers = None
         self._mw.close()
 
-    def _observation(self) -> dict[str, Any]:
+    def _observation(self) -> Mapping[str, Any]:
         state = np.concatenate([self._mw_obs[:3], self._mw_obs[3:4]]).astype(np.float32)
+        self._observation_id += 1
+        if self.lazy_images:
+            return LazyImageObservation(self, state, self._observation_id)
         return {"image": self.render(), "state": state, "instruction": self.instruction}
+
+
+class LazyImageObservation(Mapping):
+    """An observation whose image is rendered on first access, for consumers that look at few frames.
+
+    A chunked policy reads the image only when it re-plans (one step in four for the reference VLA), and
+    rendering is most of a step's cost on CPU. Rendering only reads the simulation state, so trajectories are
+    unchanged (tested). Reading the image after the environment has moved on raises instead of rendering the
+    wrong state.
+    """
+
+    _KEYS = ("image", "state", "instruction")
+
+    def __init__(self, env: MetaWorldEnv, state: np.ndarray, observation_id: int) -> None:
+        self._env, self._state, self._id = env, state, observation_id
+        self._image: np.ndarray | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "image":
+            if self._image is None:
+                if self._env._observation_id != self._id:
+                    raise RuntimeError(
+                        "the image of an old observation was read after the environment moved on"
+                    )
+                self._image = self._env.render()
+            return self._image
+        if key == "state":
+            return self._state
+        if key == "instruction":
+            return self._env.instruction
+        raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._KEYS
+
+    def __iter__(self):
+        return iter(self._KEYS)
+
+    def __len__(self) -> int:
+        return len(self._KEYS)
 
 
 def make_env(task: str, **options: Any) -> MetaWorldEnv:

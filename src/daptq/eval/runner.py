@@ -85,6 +85,7 @@ class EpisodeRunner:
                 image_size=self.run["image_size"],
                 camera=self.run["camera"],
                 max_steps=self.run["max_steps"][task],
+                lazy_images=True,  # rendered only when a policy reads the image (at a re-plan)
             )
             self._envs.append(env)
             env_dim = int(env.action_space.shape[0])

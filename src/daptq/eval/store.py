@@ -122,6 +122,10 @@ def check_no_symlinks(run_dir: str | os.PathLike) -> None:
                 )
 
 
+class RunDirectoryLocked(RuntimeError):
+    """Another process holds the run directory's lock (the message names it)."""
+
+
 class RunLock:
     """An exclusive lock on a run directory (``flock`` on ``.lock``), held while a process writes the run.
 
@@ -142,7 +146,7 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown holder"
             os.close(fd)
-            raise RuntimeError(
+            raise RunDirectoryLocked(
                 f"{self.path.parent}: another daptq process is writing this run ({holder}); wait for it "
                 "to finish or stop it before resuming"
             ) from None
