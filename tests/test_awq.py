@@ -90,7 +90,7 @@ def test_method_on_the_reference_vla():
     spec = QuantSpec(WeightSpec(3, granularity="per_group", group_size=16))
     cal = reference_calibration(n_batches=1)
     fp, awq, rtn = (tiny_reference_policy() for _ in range(3))
-    record = quantize_policy(awq, AWQConfig(spec=spec, max_samples=512), cal)
+    record = quantize_policy(awq, AWQConfig(spec=spec, max_samples=512, clip=True), cal)
     quantize_policy(rtn, RTNConfig(spec=spec), cal)
     assert n_hooks(awq.model) == 0 and record.method == "awq"
     scaling = record.decisions["scaling"]
@@ -115,7 +115,7 @@ def test_toy_and_hooks_gone_after_failure():
     from daptq.quant import ActivationSpec, QuantSpec
 
     toy = ToyPolicy()
-    record = quantize_policy(toy, AWQConfig(spec=QuantSpec(WeightSpec(4))), toy_calibration())
+    record = quantize_policy(toy, AWQConfig(spec=QuantSpec(WeightSpec(4)), clip=True), toy_calibration())
     assert record.decisions["scaling"] == {} and set(record.decisions["clipping"]) == {
         "net.0",
         "net.2",
@@ -124,6 +124,28 @@ def test_toy_and_hooks_gone_after_failure():
     cal = reference_calibration(n_batches=1)
     static = QuantSpec(WeightSpec(4), ActivationSpec(8, mode="static_per_tensor"))
     for fail_on_call in (1, 2):  # during calibrate; during apply (static scales observed after folding)
-        assert_clean_after_failure(tiny_reference_policy(), AWQConfig(spec=static), cal, fail_on_call)
+        assert_clean_after_failure(
+            tiny_reference_policy(), AWQConfig(spec=static, clip=True), cal, fail_on_call
+        )
     with pytest.raises(ValueError, match="max_shrink"):
         AWQConfig(max_shrink=1.0)
+
+
+def test_scale_search_sees_activation_rounding():
+    from daptq.quant import ActivationSpec
+    from daptq.quant.fake import fake_quantize_activation
+
+    x = salient_inputs(512, 4)
+    w1, w2 = layer(1)
+    spec, a4 = WeightSpec(4, granularity="per_group", group_size=32), ActivationSpec(4)
+    s = torch.exp(torch.randn(64, generator=torch.Generator().manual_seed(0)) * 0.3)
+    xq = fake_quantize_activation(x / s, a4, None, None, -1)
+    manual = sum(
+        float((x @ w.T - xq @ fake_quantize_weight(w * s, spec).T).pow(2).sum(1).mean()) for w in (w1, w2)
+    )
+    assert block_output_error(x, [w1, w2], [spec, spec], s, a4) == pytest.approx(manual, rel=1e-5)
+    assert block_output_error(x, [w1, w2], [spec, spec], s) < manual  # activation rounding adds error
+    blind, _, _ = awq_search_scales(x, [w1, w2], [spec, spec])
+    aware, _, err = awq_search_scales(x, [w1, w2], [spec, spec], activation=a4)
+    assert err == pytest.approx(block_output_error(x, [w1, w2], [spec, spec], aware, a4))
+    assert err <= block_output_error(x, [w1, w2], [spec, spec], blind, a4)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from daptq.data.calibration import (
-    MOTION_BINS,
+    SPATIAL_BINS,
     CalibrationSet,
-    motion_bin,
     sample_calibration,
+    spatial_bins,
     stratified_pick,
 )
 from daptq.data.chunks import episode_chunks
@@ -21,12 +21,11 @@ from daptq.methods.rtn import RTNConfig
 from daptq.models.toy import ToyPolicy
 from daptq.quant import ActivationSpec, QuantSpec, WeightSpec
 
-DIRECTIONS = np.eye(3)
 
-
-def _episode(task: str, seed: int, direction: np.ndarray, length: int = 12) -> Episode:
+def _episode(task: str, seed: int, goal: np.ndarray, length: int = 12) -> Episode:
     t = np.linspace(0, 1, length, dtype=np.float32)[:, None]
-    ee = (np.array([0.0, 0.6, 0.15]) + 0.1 * t * direction).astype(np.float32)
+    start = np.array([0.0, 0.6, 0.15])
+    ee = (start + t * (goal - start)).astype(np.float32)
     rng = np.random.default_rng(seed)
     return Episode(
         task=task,
@@ -44,16 +43,17 @@ def _episode(task: str, seed: int, direction: np.ndarray, length: int = 12) -> E
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """Two tasks x 12 calib episodes: 10 move +x, one each in the other directions of task 'push'."""
+    """Two tasks x 12 calib episodes towards seeded random goals; 9 of 'reach' crowd one corner."""
     root = tmp_path_factory.mktemp("calib-ds")
+    rng = np.random.default_rng(7)
     for task in ("reach", "push"):
         eps = []
         for i in range(12):
-            if task == "push" and i < 5:
-                direction = [DIRECTIONS[1], -DIRECTIONS[1], DIRECTIONS[2], -DIRECTIONS[2], -DIRECTIONS[0]][i]
+            if task == "reach" and i < 9:
+                goal = np.array([0.3, 0.85, 0.1]) + rng.normal(0, 0.005, 3)  # far right, crowded
             else:
-                direction = DIRECTIONS[0]
-            eps.append(_episode(task, 100_000 + i, direction))
+                goal = np.array([rng.uniform(-0.4, 0.4), rng.uniform(0.35, 0.9), rng.uniform(0.05, 0.3)])
+            eps.append(_episode(task, 100_000 + i, goal))
         write_shard(shard_path(root, "calib", task, 0), eps, [])
     info = {
         "format_version": FORMAT_VERSION,
@@ -67,10 +67,10 @@ def dataset(tmp_path_factory):
     return root
 
 
-def test_motion_bins():
-    for k, d in enumerate([DIRECTIONS[0], -DIRECTIONS[0], DIRECTIONS[1], -DIRECTIONS[1], DIRECTIONS[2]]):
-        assert motion_bin(np.stack([np.zeros(3), 0.1 * d])) == k
-    assert len(MOTION_BINS) == 6
+def test_spatial_bins_split_x_at_the_median_and_y_in_tertiles():
+    pos = np.array([[x, y, 0.1] for x in (-0.2, 0.2) for y in (0.4, 0.6, 0.8)])
+    assert spatial_bins(pos).tolist() == [0, 1, 2, 3, 4, 5] and len(SPATIAL_BINS) == 6
+    assert SPATIAL_BINS[spatial_bins(pos)[5]] == "right-far"
 
 
 def test_stratified_pick_covers_every_bin_first():
@@ -82,7 +82,7 @@ def test_stratified_pick_covers_every_bin_first():
 
 def test_sample_is_stratified_deterministic_and_has_chunks(dataset):
     cal = sample_calibration(dataset, 6, chunk_size=5, frames_per_trajectory=3, batch_size=4, seed=3)
-    assert cal.provenance["bins"] == dict.fromkeys(MOTION_BINS, 1)  # 6 trajectories, one per motion bin
+    assert cal.provenance["bins"] == dict.fromkeys(SPATIAL_BINS, 1)  # 6 trajectories, one per spatial bin
     assert cal.provenance["split"] == "calib" and all(s >= 100_000 for _, s in cal.provenance["episodes"])
     assert cal.num_samples == 18 and [len(b["state"]) for b in cal.batches] == [4, 4, 4, 4, 2]
     b = cal.batches[0]
@@ -134,13 +134,19 @@ def test_calibration_set_check_names_the_problem():
         CalibrationSet([{**ok, "image": np.zeros((1, 8, 8, 3), np.uint8)}]).check(None)
 
 
-def test_first_use_generates_the_calibration_split_then_reuses_it(tmp_path):
+def test_first_use_generates_the_calibration_split_then_reuses_it(tmp_path, monkeypatch):
     from daptq.data.calibration import ensure_calibration_dataset
 
     root = ensure_calibration_dataset(48, "corner3", 1, ["reach"], tmp_path, progress=False)
     shards = sorted((root / "calib").glob("*.npz"))
     assert len(shards) == 1 and json.loads((root / "meta" / "info.json").read_text())["complete"]
     stamp = shards[0].stat().st_mtime_ns
+    import daptq.data.generate as generate
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the cached calibration split should have been reused")
+
+    monkeypatch.setattr(generate, "generate_dataset", no_generation)
     assert ensure_calibration_dataset(48, "corner3", 1, ["reach"], tmp_path, progress=False) == root
     assert shards[0].stat().st_mtime_ns == stamp  # reused, not regenerated
     cal = sample_calibration(root, 1, chunk_size=4, seed=0)
@@ -160,7 +166,7 @@ def test_cli_quantize_samples_calibration_from_a_dataset(dataset, tmp_path):
     policy = load_policy(str(out))
     record = policy.quant_record
     assert record.calibration["tasks"] == ["push"] and record.calibration["trajectories"] == 6
-    assert record.calibration["bins"]["+x"] >= 1 and policy.net[0].act_scale is not None
+    assert sum(record.calibration["bins"].values()) == 6 and policy.net[0].act_scale is not None
     assert (
         main([*args, "--calibration", str(dataset), "--trajectories", "50"]) == 2
     )  # more than the split has

@@ -24,7 +24,8 @@ def textbook_grid(w, spec):
     g = cols if spec.granularity == "per_channel" else spec.group_size
     wg = w.reshape(rows, cols // g, g)
     if spec.symmetric:
-        scale = (wg.abs().amax(-1) / spec.qmax).to(torch.bfloat16).double()
+        steps = {"restricted": spec.qmax, "full": spec.qmax + 0.5}[spec.symmetric_range]
+        scale = (wg.abs().amax(-1) / steps).to(torch.bfloat16).double()
         zero = torch.zeros_like(scale)
     else:
         lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
@@ -68,6 +69,7 @@ SPECS = [
     (WeightSpec(3, symmetric=False, granularity="per_group", group_size=16), True),
     (WeightSpec(4, granularity="per_group", group_size=16), False),
     (WeightSpec(2, symmetric=False, granularity="per_group", group_size=32), True),
+    (WeightSpec(3, granularity="per_group", group_size=16, symmetric_range="full"), True),  # all 8 codes
 ]
 
 
@@ -159,7 +161,7 @@ def test_method_on_the_reference_vla_sequential_and_not():
 
     cal = reference_calibration(n_batches=1)
     fp, seq, par, rtn = (tiny_reference_policy() for _ in range(4))
-    record = quantize_policy(seq, GPTQConfig(spec=W4G16, block_size=8), cal)
+    record = quantize_policy(seq, GPTQConfig(spec=W4G16, block_size=8, sequential=True), cal)
     r_par = quantize_policy(par, GPTQConfig(spec=W4G16, sequential=False), cal)
     quantize_policy(rtn, RTNConfig(spec=W4G16), cal)
     assert n_hooks(seq.model) == 0 and n_hooks(par.model) == 0 and record.method == "gptq"
@@ -196,7 +198,8 @@ def test_method_on_the_toy_and_hooks_gone_after_failure():
     assert set(record.decisions["layers"]) == {"net.0", "net.2", "net.4"} and n_hooks(toy) == 0
     cal = reference_calibration(n_batches=1)
     for fail_on_call in (1, 4):  # during calibrate; during apply's per-layer passes
-        assert_clean_after_failure(tiny_reference_policy(), GPTQConfig(spec=W4G16), cal, fail_on_call)
+        config = GPTQConfig(spec=W4G16, sequential=True)
+        assert_clean_after_failure(tiny_reference_policy(), config, cal, fail_on_call)
 
 
 @pytest.mark.slow  # ~25 s on a loaded 2-core machine: every encoder layer, depthwise convs per channel

@@ -54,6 +54,7 @@ class _StrictConfig(MethodConfig):
     mode: str = "a"
     names: tuple[str, ...] = ()
     maybe: int | None = None
+    extra_specs: tuple[QuantSpec, ...] = ()
 
 
 @register_method(_StrictConfig, name="_strict_test")
@@ -89,7 +90,7 @@ def test_config_rejects_wrong_types(field, value):
 
 
 def test_config_coerces_only_safe_types_and_round_trips():
-    cfg = _StrictConfig(alpha=1, names=["x", "y"], maybe=None)
+    cfg = _StrictConfig(alpha=1, names=["x", "y"], maybe=None, extra_specs=(QuantSpec(WeightSpec(3)),))
     assert cfg.alpha == 1.0 and isinstance(cfg.alpha, float) and cfg.names == ("x", "y")
     d = cfg.to_dict()
     assert d["method"] == "_strict_test" and d["version"] == 3
@@ -315,3 +316,19 @@ def test_bad_calibration_sets_are_refused_before_the_model_changes(batches, prov
     with pytest.raises(ValueError, match=match):
         quantize_policy(p, RTNConfig(spec=spec), CalibrationSet(batches, provenance))
     assert not any(isinstance(m, QuantLinear) for m in p.modules())
+
+
+def test_toy_policy_is_a_vla_adapter():
+    from daptq.models.adapter import VLAAdapter
+
+    p = ToyPolicy()
+    assert isinstance(p, VLAAdapter) and p.model is p and p.chunk_size == 4
+    batch = next(p.calibration_batches(iter(_calibration().batches)))
+    assert p.condition(batch).shape == (8, p.config.hidden)
+    loss = p.denoising_loss(batch, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and p.net[4].weight.grad is not None  # gradients reach the action head
+    zero = p.denoising_loss(batch, dim_weights=torch.zeros(4), generator=torch.Generator().manual_seed(0))
+    assert float(zero.detach()) == 0.0
+    assert [m.role for m in p.quantizable_modules()] == ["backbone", "interface", "action_head"]
+    assert [m.name for m in p.interface_modules()] == ["net.2"]

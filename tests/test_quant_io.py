@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import pickle
@@ -235,6 +236,9 @@ def test_failed_load_leaves_the_model_untouched(saved):
     tensors = load_file(path / WEIGHTS_FILE)
     del tensors["out.weight_scale"]
     save_file(tensors, path / WEIGHTS_FILE)
+    cfg = json.loads((path / CONFIG_FILE).read_text())  # a consistent (re-signed) but incomplete checkpoint
+    cfg["files"][WEIGHTS_FILE] = hashlib.sha256((path / WEIGHTS_FILE).read_bytes()).hexdigest()
+    (path / CONFIG_FILE).write_text(json.dumps(cfg))
     target = make_net()
     before = {k: v.clone() for k, v in target.state_dict().items()}
     modules = dict(target.named_modules())
@@ -243,3 +247,23 @@ def test_failed_load_leaves_the_model_untouched(saved):
     assert dict(target.named_modules()) == modules
     assert not any(isinstance(m, QuantLinear) for m in target.modules())
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+def test_flipped_bytes_in_tensor_data_are_detected(saved):
+    _, _, path = saved
+    data = bytearray((path / WEIGHTS_FILE).read_bytes())
+    data[-5] ^= 0x01  # inside the tensor data: safetensors alone loads this silently
+    (path / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        load_quantized(make_net(), path)
+
+
+def test_new_weights_beside_an_old_config_do_not_load(saved, tmp_path):
+    """A save that died between its two renames: new weights file in place, the config still the old one."""
+    model, x, path = saved
+    other = make_net()
+    quantize_(other, weight_only(8))
+    save_quantized(other, tmp_path / "other")
+    (path / WEIGHTS_FILE).write_bytes((tmp_path / "other" / WEIGHTS_FILE).read_bytes())
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        load_quantized(make_net(), path)

@@ -121,3 +121,25 @@ def test_multihead_attention_out_proj_is_not_quantizable():
     assert set(specs) == {"linear1", "linear2"}
     with pytest.raises(ValueError, match="MultiheadAttention"):
         Recipe((Rule("self_attn.out_proj", W8, "exact"),)).resolve(model)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"rules": None},
+        {"rules": [{"target": None, "spec": None}]},
+        {"rules": [{"target": "*", "match": None, "spec": None}]},
+        {"rules": [{"target": "*", "spec": {"weight": {"bits": 4, "symmetric": "false"}}}]},
+        {"rules": [{"target": "*", "spec": {"weight": {"bits": 4.0}}}]},
+    ],
+)
+def test_recipe_fields_are_strictly_typed(data):
+    with pytest.raises(ValueError, match="rules|target|match|symmetric|bits"):
+        Recipe.from_dict(data)
+
+
+def test_null_module_lists_are_clear_errors():
+    with pytest.raises(ValueError, match="rules must be a list"):
+        Recipe(None)
+    with pytest.raises(ValueError, match="exclude must be a list"):
+        Recipe.uniform(QuantSpec(), exclude=None)

@@ -79,17 +79,22 @@ class CalibrationSet:
 
 # ---- sampling from the calibration split ----------------------------------------------------------------
 CALIBRATION_SPLIT = "calib"
-MOTION_BINS = ("+x", "-x", "+y", "-y", "+z", "-z")  # the paper's 6 spatial bins of end-effector motion
+# The paper's 6 spatial bins: where in the workspace a trajectory moves the end effector, as 2 x-halves
+# (left / right of the median) by 3 y-thirds (near / middle / far tertiles) of the trajectories' mean
+# end-effector position; edges come from the candidate trajectories, so bins are balanced on any dataset.
+SPATIAL_BINS = ("left-near", "left-mid", "left-far", "right-near", "right-mid", "right-far")
 
 
-def motion_bin(ee_pos: np.ndarray) -> int:
-    """Index into ``MOTION_BINS``: the dominant axis and sign of a trajectory's net end-effector motion."""
-    ee = np.asarray(ee_pos, dtype=np.float64)
-    if ee.ndim != 2 or ee.shape[1] != 3 or len(ee) == 0:
-        raise ValueError(f"ee_pos must be (T, 3), got {ee.shape}")
-    delta = ee[-1] - ee[0]
-    axis = int(np.argmax(np.abs(delta)))
-    return 2 * axis + (1 if delta[axis] < 0 else 0)
+def spatial_bins(mean_positions: np.ndarray) -> np.ndarray:
+    """Bin index (into ``SPATIAL_BINS``) of each trajectory from its mean end-effector position (N, >=2)."""
+    pos = np.asarray(mean_positions, dtype=np.float64)
+    if pos.ndim != 2 or pos.shape[1] < 2 or len(pos) == 0:
+        raise ValueError(f"mean positions must be (N, 3), got {pos.shape}")
+    x_edge = np.median(pos[:, 0])
+    y_edges = np.quantile(pos[:, 1], [1 / 3, 2 / 3])
+    right = (pos[:, 0] > x_edge).astype(int)
+    third = np.searchsorted(y_edges, pos[:, 1], side="right")
+    return 3 * right + np.minimum(third, 2)
 
 
 def stratified_pick(bins: Sequence[int], n: int, seed: int) -> list[int]:
@@ -121,7 +126,8 @@ def sample_calibration(
 ) -> CalibrationSet:
     """Calibration batches from ``split`` of a dataset (an ``EpisodeDataset`` or its path).
 
-    Picks ``n_trajectories`` episodes stratified over the 6 end-effector motion bins, then
+    Picks ``n_trajectories`` episodes stratified over the 6 spatial bins of their end-effector motion
+    (``SPATIAL_BINS``), then
     ``frames_per_trajectory`` frames of each (seeded), each with its observation and its action chunk of
     ``chunk_size`` labels. Deterministic for a given dataset and seed. Never reads the evaluation split.
     """
@@ -152,13 +158,14 @@ def sample_calibration(
                 raise ValueError(
                     f"{path}: episode seed {ep.seed} is an evaluation seed; refusing to calibrate"
                 )
-            index.append((path, pos, ep.task, int(ep.seed), motion_bin(ep.ee_pos)))
+            index.append((path, pos, ep.task, int(ep.seed), np.asarray(ep.ee_pos, np.float64).mean(axis=0)))
     if len(index) < n_trajectories:
         raise ValueError(
             f"asked for {n_trajectories} calibration trajectories; split {split!r} of {ds.root} has "
             f"{len(index)}{'' if tasks is None else f' for tasks {tasks}'}"
         )
-    picked = stratified_pick([e[4] for e in index], n_trajectories, seed)
+    bins = spatial_bins(np.stack([e[4] for e in index]))
+    picked = stratified_pick(bins.tolist(), n_trajectories, seed)
     rng = np.random.default_rng(seed + 1)
     samples: list[dict[str, Any]] = []
     by_path: dict[Path, list[int]] = {}
@@ -183,7 +190,7 @@ def sample_calibration(
         batch = {k: np.stack([s[k] for s in part]) for k in part[0] if k != "instruction"}
         batch["instruction"] = [s["instruction"] for s in part]
         batches.append(batch)
-    counts = np.bincount([index[i][4] for i in picked], minlength=len(MOTION_BINS))
+    counts = np.bincount(bins[picked], minlength=len(SPATIAL_BINS))
     provenance = {
         "dataset": str(ds.root),
         "split": split,
@@ -191,7 +198,7 @@ def sample_calibration(
         "trajectories": n_trajectories,
         "episodes": [[index[i][2], index[i][3]] for i in picked],
         "frames_per_trajectory": frames_per_trajectory,
-        "bins": {b: int(c) for b, c in zip(MOTION_BINS, counts, strict=True)},
+        "bins": {b: int(c) for b, c in zip(SPATIAL_BINS, counts, strict=True)},
         "seed": seed,
         "batches": len(batches),
         "chunk_size": chunk_size,
@@ -236,6 +243,8 @@ def ensure_calibration_dataset(
 
         meta = json.loads(info.read_text())
         have = meta.get("splits", {}).get(CALIBRATION_SPLIT, {}).get("episodes_per_task", 0)
+        if isinstance(have, dict):  # tasks with different counts: the smallest of the wanted ones counts
+            have = min((have.get(t, 0) for t in wanted), default=0)
         if meta.get("complete") and set(wanted) <= set(meta.get("tasks", [])) and have >= episodes_per_task:
             return root
     if progress:

@@ -127,6 +127,11 @@ def _from_jsonish(value: Any, hint: Any) -> Any:
             if isinstance(arg, type) and hasattr(arg, "from_dict") and isinstance(value, Mapping):
                 return arg.from_dict(value)
         return value
+    if origin is tuple and isinstance(value, list | tuple):
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_jsonish(v, args[0]) for v in value)
+        return value
     if isinstance(hint, type) and hasattr(hint, "from_dict") and isinstance(value, Mapping):
         return hint.from_dict(value)
     return value

@@ -96,17 +96,17 @@ def quantize_to_directory(
 
 
 def quantize_from_args(args: argparse.Namespace) -> Path:
-    config = config_from_options(
+    config = config_from_options(  # by keyword: options are added by several methods
         args.method,
-        args.config,
-        args.w_bits,
-        args.a_bits,
-        args.group_size,
-        args.asymmetric,
-        args.observer,
-        args.include_encoders,
-        args.symmetric_range,
-        getattr(args, "avg_bits", None),
+        config_path=args.config,
+        w_bits=args.w_bits,
+        a_bits=args.a_bits,
+        group_size=args.group_size,
+        asymmetric=args.asymmetric,
+        observer=args.observer,
+        include_encoders=args.include_encoders,
+        symmetric_range=args.symmetric_range,
+        avg_bits=getattr(args, "avg_bits", None),
     )
     from daptq.methods import get_method
 

@@ -9,6 +9,7 @@ unpickled; every file is written atomically.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -160,9 +161,31 @@ def save_quantized(
         "modules": modules_cfg,
         "recipe": None if recipe is None else recipe.to_dict(),
     }
-    atomic_write_bytes(directory / WEIGHTS_FILE, st_save(tensors, metadata={"format": FORMAT_NAME}))
+    data = st_save(tensors, metadata={"format": FORMAT_NAME})
+    # The config is written last and names the exact weights file it belongs to: flipped bytes, or a save that
+    # died between the two renames (new weights beside an old config), fail to load instead of mixing.
+    config["files"] = {WEIGHTS_FILE: hashlib.sha256(data).hexdigest()}
+    atomic_write_bytes(directory / WEIGHTS_FILE, data)
     atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2))
     return directory
+
+
+def _verify_files(directory: Path, config: dict[str, Any]) -> None:
+    """Check the sha256 the config recorded for each file (configs written before daptq recorded them
+    carry none)."""
+    files = config.get("files", {})
+    if not isinstance(files, dict):
+        raise ValueError(f"{directory / CONFIG_FILE}: 'files' must map file names to sha256 digests")
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {path}")
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        if actual != expected:
+            raise ValueError(
+                f"{path}: checksum mismatch with {CONFIG_FILE} (sha256 {actual[:16]}..., recorded "
+                f"{str(expected)[:16]}...): the file was changed, corrupted, or belongs to another save"
+            )
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -212,7 +235,8 @@ def load_quantized(model_or_factory: nn.Module | Callable[[], nn.Module], direct
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
     config = read_config(directory)
-    tensors = _read_safetensors(directory / WEIGHTS_FILE)
+    tensors = _read_safetensors(directory / WEIGHTS_FILE)  # format errors first (pickles, truncation)
+    _verify_files(directory, config)
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
     if not isinstance(model, nn.Module):
         raise ValueError(f"model factory returned {type(model).__name__}, not an nn.Module")

@@ -69,6 +69,8 @@ class Rule:
         unknown = set(d) - {"target", "match", "spec"}
         if unknown:
             raise ValueError(f"Rule.from_dict: unknown field(s) {sorted(unknown)}")
+        if "match" in d and not isinstance(d["match"], str):
+            raise ValueError(f"Rule.from_dict: match must be one of {MATCH_KINDS}, got {d['match']!r}")
         spec = d.get("spec")
         return cls(d["target"], None if spec is None else QuantSpec.from_dict(spec), d.get("match", "glob"))
 
@@ -99,6 +101,8 @@ class Recipe:
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
+        if not isinstance(self.rules, list | tuple):
+            raise ValueError(f"Recipe: rules must be a list of Rule objects, got {self.rules!r}")
         object.__setattr__(self, "rules", tuple(self.rules))
         for r in self.rules:
             if not isinstance(r, Rule):
@@ -112,6 +116,8 @@ class Recipe:
     @classmethod
     def uniform(cls, spec: QuantSpec, exclude: Sequence[str] = ()) -> Recipe:
         """Every Linear/Conv2d gets ``spec`` except the glob patterns in ``exclude`` (kept float)."""
+        if not isinstance(exclude, list | tuple) or not all(isinstance(p, str) for p in exclude):
+            raise ValueError(f"Recipe.uniform: exclude must be a list of glob strings, got {exclude!r}")
         return cls((Rule("*", spec), *(Rule(p, None) for p in exclude)))
 
     @classmethod
