@@ -144,6 +144,18 @@ def test_budget_with_gptq_rounding_and_impossible_budget():
     policy, calib = _policy(), _calibration(n_batches=2)
     record = quantize_policy(policy, DAPTQConfig.budget(average_bits=4.5, rounding="gptq"), calib)
     assert record.decisions["rounding"] == "gptq"
+    layers = {n: m for n, m in policy.model.named_modules() if isinstance(m, QuantLinear)}
+    assert "head.z_proj" in layers  # 4.5 bits: the interface is quantized, compensated, then GPTQ-rounded
+
+    def rtn_codes(layer):
+        ref = QuantLinear.from_float(nn.Linear(layer.in_features, layer.out_features), layer.spec)
+        with torch.no_grad():
+            ref.weight.copy_(layer.weight)  # the (folded) float weight
+        ref.requantize()
+        return ref.qweight
+
+    differs = {n for n, m in layers.items() if not torch.equal(m.qweight, rtn_codes(m))}
+    assert "head.z_proj" in differs and len(differs) >= len(layers) // 2  # GPTQ, not RTN, rounded them
     before = {k: v.clone() for k, v in _policy().model.state_dict().items()}
     fresh = _policy()
     with pytest.raises(ValueError, match="smallest feasible budget"):
@@ -153,6 +165,7 @@ def test_budget_with_gptq_rounding_and_impossible_budget():
 
 
 def test_config_validation_names_the_problem():
+    assert DAPTQConfig.budget(average_bits=2.5, group_size=64).spec.weight.group_size == 64
     with pytest.raises(ValueError, match="keep_float_fraction"):
         DAPTQConfig.paper(keep_float_fraction=1.5)
     with pytest.raises(ValueError, match="exactly one of average_bits, budget_bytes"):

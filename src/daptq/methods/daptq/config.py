@@ -29,11 +29,14 @@ PAPER_ROLES = ("interface", "action_head")
 Estimator = Literal["drift_fisher", "drift_taylor", "unweighted_fisher", "action_deviation"]
 
 
-def budget_spec(activation_bits: int | None = None) -> QuantSpec:
-    """The budget preset's base grid: asymmetric min-max weights in groups of 32 (the bit width is chosen per
-    layer), activations float unless ``activation_bits`` is given (dynamic per-token)."""
+def budget_spec(activation_bits: int | None = None, group_size: int = 32) -> QuantSpec:
+    """The budget preset's base grid: asymmetric min-max weights in groups of ``group_size`` (the bit width is
+    chosen per layer), activations float unless ``activation_bits`` is given (dynamic per-token).
+
+    The group size bounds the smallest budget: 2-bit codes cost 2 + 16/g + 2/g bits per weight with bf16
+    scales and 2-bit zero points (g=32: 2.56; g=64: 2.28; g=128: 2.14)."""
     act = None if activation_bits in (None, 16) else ActivationSpec(activation_bits)
-    return QuantSpec(WeightSpec(4, symmetric=False, granularity="per_group", group_size=32), act)
+    return QuantSpec(WeightSpec(4, symmetric=False, granularity="per_group", group_size=group_size), act)
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,7 @@ class DAPTQConfig(MethodConfig):
         average_bits: float | None = 3.0,
         budget_bytes: int | None = None,
         activation_bits: int | None = None,
+        group_size: int = 32,
         **overrides: Any,
     ) -> DAPTQConfig:
         """Whole-model allocation of ``bits`` under a budget (``average_bits`` or ``budget_bytes``)."""
@@ -136,7 +140,7 @@ class DAPTQConfig(MethodConfig):
             average_bits = None
         base: dict[str, Any] = {
             "preset": "budget",
-            "spec": budget_spec(activation_bits),
+            "spec": budget_spec(activation_bits, group_size),
             "scope": Scope(),
             "average_bits": average_bits,
             "budget_bytes": budget_bytes,

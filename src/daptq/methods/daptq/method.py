@@ -122,16 +122,10 @@ class DAPTQ(Method):
         return names
 
     def _capture_hessians(self, adapter: Any, plan: ScopePlan) -> dict[str, torch.Tensor]:
-        eligible = [
-            n for n in plan.modules if getattr(adapter.model.get_submodule(n), "groups", 1) == 1
-        ]  # grouped/depthwise convs have no single input Hessian: they are rounded with RTN (recorded)
-        skipped = sorted(set(plan.modules) - set(eligible))
-        if skipped:
-            self.decisions["gptq_rtn_fallback"] = {
-                n: "grouped Conv2d: no single input Hessian" for n in skipped
-            }
-        reductions = {n: Hessian() for n in eligible}
-        capture(adapter.model, _run_all(adapter, self._batches), inputs=reductions, rows=fan_in_rows)
+        """GPTQ input Hessians of every in-scope layer on the float model (one per conv group)."""
+        model = adapter.model
+        reductions = {n: Hessian(getattr(model.get_submodule(n), "groups", 1)) for n in plan.modules}
+        capture(model, _run_all(adapter, self._batches), inputs=reductions, rows=fan_in_rows)
         return {n: h.hessian for n, h in reductions.items()}
 
     # --- 2. decide, quantize, compensate ----------------------------------------------------------------
