@@ -53,8 +53,9 @@ class OnnxPolicy:
         self.manifest = read_manifest(self.directory)
         self.config = ReferenceVLAConfig.from_dict(self.manifest["model"])
         self.action_space = ActionSpace.from_dict(self.manifest["action_space"])
-        self.threads = threads
-        self.sessions = {name: make_session(self._read_checked(name), threads) for name in GRAPHS}
+        # Default: as many intra-op threads as torch uses here (evaluation workers set 1 each).
+        self.threads = torch.get_num_threads() if threads is None else int(threads)
+        self.sessions = {name: make_session(self._read_checked(name), self.threads) for name in GRAPHS}
         self.schedule = NoiseSchedule(self.config.num_train_timesteps)
         self._timesteps = self.schedule.ddim_timesteps(self.config.num_inference_steps)
         self._tokenizer = load_tokenizer()
