@@ -284,6 +284,7 @@ def test_qvla_on_the_reference_vla_meets_the_budget_and_reloads_bit_exactly(tmp_
     assert average_bits({n: m.row_bits for n, m in layers.items()}, fan) == 3.0
     assert record.decisions["average_bits"] == 3.0
     assert record.decisions["exact_check"]["checked"] == 4
+    assert record.modules["blocks.0.mlp.fc"].note.startswith("QVLA rows by width")
     q_actions = policy.predict_chunk(batch, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(q_actions).all() and not torch.equal(q_actions, fp_actions)
     counted = record.decisions["weight_bytes"]

@@ -28,6 +28,7 @@ deployable one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import itertools
@@ -45,6 +46,7 @@ from torch import nn
 from daptq.atomic import atomic_write_bytes
 from daptq.methods import register_method
 from daptq.methods.base import Method, MethodConfig, require_plan
+from daptq.methods.record import QuantRecord
 from daptq.quant import ActivationSpec, QuantSpec, WeightSpec, quantize_weight
 from daptq.quant.fake import dequantize_weight, fake_quantize_activation
 from daptq.quant.io import pack_codes, unpack_codes
@@ -619,6 +621,16 @@ class QVLA(Method):
         self.decisions["deployable"] = (
             "no: no packed kernel takes per-row widths (it would need one GEMM per width group)"
         )
+
+    def record(self) -> QuantRecord:
+        """The base record, each module's note saying its rows' widths (its spec's weight bits are unused)."""
+        rec = super().record()
+        rows = self.decisions.get("rows_by_bits", {})
+        modules = {
+            n: dataclasses.replace(m, note=f"QVLA rows by width {rows[n]}") if n in rows else m
+            for n, m in rec.modules.items()
+        }
+        return dataclasses.replace(rec, modules=modules)
 
 
 def mixed_layers(model: nn.Module) -> dict[str, MixedBitLinear]:
