@@ -60,6 +60,15 @@ def test_demo_writes_one_table_with_the_three_methods(demo_out):
     # The budget preset at 3 bits stores fewer bytes than W4 on the same layers.
     assert summary["rows"][2]["bytes_vs_bf16"] < summary["rows"][0]["bytes_vs_bf16"]
     assert "paired episodes per method" in printed
+    # Drift vs RTN, recomputed by hand from the runs' episode records.
+    rtn, paper = (
+        json.loads((out / "eval" / r["method"] / "summary.json").read_text()) for r in summary["rows"][:2]
+    )
+    diff = paper["overall"]["drift_mean"] - rtn["overall"]["drift_mean"]
+    assert summary["rows"][0]["drift_vs_rtn_m"] is None
+    assert summary["rows"][1]["drift_vs_rtn_m"][0] == pytest.approx(diff)
+    lo, hi = summary["rows"][1]["drift_vs_rtn_m"][1:]
+    assert lo <= diff <= hi
 
 
 def test_demo_report_holds_plots_of_all_methods(demo_out):
@@ -97,8 +106,12 @@ def test_format_table_shows_floor_beside_drift():
         "mcnemar_p": 0.25, "drift_mean_m": 0.0123, "floor_drift_mean_m": 0.0201, "drift_max_mean_m": 0.05,
         "floor_drift_max_mean_m": 0.06, "bytes_vs_bf16": 0.2712, "quantize_s": 1.25, "eval_s": 30.4,
     }  # fmt: skip
-    line = format_table([row]).splitlines()[-1]
-    assert line == "| X | 50.0 [20.0, 80.0] | 75.0 | 0.25 | 1.23 (2.01) | 5.00 (6.00) | 0.271 | 1.2 | 30 |"
+    line = format_table([row, {**row, "drift_vs_rtn_m": [-0.001, -0.0025, 0.0004]}]).splitlines()
+    assert (
+        line[-2]
+        == "| X | 50.0 [20.0, 80.0] | 75.0 | 0.25 | 1.23 (2.01) | 5.00 (6.00) | - | 0.271 | 1.2 | 30 |"
+    )
+    assert "| -0.10 [-0.25, +0.04] |" in line[-1]
 
 
 def test_quick_settings_are_smaller_than_full():

@@ -173,6 +173,21 @@ def _run_stats(run_dir: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- statistics
 
 
+def drift_vs_first(run_dirs: Sequence[Path]) -> list[list[float] | None]:
+    """Per run after the first: mean per-episode drift minus the first run's on the same episodes, with a
+    paired bootstrap 95% interval ([diff, lo, hi] in metres); None for the first run."""
+    from daptq.eval.metrics import paired_bootstrap_diff
+    from daptq.eval.report import load_run
+
+    drifts = [{(r["task"], r["seed"]): r["drift_mean"] for r in load_run(d).records} for d in run_dirs]
+    out: list[list[float] | None] = [None]
+    for other in drifts[1:]:
+        common = sorted(set(drifts[0]) & set(other))
+        diff = paired_bootstrap_diff([other[k] for k in common], [drifts[0][k] for k in common])
+        out.append(list(diff))
+    return out
+
+
 def strength_notes(n: int, fp_rate: float) -> dict[str, Any]:
     """How strong conclusions at ``n`` paired episodes are: the Wilson half-width at FP's rate, the smallest
     difference McNemar can call significant, and the episodes a 5- or 10-point drop would need."""
@@ -198,13 +213,21 @@ def strength_notes(n: int, fp_rate: float) -> dict[str, Any]:
 
 def _strength_text(s: dict[str, Any]) -> str:
     need = s["episodes_for_drop_80pct_power"]
+    if s["min_significant_difference"] > 1:
+        mcnemar = (
+            f"McNemar cannot reach p < 0.05 at all (it needs >= {MCNEMAR_MIN_DISCORDANT} discordant pairs)"
+        )
+    else:
+        mcnemar = (
+            f"McNemar reaches p < 0.05 only with >= {MCNEMAR_MIN_DISCORDANT} discordant pairs all one way, "
+            f"i.e. a difference of at least {100 * s['min_significant_difference']:.0f} points"
+        )
     return (
         f"{s['episodes']} paired episodes per method: a success interval is about +-"
-        f"{100 * s['wilson_halfwidth_at_fp']:.0f} points wide at FP's rate; McNemar reaches p < 0.05 only "
-        f"with >= {MCNEMAR_MIN_DISCORDANT} discordant pairs all one way, i.e. a difference of at least "
-        f"{100 * s['min_significant_difference']:.0f} points; detecting a 5-point (10-point) drop with 80% "
-        f"power would need about {need['5_points']} ({need['10_points']}) episodes per method (unpaired "
-        "bound). Drift (continuous, per episode) separates methods at far fewer episodes than success does."
+        f"{100 * s['wilson_halfwidth_at_fp']:.0f} points wide at FP's rate; {mcnemar}; detecting a 5-point "
+        f"(10-point) drop with 80% power would need about {need['5_points']} ({need['10_points']}) "
+        "episodes per method (unpaired bound). Drift (continuous, per episode) separates methods at far "
+        "fewer episodes than success does."
     )
 
 
@@ -219,13 +242,17 @@ def _cm(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
+def _diff_cm(d: Sequence[float] | None) -> str:
+    return "-" if d is None else f"{100 * d[0]:+.2f} [{100 * d[1]:+.2f}, {100 * d[2]:+.2f}]"
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The demo's one table (Markdown)."""
     head = (
         "| method | success % [95% CI] | FP success % | McNemar p vs FP | drift mean cm (FP floor) "
-        "| drift max cm (FP floor) | weight bytes vs bf16 | quantize s | eval s |"
+        "| drift max cm (FP floor) | drift vs RTN cm [95% CI] | weight bytes vs bf16 | quantize s | eval s |"
     )
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         lo, hi = r["success_ci95"]
         lines.append(
@@ -233,6 +260,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f" | {_pct(r['fp_success_rate'])} | {r['mcnemar_p']:.3g}"
             f" | {_cm(r['drift_mean_m'])} ({_cm(r['floor_drift_mean_m'])})"
             f" | {_cm(r['drift_max_mean_m'])} ({_cm(r['floor_drift_max_mean_m'])})"
+            f" | {_diff_cm(r.get('drift_vs_rtn_m'))}"
             f" | {r['bytes_vs_bf16']:.3f} | {r['quantize_s']:.1f} | {r['eval_s']:.0f} |"
         )
     return "\n".join(lines)
@@ -411,6 +439,8 @@ def run_demo(
                 f"{method.name}: core bf16 bytes {bf16} differ from the float model's {bf16_total}"
             )
 
+    for row, diff in zip(rows, drift_vs_first(run_dirs), strict=True):
+        row["drift_vs_rtn_m"] = diff
     labels = [m.label for m in methods]
     report = write_report(run_dirs, out / "report", labels=labels)
     extra = _plot_comparisons(run_dirs, labels, out / "report")
@@ -423,7 +453,8 @@ def run_demo(
         "Drift: mean (and per-episode max) end-effector distance to the paired FP trajectory; FP floor: "
         "the FP policy against itself with only its sampling seed changed. Bytes: ideal weight bytes "
         "(codes, scales, zero points; float layers 2 B/weight) of backbone + interface + action head vs "
-        "bf16. The first row's eval time includes the FP reference and floor rollouts unless cached.",
+        "bf16. Drift vs RTN: the method's mean drift minus RTN's on the same episodes (paired bootstrap). "
+        "The first row's eval time includes the FP reference and floor rollouts unless cached.",
         _strength_text(strength),
     ]
     md = "\n".join([table, "", *notes, "", f"Report: {report}"])
