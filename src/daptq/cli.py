@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="the main job: RTN vs DA-PTQ on the bundled VLA, paired closed-loop evaluation, report"
     )
     demo.add_argument(
-        "--quick", action="store_true", help="3 tasks x 2 episodes (about 3 minutes; a smoke run)"
+        "--quick", action="store_true", help="a smoke run: 3 tasks x 2 episodes, 1 worker (about 3 minutes)"
     )
     demo.add_argument("--out", default="runs/demo", help="quantized directories, runs, table and report")
     demo.add_argument("--workers", type=int, help="evaluation worker processes (default 2)")

@@ -46,6 +46,7 @@ class DemoSettings:
     envs_per_worker: int = 2
     calib_episodes_per_task: int = 2  # scripted-expert episodes of the calib split generated per task
     calib_trajectories: int = 20
+    calib_tasks: tuple[str, ...] | None = None  # None: all MT10 tasks
     budget_bits: float = 3.0
     sensitivity_batches: int = 8
     paper_overrides: dict[str, Any] = field(default_factory=dict)  # DAPTQConfig.paper(**...)
@@ -53,14 +54,19 @@ class DemoSettings:
 
 
 FULL = DemoSettings()
+_QUICK_TASKS = ("reach", "drawer-close", "button-press-topdown")
+# A smoke run: fixed costs (calibration generation, DA-PTQ's passes, loading models) dominate it, so it
+# calibrates on its own three tasks and evaluates in-process (one worker: no worker start-up).
 QUICK = DemoSettings(
-    tasks=("reach", "drawer-close", "button-press-topdown"),
+    tasks=_QUICK_TASKS,
     episodes=2,
-    max_steps=120,
-    envs_per_worker=1,
+    max_steps=100,
+    workers=1,
+    envs_per_worker=2,
     calib_episodes_per_task=1,
-    calib_trajectories=10,
-    sensitivity_batches=2,
+    calib_trajectories=3,
+    calib_tasks=_QUICK_TASKS,
+    sensitivity_batches=1,
 )
 
 
@@ -96,15 +102,16 @@ def demo_methods(settings: DemoSettings) -> list[DemoMethod]:
 def demo_calibration(
     policy: Any, settings: DemoSettings, cache_dir: str | Path | None, progress: bool = True
 ) -> Any:
-    """The calibration set for ``policy``: the cached calib split (generated on first use, all MT10 tasks,
-    ``calib_episodes_per_task`` each), ``calib_trajectories`` trajectories stratified over spatial bins."""
+    """The calibration set for ``policy``: the cached calib split (generated on first use, ``calib_tasks``
+    with ``calib_episodes_per_task`` each), ``calib_trajectories`` trajectories stratified over spatial
+    bins."""
     from daptq.data.calibration import ensure_calibration_dataset, sample_calibration
 
     root = ensure_calibration_dataset(
         int(getattr(policy, "image_size", 96)),
         str(getattr(policy, "camera", "corner3")),
         settings.calib_episodes_per_task,
-        None,
+        list(settings.calib_tasks) if settings.calib_tasks else None,
         cache_dir,
         workers=settings.workers,
         progress=progress,
@@ -114,6 +121,7 @@ def demo_calibration(
         root,
         settings.calib_trajectories,
         chunk_size=int(chunk),
+        tasks=list(settings.calib_tasks) if settings.calib_tasks else None,
         with_images=hasattr(policy, "image_size"),
     )
 
