@@ -40,7 +40,7 @@ class DemoSettings:
 
     model: str = "ref:metaworld-mt10"
     tasks: tuple[str, ...] | None = None  # None: all MT10 tasks
-    episodes: int = 4  # paired episodes (eval seeds) per task
+    episodes: int = 5  # paired episodes (eval seeds) per task
     max_steps: int | None = None  # None: the per-task step limit
     workers: int = 2
     envs_per_worker: int = 2
