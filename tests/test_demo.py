@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 from baseline_helpers import toy_calibration
 
-from daptq.demo import QUICK, DemoSettings, demo_methods, format_table, run_demo, strength_notes
+from daptq.demo import (
+    QUICK,
+    DemoSettings,
+    demo_calibration,
+    demo_methods,
+    format_table,
+    run_demo,
+    strength_notes,
+)
 from daptq.eval.metrics import wilson_interval
 
 TOY = DemoSettings(
@@ -116,3 +125,20 @@ def test_format_table_shows_floor_beside_drift():
 
 def test_quick_settings_are_smaller_than_full():
     assert QUICK.tasks and len(QUICK.tasks) * QUICK.episodes < 10 * DemoSettings().episodes
+
+
+def test_demo_calibration_generates_the_calib_split_on_first_use(tmp_path):
+    from daptq.models.registry import load_policy
+
+    settings = DemoSettings(
+        model="toy", calib_tasks=("reach",), calib_episodes_per_task=1, calib_trajectories=1, workers=1
+    )
+    policy = load_policy("toy")
+    calib = demo_calibration(policy, settings, tmp_path, progress=False)
+    assert calib.provenance["split"] == "calib" and calib.provenance["tasks"] == ["reach"]
+    assert calib.num_samples == 4  # one trajectory x 4 frames
+    assert list(tmp_path.glob("calib-*/meta/info.json"))  # generated into the cache
+    with pytest.raises(ValueError, match="asked for 2 calibration trajectories"):
+        demo_calibration(
+            policy, dataclasses.replace(settings, calib_trajectories=2), tmp_path, progress=False
+        )
