@@ -123,7 +123,7 @@ def test_toy_without_groups_and_hooks_gone_after_failure():
     record = quantize_policy(toy, SmoothQuantConfig(spec=W8A4), toy_calibration())
     assert (
         record.decisions["smoothing"] == {}
-        and "declares no smoothing groups" in record.decisions["skipped_groups"]["*"]
+        and "smoothing_groups() is empty" in record.decisions["skipped_groups"]["*"]
     )
     assert isinstance(toy.net[0], QuantLinear)
     cal = reference_calibration(n_batches=1)

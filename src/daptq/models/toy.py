@@ -28,6 +28,7 @@ from daptq.models.adapter import (
     QuantizableModule,
     state_digest,
 )
+from daptq.quant.smoothing import SmoothingGroup
 
 # Centre and half-extent of the Meta-World Sawyer workspace (m), used to normalise the state input.
 _WORKSPACE_CENTRE = (0.0, 0.6, 0.15)
@@ -262,6 +263,10 @@ class ToyPolicy(nn.Module):
         if dim_weights is not None:
             err = err * torch.as_tensor(dim_weights, dtype=err.dtype)
         return err.mean()
+
+    def smoothing_groups(self) -> list[SmoothingGroup]:
+        """None: a tanh sits between every two layers, so no input scaling folds into a predecessor."""
+        return []
 
     def interface_modules(self) -> list[QuantizableModule]:
         return [QuantizableModule("net.2", self.net[2], "interface", {"d_z": self.config.hidden})]
