@@ -164,6 +164,11 @@ def test_budget_with_gptq_rounding_and_impossible_budget():
         torch.testing.assert_close(v, before[k])
 
 
+def test_unknown_interface_layer_is_named():
+    with pytest.raises(ValueError, match=r"interface_layers \['head.nope'\] are not modules"):
+        quantize_policy(_policy(), DAPTQConfig.paper(interface_layers=("head.nope",)), _calibration(1, 2))
+
+
 def test_config_validation_names_the_problem():
     assert DAPTQConfig.budget(average_bits=2.5, group_size=64).spec.weight.group_size == 64
     with pytest.raises(ValueError, match="keep_float_fraction"):

@@ -117,8 +117,10 @@ class DAPTQ(Method):
         names = list(self.config.interface_layers) or [m.name for m in adapter.interface_modules()]
         if not names:
             raise ValueError("DA-PTQ: CSRC is on but the adapter declares no interface modules")
-        for n in names:
-            adapter.model.get_submodule(n)  # a clear AttributeError for a wrong name
+        known = {n for n, _ in adapter.model.named_modules()}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"DA-PTQ: interface_layers {unknown} are not modules of the model")
         return names
 
     def _capture_hessians(self, adapter: Any, plan: ScopePlan) -> dict[str, torch.Tensor]:
