@@ -538,10 +538,11 @@ class QVLAConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         w = self.spec.weight
-        if (w.granularity, w.symmetric, w.observer) != ("per_channel", True, "minmax"):
+        grid = getattr(w, "symmetric_range", "restricted")
+        if (w.granularity, w.symmetric, w.observer, grid) != ("per_channel", True, "minmax", "restricted"):
             raise ValueError(
                 "QVLAConfig: QVLA rounds each output channel with symmetric min-max RTN; spec.weight must be "
-                f"per_channel, symmetric, minmax (got {w.short()})"
+                f"per_channel, symmetric, minmax, restricted grid (got {w.short()})"
             )
         if self.spec.activation is not None and self.spec.activation.mode != "dynamic_per_token":
             raise ValueError("QVLAConfig: activations must be dynamic per-token (or None)")
