@@ -234,8 +234,8 @@ def _strength_text(s: dict[str, Any]) -> str:
         f"{s['episodes']} paired episodes per method: a success interval is about +-"
         f"{100 * s['wilson_halfwidth_at_fp']:.0f} points wide at FP's rate; {mcnemar}; detecting a 5-point "
         f"(10-point) drop with 80% power would need about {need['5_points']} ({need['10_points']}) "
-        "episodes per method (unpaired bound). Drift (continuous, per episode) separates methods at far "
-        "fewer episodes than success does."
+        "episodes per method (unpaired bound). Differences in drift carry their own paired interval (drift "
+        "vs RTN)."
     )
 
 
