@@ -26,8 +26,8 @@ from daptq.atomic import atomic_write_text
 
 REFERENCE = "ref:metaworld-mt10"
 
-# Setting name -> `daptq quantize` options shared by every method (a method's own preset is used when the
-# options are empty: DA-PTQ `paper` is W4A8 by definition).
+# Setting name -> `daptq quantize` options shared by every method; "avg3" is the 3-bits-per-weight budget
+# (RTN/GPTQ: uniform W3 asymmetric per-channel, about 3.1 bits with scales and zero points).
 SETTINGS: dict[str, dict[str, object]] = {
     "w4a8": {"w_bits": 4, "a_bits": 8, "group_size": 128},
     "w8a8": {"w_bits": 8, "a_bits": 8},
@@ -35,15 +35,22 @@ SETTINGS: dict[str, dict[str, object]] = {
     "w4a4": {"w_bits": 4, "a_bits": 4, "asymmetric": True},
     "w3a16": {"w_bits": 3, "asymmetric": True},
     "w2a16-g32": {"w_bits": 2, "group_size": 32, "asymmetric": True},
+    "avg3": {"w_bits": 3, "asymmetric": True},
 }
-PRESET_METHODS = {"daptq": {"w4a8": {}}}  # methods whose preset *is* the setting
+# Methods whose own preset is the setting: (options, config field overrides). DA-PTQ `paper` is W4A8 by
+# definition; its `budget` preset allocates bits under the average (GPTQ rounding, as the demo uses).
+PRESET_METHODS: dict[str, dict[str, tuple[dict, dict]]] = {
+    "daptq": {"w4a8": ({}, {}), "avg3": ({"avg_bits": 3.0}, {"rounding": "gptq"})},
+}
 
 
 def method_config(method: str, setting: str):
+    import dataclasses
+
     from daptq.methods.workflow import config_from_options
 
-    options = PRESET_METHODS.get(method, {}).get(setting, SETTINGS[setting])
-    return config_from_options(method, **options)
+    options, overrides = PRESET_METHODS.get(method, {}).get(setting, (SETTINGS[setting], {}))
+    return dataclasses.replace(config_from_options(method, **options), **overrides)
 
 
 def in_scope_bytes(directory: Path) -> tuple[int, int, int]:

@@ -11,3 +11,24 @@ def test_toy_demo_runs_and_reloads_bit_exact(tmp_path, capsys):
     assert w4["quant_bytes"] < 0.3 * w4["fp16_bytes"] and w8["quant_bytes"] < 0.52 * w8["fp16_bytes"]
     assert len(w8["layers"]) == 4
     assert "| **total** |" in capsys.readouterr().out
+
+
+def test_cli_demo_toy_option_runs_the_toy_demo(tmp_path, capsys):
+    from daptq.cli import main
+
+    assert main(["demo", "--toy", "--out", str(tmp_path / "toy")]) == 0
+    assert "| **total** |" in capsys.readouterr().out
+    assert (tmp_path / "toy" / "w4_group32").is_dir()
+
+
+def test_cli_demo_runs_the_vla_demo_with_its_options(tmp_path, monkeypatch):
+    import daptq.demo
+    from daptq.cli import main
+
+    calls = []
+    monkeypatch.setattr(
+        daptq.demo, "run_demo", lambda out, settings, workers=None: calls.append((out, settings, workers))
+    )
+    assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--workers", "3"]) == 0
+    assert main(["demo"]) == 0
+    assert calls == [(str(tmp_path / "d"), daptq.demo.QUICK, 3), ("runs/demo", daptq.demo.FULL, None)]

@@ -8,9 +8,14 @@ from collections.abc import Sequence
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from daptq.demo_toy import run_toy_demo
+    if args.toy:
+        from daptq.demo_toy import run_toy_demo
 
-    run_toy_demo(out_dir=args.out)
+        run_toy_demo(out_dir=args.out)
+        return 0
+    from daptq.demo import FULL, QUICK, run_demo
+
+    run_demo(args.out, QUICK if args.quick else FULL, workers=args.workers)
     return 0
 
 
@@ -194,8 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"daptq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="the main job on the bundled default")
-    demo.add_argument("--out", default="runs/demo", help="where to write the quantized checkpoint and report")
+    demo = sub.add_parser(
+        "demo", help="the main job: RTN vs DA-PTQ on the bundled VLA, paired closed-loop evaluation, report"
+    )
+    demo.add_argument(
+        "--quick", action="store_true", help="a smoke run: 3 tasks x 2 episodes, 1 worker (about 3 minutes)"
+    )
+    demo.add_argument("--out", default="runs/demo", help="quantized directories, runs, table and report")
+    demo.add_argument("--workers", type=int, help="evaluation worker processes (default 2)")
+    demo.add_argument(
+        "--toy", action="store_true", help="the old toy-MLP quantization demo instead (seconds, no robot)"
+    )
     demo.set_defaults(func=_cmd_demo)
 
     ev = sub.add_parser("eval", help="closed-loop evaluation, paired against a reference policy; resumable")

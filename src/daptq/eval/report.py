@@ -354,9 +354,11 @@ def write_report(
     run_dirs: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike | None = None,
     paths: int = 3,
+    labels: Sequence[str] | None = None,
 ) -> Path:
     """Write report.md and its plots for one run (into the run directory by default) or several runs (``out``
-    is required then). Returns the path of report.md."""
+    is required then). ``labels`` (one per run) replace the labels read from the runs' recipes. Returns the
+    path of report.md."""
     if isinstance(run_dirs, (str, os.PathLike)):
         run_dirs = [run_dirs]
     run_dirs = list(run_dirs)
@@ -374,6 +376,11 @@ def write_report(
 
     matplotlib.use("Agg")
     runs = [load_run(p) for p in run_dirs]
+    if labels is not None:
+        if len(labels) != len(runs):
+            raise ValueError(f"write_report: {len(labels)} labels for {len(runs)} runs")
+        for run, label in zip(runs, labels, strict=True):
+            run.label = str(label)
     seen: dict[str, int] = {}
     for run in runs:  # make labels unique (legend entries, file names)
         seen[run.label] = seen.get(run.label, 0) + 1
