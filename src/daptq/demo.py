@@ -2,8 +2,8 @@
 
 The main job of the README. Three methods on ``ref:metaworld-mt10``:
 
-- RTN W4A8 on DA-PTQ's own grid and scope (W4 symmetric groups of 128, dynamic per-token A8; interface +
-  action head), so the only difference to the next row is DA-PTQ itself;
+- RTN W4A8 on DA-PTQ's own grid and scope (W4 symmetric groups of 128, dynamic per-token A8; backbone +
+  interface + action head), so the only difference to the next row is DA-PTQ itself;
 - DA-PTQ preset ``paper`` (W4A8, drift-aware bit map, CSRC);
 - DA-PTQ preset ``budget`` at an average of 3 bits per weight over backbone + interface + action head (GPTQ
   rounding), the point where the methods issue asks for >= 99% of FP success at about a fifth of bf16 bytes.
