@@ -36,11 +36,24 @@ SETTINGS: dict[str, dict[str, object]] = {
     "w3a16": {"w_bits": 3, "asymmetric": True},
     "w2a16-g32": {"w_bits": 2, "group_size": 32, "asymmetric": True},
     "avg3": {"w_bits": 3, "asymmetric": True},
+    "avg4a4": {"w_bits": 4, "a_bits": 4, "asymmetric": True},  # the w4a4 grid; DA-PTQ: budget at 4 bits, A4
 }
+
+
+def _budget_spec_a4():
+    from daptq.methods.daptq.config import budget_spec
+
+    return budget_spec(activation_bits=4, group_size=32)
+
+
 # Methods whose own preset is the setting: (options, config field overrides). DA-PTQ `paper` is W4A8 by
 # definition; its `budget` preset allocates bits under the average (GPTQ rounding, as the demo uses).
 PRESET_METHODS: dict[str, dict[str, tuple[dict, dict]]] = {
-    "daptq": {"w4a8": ({}, {}), "avg3": ({"avg_bits": 3.0}, {"rounding": "gptq"})},
+    "daptq": {
+        "w4a8": ({}, {}),
+        "avg3": ({"avg_bits": 3.0}, {"rounding": "gptq"}),
+        "avg4a4": ({"avg_bits": 4.0}, {"rounding": "gptq", "spec": _budget_spec_a4()}),
+    },
 }
 
 
