@@ -215,3 +215,23 @@ def test_quantized_encoder_convs_export(toy_policies, tmp_path):
     deployed_batch = deployed.observation_to_batch(obs)
     assert rel_err(deployed_batch["language_features"], batch["language_features"]) < 1e-4
     assert rel_err(deployed.condition(deployed_batch), policy.model.condition(batch)) < 1e-4
+
+
+def test_daptq_eval_drives_the_deployed_policy(toy_policies, exported, tmp_path):
+    """`daptq eval onnx:OUT` runs: the runner reads PolicyInfo from the deployed policy as from any other."""
+    from daptq.eval import evaluate
+    from daptq.models.adapter import Policy
+
+    deployed = load_policy(f"onnx:{exported['emulate']}")
+    assert isinstance(deployed, Policy)
+    info = deployed.info()
+    assert info.image_size == TOY.image_size and info.camera == TOY.camera
+    summary = evaluate(
+        f"onnx:{exported['emulate']}",
+        tasks=["reach"],
+        episodes=1,
+        max_steps=6,
+        out=tmp_path / "run",
+        progress=False,
+    )
+    assert summary["complete"] and summary["overall"]["episodes"] == 1

@@ -9,6 +9,7 @@ from ``language.onnx`` once per instruction (cached).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import deque
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ import onnxruntime as ort
 import torch
 
 from daptq.deploy.export import GRAPHS, read_manifest
-from daptq.models.adapter import ActionSpace, Observation
+from daptq.models.adapter import ActionSpace, Observation, PolicyInfo
 from daptq.models.dit import NoiseSchedule
 
 
@@ -81,6 +82,17 @@ class OnnxPolicy:
     @property
     def camera(self) -> str:
         return self.config.camera
+
+    def info(self) -> PolicyInfo:
+        """What the evaluator renders for the deployed policy; its digest covers the manifest, which holds the
+        sha256 of every graph (checked when the sessions were built)."""
+        manifest = json.dumps(self.manifest, sort_keys=True, default=repr).encode()
+        return PolicyInfo(
+            digest=hashlib.sha256(manifest).hexdigest(),
+            image_size=self.config.image_size,
+            camera=self.config.camera,
+            recipe={"method": "onnx", "source": self.manifest.get("source")},
+        )
 
     # ---- Policy -------------------------------------------------------------------------------------------
     def reset(self, seed: int | None = None) -> None:
