@@ -119,14 +119,28 @@ def row_for(name: str, qdir: Path, run: Path) -> dict:
     }
 
 
-def markdown(setting: str, rows: list[dict], command: str) -> str:
+def merged_rows(path: Path, rows: list[dict], tasks: list[str] | None) -> list[dict]:
+    """Rows already in ``path`` (same tasks; a row of the same method label is replaced), then the new ones:
+    methods join a setting's table one invocation at a time, each row keeping its own command."""
+    if not path.is_file():
+        return rows
+    old = json.loads(path.read_text())
+    if old.get("tasks") != tasks:
+        raise SystemExit(f"{path} holds tasks {old.get('tasks')}, not {tasks}: use another --results folder")
+    new = {r["method"] for r in rows}
+    kept = [dict(r, command=r.get("command", old.get("command"))) for r in old["rows"]]
+    kept = [r for r in kept if r["method"] not in new]
+    return kept + rows
+
+
+def markdown(setting: str, rows: list[dict]) -> str:
     head = (
         "| method | episodes | success [95% CI] | FP | McNemar p | drift mean / max (cm) "
         "| FP reseed floor (cm) | drift / floor | action RMSE | bytes vs bf16 (ideal / stored) "
         "| calibration (s) |\n"
         "|---|---:|---|---:|---:|---|---:|---:|---:|---|---:|"
     )
-    lines = [f"# Methods at {setting}, paired closed loop vs FP", "", f"`{command}`", "", head]
+    lines = [f"# Methods at {setting}, paired closed loop vs FP", "", head]
     for r in rows:
         lo, hi = r["success_ci95"]
         lines.append(
@@ -138,6 +152,7 @@ def markdown(setting: str, rows: list[dict], command: str) -> str:
             f"| {r['drift_to_floor']:.2f} | {r['action_rmse']:.4f} "
             f"| {r['bytes_vs_bf16_ideal']:.3f} / {r['bytes_vs_bf16_stored']:.3f} | {r['calibration_s']:.0f} |"
         )
+    lines += ["", "Commands:", ""] + [f"- {r['method']}: `{r['command']}`" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -194,10 +209,13 @@ def main(argv: list[str] | None = None) -> int:
         argv if argv is not None else sys.argv[1:]
     )
     out = Path(args.results)
-    payload = {"setting": args.setting, "tasks": args.tasks, "command": command, "rows": rows}
+    for row in rows:
+        row["command"] = command
+    rows = merged_rows(out / f"methods_{args.setting}.json", rows, args.tasks)
+    payload = {"setting": args.setting, "tasks": args.tasks, "rows": rows}
     atomic_write_text(out / f"methods_{args.setting}.json", json.dumps(payload, indent=2) + "\n")
-    atomic_write_text(out / f"methods_{args.setting}.md", markdown(args.setting, rows, command))
-    print(markdown(args.setting, rows, command))
+    atomic_write_text(out / f"methods_{args.setting}.md", markdown(args.setting, rows))
+    print(markdown(args.setting, rows))
     return 0
 
 

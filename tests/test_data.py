@@ -287,3 +287,21 @@ def test_add_cameras_refuses_a_replay_that_leaves_the_recorded_path(tiny_root, t
     with pytest.raises(RuntimeError, match="left the recorded path"):
         add_cameras(src, tmp_path / "dst", "topview", progress=False)
     assert not (tmp_path / "dst" / "meta" / "info.json").exists()
+
+
+def test_generation_renders_in_a_fresh_process_without_mujoco_gl(tmp_path):
+    """The first-use calibration path (``daptq.data.generate`` imports MuJoCo for its version) must set the
+    headless GL backend itself: a Python-API user has no CLI to set ``MUJOCO_GL`` for them."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from daptq.data import generate_dataset; "
+        f"generate_dataset(sys.argv[1], ['reach'], {{'calib': 1}}, **{TINY!r})"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MUJOCO_GL"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "ds")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -273,6 +273,9 @@ def generate_dataset(
     run_tasks = tasks
     tasks = [t for t in MT10 if t in set(old_tasks) | set(tasks)]
 
+    from daptq.envs import use_headless_rendering
+
+    use_headless_rendering()  # before MuJoCo's first import in this process, or its GL backend stays unset
     import mujoco
 
     info = {
