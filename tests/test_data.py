@@ -302,6 +302,10 @@ def test_generation_renders_in_a_fresh_process_without_mujoco_gl(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k != "MUJOCO_GL"}
     done = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "ds")], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code, str(tmp_path / "ds")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
