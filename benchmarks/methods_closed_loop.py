@@ -6,10 +6,19 @@ evaluation seeds (``ROOT/eval-<label>-<setting>``, resumed when present; the FP 
 reseed floor come from the shared reference cache), and write
 ``results/methods_<setting>.{json,md}``: success with Wilson intervals, McNemar p against FP, mean and max
 end-effector drift beside the FP reseed floor, action error, weight bytes of the in-scope layers (backbone,
-interface, action head; float layers counted at bf16) relative to bf16, and the method's calibration time.
+interface, action head, and the vision/language encoders when the method's scope includes them; float layers
+counted at bf16) relative to bf16, and the method's calibration time.
 
     python benchmarks/methods_closed_loop.py --setting w4a8 --methods rtn gptq daptq \\
         --tasks reach push pick-place --episodes 50 --root runs
+
+Named variants (``VARIANTS``) are methods too: the W4A8 ablation (the paper's Table 4) is
+
+    python benchmarks/methods_closed_loop.py --setting w4a8 \\
+        --methods daptq-paper=daptq daptq-csrc-only daptq-mpa-only daptq-neither
+
+``--calib-tasks T [T ...]`` calibrates on those tasks only (label suffix ``-cal<N>``): the transfer experiment
+calibrates on 5 MT10 tasks and evaluates (``--tasks``) on the other 5.
 """
 
 from __future__ import annotations
@@ -37,6 +46,22 @@ SETTINGS: dict[str, dict[str, object]] = {
     "w2a16-g32": {"w_bits": 2, "group_size": 32, "asymmetric": True},
     "avg3": {"w_bits": 3, "asymmetric": True},
     "avg4a4": {"w_bits": 4, "a_bits": 4, "asymmetric": True},  # the w4a4 grid; DA-PTQ: budget at 4 bits, A4
+    # whole model with the vision encoder: uniform W4 asymmetric per-channel A16 / W8A8, encoders included
+    "wm-avg4": {"w_bits": 4, "asymmetric": True, "include_encoders": True},
+    "wm-w8a8": {"w_bits": 8, "a_bits": 8, "include_encoders": True},
+}
+
+# Named variants: label -> (registered method, config field overrides applied on top of that method's config
+# for the setting, the settings the variant is defined for). The W4A8 ablation (paper Table 4), all on the
+# `paper` preset's own grid and scope so that only the two components differ:
+#   daptq (both)     = DAPTQConfig.paper()
+#   daptq-csrc-only  = DAPTQConfig.paper(use_mpa=False): every in-scope layer W4A8, CSRC at the interface
+#   daptq-mpa-only   = DAPTQConfig.paper(use_csrc=False): the Eq. 20 bit map, no compensation
+#   daptq-neither    = DAPTQConfig.paper(use_mpa=False, use_csrc=False): plain W4A8 on the paper's grid
+VARIANTS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
+    "daptq-csrc-only": ("daptq", {"use_mpa": False}, ("w4a8",)),
+    "daptq-mpa-only": ("daptq", {"use_csrc": False}, ("w4a8",)),
+    "daptq-neither": ("daptq", {"use_mpa": False, "use_csrc": False}, ("w4a8",)),
 }
 
 
@@ -53,33 +78,48 @@ PRESET_METHODS: dict[str, dict[str, tuple[dict, dict]]] = {
         "w4a8": ({}, {}),
         "avg3": ({"avg_bits": 3.0}, {"rounding": "gptq"}),
         "avg4a4": ({"avg_bits": 4.0}, {"rounding": "gptq", "spec": _budget_spec_a4()}),
+        "wm-avg4": ({"avg_bits": 4.0, "include_encoders": True}, {"rounding": "gptq"}),
     },
 }
 
 
 def method_config(method: str, setting: str):
+    """The config of ``method`` (a registered method or a name in ``VARIANTS``) for ``setting``."""
     import dataclasses
 
     from daptq.methods.workflow import config_from_options
 
-    options, overrides = PRESET_METHODS.get(method, {}).get(setting, (SETTINGS[setting], {}))
-    return dataclasses.replace(config_from_options(method, **options), **overrides)
+    base, variant, settings = VARIANTS.get(method, (method, {}, (setting,)))
+    if setting not in settings:
+        raise SystemExit(f"variant {method!r} is defined for the settings {list(settings)}, not {setting!r}")
+    options, overrides = PRESET_METHODS.get(base, {}).get(setting, (SETTINGS[setting], {}))
+    return dataclasses.replace(config_from_options(base, **options), **{**overrides, **variant})
+
+
+def counted_roles(record) -> tuple[str, ...]:
+    """Roles whose weights the byte columns count: the default scope (backbone, interface, action head), plus
+    the encoders when the method's scope included them (``wm-*`` settings), so that every method of a
+    setting is measured over the layers it was asked to quantize."""
+    from daptq.methods.scope import DEFAULT_ROLES, ENCODER_ROLES
+
+    include = bool(record.config.get("scope", {}).get("include_encoders", False))
+    return DEFAULT_ROLES + (ENCODER_ROLES if include else ())
 
 
 def in_scope_bytes(directory: Path) -> tuple[int, int, int]:
-    """(bf16, ideal, stored) bytes of the default-scope layers; layers a method kept float count at bf16."""
+    """(bf16, ideal, stored) bytes of the counted layers (``counted_roles``); float layers count at bf16."""
     from daptq.methods.record import QuantRecord
-    from daptq.methods.scope import DEFAULT_ROLES
     from daptq.models.quantized import read_quantized_policy_config
     from daptq.models.registry import load_policy
     from daptq.quant.bytes import checkpoint_weight_bytes, ideal_weight_bytes
 
     config, qconfig = read_quantized_policy_config(directory)
     record = QuantRecord.from_dict(qconfig["record"])
+    roles = counted_roles(record)
     base = load_policy(config["base_model"]["spec"])
     bf16 = ideal = stored = 0
     for q in base.quantizable_modules():
-        if q.role not in DEFAULT_ROLES:
+        if q.role not in roles:
             continue
         w = q.module.weight
         out, fan_in = w.shape[0], w[0].numel()
@@ -90,6 +130,29 @@ def in_scope_bytes(directory: Path) -> tuple[int, int, int]:
         ideal += fp if spec is None or spec.is_float else ideal_weight_bytes(out, fan_in, spec)
         stored += fp if spec is None or spec.is_float else checkpoint_weight_bytes(out, fan_in, spec)
     return bf16, ideal, stored
+
+
+def calibration_builder(tasks: list[str] | None):
+    """Calibration from the cached split; with ``tasks``, only from those tasks. The cache holds 8 episodes
+    per task, so a task subset takes all of its episodes (8 per task) and enough frames of each that the
+    number of calibration frames is at least the all-task default's (64 trajectories x 4 frames): the
+    transfer experiment changes which tasks are seen, not how much data."""
+    from daptq.data.calibration import calibration_for_policy
+
+    if not tasks:
+        return calibration_for_policy
+    from daptq.envs.tasks import MT10
+
+    unknown = [t for t in tasks if t not in MT10]
+    if unknown or len(set(tasks)) != len(tasks):
+        raise SystemExit(f"--calib-tasks: unknown or repeated tasks {unknown or tasks}; known: {list(MT10)}")
+    n_trajectories = 8 * len(tasks)
+    frames = -(-64 * 4 // n_trajectories)
+
+    def build(policy):
+        return calibration_for_policy(policy, None, n_trajectories, tasks, 0, frames_per_trajectory=frames)
+
+    return build
 
 
 def row_for(name: str, qdir: Path, run: Path) -> dict:
@@ -163,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         "--methods", nargs="+", default=["rtn", "gptq", "daptq-paper=daptq"], help="NAME or LABEL=NAME"
     )
     p.add_argument("--tasks", nargs="+")
+    p.add_argument(
+        "--calib-tasks", nargs="+", help="calibrate on these tasks only (label suffix -cal<N>): transfer"
+    )
     p.add_argument("--episodes", type=int, default=50)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--envs-per-worker", type=int, default=4)
@@ -178,19 +244,17 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     root = Path(args.root)
+    calibration = calibration_builder(args.calib_tasks)
+    suffix = f"-cal{len(args.calib_tasks)}" if args.calib_tasks else ""
     rows = []
     for entry in args.methods:
         label, _, method = entry.rpartition("=")
-        label = label or method
+        label = (label or method) + suffix
         name = f"{label}-{args.setting}"
         qdir, run = root / "q" / name, root / f"eval-{name}"
         if not qdir.is_dir():
-            from daptq.data.calibration import calibration_for_policy
-
             start = time.perf_counter()
-            quantize_to_directory(
-                REFERENCE, method_config(method, args.setting), qdir, calibration_for_policy
-            )
+            quantize_to_directory(REFERENCE, method_config(method, args.setting), qdir, calibration)
             print(f"{name}: quantized in {time.perf_counter() - start:.0f} s", file=sys.stderr)
         evaluate(
             str(qdir),

@@ -1,0 +1,73 @@
+"""The closed-loop benchmark's settings and named variants resolve to the configs their docs promise."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from daptq.methods.daptq.config import DAPTQConfig
+from daptq.methods.record import QuantRecord
+
+
+@pytest.fixture(scope="module")
+def mcl():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "methods_closed_loop.py"
+    spec = importlib.util.spec_from_file_location("methods_closed_loop", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _diff(a, b) -> dict:
+    names = [f.name for f in dataclasses.fields(a)]
+    return {n: getattr(b, n) for n in names if getattr(a, n) != getattr(b, n)}
+
+
+@pytest.mark.parametrize(
+    "variant, expected",
+    [
+        ("daptq-csrc-only", {"use_mpa": False}),
+        ("daptq-mpa-only", {"use_csrc": False}),
+        ("daptq-neither", {"use_mpa": False, "use_csrc": False}),
+    ],
+)
+def test_ablation_variants_differ_from_paper_only_in_their_components(mcl, variant, expected):
+    paper = mcl.method_config("daptq", "w4a8")
+    assert paper == DAPTQConfig.paper()
+    assert _diff(paper, mcl.method_config(variant, "w4a8")) == expected
+
+
+def test_variant_outside_its_settings_is_refused(mcl):
+    with pytest.raises(SystemExit, match="defined for the settings"):
+        mcl.method_config("daptq-csrc-only", "avg3")
+
+
+def test_whole_model_settings_include_the_encoders(mcl):
+    daptq = mcl.method_config("daptq", "wm-avg4")
+    assert daptq.preset == "budget" and daptq.average_bits == 4.0 and daptq.scope.include_encoders
+    rtn = mcl.method_config("rtn", "wm-avg4")
+    w = rtn.spec.weight
+    assert rtn.scope.include_encoders and w.bits == 4 and not w.symmetric and w.granularity == "per_channel"
+    assert rtn.spec.activation is None
+    w8 = mcl.method_config("rtn", "wm-w8a8")
+    assert w8.scope.include_encoders and w8.spec.weight.bits == 8 and w8.spec.activation.bits == 8
+
+
+def test_counted_roles_follow_the_method_scope(mcl):
+    def record(config):
+        return QuantRecord(method="rtn", config=config.to_dict(), modules={})
+
+    default = mcl.counted_roles(record(mcl.method_config("rtn", "w4a8")))
+    assert default == ("backbone", "interface", "action_head")
+    wm = mcl.counted_roles(record(mcl.method_config("rtn", "wm-avg4")))
+    assert set(wm) == {"backbone", "interface", "action_head", "vision", "language"}
+
+
+def test_calib_tasks_are_checked(mcl):
+    with pytest.raises(SystemExit, match="unknown or repeated"):
+        mcl.calibration_builder(["reach", "not-a-task"])
+    with pytest.raises(SystemExit, match="unknown or repeated"):
+        mcl.calibration_builder(["reach", "reach"])
