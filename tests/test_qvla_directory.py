@@ -94,3 +94,62 @@ def test_benchmark_counts_mixed_layers(qvla_dir):
     config = mcl.method_config("qvla", "avg2")
     assert config.avg_bits == 2.0 and config.spec.activation is None
     assert mcl.method_config("quantvla", "w4a4").spec.activation.bits == 4
+
+
+@pytest.fixture(scope="module")
+def calib_dataset(tmp_path_factory):
+    """A two-task calibration split of straight-line episodes (the toy reads only states and instructions)."""
+    import json
+
+    import numpy as np
+
+    from daptq.data.format import FORMAT_VERSION, Episode, shard_path, write_shard
+
+    root = tmp_path_factory.mktemp("calib-ds")
+    rng = np.random.default_rng(3)
+    for task in ("reach", "push"):
+        eps = []
+        for i in range(8):
+            goal = np.array([rng.uniform(-0.4, 0.4), rng.uniform(0.35, 0.9), rng.uniform(0.05, 0.3)])
+            t = np.linspace(0, 1, 12, dtype=np.float32)[:, None]
+            ee = (np.array([0.0, 0.6, 0.15]) + t * (goal - [0.0, 0.6, 0.15])).astype(np.float32)
+            eps.append(
+                Episode(
+                    task=task,
+                    instruction=f"{task} the goal",
+                    seed=100_000 + i,
+                    success=True,
+                    images=np.zeros((12, 8, 8, 3), np.uint8),
+                    states=np.concatenate([ee, np.ones((12, 1), np.float32)], axis=1),
+                    actions=rng.uniform(-1, 1, (12, 4)).astype(np.float32),
+                    ee_pos=ee,
+                    executed_actions=np.zeros((12, 4), np.float32),
+                    step_success=np.zeros(12, bool),
+                )
+            )
+        write_shard(shard_path(root, "calib", task, 0), eps, [])
+    info = {
+        "format_version": FORMAT_VERSION,
+        "complete": True,
+        "tasks": ["reach", "push"],
+        "splits": {"calib": {"episodes_per_task": 8, "seed_start": 100_000}},
+        "action_names": ["dx", "dy", "dz", "grip"],
+    }
+    (root / "meta").mkdir()
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    return root
+
+
+def test_cli_quantize_qvla_then_eval_and_inspect(calib_dataset, tmp_path, capsys):
+    from daptq.cli import main
+
+    out = tmp_path / "toy-qvla"
+    args = ["quantize", "toy", "--method", "qvla", "--avg-bits", "4", "--out", str(out)]
+    assert main([*args, "--calibration", str(calib_dataset), "--trajectories", "8"]) == 0
+    assert load_policy(str(out)).quant_record.decisions["average_bits"] == 4.0
+    assert main(["inspect", str(out)]) == 0
+    assert "## Mixed-width layers (3)" in capsys.readouterr().out
+    run = tmp_path / "run"
+    ev = ["eval", str(out), "--reference", "toy", "--tasks", "reach", "--episodes", "1", "--max-steps", "12"]
+    assert main([*ev, "--out", str(run), "--no-progress"]) == 0
+    assert (run / "summary.json").is_file()
