@@ -35,8 +35,9 @@ from daptq.atomic import atomic_write_text
 
 REFERENCE = "ref:metaworld-mt10"
 
-# Setting name -> `daptq quantize` options shared by every method; "avg3" is the 3-bits-per-weight budget
-# (RTN/GPTQ: uniform W3 asymmetric per-channel, about 3.1 bits with scales and zero points).
+# Setting name -> `daptq quantize` options shared by every method; "avg3" / "avg2" are the 3- and 2-bits-per-
+# weight budgets (RTN/GPTQ: uniform W3 / W2 asymmetric per-channel, about 3.1 / 2.1 bits with scales and zero
+# points), weight-only like DA-PTQ's budget preset.
 SETTINGS: dict[str, dict[str, object]] = {
     "w4a8": {"w_bits": 4, "a_bits": 8, "group_size": 128},
     "w8a8": {"w_bits": 8, "a_bits": 8},
@@ -45,6 +46,7 @@ SETTINGS: dict[str, dict[str, object]] = {
     "w3a16": {"w_bits": 3, "asymmetric": True},
     "w2a16-g32": {"w_bits": 2, "group_size": 32, "asymmetric": True},
     "avg3": {"w_bits": 3, "asymmetric": True},
+    "avg2": {"w_bits": 2, "asymmetric": True},
     "avg4a4": {"w_bits": 4, "a_bits": 4, "asymmetric": True},  # the w4a4 grid; DA-PTQ: budget at 4 bits, A4
     # whole model with the vision encoder: uniform W4 asymmetric per-channel A16 / W8A8, encoders included
     "wm-avg4": {"w_bits": 4, "asymmetric": True, "include_encoders": True},
@@ -74,14 +76,35 @@ def _budget_spec_a4():
     return budget_spec(activation_bits=4, group_size=32)
 
 
+def _qvla_weight_only():
+    """QVLA's per-row weight spec, float activations: the avg settings are weight-only for every method."""
+    import dataclasses
+
+    from daptq.methods.qvla import QVLAConfig
+
+    return dataclasses.replace(QVLAConfig().spec, activation=None)
+
+
 # Methods whose own preset is the setting: (options, config field overrides). DA-PTQ `paper` is W4A8 by
 # definition; its `budget` preset allocates bits under the average (GPTQ rounding, as the demo uses).
+# QuantVLA: its own layout and default spec (W4 symmetric g128, A8 dynamic per token, RTN base) at w4a8; at
+# w4a4 the table's W4A4 grid (the RTN row's: asymmetric per-channel W4, A4 dynamic per token) on its layout,
+# so within each table QuantVLA differs from RTN only by its layout and ATM/OHB. QVLA: per-row widths in
+# {16, 8, 4, 2, 0} averaging exactly 3 / 2 code bits per weight (bf16 row scales on top), float activations.
 PRESET_METHODS: dict[str, dict[str, tuple[dict, dict]]] = {
     "daptq": {
         "w4a8": ({}, {}),
         "avg3": ({"avg_bits": 3.0}, {"rounding": "gptq"}),
         "avg4a4": ({"avg_bits": 4.0}, {"rounding": "gptq", "spec": _budget_spec_a4()}),
         "wm-avg4": ({"avg_bits": 4.0, "include_encoders": True}, {"rounding": "gptq"}),
+    },
+    "quantvla": {
+        "w4a8": ({}, {"base": "rtn"}),
+        "w4a4": ({"w_bits": 4, "a_bits": 4, "asymmetric": True}, {"base": "rtn"}),
+    },
+    "qvla": {
+        "avg3": ({"avg_bits": 3.0}, {"spec": _qvla_weight_only()}),
+        "avg2": ({"avg_bits": 2.0}, {"spec": _qvla_weight_only()}),
     },
 }
 
@@ -110,16 +133,20 @@ def counted_roles(record) -> tuple[str, ...]:
 
 
 def in_scope_bytes(directory: Path) -> tuple[int, int, int]:
-    """(bf16, ideal, stored) bytes of the counted layers (``counted_roles``); float layers count at bf16."""
+    """(bf16, ideal, stored) bytes of the counted layers (``counted_roles``); float layers count at bf16.
+
+    Mixed-width layers (QVLA: the record's per-row ``row_bits``) count their codes, row scales, float16 rows
+    and (stored) the 1-byte-per-row width map, as ``daptq.quant.bytes.mixed_weight_bytes`` says."""
     from daptq.methods.record import QuantRecord
     from daptq.models.quantized import read_quantized_policy_config
     from daptq.models.registry import load_policy
-    from daptq.quant.bytes import checkpoint_weight_bytes, ideal_weight_bytes
+    from daptq.quant.bytes import checkpoint_weight_bytes, ideal_weight_bytes, mixed_weight_bytes
 
     config, qconfig = read_quantized_policy_config(directory)
     record = QuantRecord.from_dict(qconfig["record"])
     roles = counted_roles(record)
     base = load_policy(config["base_model"]["spec"])
+    row_bits = record.decisions.get("row_bits", {})
     bf16 = ideal = stored = 0
     for q in base.quantizable_modules():
         if q.role not in roles:
@@ -130,6 +157,10 @@ def in_scope_bytes(directory: Path) -> tuple[int, int, int]:
         m = record.modules.get(q.name)
         spec = m.spec.weight if m is not None else None
         bf16 += fp
+        if q.name in row_bits:
+            i, s = mixed_weight_bytes(row_bits[q.name], fan_in)
+            ideal, stored = ideal + i, stored + s
+            continue
         ideal += fp if spec is None or spec.is_float else ideal_weight_bytes(out, fan_in, spec)
         stored += fp if spec is None or spec.is_float else checkpoint_weight_bytes(out, fan_in, spec)
     return bf16, ideal, stored

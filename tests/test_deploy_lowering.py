@@ -168,3 +168,65 @@ def test_lower_layer_refuses_bad_input():
     uncal = QuantLinear.from_float(nn.Linear(16, 8), spec)
     with pytest.raises(ValueError, match="not calibrated"):
         lower_layer(uncal, "uncal")
+
+
+# ---- mixed-width layers (QVLA) ----------------------------------------------------------------------------
+def mixed_linear(row_bits, k, activation=None, seed=0):
+    from daptq.methods.qvla import MixedBitLinear
+
+    torch.manual_seed(seed)
+    return MixedBitLinear.from_float(nn.Linear(k, len(row_bits)), torch.tensor(row_bits), activation)
+
+
+MIXED_BITS = [16, 8, 4, 2, 0, 4, 4, 2, 8, 16, 2, 4]
+
+
+@pytest.mark.parametrize("k,activation", [(64, None), (40, ActivationSpec(8)), (40, ActivationSpec(4))])
+def test_mixed_width_layer_runs_on_matmul_nbits_per_width_group(k, activation):
+    """One MatMulNBits per integer width (2-bit included), fp16 rows, pruned rows, K padded to the block."""
+    from daptq.deploy.lowering import lower_mixed_layer
+
+    layer = mixed_linear(MIXED_BITS, k, activation)
+    x = torch.randn(2, 5, k)
+    module, plan = lower_mixed_layer(layer, "mixed")
+    graph = export_onnx(module, (x,), ["x"], ["y"], {"x": {0: "b", 1: "t"}})
+    y = make_session(graph.SerializeToString(), threads=1).run(None, {"x": x.numpy()})[0]
+    assert rel_err(y, layer(x)) < 1e-5
+    assert np.all(y[..., 4] == layer.bias[4].item())  # the pruned row: bias only
+    nodes = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    bits = sorted(a.i for n in nodes for a in n.attribute if a.name == "bits")
+    assert bits == [2, 4, 8] and plan.kernel == "matmul_nbits_mixed"
+    assert plan.spec == "mixed rows 16:2 8:2 4:4 2:3 0:1 (avg 5.83 b)"
+    blocks = -(-k // 32)
+    # codes (8-bit 1, 4-bit 1/2, 2-bit 1/4 byte each, K padded to blocks of 32) + fp32 scale per block + fp16
+    codes = 2 * blocks * 32 + 4 * blocks * 16 + 3 * blocks * 8
+    assert plan.stored_bytes == codes + 9 * blocks * 4 + 2 * k * 2
+    assert initializer_bytes(graph) < 12 * k * 4 / 2
+
+
+def test_export_lowers_mixed_width_layers_of_the_reference_vla(tmp_path):
+    """A reference VLA with QVLA layers in its head exports, and the deployed policy's denoiser matches."""
+    from baseline_helpers import tiny_reference_policy
+
+    from daptq.deploy.export import export_graphs
+    from daptq.methods.qvla import MixedBitLinear, mixed_layers
+    from daptq.quant._util import set_module
+
+    policy = tiny_reference_policy()
+    model = policy.model
+    names = [n for n, m in model.head.named_modules() if type(m) is nn.Linear][:3]
+    gen = torch.Generator().manual_seed(0)
+    for n in names:
+        lin = model.head.get_submodule(n)
+        bits = torch.tensor([16, 8, 4, 2, 0])[torch.randint(0, 5, (lin.out_features,), generator=gen)]
+        set_module(model.head, n, MixedBitLinear.from_float(lin, bits))
+    assert len(mixed_layers(model)) == 3
+    graphs, plans = export_graphs(model)
+    assert sum(p.kernel == "matmul_nbits_mixed" for p in plans) == 3
+    c = model.config
+    noisy, t, z = torch.randn(2, c.chunk_size, c.action_dim), torch.tensor([3, 7]), torch.randn(2, c.d_model)
+    session = make_session(graphs["denoiser"].SerializeToString(), threads=1)
+    feeds = {"noisy_actions": noisy.numpy(), "t": t.numpy(), "z": z.numpy()}
+    y = session.run(None, feeds)[0]
+    with torch.no_grad():
+        assert rel_err(y, model.head(noisy, t, z)) < 1e-4

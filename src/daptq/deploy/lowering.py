@@ -13,6 +13,8 @@ and its ONNX form is emitted by ``torch.autograd.Function.symbolic`` during ``to
 - ``matmul_integer``: W8A8 with int8 symmetric per-channel/per-tensor weights and int8 symmetric activations
   (per token at run time, or the calibrated static scale): ``MatMulInteger`` with int32 accumulation, then
   one float rescale. Same numbers as ``daptq.quant.Int8DynamicLinear``.
+- ``matmul_nbits_mixed``: a mixed-width layer (QVLA's per-row widths): one MatMulNBits per integer width
+  group (8, 4, 2 bits, accuracy_level 1), an fp32 MatMul on the float16 rows, Concat, Gather to row order.
 - ``dequantized_fp32``: everything else (Conv2d, 2/3-bit, group sizes the kernels do not take): the
   dequantized weight in fp32 and, if the spec has one, the activation fake-quant emulated with graph ops.
   Exact weights, no integer kernel; listed as such in the export report, never silent.
@@ -103,7 +105,11 @@ def _pack_codes(unsigned: torch.Tensor, bits: int) -> torch.Tensor:
     u = unsigned.to(torch.uint8)
     if bits == 8:
         return u.contiguous()
-    return (u[..., 0::2] | (u[..., 1::2] << 4)).contiguous()
+    per = 8 // bits
+    out = u[..., 0::per].clone()
+    for j in range(1, per):
+        out |= u[..., j::per] << (bits * j)
+    return out.contiguous()
 
 
 def _nbits_block(layer: QuantLinear) -> int | None:
@@ -258,6 +264,104 @@ class DequantizedConv2d(nn.Module):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+class MixedNBitsLinear(nn.Module):
+    """A mixed-width layer (QVLA's per-row widths) as one MatMulNBits per integer width group (8, 4 and 2
+    bits; symmetric codes, each row's scale repeated over blocks of 32; accuracy_level 1, fp32), an fp32
+    MatMul on the float16 rows (stored float16, cast at run time), a Concat and a Gather back to row order;
+    pruned rows read a zero column. The activation, if any, is rounded as daptq does (graph ops). Up to four
+    GEMMs on row slices instead of one: a real kernel path, not a fast one."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        bits = torch.as_tensor(layer.row_widths(), dtype=torch.int64)
+        k, n = layer.in_features, layer.out_features
+        blocks = -(-k // NBITS_BLOCK)
+        self.k, self.n, self.activation = k, n, layer.activation
+        weight = layer.dequantized_weight().detach().float()
+        self.groups: list[tuple[int, int]] = []  # (bits, rows), in output order of the concat
+        order = []
+        for b in (8, 4, 2):
+            rows = (bits == b).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            codes = layer.qweight[rows].to(torch.int32) + (1 << (b - 1))  # the kernel's default zero point
+            pad = torch.full((rows.numel(), blocks * NBITS_BLOCK - k), 1 << (b - 1), dtype=torch.int32)
+            packed = _pack_codes(torch.cat([codes, pad], 1).reshape(-1, blocks, NBITS_BLOCK), b)
+            scales = layer.weight_scale[rows].float()[:, None].expand(-1, blocks).reshape(-1).contiguous()
+            self.register_buffer(f"packed_{b}", packed)
+            self.register_buffer(f"scales_{b}", scales)
+            setattr(self, f"_weight_{b}", weight[rows])  # the PyTorch-side trace only, not exported
+            self.groups.append((b, rows.numel()))
+            order.append(rows)
+        rows16 = (bits == 16).nonzero().flatten()
+        self.register_buffer("rows_16", layer.row_float[rows16].detach().half().contiguous())
+        order.append(rows16)
+        position = torch.full((n,), -1, dtype=torch.int64)
+        concat = torch.cat(order)
+        position[concat] = torch.arange(concat.numel())
+        position[position < 0] = concat.numel()  # pruned rows: the appended zero column
+        self.register_buffer("gather", position)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone(), False)
+        self.row_bits = bits
+
+    def stored_bytes(self) -> int:
+        """Bytes of the exported weight initializers (codes, scales, float16 rows; the gather index is not a
+        weight and is left out, as the checkpoint's width map is counted by ``mixed_weight_bytes``)."""
+        groups = sum(
+            getattr(self, f"packed_{b}").nbytes + getattr(self, f"scales_{b}").nbytes for b, _ in self.groups
+        )
+        return groups + self.rows_16.nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation is not None:
+            x = fake_quantize_activation(x, self.activation, None, None, -1)
+        x = x.float()
+        outs = [
+            _MatMulNBits.apply(
+                x,
+                getattr(self, f"packed_{b}"),
+                getattr(self, f"scales_{b}"),
+                None,
+                getattr(self, f"_weight_{b}"),
+                self.k,
+                rows,
+                b,
+                NBITS_BLOCK,
+                ACCURACY_FP32,
+            )
+            for b, rows in self.groups
+        ]
+        if self.rows_16.shape[0]:
+            outs.append(F.linear(x, self.rows_16.float()))
+        y = torch.cat(outs, dim=-1) if outs else x[..., :0]  # every row pruned: only the zero column
+        y = F.pad(y, (0, 1)).index_select(-1, self.gather)
+        return y if self.bias is None else y + self.bias
+
+
+def lower_mixed_layer(layer: nn.Module, name: str = "layer") -> tuple[nn.Module, LayerPlan]:
+    """The deployable module and plan of a mixed-width layer (see ``MixedNBitsLinear``)."""
+    from daptq.quant.bytes import mixed_spec_text, mixed_weight_bytes
+
+    bits = [int(b) for b in layer.row_widths()]
+    module = MixedNBitsLinear(layer)
+    a = layer.activation
+    act = "none" if a is None else f"{a.short()} (emulated)"
+    ideal, _ = mixed_weight_bytes(bits, layer.in_features)
+    plan = LayerPlan(
+        name,
+        "linear",
+        mixed_spec_text(bits),
+        "matmul_nbits_mixed",
+        ACCURACY_FP32,
+        act,
+        ideal,
+        module.stored_bytes(),
+        layer.out_features,
+        layer.in_features,
+    )
+    return module, plan
+
+
 def matmul_integer_fits(layer: QuantLinear) -> bool:
     ws, a = layer.spec.weight, layer.spec.activation
     return (
@@ -317,11 +421,19 @@ def lower_layer(
 
 
 def lower_model_(model: nn.Module, w4a8_kernel: W4A8Kernel = "int8") -> list[LayerPlan]:
-    """Replace every fake-quant layer of ``model`` (in place; pass a copy) by its deployable module."""
+    """Replace every fake-quant layer of ``model`` (in place; pass a copy) by its deployable module; a
+    mixed-width layer (QVLA, ``row_widths()``) becomes a ``MixedNBitsLinear``."""
     plans = []
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear | QuantConv2d)]
+    targets = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, QuantLinear | QuantConv2d) or callable(getattr(m, "row_widths", None))
+    ]
     for name, layer in targets:
-        module, plan = lower_layer(layer, name, w4a8_kernel)
+        if callable(getattr(layer, "row_widths", None)):
+            module, plan = lower_mixed_layer(layer, name)
+        else:
+            module, plan = lower_layer(layer, name, w4a8_kernel)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
         plans.append(plan)

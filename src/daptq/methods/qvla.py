@@ -21,9 +21,9 @@ quantized uniformly (one spec for the whole layer).
 Storage (``mixed_state`` / ``load_mixed_state``): per layer a uint8 ``row_bits`` map, then channel groups by
 bit width in row order: 2-, 4- and 8-bit codes packed 4, 2 and 1 per byte, one bfloat16 scale per row,
 float16 rows for 16 bits, nothing for pruned rows. Bytes are the stored tensors' ``nbytes``
-(``mixed_bytes``). No packed kernel runs such a layer (daptq's int4/int8 kernels take one width per layer);
-it would need one GEMM per group and a row scatter, so a QVLA policy is a fake-quant research artifact, not a
-deployable one.
+(``mixed_bytes``; ``daptq.quant.bytes.mixed_weight_bytes`` from the widths alone). No single kernel takes
+mixed widths; ``daptq export`` lowers such a layer to one MatMulNBits per width group (2-bit included) plus
+a Concat and a row Gather (``daptq.deploy.lowering.MixedNBitsLinear``), exact against this fake-quant layer.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from daptq.methods import register_method
 from daptq.methods.base import Method, MethodConfig, require_plan
 from daptq.methods.record import QuantRecord
 from daptq.quant import ActivationSpec, QuantSpec, WeightSpec, quantize_weight
+from daptq.quant.bytes import mixed_weight_bytes
 from daptq.quant.fake import dequantize_weight, fake_quantize_activation
 from daptq.quant.io import pack_codes, unpack_codes
 
@@ -148,6 +149,10 @@ class MixedBitLinear(nn.Linear):
     def average_bits(self) -> float:
         return float(self.row_bits.double().mean())
 
+    def row_widths(self) -> list[int]:
+        """Per-row widths: how ``daptq.quant.bytes.model_bytes`` recognizes and counts a mixed-width layer."""
+        return self.row_bits.tolist()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation is not None:
             x = fake_quantize_activation(x, self.activation, None, None, -1)
@@ -232,10 +237,7 @@ def mixed_bytes(layer: MixedBitLinear) -> dict[str, int]:
     (bits x weights / 8 + one scale per quantized row), bias excluded."""
     state = mixed_state(layer, "x")
     stored = sum(t.numel() * t.element_size() for t in state.values())
-    bits = layer.row_bits.long()
-    ideal_bits = int(bits.sum()) * layer.in_features
-    n_scaled = int(sum((bits == b).sum() for b in INT_BITS))
-    ideal = math.ceil(ideal_bits / 8) + n_scaled * 2
+    ideal, _ = mixed_weight_bytes(layer.row_widths(), layer.in_features)
     return {"stored_bytes": stored, "ideal_bytes": ideal, "fp16_bytes": layer.weight.numel() * 2}
 
 
@@ -620,7 +622,9 @@ class QVLA(Method):
         self.decisions["row_bits"] = {n: b.tolist() for n, b in bits.items()}
         self.decisions["weight_bytes"] = mixed_model_bytes(model)
         self.decisions["deployable"] = (
-            "no: no packed kernel takes per-row widths (it would need one GEMM per width group)"
+            "daptq export lowers each layer to one ONNX Runtime MatMulNBits per width group (8/4/2 bits), "
+            "an fp32 MatMul on the float16 rows, Concat and Gather (daptq.deploy.lowering.MixedNBitsLinear); "
+            "up to four GEMMs per layer, latency not measured"
         )
 
     def record(self) -> QuantRecord:

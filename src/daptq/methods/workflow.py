@@ -17,7 +17,14 @@ import yaml
 from daptq.methods import available_methods, config_type_for, quantize_policy
 from daptq.methods.base import MethodConfig
 from daptq.methods.record import QuantRecord
-from daptq.quant.bytes import checkpoint_weight_bytes, format_bytes, ideal_weight_bytes
+from daptq.quant.bytes import (
+    checkpoint_weight_bytes,
+    format_bytes,
+    ideal_weight_bytes,
+    mixed_spec_text,
+    mixed_weight_bytes,
+    row_bits_histogram,
+)
 from daptq.quant.spec import spec_from_bits
 
 
@@ -131,23 +138,51 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def stored_row_bits(directory: str | Path, qconfig: dict[str, Any]) -> dict[str, list[int]]:
+    """Per-row widths of the directory's mixed-width layers (QVLA), read from the stored ``<name>.row_bits``
+    tensors themselves, not from the record."""
+    from safetensors import safe_open
+
+    from daptq.models.quantized import TENSORS_FILE
+
+    modules = qconfig.get("modules") or {}
+    names = [n for n, cfg in modules.items() if isinstance(cfg, dict) and "loader" in cfg]
+    if not names:
+        return {}
+    with safe_open(str(Path(directory) / TENSORS_FILE), framework="pt") as f:
+        keys = set(f.keys())
+        return {n: f.get_tensor(f"{n}.row_bits").tolist() for n in names if f"{n}.row_bits" in keys}
+
+
 def inspect_text(directory: str | Path) -> str:
     """The record of a quantized policy directory as Markdown tables (checksums verified first)."""
     from daptq.models.quantized import read_quantized_policy_config
 
     config, qconfig = read_quantized_policy_config(directory)
     record = QuantRecord.from_dict(qconfig.get("record"))
-    rows, fp_total, ideal_total, stored_total = [], 0, 0, 0
+    mixed = stored_row_bits(directory, qconfig)
+    rows, mixed_rows, fp_total, ideal_total, stored_total = [], [], 0, 0, 0
     for name, m in record.modules.items():
         out, fan_in = m.weight_shape[0], 1
         for s in m.weight_shape[1:]:
             fan_in *= s
         fp = out * fan_in * 2
-        ideal = ideal_weight_bytes(out, fan_in, m.spec.weight)
-        stored = checkpoint_weight_bytes(out, fan_in, m.spec.weight)
+        if name in mixed:  # per-row widths: the record's spec names only the rounding, not the widths
+            ideal, stored = mixed_weight_bytes(mixed[name], fan_in)
+            spec = mixed_spec_text(mixed[name])
+            hist = row_bits_histogram(mixed[name])
+            avg = sum(b * c for b, c in hist.items()) / out
+            mixed_rows.append(
+                [name, str(out), *(str(c) for c in hist.values())]
+                + [f"{avg:.3f}", format_bytes(ideal), format_bytes(stored)]
+            )
+        else:
+            ideal = ideal_weight_bytes(out, fan_in, m.spec.weight)
+            stored = checkpoint_weight_bytes(out, fan_in, m.spec.weight)
+            spec = m.spec.short()
         fp_total, ideal_total, stored_total = fp_total + fp, ideal_total + ideal, stored_total + stored
         rows.append(
-            [name, m.role, "x".join(map(str, m.weight_shape)), m.spec.short(), format_bytes(fp)]
+            [name, m.role, "x".join(map(str, m.weight_shape)), spec, format_bytes(fp)]
             + [format_bytes(ideal), format_bytes(stored), m.note]
         )
     rows.append(["**total**", "", "", "", format_bytes(fp_total), format_bytes(ideal_total)])
@@ -165,6 +200,17 @@ def inspect_text(directory: str | Path) -> str:
     ]
     header = ["module", "role", "shape", "spec", "bf16 bytes", "ideal bytes", "stored bytes", "note"]
     body = [_table(header, rows)]
+    if mixed_rows:
+        widths = [f"{b}-bit rows" for b in row_bits_histogram([])]
+        body += [
+            "",
+            f"## Mixed-width layers ({len(mixed_rows)}): rows by bit width, from the stored bit maps",
+            "",
+            "ideal: code bits / 8 + a bf16 scale per integer row; stored adds the 1-byte-per-row width map "
+            "and each width group's byte padding.",
+            "",
+            _table(["module", "rows", *widths, "avg bits", "ideal bytes", "stored bytes"], mixed_rows),
+        ]
     kept = record.decisions.get("kept_float", {})
     if kept:
         body += [
@@ -173,7 +219,8 @@ def inspect_text(directory: str | Path) -> str:
             "",
             _table(["module", "why"], [[n, r] for n, r in kept.items()]),
         ]
-    other = {k: v for k, v in record.decisions.items() if k != "kept_float"}
+    # per-row widths are summarized by the histograms above
+    other = {k: v for k, v in record.decisions.items() if k not in ("kept_float", "row_bits")}
     if other:
         body += ["", "## Decisions", "", "```json", json.dumps(other, indent=1)[:20000], "```"]
     body += ["", "## Config", "", "```yaml", yaml.safe_dump(record.config, sort_keys=False).rstrip(), "```"]

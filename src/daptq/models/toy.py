@@ -200,6 +200,13 @@ class ToyPolicy(nn.Module):
             noise = torch.zeros_like(out)
         return torch.tanh(out + pull + noise)
 
+    def differentiable_chunk(
+        self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``predict_chunk`` with autograd kept (same noise for the same generator state): what QVLA
+        differentiates to weigh each channel's error by its effect on the action."""
+        return self._chunk(batch, generator)
+
     @torch.no_grad()
     def predict_chunks(
         self,

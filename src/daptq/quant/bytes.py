@@ -4,6 +4,8 @@ Rule (per Linear/Conv2d layer, weights only; the bias is reported separately and
 - ``fp16``: 2 bytes per weight, the reference everything is compared with.
 - ``ideal``: ceil(n_weights * bits / 8) for the codes + one scale per group in the spec's ``scale_dtype``
   + (if asymmetric) one ``bits``-bit zero point per group. 16-bit (float) layers count 2 bytes per weight.
+- mixed-width layers (per-row widths in {16, 8, 4, 2, 0}, QVLA): see ``mixed_weight_bytes``; a module
+  declares itself one with ``row_widths() -> per-row widths``.
 - ``stored``: what daptq really keeps: for fake-quant layers the checkpoint form (codes in 2/4/8-bit
   containers: 2-bit 4 per byte, 3- and 4-bit 2 per byte, 8-bit 1 byte; scales in their dtype; zero points 1
   byte each); for packed layers the packed buffers' ``nbytes`` (int4 tinygemm also stores a bf16 zero per
@@ -13,6 +15,7 @@ Rule (per Linear/Conv2d layer, weights only; the bias is reported separately and
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from torch import nn
@@ -46,6 +49,43 @@ def checkpoint_weight_bytes(out_features: int, fan_in: int, spec: WeightSpec) ->
     return codes + n_groups * spec.scale_bytes + (0 if spec.symmetric else n_groups)
 
 
+MIXED_INT_BITS = (8, 4, 2)  # the integer widths of a mixed-width layer (16 = float16 row, 0 = pruned row)
+
+
+def mixed_weight_bytes(row_bits: Sequence[int], fan_in: int, scale_bytes: int = 2) -> tuple[int, int]:
+    """(ideal, stored) weight bytes of a layer whose output rows have their own widths (QVLA's
+    ``MixedBitLinear``), from the per-row widths alone.
+
+    ideal: ``ceil(sum(bits) x fan_in / 8)`` + one scale per integer row. stored: the checkpoint's tensors:
+    a 1-byte width per row, each integer width's rows packed as one group (8-bit 1, 4-bit 2, 2-bit 4 codes
+    per byte, the group padded to a whole byte), one scale per integer row, float16 rows; pruned rows cost
+    nothing."""
+    bits = [int(b) for b in row_bits]
+    bad = sorted(set(bits) - {16, 0, *MIXED_INT_BITS})
+    if bad:
+        raise ValueError(f"mixed_weight_bytes: widths {bad} are not in (16, 8, 4, 2, 0)")
+    n = {b: bits.count(b) for b in (16, 0, *MIXED_INT_BITS)}
+    n_scaled = sum(n[b] for b in MIXED_INT_BITS)
+    ideal = math.ceil(sum(bits) * fan_in / 8) + n_scaled * scale_bytes
+    codes = sum(math.ceil(n[b] * fan_in * container_bits(b) / 8) for b in MIXED_INT_BITS)
+    stored = len(bits) + codes + n_scaled * scale_bytes + n[16] * fan_in * 2
+    return ideal, stored
+
+
+def row_bits_histogram(row_bits: Sequence[int]) -> dict[int, int]:
+    """{width: rows} over the widths of a mixed-width layer, widest first (zero counts kept)."""
+    bits = [int(b) for b in row_bits]
+    return {b: bits.count(b) for b in (16, *MIXED_INT_BITS, 0)}
+
+
+def mixed_spec_text(row_bits: Sequence[int]) -> str:
+    """A mixed-width layer's rows in one line: ``mixed rows 16:2 8:5 4:20 2:3 0:2 (avg 4.06 b)``."""
+    hist = row_bits_histogram(row_bits)
+    n = max(1, sum(hist.values()))
+    avg = sum(b * c for b, c in hist.items()) / n
+    return "mixed rows " + " ".join(f"{b}:{c}" for b, c in hist.items()) + f" (avg {avg:.2f} b)"
+
+
 def format_bytes(n: int) -> str:
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
@@ -64,6 +104,7 @@ class ByteRow:
     ideal_bytes: int
     stored_bytes: int
     bias_bytes: int
+    rows_by_bits: dict[int, int] | None = None  # mixed-width layers: {width: rows}
 
 
 @dataclass(frozen=True)
@@ -123,7 +164,25 @@ def model_bytes(model: nn.Module) -> ByteReport:
     for name, m in model.named_modules():
         bias = getattr(m, "bias", None)
         bias_bytes = 0 if bias is None else bias.numel() * bias.element_size()
-        if hasattr(m, "weight_storage_bytes"):  # packed deployable module
+        if callable(getattr(m, "row_widths", None)):  # per-row widths (QVLA's MixedBitLinear)
+            bits = [int(b) for b in m.row_widths()]
+            out_f, fan_in = m.out_features, m.in_features
+            ideal, stored = mixed_weight_bytes(bits, fan_in)
+            rows.append(
+                ByteRow(
+                    name,
+                    "mixed-width",
+                    (out_f, fan_in),
+                    mixed_spec_text(bits),
+                    out_f * fan_in,
+                    out_f * fan_in * 2,
+                    ideal,
+                    stored,
+                    bias_bytes,
+                    row_bits_histogram(bits),
+                )
+            )
+        elif hasattr(m, "weight_storage_bytes"):  # packed deployable module
             out_f, fan_in = m.out_features, m.in_features
             spec = m.spec.weight
             rows.append(
