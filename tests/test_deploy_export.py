@@ -10,6 +10,7 @@ Tolerances:
 """
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -194,8 +195,9 @@ def test_bundled_vla_w4a8_export(tmp_path):
 
 
 def test_quantized_encoder_convs_export(toy_policies, tmp_path):
-    """EfficientNet's TF-style "same" convs (input padding kept) and MiniLM's linears, quantized, export
-    with their dequantized weights and emulated activation rounding: z and language features match."""
+    """Quantized convs are refused unless allowed (no integer conv kernel); allowed, EfficientNet's TF-style
+    "same" convs (input padding kept) and MiniLM's linears export with their dequantized weights and
+    emulated activation rounding: z and language features match."""
     from daptq.quant import ActivationSpec, QuantSpec, WeightSpec
 
     fp, _ = toy_policies
@@ -206,7 +208,12 @@ def test_quantized_encoder_convs_export(toy_policies, tmp_path):
         policy.model,
         Recipe((Rule("language.*", QuantSpec(WeightSpec(4, granularity="per_group", group_size=32))),)),
     )
-    deployed = OnnxPolicy(export_reference_policy(policy, tmp_path / "enc", w4a8_kernel="emulate"), threads=1)
+    with pytest.raises(ValueError, match=r"2 quantized conv layer\(s\).*vision\.stem.*float_convs"):
+        export_reference_policy(policy, tmp_path / "refused", w4a8_kernel="emulate")
+    assert not (tmp_path / "refused").exists()
+    out = export_reference_policy(policy, tmp_path / "enc", w4a8_kernel="emulate", float_convs=True)
+    deployed = OnnxPolicy(out, threads=1)
+    assert deployed.manifest["float_convs"] == ["vision.stem", "vision.blocks.1._depthwise_conv"]
     kernels = {p["name"]: p["kernel"] for g in deployed.manifest["layers"].values() for p in g}
     assert kernels["vision.stem"] == "dequantized_fp32"
     assert {k for n, k in kernels.items() if n.startswith("language.")} == {"matmul_nbits"}
@@ -226,12 +233,94 @@ def test_daptq_eval_drives_the_deployed_policy(toy_policies, exported, tmp_path)
     assert isinstance(deployed, Policy)
     info = deployed.info()
     assert info.image_size == TOY.image_size and info.camera == TOY.camera
-    summary = evaluate(
+    torch.set_num_threads(2)  # the evaluator's per-worker count, not the process's, reaches the sessions
+    try:
+        summary = evaluate(
+            f"onnx:{exported['emulate']}",
+            tasks=["reach"],
+            episodes=1,
+            max_steps=6,
+            out=tmp_path / "run",
+            progress=False,
+        )
+    finally:
+        torch.set_num_threads(1)
+    assert summary["complete"] and summary["overall"]["episodes"] == 1
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["candidate"]["recipe"]["threads"] == 1
+    batched = evaluate(  # --envs-per-worker 2: one batched predict_chunks per step
         f"onnx:{exported['emulate']}",
         tasks=["reach"],
-        episodes=1,
+        episodes=2,
         max_steps=6,
-        out=tmp_path / "run",
+        envs_per_worker=2,
+        out=tmp_path / "batched",
         progress=False,
     )
-    assert summary["complete"] and summary["overall"]["episodes"] == 1
+    assert batched["complete"] and batched["overall"]["episodes"] == 2
+
+
+def test_batched_chunks_match_the_twin_and_single_calls(toy_policies, exported):
+    """``predict_chunks`` (``--envs-per-worker N``): each row is what ``select_action`` queues for its seed
+    and what the fake-quant twin's ``predict_chunks`` gives; padding slots change nothing."""
+    _, quant = toy_policies
+    deployed = OnnxPolicy(exported["emulate"], threads=1)
+    observations = [observation(5), observation(6), {**observation(7), "instruction": "open the drawer"}]
+
+    def gens():
+        return [torch.Generator().manual_seed(20 + i) for i in range(len(observations))]
+
+    rows = deployed.predict_chunks(observations, gens(), slots=4)
+    assert rows.shape == (3, TOY.n_action_steps, TOY.action_dim) and rows.dtype == np.float32
+    np.testing.assert_allclose(rows, quant.predict_chunks(observations, gens(), slots=4), atol=1e-4)
+    np.testing.assert_allclose(rows, deployed.predict_chunks(observations, gens()), atol=1e-5)
+    # A batch of one is what select_action queues. Rows of a larger batch differ from it on this toy W4A8
+    # (by up to 0.2; the twin's batched rows differ the same way, which the comparison above checks).
+    for i, obs in enumerate(observations):
+        deployed.reset(seed=20 + i)
+        single = np.stack([deployed.select_action(obs) for _ in range(TOY.n_action_steps)])
+        one = deployed.predict_chunks([obs], [torch.Generator().manual_seed(20 + i)])[0]
+        np.testing.assert_allclose(one, single, atol=1e-5)
+    with pytest.raises(ValueError, match="slots"):
+        deployed.predict_chunks(observations, gens(), slots=2)
+    with pytest.raises(ValueError, match="generators"):
+        deployed.predict_chunks(observations, gens()[:2])
+
+
+def test_threads_are_an_explicit_recorded_setting(exported):
+    """ONNX Runtime ignores torch.set_num_threads: the thread count is the policy's, checked and declared."""
+    torch.set_num_threads(2)
+    try:
+        default = load_policy(f"onnx:{exported['emulate']}")
+    finally:
+        torch.set_num_threads(1)
+    assert default.threads == 1  # not torch's count at load time
+    two = load_policy(f"onnx:{exported['emulate']}", onnx_threads=2)
+    assert two.threads == 2 and two.info().recipe["threads"] == 2
+    for session in two.sessions.values():
+        opts = session.get_session_options()
+        assert opts.intra_op_num_threads == 2
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    for bad in (0, 1.5, True, None):
+        with pytest.raises(ValueError, match="threads"):
+            OnnxPolicy(exported["emulate"], threads=bad)
+
+
+def test_language_graph_runs_once_per_instruction(exported):
+    """MiniLM runs once per instruction, not per step or per chunk: its features are cached."""
+    deployed = OnnxPolicy(exported["emulate"], threads=1)
+    session, calls = deployed.sessions["language"], []
+
+    class Counting:
+        def run(self, *args, **kwargs):
+            calls.append(1)
+            return session.run(*args, **kwargs)
+
+    deployed.sessions["language"] = Counting()
+    deployed.reset(seed=0)
+    for _ in range(3 * TOY.n_action_steps):
+        deployed.select_action(observation(8))
+    deployed.predict_chunks([observation(9)] * 2, [torch.Generator().manual_seed(i) for i in range(2)])
+    assert len(calls) == 1
+    deployed.select_action({**observation(8), "instruction": "open the drawer"})
+    assert len(calls) == 2

@@ -98,8 +98,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from daptq.deploy.export import export_policy
 
     try:
-        out = export_policy(args.model, args.out, args.format, args.w4a8_kernel, args.overwrite)
-    except FileExistsError as err:
+        out = export_policy(
+            args.model, args.out, args.format, args.w4a8_kernel, args.overwrite, args.float_convs
+        )
+    except (FileExistsError, ValueError) as err:
         print(f"daptq export: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out} (load it as onnx:{out})")
@@ -275,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="int8: ONNX Runtime's W4A8 kernel (accuracy_level 4); emulate: daptq's exact rounding, fp32",
     )
     exp.add_argument("--overwrite", action="store_true")
+    exp.add_argument(
+        "--float-convs",
+        action="store_true",
+        help="allow quantized convs (--include-encoders): fp32 conv on the dequantized weight, activation "
+        "rounding emulated (no integer conv kernel); without it such a policy is refused",
+    )
     exp.set_defaults(func=_cmd_export)
 
     bench = sub.add_parser("bench", help="latency per call and per action, peak memory, weight bytes")

@@ -34,6 +34,7 @@ from torch import nn
 
 from daptq.atomic import atomic_write_bytes, atomic_write_json
 from daptq.deploy.lowering import LayerPlan, W4A8Kernel, lower_model_
+from daptq.quant import QuantConv2d
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -106,10 +107,36 @@ def _example_inputs(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def quantized_convs(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, QuantConv2d)]
+
+
+def check_convs(model: nn.Module, float_convs: bool) -> list[str]:
+    """The quantized convs (``--include-encoders``) that would run as fp32 convs; an error unless allowed.
+
+    No conv lowers to an integer kernel: daptq rounds conv activations per pixel, and a per-pixel scale
+    does not factor out of a conv's sum over neighbouring pixels (``ConvInteger`` takes one activation
+    scale per tensor). The fp32 conv on the dequantized weight with the rounding emulated computes the same
+    numbers as the evaluated fake-quant conv, but it is not an int8 deployment, so it is opt-in."""
+    names = quantized_convs(model)
+    if names and not float_convs:
+        shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+        raise ValueError(
+            f"{len(names)} quantized conv layer(s) have no integer ONNX kernel: {shown}. Pass "
+            "float_convs=True (CLI: --float-convs) to export them as fp32 convs on their dequantized weights "
+            "with the activation rounding emulated (the evaluated numbers, no int8 kernel; recorded in the "
+            "manifest), or quantize without the vision encoder"
+        )
+    return names
+
+
 def export_graphs(
-    model: nn.Module, w4a8_kernel: W4A8Kernel = "int8"
+    model: nn.Module, w4a8_kernel: W4A8Kernel = "int8", float_convs: bool = False
 ) -> tuple[dict[str, onnx.ModelProto], list]:
-    """The three graphs of a ReferenceVLA (left untouched: a lowered copy is exported) and the layer plans."""
+    """The three graphs of a ReferenceVLA (left untouched: a lowered copy is exported) and the layer plans.
+
+    ``float_convs``: see ``check_convs`` (quantized convs are an error unless allowed)."""
+    check_convs(model, float_convs)
     lowered = copy.deepcopy(model).eval()
     plans = lower_model_(lowered, w4a8_kernel)
     ex = _example_inputs(lowered)
@@ -165,6 +192,7 @@ def export_reference_policy(
     w4a8_kernel: W4A8Kernel = "int8",
     source: str | None = None,
     overwrite: bool = False,
+    float_convs: bool = False,
 ) -> Path:
     """Write ``OUT/{language,condition,denoiser}.onnx`` + ``manifest.json`` for a ReferencePolicy.
 
@@ -175,7 +203,7 @@ def export_reference_policy(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     model = policy.model
-    graphs, plans = export_graphs(model, w4a8_kernel)
+    graphs, plans = export_graphs(model, w4a8_kernel, float_convs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     umask = os.umask(0)
@@ -198,6 +226,7 @@ def export_reference_policy(
             },
             "action_space": policy.action_space.to_dict(),
             "w4a8_kernel": w4a8_kernel,
+            "float_convs": quantized_convs(model),  # quantized convs run as fp32 (see check_convs)
             "layers": graph_layer_plans(plans),
             "sha256": digests,
             "opset": OPSET,
@@ -228,7 +257,12 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 
 def export_policy(
-    spec: str, out: str | Path, fmt: str = "onnx", w4a8_kernel: W4A8Kernel = "int8", overwrite: bool = False
+    spec: str,
+    out: str | Path,
+    fmt: str = "onnx",
+    w4a8_kernel: W4A8Kernel = "int8",
+    overwrite: bool = False,
+    float_convs: bool = False,
 ) -> Path:
     """``daptq export``: load a model spec (``ref:<name>`` or a quantized policy directory) and export it."""
     if fmt != "onnx":
@@ -239,4 +273,6 @@ def export_policy(
     policy = load_policy(spec)
     if not isinstance(policy, ReferencePolicy):
         raise ValueError(f"{spec}: only reference-VLA policies export to ONNX, got {type(policy).__name__}")
-    return export_reference_policy(policy, out, w4a8_kernel, source=spec, overwrite=overwrite)
+    return export_reference_policy(
+        policy, out, w4a8_kernel, source=spec, overwrite=overwrite, float_convs=float_convs
+    )

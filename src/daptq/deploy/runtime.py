@@ -4,6 +4,12 @@ The sampling loop is the PyTorch policy's (``NoiseSchedule`` DDIM, same timestep
 initial noise is drawn from a ``torch.Generator`` with the same seed, so ``reset(seed)`` gives the deployed
 policy the noise its fake-quant twin gets; only the graphs run on ONNX Runtime. Instruction features come
 from ``language.onnx`` once per instruction (cached).
+
+Threads are a setting of the policy, not of the process: ONNX Runtime fixes its intra-op pool when a
+session is built and ignores ``torch.set_num_threads``. The default is one thread (an evaluation worker
+owns one core; ``daptq eval`` passes its per-worker count explicitly). With more, the pool does not
+spin-wait: on a shared machine spinning threads take the cores the other workers wait for.
+``info().recipe["threads"]`` records the setting in every run that evaluates the policy.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import hashlib
 import json
 import os
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +31,19 @@ from daptq.models.adapter import ActionSpace, Observation, PolicyInfo
 from daptq.models.dit import NoiseSchedule
 
 
-def make_session(data: bytes, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU session; ``threads`` sets intra-op threads (None: ONNX Runtime's default), inter-op 1."""
+def check_threads(threads: Any) -> int:
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    return threads
+
+
+def make_session(data: bytes, threads: int = 1) -> ort.InferenceSession:
+    """A CPU session with ``threads`` intra-op threads (no spin-waiting), sequential execution."""
     opts = ort.SessionOptions()
-    if threads is not None:
-        opts.intra_op_num_threads = int(threads)
+    opts.intra_op_num_threads = check_threads(threads)
     opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
@@ -47,15 +60,14 @@ def load_tokenizer():
 class OnnxPolicy:
     """A directory written by ``export_reference_policy`` as a closed-loop Policy on ONNX Runtime."""
 
-    def __init__(self, directory: str | Path, threads: int | None = None) -> None:
+    def __init__(self, directory: str | Path, threads: int = 1) -> None:
         from daptq.models.reference import ReferenceVLAConfig
 
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         self.config = ReferenceVLAConfig.from_dict(self.manifest["model"])
         self.action_space = ActionSpace.from_dict(self.manifest["action_space"])
-        # Default: as many intra-op threads as torch uses here (evaluation workers set 1 each).
-        self.threads = torch.get_num_threads() if threads is None else int(threads)
+        self.threads = check_threads(threads)
         self.sessions = {name: make_session(self._read_checked(name), self.threads) for name in GRAPHS}
         self.schedule = NoiseSchedule(self.config.num_train_timesteps)
         self._timesteps = self.schedule.ddim_timesteps(self.config.num_inference_steps)
@@ -91,7 +103,7 @@ class OnnxPolicy:
             digest=hashlib.sha256(manifest).hexdigest(),
             image_size=self.config.image_size,
             camera=self.config.camera,
-            recipe={"method": "onnx", "source": self.manifest.get("source")},
+            recipe={"method": "onnx", "source": self.manifest.get("source"), "threads": self.threads},
         )
 
     # ---- Policy -------------------------------------------------------------------------------------------
@@ -116,6 +128,40 @@ class OnnxPolicy:
         shape = (z.shape[0], c.chunk_size, c.action_dim)
         chunk = self.schedule.sample(self._eps_fn(z), shape, c.num_inference_steps, generator=generator)
         return chunk.clamp(self.action_space.low, self.action_space.high)
+
+    def predict_chunks(
+        self,
+        observations: Sequence[Observation],
+        generators: Sequence[torch.Generator],
+        slots: int | None = None,
+    ) -> np.ndarray:
+        """The actions ``select_action`` would queue, for a batch of observations in one call of each graph
+        (``daptq eval --envs-per-worker N``); the contract of ``ReferencePolicy.predict_chunks``: row i's
+        noise from ``generators[i]``, ``slots`` pads the batch to a fixed size with copies of row 0.
+        Returns (B, n_action_steps, action_dim) float32."""
+        if len(observations) != len(generators) or not observations:
+            raise ValueError(f"{len(observations)} observations but {len(generators)} generators")
+        n = len(observations)
+        if slots is not None and slots < n:
+            raise ValueError(f"slots={slots} < {n} observations")
+        rows = [self.observation_to_batch(o) for o in observations]
+        rows += [rows[0]] * ((slots or n) - n)
+        length = max(r["language_features"].shape[1] for r in rows)
+        batch = {
+            "image": np.concatenate([r["image"] for r in rows]),
+            "state": np.concatenate([r["state"] for r in rows]),
+            "language_features": np.concatenate([_pad_tokens(r["language_features"], length) for r in rows]),
+            "language_mask": np.concatenate([_pad_tokens(r["language_mask"], length) for r in rows]),
+        }
+        c = self.config
+        noise = [torch.randn((1, c.chunk_size, c.action_dim), generator=g) for g in generators]
+        noise += [torch.zeros(1, c.chunk_size, c.action_dim)] * (len(rows) - n)
+        z = self.condition(batch)
+        shape = (len(rows), c.chunk_size, c.action_dim)
+        chunk = self.schedule.sample(
+            self._eps_fn(z), shape, c.num_inference_steps, noise=torch.cat(noise)
+        ).clamp(self.action_space.low, self.action_space.high)
+        return chunk[:n, : c.n_action_steps].numpy().astype(np.float32)
 
     # ---- graphs -------------------------------------------------------------------------------------------
     def _eps_fn(self, z: np.ndarray):
@@ -178,6 +224,13 @@ class OnnxPolicy:
         features, mask = self.language_features(observation["instruction"])
         state = np.asarray(observation["state"], dtype=np.float32).reshape(1, -1)
         return {"image": image[None], "state": state, "language_features": features, "language_mask": mask}
+
+
+def _pad_tokens(x: np.ndarray, length: int) -> np.ndarray:
+    """Right-pad the token axis (1) with zeros (False for a mask): padded tokens are masked out."""
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (0, length - x.shape[1])
+    return np.pad(x, pad)
 
 
 def _np(value: Any, dtype: Any = None) -> np.ndarray:

@@ -41,6 +41,8 @@ _VERSIONED_PACKAGES = ("daptq", "torch", "torchao", "numpy", "metaworld", "mujoc
 
 # The reseed floor: the reference re-sampled with its noise seed moved by this fixed offset.
 FLOOR_SEED_OFFSET = 1 << 30
+# Threads per evaluation process (torch per call; ONNX Runtime sessions when built): workers share the cores.
+WORKER_THREADS = 1
 
 
 class EpisodeRunner:
@@ -60,12 +62,12 @@ class EpisodeRunner:
         self.run = run
         execution = execution or {}
         self.slots = int(execution.get("envs_per_worker", 1))
-        self.candidate = load_policy(run["candidate"])
+        self.candidate = load_policy(run["candidate"], onnx_threads=WORKER_THREADS)
         self.reference = self.shadow = None
         if run["reference"] is not None:
             # One instance serves as both: the shadow acts during the candidate's rollout, the reference
             # after it, and the batched path keeps every episode's queue and generator outside the policy.
-            self.reference = self.shadow = load_policy(run["reference"])
+            self.reference = self.shadow = load_policy(run["reference"], onnx_threads=WORKER_THREADS)
         self.cache = None
         if execution.get("reference_cache") and self.reference is not None:
             self.cache = ReferenceCache(execution["reference_cache"], execution["cache_key"])
@@ -130,7 +132,7 @@ class EpisodeRunner:
             raise ValueError(f"a group holds up to {self.slots} episodes of one task, got {jobs}")
         seeds = [s for _, s in jobs]
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+        torch.set_num_threads(WORKER_THREADS)
         try:
             self.envs(task, len(seeds))
             start = time.perf_counter()
@@ -183,7 +185,7 @@ def _init_worker(run: dict[str, Any], execution: dict[str, Any]) -> None:
     set_process_defaults()
     import torch
 
-    torch.set_num_threads(1)  # one core per worker; several workers share the machine
+    torch.set_num_threads(WORKER_THREADS)  # one core per worker; several workers share the machine
     try:
         _WORKER = EpisodeRunner(run, execution)
     except (
@@ -395,10 +397,14 @@ def _run_config(run: dict[str, Any], execution: dict[str, Any]) -> dict[str, Any
     so a bad request fails before the first write. Returns the whole config.json."""
     from daptq.models.registry import load_policy
 
-    cand_policy = load_policy(run["candidate"])
+    cand_policy = load_policy(run["candidate"], onnx_threads=WORKER_THREADS)
     ref_policy = None
     if run["reference"] is not None:
-        ref_policy = cand_policy if run["reference"] == run["candidate"] else load_policy(run["reference"])
+        ref_policy = (
+            cand_policy
+            if run["reference"] == run["candidate"]
+            else load_policy(run["reference"], onnx_threads=WORKER_THREADS)
+        )
     if ref_policy is not None and cand_policy.action_space != ref_policy.action_space:
         raise ValueError(
             f"candidate and reference have different action spaces: {cand_policy.action_space.to_dict()} vs "

@@ -16,8 +16,11 @@ from pathlib import Path
 from daptq.models.adapter import Policy
 
 
-def load_policy(spec: str) -> Policy:
-    """Build the policy a spec names (ValueError for a spec of unknown form, FileNotFoundError if missing)."""
+def load_policy(spec: str, onnx_threads: int = 1) -> Policy:
+    """Build the policy a spec names (ValueError for a spec of unknown form, FileNotFoundError if missing).
+
+    ``onnx_threads``: intra-op threads of an ``onnx:`` policy's ONNX Runtime sessions, fixed when they are
+    built (torch policies use the caller's ``torch.set_num_threads`` at each call instead)."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"model spec must be a non-empty string, got {spec!r}")
     if spec.startswith("ref:"):
@@ -31,7 +34,7 @@ def load_policy(spec: str) -> Policy:
     if spec.startswith("onnx:"):
         from daptq.deploy.runtime import OnnxPolicy
 
-        return OnnxPolicy(spec[len("onnx:") :])
+        return OnnxPolicy(spec[len("onnx:") :], threads=onnx_threads)
     path = Path(spec)
     if path.is_dir():
         from daptq.models.quantized import load_quantized_policy
