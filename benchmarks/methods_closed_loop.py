@@ -51,6 +51,10 @@ SETTINGS: dict[str, dict[str, object]] = {
     # whole model with the vision encoder: uniform W4 asymmetric per-channel A16 / W8A8, encoders included
     "wm-avg4": {"w_bits": 4, "asymmetric": True, "include_encoders": True},
     "wm-w8a8": {"w_bits": 8, "a_bits": 8, "include_encoders": True},
+    # below 3 bits: RTN/GPTQ at W2 asymmetric, groups of 32 (2.56 bits/weight with scales and zero points) for
+    # avg2.5; groups of 64 (2.28 bits) for avg2, where DA-PTQ gets exactly their bytes (`equal_bytes_budget`)
+    "avg2.5": {"w_bits": 2, "group_size": 32, "asymmetric": True},
+    "avg2": {"w_bits": 2, "group_size": 64, "asymmetric": True},
 }
 
 # Named variants: label -> (registered method, config field overrides applied on top of that method's config
@@ -68,6 +72,40 @@ VARIANTS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
     # variant that keeps only the last one float too
     "daptq-1block": ("daptq", {"float_dit_blocks": 1}, ("w4a8", "w4a4")),
 }
+
+
+def uniform_in_scope_bytes(setting: str) -> int:
+    """Ideal bytes (codes + scales + zero points) of RTN's uniform grid of ``setting`` over the layers it
+    quantizes on the reference VLA (group sizes fitted per layer, as quantizing would)."""
+    from daptq.methods.scope import resolve_scope
+    from daptq.methods.workflow import config_from_options
+    from daptq.models.registry import load_policy
+    from daptq.quant.bytes import ideal_weight_bytes
+
+    config = config_from_options("rtn", **SETTINGS[setting])
+    policy = load_policy(REFERENCE)
+    plan = resolve_scope(policy.model, policy.quantizable_modules(), config.scope, config.spec)
+    return sum(ideal_weight_bytes(m.weight_shape[0], m.fan_in, m.spec.weight) for m in plan.modules.values())
+
+
+def equal_bytes_budget(setting: str):
+    """DA-PTQ ``budget`` over the grouped formats at exactly the bytes of the setting's uniform grid."""
+
+    def build():
+        from daptq.methods.daptq.allocation import GROUPED_FORMATS
+        from daptq.methods.daptq.config import DAPTQConfig
+
+        budget = uniform_in_scope_bytes(setting)
+        return DAPTQConfig.budget(budget_bytes=budget, formats=GROUPED_FORMATS, rounding="gptq")
+
+    return build
+
+
+def _grouped():
+    """Budget overrides below 3 bits: GPTQ rounding over the (bits, group) formats."""
+    from daptq.methods.daptq.allocation import GROUPED_FORMATS
+
+    return {"rounding": "gptq", "formats": GROUPED_FORMATS}
 
 
 def _budget_spec_a4():
@@ -97,6 +135,8 @@ PRESET_METHODS: dict[str, dict[str, tuple[dict, dict]]] = {
         "avg3": ({"avg_bits": 3.0}, {"rounding": "gptq"}),
         "avg4a4": ({"avg_bits": 4.0}, {"rounding": "gptq", "spec": _budget_spec_a4()}),
         "wm-avg4": ({"avg_bits": 4.0, "include_encoders": True}, {"rounding": "gptq"}),
+        "avg2.5": ({"avg_bits": 2.5}, _grouped()),
+        "avg2": equal_bytes_budget("avg2"),  # a callable: the config needs the reference's byte count
     },
     "quantvla": {
         "w4a8": ({}, {"base": "rtn"}),
@@ -118,7 +158,10 @@ def method_config(method: str, setting: str):
     base, variant, settings = VARIANTS.get(method, (method, {}, (setting,)))
     if setting not in settings:
         raise SystemExit(f"variant {method!r} is defined for the settings {list(settings)}, not {setting!r}")
-    options, overrides = PRESET_METHODS.get(base, {}).get(setting, (SETTINGS[setting], {}))
+    entry = PRESET_METHODS.get(base, {}).get(setting, (SETTINGS[setting], {}))
+    if callable(entry):
+        return dataclasses.replace(entry(), **variant)
+    options, overrides = entry
     return dataclasses.replace(config_from_options(base, **options), **{**overrides, **variant})
 
 

@@ -192,3 +192,31 @@ def test_avg_bits_option_selects_the_budget_preset():
         config_from_options("daptq", w_bits=4, avg_bits=3.0)
     with pytest.raises(ValueError, match="no bit budget"):
         config_from_options("rtn", avg_bits=3.0)
+
+
+def test_budget_over_grouped_formats_quantizes_each_layer_with_its_chosen_group():
+    from daptq.methods.daptq.allocation import GROUPED_FORMATS, WeightFormat
+
+    policy, calib = _policy(), _calibration(n_batches=2)
+    cfg = DAPTQConfig.budget(average_bits=2.8, formats=GROUPED_FORMATS, use_csrc=False)
+    record = quantize_policy(policy, cfg, calib)
+    alloc, formats = record.decisions["allocation"], record.decisions["format_map"]
+    assert alloc["average_bits"] <= 2.8 and alloc["total_bytes"] <= alloc["budget_bytes"]
+    assert set(formats.values()) <= set(GROUPED_FORMATS) and len(set(formats.values())) > 1
+    for name, label in formats.items():
+        f, module = WeightFormat.parse(label), policy.model.get_submodule(name)
+        if f.bits == 16:
+            assert type(module) is nn.Linear
+            continue
+        w = module.spec.weight
+        assert w.bits == f.bits and not w.symmetric
+        fan_in = module.weight[0].numel()
+        if f.group_size is None or f.group_size > fan_in:  # groups wider than the row: per-channel
+            assert w.granularity == "per_channel"
+        else:  # the largest divisor of the fan-in up to the format's group (the scope's default rule)
+            assert w.group_size == max(g for g in range(2, f.group_size + 1) if fan_in % g == 0)
+    assert config_from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="bits or formats, not both"):
+        DAPTQConfig.budget(bits=(2, 4, 16), formats=("2g32", "16"))
+    with pytest.raises(ValueError, match="weight format"):
+        DAPTQConfig.budget(formats=("2",))

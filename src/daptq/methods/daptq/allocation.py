@@ -5,8 +5,9 @@
   (bf16), the rest get ``low_bits`` (4). The count kept float is ``round_half_up(k * n)``. The float blocks
   are taken out *before* ranking, so ``k`` adds float layers beyond them (the ranking would otherwise mostly
   re-select layers that are float anyway).
-- :func:`allocate_bits`: a multiple-choice knapsack, one bit width per layer from a candidate set
-  ({2, 3, 4, 8, 16}), minimizing ``sum cost(l, b) + latency_weight * latency(l, b)`` subject to
+- :func:`allocate_bits`: a multiple-choice knapsack, one candidate per layer from a candidate set (bit widths
+  {2, 3, 4, 8, 16} on one grid, or :class:`WeightFormat` choices such as 2-bit codes in groups of 32 or 128,
+  8-bit per channel, bf16), minimizing ``sum cost(l, b) + latency_weight * latency(l, b)`` subject to
   ``sum bytes(l, b) <= budget``, solved exactly as a MILP with ``scipy.optimize.milp`` (HiGHS). Bytes are
   :func:`daptq.quant.ideal_weight_bytes` (codes + scales + zero points; float = 2 bytes per weight), so an
   average-bit budget counts the scales and zero points too. An impossible budget raises an error naming
@@ -15,9 +16,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,6 +84,54 @@ def paper_bit_map(
     return PaperBitMap(bits, ranked, by_rank, sorted(by_block))
 
 
+@dataclass(frozen=True, order=True)
+class WeightFormat:
+    """One allocator choice: a bit width and a group size (None: one scale per output channel; 16: bf16).
+
+    Written ``"2g32"`` (2-bit codes, groups of 32), ``"8pc"`` (8-bit per channel) or ``"16"`` (float). The
+    other grid properties (symmetry, observer, scale dtype) come from the base spec."""
+
+    bits: int
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3, 4, 8, FLOAT_BITS):
+            raise ValueError(f"WeightFormat: bits must be one of (2, 3, 4, 8, 16), got {self.bits!r}")
+        if self.bits == FLOAT_BITS and self.group_size is not None:
+            raise ValueError("WeightFormat: a float (16-bit) format has no group size")
+        if self.group_size is not None and (type(self.group_size) is not int or self.group_size < 2):
+            raise ValueError(f"WeightFormat: group_size must be an integer >= 2, got {self.group_size!r}")
+
+    @property
+    def label(self) -> str:
+        if self.bits == FLOAT_BITS:
+            return "16"
+        return f"{self.bits}pc" if self.group_size is None else f"{self.bits}g{self.group_size}"
+
+    @classmethod
+    def parse(cls, text: str) -> WeightFormat:
+        m = re.fullmatch(r"(\d+)(?:g(\d+)|pc)?", str(text).strip())
+        if m is None or (m.group(1) != "16" and not re.search(r"(g\d+|pc)$", str(text).strip())):
+            raise ValueError(
+                f"weight format {text!r}: expected '<bits>g<group>' (e.g. '2g32'), '<bits>pc' (per channel) "
+                "or '16' (float)"
+            )
+        group = int(m.group(2)) if m.group(2) else None
+        return cls(int(m.group(1)), group)
+
+    def weight_spec(self, base: WeightSpec) -> WeightSpec:
+        """``base`` with this format's bits and grouping (a float format keeps only bits=16)."""
+        if self.bits == FLOAT_BITS:
+            return dataclasses.replace(base, bits=FLOAT_BITS)
+        granularity = "per_channel" if self.group_size is None else "per_group"
+        return dataclasses.replace(base, bits=self.bits, granularity=granularity, group_size=self.group_size)
+
+
+# Candidates reaching below 2.5 bits per weight once scales and zero points are counted (asymmetric codes,
+# bf16 scales: 2g128 = 2.14, 2g32 = 2.56, 3g128 = 3.16, 4g128 = 4.16, 8pc ~ 8, 16 = bf16).
+GROUPED_FORMATS: tuple[str, ...] = ("2g32", "2g128", "3g32", "3g128", "4g32", "4g128", "8pc", "16")
+
+
 @dataclass(frozen=True)
 class LayerShape:
     out_features: int
@@ -94,7 +144,7 @@ class LayerShape:
 
 @dataclass(frozen=True)
 class Allocation:
-    bits: dict[str, int]
+    bits: dict[str, Hashable]  # layer -> the chosen candidate (a bit width or a WeightFormat)
     objective: float
     total_bytes: int
     budget_bytes: int
@@ -106,16 +156,18 @@ class Allocation:
         return 8.0 * self.total_bytes / self.n_weights
 
 
-BitSpecs = Mapping[int, WeightSpec] | Mapping[str, Mapping[int, WeightSpec]]
+BitSpecs = Mapping[Hashable, WeightSpec] | Mapping[str, Mapping[Hashable, WeightSpec]]
 
 
-def layer_bytes(shape: LayerShape, bits: int, specs: Mapping[int, WeightSpec]) -> int:
+def layer_bytes(shape: LayerShape, bits: Hashable, specs: Mapping[Hashable, WeightSpec]) -> int:
     return ideal_weight_bytes(shape.out_features, shape.fan_in, specs[bits])
 
 
-def _specs_of(specs: BitSpecs, name: str) -> Mapping[int, WeightSpec]:
-    """One shared ``{bits: spec}`` or per layer ``{layer: {bits: spec}}`` (group sizes fitted per layer)."""
-    if all(isinstance(k, int) for k in specs):
+def _specs_of(specs: BitSpecs, name: str) -> Mapping[Hashable, WeightSpec]:
+    """One shared ``{choice: spec}`` or per layer ``{layer: {choice: spec}}`` (group sizes fitted per layer).
+
+    Choices are bit widths (int) or :class:`WeightFormat`; layer names are strings."""
+    if not any(isinstance(k, str) for k in specs):
         return specs  # type: ignore[return-value]
     if name not in specs:
         raise ValueError(f"allocate_bits: no specs for layer {name!r}")
@@ -130,17 +182,18 @@ def budget_from_average_bits(shapes: Mapping[str, LayerShape], average_bits: flo
 
 
 def allocate_bits(
-    costs: Mapping[str, Mapping[int, float]],
+    costs: Mapping[str, Mapping[Hashable, float]],
     shapes: Mapping[str, LayerShape],
     specs: BitSpecs,
     budget_bytes: int,
-    latency: Mapping[str, Mapping[int, float]] | None = None,
+    latency: Mapping[str, Mapping[Hashable, float]] | None = None,
     latency_weight: float = 0.0,
 ) -> Allocation:
-    """Exact multiple-choice knapsack: one of ``costs[layer]``'s bit widths per layer under ``budget_bytes``.
+    """Exact multiple-choice knapsack: one of ``costs[layer]``'s choices per layer under ``budget_bytes``.
 
-    ``costs[layer][bits]`` is the estimated damage (e.g. :func:`bit_sensitivities`), ``specs[bits]`` (or
-    ``specs[layer][bits]``) the spec whose bytes are counted, ``latency[layer][bits]`` an optional latency
+    A choice is a bit width or a :class:`WeightFormat` (bits and group size). ``costs[layer][choice]`` is the
+    estimated damage (e.g. :func:`bit_sensitivities`), ``specs[choice]`` (or ``specs[layer][choice]``) the
+    spec whose bytes are counted, ``latency[layer][bits]`` an optional latency
     model weighted by ``latency_weight``. Raises ValueError naming the smallest feasible budget if none fits.
     """
     names = list(costs)
@@ -155,7 +208,7 @@ def allocate_bits(
         if not costs[name]:
             raise ValueError(f"allocate_bits: layer {name!r} has no candidate bit widths")
         layer_specs = _specs_of(specs, name)
-        for bits, cost in sorted(costs[name].items()):
+        for bits, cost in sorted(costs[name].items(), key=lambda kv: _order(kv[0])):
             if bits not in layer_specs:
                 raise ValueError(f"allocate_bits: no spec for {bits} bits (layer {name!r})")
             if not math.isfinite(cost):
@@ -192,3 +245,10 @@ def allocate_bits(
         raise RuntimeError(f"allocate_bits: solver returned an invalid selection ({total} > {budget_bytes})")
     objective = float(sum(c[i] for i in range(nv) if chosen[i]))
     return Allocation(bits, objective, total, budget_bytes, n_weights)
+
+
+def _order(choice: Hashable) -> tuple[int, int]:
+    """Sort key of a choice: by bits, then group size (per channel last)."""
+    if isinstance(choice, WeightFormat):
+        return choice.bits, choice.group_size or 1 << 30
+    return int(choice), 0  # type: ignore[call-overload]

@@ -22,7 +22,7 @@ from daptq.methods.base import MethodConfig
 from daptq.methods.scope import DEFAULT_ROLES, Scope
 from daptq.quant.spec import ActivationSpec, QuantSpec, WeightSpec, w4a8
 
-from .allocation import FLOAT_BITS
+from .allocation import FLOAT_BITS, WeightFormat
 from .compensation import CSRCOptions
 from .drift import DriftConfig
 
@@ -67,7 +67,8 @@ class DAPTQConfig(MethodConfig):
     float_dit_blocks: int = 2  # last N DiT blocks kept float (paper: 2; variant: 1)
     dit_block_pattern: str = r"^head\.blocks\.(\d+)\."  # regex whose group 1 is the DiT block index
     # --- budget preset ----------------------------------------------------------------------------------
-    bits: tuple[int, ...] = (2, 3, 4, 8, 16)  # candidate weight bit widths per layer
+    bits: tuple[int, ...] = (2, 3, 4, 8, 16)  # candidate weight bit widths per layer (on the spec's grid)
+    formats: tuple[str, ...] = ()  # or candidate (bits, group) formats, e.g. GROUPED_FORMATS; replaces bits
     average_bits: float | None = None  # budget in bits per weight (scales and zero points counted)
     budget_bytes: int | None = None  # or a budget in bytes of the in-scope layers' weights
     estimator: Estimator = "drift_fisher"  # per-(layer, bits) damage estimate driving the allocation
@@ -105,6 +106,11 @@ class DAPTQConfig(MethodConfig):
             raise ValueError(
                 f"DAPTQConfig.bits must be distinct values from (2, 3, 4, 8, 16), got {self.bits}"
             )
+        formats = self.weight_formats()
+        if formats and self.bits != DAPTQConfig.bits:
+            raise ValueError("DAPTQConfig: give candidate bits or formats, not both")
+        if len({f.label for f in formats}) != len(formats):
+            raise ValueError(f"DAPTQConfig.formats must be distinct, got {self.formats}")
         if self.preset == "budget":
             if (self.average_bits is None) == (self.budget_bytes is None):
                 raise ValueError(
@@ -159,6 +165,10 @@ class DAPTQConfig(MethodConfig):
         return DAPTQConfig.budget(average_bits=average_bits)
 
     # --- views as the modules' own option objects -------------------------------------------------------
+    def weight_formats(self) -> tuple[WeightFormat, ...]:
+        """The parsed ``formats`` (empty: the candidates are ``bits`` on the spec's own grid)."""
+        return tuple(WeightFormat.parse(f) for f in self.formats)
+
     def drift_config(self) -> DriftConfig:
         return DriftConfig(
             self.drift_damping,

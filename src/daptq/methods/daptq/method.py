@@ -22,13 +22,14 @@ import torch
 from daptq.methods import register_method
 from daptq.methods.base import Method, forward_batch, require_plan
 from daptq.methods.gptq import gptq_quantize_layer_
-from daptq.methods.scope import ScopePlan, with_weight_bits
+from daptq.methods.scope import ScopePlan, fit_group_size, with_weight_bits
 from daptq.quant import QuantSpec, quantize_
 from daptq.quant.capture import Hessian, capture, fan_in_rows
 
 from .allocation import (
     FLOAT_BITS,
     LayerShape,
+    WeightFormat,
     allocate_bits,
     budget_from_average_bits,
     layer_bytes,
@@ -133,10 +134,13 @@ class DAPTQ(Method):
     # --- 2. decide, quantize, compensate ----------------------------------------------------------------
     def apply(self, adapter: Any) -> None:
         plan = require_plan(self)
-        bits = self._paper_bits(plan) if self.config.preset == "paper" else self._budget_bits(adapter, plan)
-        specs = {
-            n: with_weight_bits(m.spec, b) for n, m in plan.modules.items() if (b := bits[n]) != FLOAT_BITS
-        }
+        if self.config.preset == "paper":
+            bits = self._paper_bits(plan)
+            chosen = {n: with_weight_bits(m.spec, bits[n]) for n, m in plan.modules.items()}
+        else:
+            chosen = self._budget_specs(adapter, plan)
+            bits = {n: q.weight.bits for n, q in chosen.items()}
+        specs = {n: q for n, q in chosen.items() if q.weight.bits != FLOAT_BITS}
         self.decisions["bit_map"] = bits
         self._finalize_plan(plan, specs)
         model = adapter.model
@@ -174,13 +178,31 @@ class DAPTQ(Method):
         self.decisions["ranking"] = bit_map.ranked
         return {**base, **bit_map.bits}
 
-    def _budget_bits(self, adapter: Any, plan: ScopePlan) -> dict[str, int]:
+    def _candidates(self, plan: ScopePlan) -> dict[str, dict[Any, QuantSpec]]:
+        """Per layer, each allocator choice and the spec it means on that layer: ``bits`` on the layer's own
+        (fitted) grid, or ``formats`` with their group sizes fitted to the fan-in by the scope's rule."""
         cfg = self.config
-        per_layer = {
-            n: {b: with_weight_bits(m.spec, b).weight for b in cfg.bits} for n, m in plan.modules.items()
-        }
+        formats = cfg.weight_formats()
+        if not formats:
+            return {n: {b: with_weight_bits(m.spec, b) for b in cfg.bits} for n, m in plan.modules.items()}
+        out: dict[str, dict[Any, QuantSpec]] = {}
+        for n, m in plan.modules.items():
+            row = {}
+            for f in formats:
+                asked = QuantSpec(f.weight_spec(m.spec.weight), m.spec.activation, m.spec.version)
+                fitted, note = fit_group_size(asked, m.fan_in, cfg.scope.group_fallback)
+                if fitted is None:
+                    raise ValueError(f"DA-PTQ: format {f.label} cannot serve {n} (fan-in {m.fan_in}): {note}")
+                row[f] = fitted
+            out[n] = row
+        return out
+
+    def _budget_specs(self, adapter: Any, plan: ScopePlan) -> dict[str, QuantSpec]:
+        cfg = self.config
+        candidates = self._candidates(plan)
+        per_layer = {n: {c: q.weight for c, q in row.items()} for n, row in candidates.items()}
         shapes = {n: LayerShape(m.weight_shape[0], m.fan_in) for n, m in plan.modules.items()}
-        costs = self._costs(adapter, plan, per_layer)
+        costs = self._costs(adapter, plan, candidates)
         budget = (
             cfg.budget_bytes
             if cfg.budget_bytes is not None
@@ -189,7 +211,7 @@ class DAPTQ(Method):
         latency = None
         if cfg.latency_weight:
             latency = {
-                n: {b: layer_bytes(shapes[n], b, per_layer[n]) / 2**20 for b in cfg.bits} for n in shapes
+                n: {c: layer_bytes(shapes[n], c, per_layer[n]) / 2**20 for c in per_layer[n]} for n in shapes
             }
         alloc = allocate_bits(costs, shapes, per_layer, budget, latency, cfg.latency_weight)
         fp16 = sum(s.n_weights for s in shapes.values()) * 2
@@ -200,23 +222,23 @@ class DAPTQ(Method):
             "bytes_vs_bf16": alloc.total_bytes / fp16,
             "objective": alloc.objective,
             "estimator": cfg.estimator,
-            "costs": {n: {str(b): c for b, c in row.items()} for n, row in costs.items()},
+            "costs": {n: {_choice_label(c): v for c, v in row.items()} for n, row in costs.items()},
         }
-        return alloc.bits
+        if cfg.formats:
+            self.decisions["format_map"] = {n: c.label for n, c in alloc.bits.items()}
+        return {n: candidates[n][c] for n, c in alloc.bits.items()}
 
-    def _costs(self, adapter: Any, plan: ScopePlan, per_layer) -> dict[str, dict[int, float]]:
+    def _costs(self, adapter: Any, plan: ScopePlan, candidates) -> dict[str, dict[Any, float]]:
         cfg = self.config
         names = list(plan.modules)
         if cfg.estimator == "action_deviation":
-            out: dict[str, dict[int, float]] = {n: {} for n in names}
-            for b in cfg.bits:
-                if b == FLOAT_BITS:
-                    for n in names:
-                        out[n][b] = 0.0
-                    continue
-                for n in names:  # one layer and bit width at a time (each layer's own fitted spec)
-                    spec = with_weight_bits(plan.modules[n].spec, b)
-                    out[n][b] = action_deviation(
+            out: dict[str, dict[Any, float]] = {n: {} for n in names}
+            for n in names:  # one layer and choice at a time (each layer's own fitted spec)
+                for c, spec in candidates[n].items():
+                    if spec.weight.is_float:
+                        out[n][c] = 0.0
+                        continue
+                    out[n][c] = action_deviation(
                         adapter,
                         self._batches[: cfg.sensitivity_batches],
                         [n],
@@ -231,7 +253,8 @@ class DAPTQ(Method):
             )
         assert stats is not None
         proxy = "taylor" if cfg.estimator == "drift_taylor" else "fisher"
-        return {n: bit_sensitivities(adapter.model, _only(stats, n), per_layer[n], proxy)[n] for n in names}
+        weights = {n: {c: q.weight for c, q in candidates[n].items()} for n in names}
+        return {n: bit_sensitivities(adapter.model, _only(stats, n), weights[n], proxy)[n] for n in names}
 
     def _finalize_plan(self, plan: ScopePlan, specs: Mapping[str, QuantSpec]) -> None:
         modules = {n: dataclasses.replace(m, spec=specs[n]) for n, m in plan.modules.items() if n in specs}
@@ -257,6 +280,10 @@ class DAPTQ(Method):
             "options": dataclasses.asdict(self.config.csrc_options()),
             **summaries,
         }
+
+
+def _choice_label(choice: Any) -> str:
+    return choice.label if isinstance(choice, WeightFormat) else str(choice)
 
 
 def _only(stats: GradientStats, name: str) -> GradientStats:
