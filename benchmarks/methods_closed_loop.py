@@ -35,9 +35,9 @@ from daptq.atomic import atomic_write_text
 
 REFERENCE = "ref:metaworld-mt10"
 
-# Setting name -> `daptq quantize` options shared by every method; "avg3" / "avg2" are the 3- and 2-bits-per-
-# weight budgets (RTN/GPTQ: uniform W3 / W2 asymmetric per-channel, about 3.1 / 2.1 bits with scales and zero
-# points), weight-only like DA-PTQ's budget preset.
+# Setting name -> `daptq quantize` options shared by every method; "avg3" is the 3-bits-per-weight budget
+# (RTN/GPTQ: uniform W3 asymmetric per-channel, about 3.1 bits with scales and zero points), weight-only like
+# DA-PTQ's budget preset; "avg2.5" / "avg2" below.
 SETTINGS: dict[str, dict[str, object]] = {
     "w4a8": {"w_bits": 4, "a_bits": 8, "group_size": 128},
     "w8a8": {"w_bits": 8, "a_bits": 8},
@@ -46,7 +46,6 @@ SETTINGS: dict[str, dict[str, object]] = {
     "w3a16": {"w_bits": 3, "asymmetric": True},
     "w2a16-g32": {"w_bits": 2, "group_size": 32, "asymmetric": True},
     "avg3": {"w_bits": 3, "asymmetric": True},
-    "avg2": {"w_bits": 2, "asymmetric": True},
     "avg4a4": {"w_bits": 4, "a_bits": 4, "asymmetric": True},  # the w4a4 grid; DA-PTQ: budget at 4 bits, A4
     # whole model with the vision encoder: uniform W4 asymmetric per-channel A16 / W8A8, encoders included
     "wm-avg4": {"w_bits": 4, "asymmetric": True, "include_encoders": True},
