@@ -28,6 +28,7 @@ import torch
 
 from daptq.deploy.export import GRAPHS, read_manifest
 from daptq.models.adapter import ActionSpace, Observation, PolicyInfo
+from daptq.models.batching import slot_noise, slot_rows, stack_rows
 from daptq.models.dit import NoiseSchedule
 
 
@@ -139,28 +140,15 @@ class OnnxPolicy:
         (``daptq eval --envs-per-worker N``); the contract of ``ReferencePolicy.predict_chunks``: row i's
         noise from ``generators[i]``, ``slots`` pads the batch to a fixed size with copies of row 0.
         Returns (B, n_action_steps, action_dim) float32."""
-        if len(observations) != len(generators) or not observations:
-            raise ValueError(f"{len(observations)} observations but {len(generators)} generators")
-        n = len(observations)
-        if slots is not None and slots < n:
-            raise ValueError(f"slots={slots} < {n} observations")
-        rows = [self.observation_to_batch(o) for o in observations]
-        rows += [rows[0]] * ((slots or n) - n)
-        length = max(r["language_features"].shape[1] for r in rows)
-        batch = {
-            "image": np.concatenate([r["image"] for r in rows]),
-            "state": np.concatenate([r["state"] for r in rows]),
-            "language_features": np.concatenate([_pad_tokens(r["language_features"], length) for r in rows]),
-            "language_mask": np.concatenate([_pad_tokens(r["language_mask"], length) for r in rows]),
-        }
+        rows, n = slot_rows(observations, generators, slots, self.observation_to_batch)
+        batch = stack_rows(rows, np.concatenate, _pad_tokens)
         c = self.config
-        noise = [torch.randn((1, c.chunk_size, c.action_dim), generator=g) for g in generators]
-        noise += [torch.zeros(1, c.chunk_size, c.action_dim)] * (len(rows) - n)
+        noise = slot_noise(generators, len(rows), c.chunk_size, c.action_dim)
         z = self.condition(batch)
         shape = (len(rows), c.chunk_size, c.action_dim)
-        chunk = self.schedule.sample(
-            self._eps_fn(z), shape, c.num_inference_steps, noise=torch.cat(noise)
-        ).clamp(self.action_space.low, self.action_space.high)
+        chunk = self.schedule.sample(self._eps_fn(z), shape, c.num_inference_steps, noise=noise).clamp(
+            self.action_space.low, self.action_space.high
+        )
         return chunk[:n, : c.n_action_steps].numpy().astype(np.float32)
 
     # ---- graphs -------------------------------------------------------------------------------------------

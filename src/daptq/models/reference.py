@@ -41,6 +41,7 @@ from daptq.models.adapter import (
     QuantizableModule,
     state_digest,
 )
+from daptq.models.batching import slot_noise, slot_rows, stack_rows
 from daptq.models.dit import DiTActionHead, NoiseSchedule
 from daptq.models.encoders import LANGUAGE_DIM, LanguageEncoder, VisionEncoder
 from daptq.models.transformer import Block
@@ -345,27 +346,12 @@ class ReferencePolicy:
         tensor shapes and a row's result does not depend on how many episodes needed a chunk.
         Returns (B, n_action_steps, action_dim) float32.
         """
-        if len(observations) != len(generators) or not observations:
-            raise ValueError(f"{len(observations)} observations but {len(generators)} generators")
-        n = len(observations)
-        if slots is not None and slots < n:
-            raise ValueError(f"slots={slots} < {n} observations")
-        rows = [self.observation_to_batch(o) for o in observations]
-        rows += [rows[0]] * ((slots or n) - n)
-        length = max(r["language_features"].shape[1] for r in rows)
-        batch = {
-            "image": torch.cat([r["image"] for r in rows]),
-            "state": torch.cat([r["state"] for r in rows]),
-            "language_features": torch.cat([_pad_tokens(r["language_features"], length) for r in rows]),
-            "language_mask": torch.cat([_pad_tokens(r["language_mask"], length) for r in rows]),
-        }
+        rows, n = slot_rows(observations, generators, slots, self.observation_to_batch)
+        batch = stack_rows(rows, torch.cat, _pad_tokens)
         c = self.config
-        noise = [torch.randn((1, c.chunk_size, c.action_dim), generator=g) for g in generators]
-        noise += [torch.zeros(1, c.chunk_size, c.action_dim)] * (len(rows) - n)
+        noise = slot_noise(generators, len(rows), c.chunk_size, c.action_dim)
         z = self.model.condition(batch)
-        chunk = self.model.sample(z, noise=torch.cat(noise)).clamp(
-            self.action_space.low, self.action_space.high
-        )
+        chunk = self.model.sample(z, noise=noise).clamp(self.action_space.low, self.action_space.high)
         return chunk[:n, : c.n_action_steps].cpu().numpy().astype(np.float32)
 
     def observation_to_batch(self, observation: Observation) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from daptq.models.adapter import (
     QuantizableModule,
     state_digest,
 )
+from daptq.models.batching import slot_noise, slot_rows
 from daptq.quant.smoothing import SmoothingGroup
 
 # Centre and half-extent of the Meta-World Sawyer workspace (m), used to normalise the state input.
@@ -217,18 +218,13 @@ class ToyPolicy(nn.Module):
         """The chunks ``select_action`` would queue, for a batch of observations in one forward pass: row i's
         noise comes from ``generators[i]`` as ``select_action``'s comes from the policy's own; ``slots``
         pads the batch to a fixed size (discarded rows). Returns (B, chunk, action_dim) float32."""
-        if len(observations) != len(generators) or not observations:
-            raise ValueError(f"{len(observations)} observations but {len(generators)} generators")
-        n = len(observations)
-        if slots is not None and slots < n:
-            raise ValueError(f"slots={slots} < {n} observations")
-        obs = [*observations, *[observations[0]] * ((slots or n) - n)]
+        obs, n = slot_rows(observations, generators, slots, lambda o: o)
         state = torch.as_tensor(np.stack([np.asarray(o["state"], dtype=np.float32) for o in obs]))
         emb = torch.stack([self.task_embedding(str(o.get("instruction", ""))) for o in obs])
-        dim, k = self.action_space.dim, self.config.chunk
-        noise = [torch.randn((1, k, dim), generator=g) * self.config.action_noise for g in generators]
-        noise += [torch.zeros(1, k, dim)] * (len(obs) - n)
-        chunk = self.predict_chunk({"state": state, "task_embedding": emb}, noise=torch.cat(noise))
+        noise = slot_noise(generators, len(obs), self.config.chunk, self.action_space.dim)
+        chunk = self.predict_chunk(
+            {"state": state, "task_embedding": emb}, noise=noise * self.config.action_noise
+        )
         return chunk[:n].numpy().astype(np.float32)
 
     def select_action(self, observation: Observation) -> np.ndarray:
