@@ -10,6 +10,7 @@ from daptq.quant.capture import (
     Samples,
     capture,
     capturing,
+    channel_rows,
     fan_in_rows,
 )
 
@@ -130,6 +131,24 @@ def test_conv_rows_are_channels_or_patches():
         y_rows = rows @ conv.weight.reshape(4, -1).T + conv.bias
     assert torch.allclose(y, y_rows, atol=1e-5)
     assert h.hessian.shape == (27, 27) and h.count == rows.shape[0]
+
+
+def test_one_pass_feeds_input_patches_and_output_channels():
+    """``output_rows`` lets one pass capture a conv's input Hessian (patches) and output statistics
+    (channels), as two separate passes would."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 6, 6)
+    h, cov = Hessian(), Covariance()
+    capture(
+        conv, lambda m: m(x), inputs={"": h}, outputs={"": cov}, rows=fan_in_rows, output_rows=channel_rows
+    )
+    h2, cov2 = Hessian(), Covariance()
+    capture(conv, lambda m: m(x), inputs={"": h2}, rows=fan_in_rows)
+    capture(conv, lambda m: m(x), outputs={"": cov2})
+    assert h.hessian.shape == (27, 27) and torch.equal(h.hessian, h2.hessian)
+    assert cov.mean.shape == (4,) and torch.equal(cov.mean, cov2.mean) and torch.equal(cov.cov, cov2.cov)
+    assert n_hooks(conv) == 0
 
 
 def test_grouped_conv_rows_and_block_hessians():

@@ -259,10 +259,13 @@ def capturing(
     inputs: Mapping[str, Reduction] | None = None,
     outputs: Mapping[str, Reduction] | None = None,
     rows: RowsFn = channel_rows,
+    output_rows: RowsFn | None = None,
 ) -> Iterator[None]:
     """Within the block, every call of a named module feeds its input (first positional argument) and/or
-    output into the given reductions, as ``rows(module, tensor)``. Hooks are always removed on exit."""
+    output into the given reductions, as ``rows(module, tensor)`` (outputs as ``output_rows``, default
+    ``rows``). Hooks are always removed on exit."""
     inputs, outputs = dict(inputs or {}), dict(outputs or {})
+    out_rows = rows if output_rows is None else output_rows
     if not inputs and not outputs:
         raise ValueError("capture: name at least one module in inputs or outputs")
     modules = {name: get_module(model, name) for name in {*inputs, *outputs}}  # fail before any hook
@@ -277,7 +280,7 @@ def capturing(
         for name, reduction in outputs.items():
 
             def hook(module, _args, output, _n=name, _r=reduction):
-                _r.update(rows(module, _first_tensor(output, _n, "output")))
+                _r.update(out_rows(module, _first_tensor(output, _n, "output")))
 
             handles.append(modules[name].register_forward_hook(hook))
         yield
@@ -292,10 +295,11 @@ def capture(
     inputs: Mapping[str, Reduction] | None = None,
     outputs: Mapping[str, Reduction] | None = None,
     rows: RowsFn = channel_rows,
+    output_rows: RowsFn | None = None,
 ) -> None:
     """Run ``run(model)`` (the calibration forward passes) without gradients while capturing; the
     reductions are updated in place."""
-    with capturing(model, inputs, outputs, rows), torch.no_grad():
+    with capturing(model, inputs, outputs, rows, output_rows), torch.no_grad():
         run(model)
 
 

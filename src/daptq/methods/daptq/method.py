@@ -24,7 +24,7 @@ from daptq.methods.base import Method, forward_batch, require_plan
 from daptq.methods.gptq import gptq_quantize_layer_
 from daptq.methods.scope import ScopePlan, fit_group_size, with_weight_bits
 from daptq.quant import QuantSpec, quantize_
-from daptq.quant.capture import Hessian, capture, fan_in_rows
+from daptq.quant.capture import Covariance, Hessian, capture, channel_rows, fan_in_rows
 
 from .allocation import (
     FLOAT_BITS,
@@ -101,10 +101,7 @@ class DAPTQ(Method):
             self.decisions["phi"] = self._grads.phi
             self.decisions["sensitivity_batches"] = self._grads.n_batches
         self._interfaces = self._interface_layers(adapter) if cfg.use_csrc else []
-        if self._interfaces:
-            self._fp_stats = output_stats(adapter.model, _run_all(adapter, self._batches), self._interfaces)
-        if cfg.rounding == "gptq":
-            self._hessians = self._capture_hessians(adapter, plan)
+        self._capture_float_stats(adapter, plan)
 
     def _ranked_layers(self, plan: ScopePlan) -> list[str]:
         cfg = self.config
@@ -124,12 +121,22 @@ class DAPTQ(Method):
             raise ValueError(f"DA-PTQ: interface_layers {unknown} are not modules of the model")
         return names
 
-    def _capture_hessians(self, adapter: Any, plan: ScopePlan) -> dict[str, torch.Tensor]:
-        """GPTQ input Hessians of every in-scope layer on the float model (one per conv group)."""
+    def _capture_float_stats(self, adapter: Any, plan: ScopePlan) -> None:
+        """In one pass over the calibration set on the float model: the interface layers' output statistics
+        (CSRC's targets) and, for GPTQ rounding, every in-scope layer's input Hessian (one per conv group)."""
         model = adapter.model
-        reductions = {n: Hessian(getattr(model.get_submodule(n), "groups", 1)) for n in plan.modules}
-        capture(model, _run_all(adapter, self._batches), inputs=reductions, rows=fan_in_rows)
-        return {n: h.hessian for n, h in reductions.items()}
+        hessians = {}
+        if self.config.rounding == "gptq":
+            hessians = {n: Hessian(getattr(model.get_submodule(n), "groups", 1)) for n in plan.modules}
+        covariances = {n: Covariance() for n in self._interfaces}
+        if not hessians and not covariances:
+            return
+        run = _run_all(adapter, self._batches)
+        capture(model, run, inputs=hessians, outputs=covariances, rows=fan_in_rows, output_rows=channel_rows)
+        if covariances:
+            self._fp_stats = {n: Stats.of(r) for n, r in covariances.items()}
+        if hessians:
+            self._hessians = {n: h.hessian for n, h in hessians.items()}
 
     # --- 2. decide, quantize, compensate ----------------------------------------------------------------
     def apply(self, adapter: Any) -> None:
