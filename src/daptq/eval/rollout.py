@@ -10,7 +10,7 @@ basis of the action-error metrics.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,7 +100,11 @@ class _ChunkPlayer:
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         self.queues: list[deque[np.ndarray]] = [deque() for _ in seeds]
 
-    def actions(self, observations: Sequence[Any], active: Sequence[int]) -> dict[int, np.ndarray]:
+    def replans(self, episode: int) -> bool:
+        """Whether ``episode``'s next action needs a new chunk (a policy call)."""
+        return not self.queues[episode]
+
+    def actions(self, observations: Mapping[int, Any], active: Sequence[int]) -> dict[int, np.ndarray]:
         need = [i for i in active if not self.queues[i]]
         if need:
             chunks = self.policy.predict_chunks(
@@ -119,28 +123,47 @@ def run_episodes(
     policy_seeds: Sequence[int] | None = None,
     slots: int | None = None,
 ) -> list[Rollout]:
-    """``run_episode`` for several environments stepped in lockstep, the policy (and the shadow) called once
-    per step on the batch of episodes that need a new chunk (``predict_chunks``).
+    """``run_episode`` for several episodes stepped in lockstep on ``envs``, the policy (and the shadow)
+    called once per step on the batch of episodes that need a new chunk (``predict_chunks``).
 
-    Episode i resets ``envs[i]`` with ``seeds[i]`` and draws its sampling noise from a generator seeded with
-    ``policy_seeds[i]`` (default ``seeds[i]``), as ``policy.reset(seed)`` seeds it in the one-env rollout, so
-    both rollouts sample the same noise. ``slots`` fixes the batch size of every call (padding rows).
+    Episode i resets its environment with ``seeds[i]`` and draws its sampling noise from a generator
+    seeded with ``policy_seeds[i]`` (default ``seeds[i]``), as ``policy.reset(seed)`` seeds it in the
+    one-env rollout, so both rollouts sample the same noise. ``slots`` fixes the batch size of every
+    call (padding rows).
+
+    There may be more seeds than environments: the first ``len(envs)`` episodes start together, and an
+    environment whose episode ended takes the next seed at the first step where every running episode
+    re-plans (or none is left), so the new episode joins a call that runs anyway: refilling adds no policy
+    call, and it fills the batch rows an early success would otherwise leave as padding. Rollouts are
+    returned in ``seeds`` order.
     """
     n = len(seeds)
-    if len(envs) < n or n == 0:
-        raise ValueError(f"run_episodes needs one environment per seed, got {len(envs)} for {n} seeds")
+    if n == 0 or not envs:
+        raise ValueError(f"run_episodes needs at least one seed and one environment, got {n} and {len(envs)}")
+    n_envs = min(len(envs), n)
+    if slots is not None and slots < n_envs:
+        raise ValueError(f"slots={slots} < {n_envs} environments stepped together")
     policy_seeds = list(seeds if policy_seeds is None else policy_seeds)
     dim = policy.action_space.dim
-    obs = [env.reset(seed=int(s))[0] for env, s in zip(envs, seeds, strict=False)]
     players = [_ChunkPlayer(policy, policy_seeds, slots)]
     if shadow is not None:
         players.append(_ChunkPlayer(shadow, policy_seeds, slots))
-    ee = [[np.asarray(o["state"][:3], np.float32)] for o in obs]
+    obs: dict[int, Any] = {}
+    env_of: dict[int, Any] = {}
+    free = list(reversed(envs[:n_envs]))
+    waiting = deque(range(n))
+    ee: list[list[np.ndarray]] = [[] for _ in range(n)]
     actions: list[list[np.ndarray]] = [[] for _ in range(n)]
     shadow_actions: list[list[np.ndarray]] = [[] for _ in range(n)]
-    success, done = [False] * n, [False] * n
-    while not all(done):
-        active = [i for i in range(n) if not done[i]]
+    success = [False] * n
+    while waiting or env_of:
+        if free and waiting and all(p.replans(i) for p in players for i in env_of):
+            while free and waiting:
+                i, env = waiting.popleft(), free.pop()
+                env_of[i] = env
+                obs[i] = env.reset(seed=int(seeds[i]))[0]
+                ee[i].append(np.asarray(obs[i]["state"][:3], np.float32))
+        active = sorted(env_of)
         chosen = players[0].actions(obs, active)
         shadowed = players[1].actions(obs, active) if shadow is not None else {}
         for i in active:
@@ -148,11 +171,13 @@ def run_episodes(
             action = _checked_action(chosen[i], dim, "policy", step)
             if shadow is not None:
                 shadow_actions[i].append(_checked_action(shadowed[i], dim, "shadow reference", step))
-            obs[i], _, terminated, truncated, info = envs[i].step(action)
+            obs[i], _, terminated, truncated, info = env_of[i].step(action)
             actions[i].append(action)
             ee[i].append(np.asarray(obs[i]["state"][:3], np.float32))
             success[i] = success[i] or bool(info["success"])
-            done[i] = bool(terminated or truncated)
+            if terminated or truncated:
+                free.append(env_of.pop(i))
+                del obs[i]
     return [
         Rollout(
             success=success[i],

@@ -41,16 +41,25 @@ _VERSIONED_PACKAGES = ("daptq", "torch", "torchao", "numpy", "metaworld", "mujoc
 
 # The reseed floor: the reference re-sampled with its noise seed moved by this fixed offset.
 FLOOR_SEED_OFFSET = 1 << 30
+# Episodes per batch slot in one call of a worker: with N > 1 environments a group of up to 4N episodes of a
+# task runs on the N environments, a finished episode's environment taking the next seed (``run_episodes``).
+EPISODES_PER_SLOT = 4
 # Threads per evaluation process (torch per call; ONNX Runtime sessions when built): workers share the cores.
 WORKER_THREADS = 1
+
+
+def group_size(envs_per_worker: int) -> int:
+    """Episodes a worker runs in one call: 1 for the one-env rollout, else ``EPISODES_PER_SLOT`` per env."""
+    return 1 if envs_per_worker == 1 else EPISODES_PER_SLOT * envs_per_worker
 
 
 class EpisodeRunner:
     """Builds the policies once and the current task's envs on first use; runs (paired) episodes.
 
     Jobs arrive task by task, so only one task's envs are kept: switching task closes the previous ones (each
-    env holds a renderer context). With ``envs_per_worker`` N > 1 a call runs a group of up to N episodes of
-    one task in lockstep (``run_episodes``: one batched policy call per step, fixed N batch slots); N = 1 is
+    env holds a renderer context). With ``envs_per_worker`` N > 1 a call runs a group of up to
+    ``group_size(N)`` episodes of one task on N environments in lockstep (``run_episodes``: one batched
+    policy call per step, fixed N batch slots, an ended episode's env refilled with the next seed); N = 1 is
     the one-env rollout. Reference rollouts (and the reseed floor) come from the reference cache when
     ``execution["reference_cache"]`` names one. Episodes run with one torch thread in every process, so 1 and
     M workers (and the cache) agree bitwise.
@@ -62,6 +71,7 @@ class EpisodeRunner:
         self.run = run
         execution = execution or {}
         self.slots = int(execution.get("envs_per_worker", 1))
+        self.group_size = group_size(self.slots)
         self.candidate = load_policy(run["candidate"], onnx_threads=WORKER_THREADS)
         self.reference = self.shadow = None
         if run["reference"] is not None:
@@ -98,12 +108,13 @@ class EpisodeRunner:
         return self._envs[:n]
 
     def _rollouts(self, policy: Any, task: str, seeds: list[int], offset: int, shadow: Any = None) -> list:
-        envs = self.envs(task, len(seeds))
+        envs = self.envs(task, min(len(seeds), self.slots))
         policy_seeds = [s + offset for s in seeds]
         if self.slots == 1:
+            env = envs[0]
             return [
                 run_episode(env, policy, s, shadow=shadow, policy_seed=p)
-                for env, s, p in zip(envs, seeds, policy_seeds, strict=False)
+                for s, p in zip(seeds, policy_seeds, strict=True)
             ]
         return run_episodes(envs, policy, seeds, shadow=shadow, policy_seeds=policy_seeds, slots=self.slots)
 
@@ -124,17 +135,17 @@ class EpisodeRunner:
         return [(r, i not in missing) for i, r in enumerate(found)]
 
     def __call__(self, jobs: list[tuple[str, int]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-        """Run a group of episodes of one task (at most ``envs_per_worker``); one (record, arrays) each."""
+        """Run a group of episodes of one task (at most ``group_size``); one (record, arrays) each."""
         import torch
 
         task = jobs[0][0]
-        if any(t != task for t, _ in jobs) or len(jobs) > self.slots:
-            raise ValueError(f"a group holds up to {self.slots} episodes of one task, got {jobs}")
+        if any(t != task for t, _ in jobs) or len(jobs) > self.group_size:
+            raise ValueError(f"a group holds up to {self.group_size} episodes of one task, got {jobs}")
         seeds = [s for _, s in jobs]
         threads = torch.get_num_threads()
         torch.set_num_threads(WORKER_THREADS)
         try:
-            self.envs(task, len(seeds))
+            self.envs(task, min(len(seeds), self.slots))
             start = time.perf_counter()
             cands = self._rollouts(self.candidate, task, seeds, 0, shadow=self.shadow)
             refs = floors = [(None, None)] * len(seeds)
@@ -571,9 +582,10 @@ def evaluate(
     the CLI defaults to ``default_cache_dir()``). ``reseed_floor`` pairs the reference with itself re-sampled
     (noise seed + ``FLOOR_SEED_OFFSET``) in every paired episode: the drift that sampling noise alone makes.
     ``envs_per_worker`` N > 1 steps N environments per worker in lockstep with one batched policy call per
-    step (fixed N batch slots); N = 1 is the one-env rollout. ``backend`` "local" runs ``workers`` processes
-    (or the parent for one), "ray" runs ``workers`` Ray actors (``daptq.eval.ray_backend``; ``ray_address``
-    joins an existing cluster); either way this process is the run directory's only writer.
+    step (fixed N batch slots; a worker takes ``group_size(N)`` episodes at a time and refills an env whose
+    episode ended with the next seed); N = 1 is the one-env rollout. ``backend`` "local" runs ``workers``
+    processes (or the parent for one), "ray" runs ``workers`` Ray actors (``daptq.eval.ray_backend``;
+    ``ray_address`` joins an existing cluster); either way this process is the run directory's only writer.
     Everything is validated before the first write; the run directory is locked while this call writes it.
     """
     workers = _check_int("workers", workers, 1)
@@ -624,7 +636,8 @@ def _run_and_summarize(
     records = _finished_episodes(out, log, run)
     total = len(run["tasks"]) * run["episodes"]
     paired = run["reference"] is not None
-    jobs = _groups(_pending_jobs(run, {(r["task"], r["seed"]) for r in records}), context["envs_per_worker"])
+    pending = _pending_jobs(run, {(r["task"], r["seed"]) for r in records})
+    jobs = _groups(pending, group_size(context["envs_per_worker"]))
     bar = tqdm(
         total=total, initial=len(records), desc="eval", unit="ep", disable=not progress, dynamic_ncols=True
     )
@@ -675,7 +688,7 @@ def _results(
     if pending <= 0:
         return
     workers = context["workers"]
-    groups_needed = -(-pending // context["envs_per_worker"])
+    groups_needed = -(-pending // group_size(context["envs_per_worker"]))
     if context["backend"] == "ray":
         from daptq.eval.ray_backend import ray_results
 
