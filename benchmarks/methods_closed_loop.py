@@ -17,6 +17,9 @@ Named variants (``VARIANTS``) are methods too: the W4A8 ablation (the paper's Ta
     python benchmarks/methods_closed_loop.py --setting w4a8 \\
         --methods daptq-paper=daptq daptq-csrc-only daptq-mpa-only daptq-neither
 
+``--split val`` evaluates on the validation seeds instead (label suffix ``-val``, results under
+``--results``): for choices between variants, which must not be made on the evaluation seeds.
+
 ``--calib-tasks T [T ...]`` calibrates on those tasks only (label suffix ``-cal<N>``): the transfer experiment
 calibrates on 5 MT10 tasks and evaluates (``--tasks``) on the other 5.
 """
@@ -70,6 +73,10 @@ VARIANTS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
     # the paper keeps its last 2 DiT blocks float; the reference head has only 3, so the issue asks for the
     # variant that keeps only the last one float too
     "daptq-1block": ("daptq", {"float_dit_blocks": 1}, ("w4a8", "w4a4")),
+    # `budget` driven by the QVLA-style action-deviation estimate instead of the drift-weighted Fisher one:
+    # the closed-loop surrogate check ranked the two alike, so the allocation they drive is compared end to
+    # end, on the validation seeds (``--split val``), where choices are made
+    "daptq-actdev": ("daptq", {"estimator": "action_deviation"}, ("avg3", "avg2.5", "avg2")),
 }
 
 
@@ -305,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--calib-tasks", nargs="+", help="calibrate on these tasks only (label suffix -cal<N>): transfer"
     )
+    p.add_argument(
+        "--split", choices=("eval", "val"), default="eval", help="seed split evaluated (val: for choices)"
+    )
     p.add_argument("--episodes", type=int, default=50)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--envs-per-worker", type=int, default=4)
@@ -315,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from daptq.envs.tasks import SEED_SPLITS
     from daptq.eval import evaluate
     from daptq.methods.workflow import quantize_to_directory
 
@@ -327,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         label, _, method = entry.rpartition("=")
         label = (label or method) + suffix
         name = f"{label}-{args.setting}"
-        qdir, run = root / "q" / name, root / f"eval-{name}"
+        split = "" if args.split == "eval" else f"-{args.split}"
+        qdir, run = root / "q" / name, root / f"eval-{name}{split}"
         if not qdir.is_dir():
             start = time.perf_counter()
             quantize_to_directory(REFERENCE, method_config(method, args.setting), qdir, calibration)
@@ -337,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             REFERENCE,
             tasks=args.tasks,
             episodes=args.episodes,
+            seed_start=SEED_SPLITS[args.split],
             workers=args.workers,
             envs_per_worker=args.envs_per_worker,
             out=run,
@@ -344,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             reference_cache=args.reference_cache,
             progress=False,
         )
-        rows.append(row_for(label, qdir, run))
+        rows.append(row_for(label + split, qdir, run))
     command = "python benchmarks/methods_closed_loop.py " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
