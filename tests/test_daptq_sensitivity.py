@@ -12,6 +12,7 @@ from daptq.methods.daptq.sensitivity import (
     bit_sensitivities,
     gradient_stats,
     rtn_error,
+    sampled_chunks,
 )
 from daptq.quant import QuantSpec, WeightSpec
 
@@ -118,6 +119,19 @@ def test_action_deviation_grows_as_bits_fall_and_is_zero_for_float():
         adapter, batches, ["head"], QuantSpec(WeightSpec(2, symmetric=False)), dim_weights=torch.ones(D)
     )["head"]
     assert ones == pytest.approx(dev[2])
+
+
+def test_action_deviation_with_a_precomputed_float_reference_is_unchanged():
+    adapter, batches = LinearDenoiser(), _batches()
+    spec = QuantSpec(WeightSpec(3, symmetric=False))
+    fresh = action_deviation(adapter, batches, ["head"], spec, seed=5)["head"]
+    reference = sampled_chunks(adapter, batches, seed=5)
+    assert action_deviation(adapter, batches, ["head"], spec, seed=5, reference=reference)["head"] == fresh
+    assert fresh > 0.0
+    other = sampled_chunks(adapter, batches, seed=6)  # other noise: a different (wrong) reference
+    assert action_deviation(adapter, batches, ["head"], spec, seed=5, reference=other)["head"] != fresh
+    with pytest.raises(ValueError, match="reference chunks"):
+        action_deviation(adapter, batches, ["head"], spec, reference=reference[:1])
 
 
 def test_bad_inputs_are_named():

@@ -38,7 +38,7 @@ from .allocation import (
 from .compensation import Stats, compensate, fold_compensation, output_stats
 from .config import DAPTQConfig
 from .drift import drift_scores
-from .sensitivity import GradientStats, action_deviation, bit_sensitivities, gradient_stats
+from .sensitivity import GradientStats, action_deviation, bit_sensitivities, gradient_stats, sampled_chunks
 
 Batches = Sequence[Mapping[str, torch.Tensor]]
 
@@ -239,6 +239,8 @@ class DAPTQ(Method):
         cfg = self.config
         names = list(plan.modules)
         if cfg.estimator == "action_deviation":
+            batches = self._batches[: cfg.sensitivity_batches]
+            reference = sampled_chunks(adapter, batches, cfg.sensitivity_seed)  # the float chunks, once
             out: dict[str, dict[Any, float]] = {n: {} for n in names}
             for n in names:  # one layer and choice at a time (each layer's own fitted spec)
                 for c, spec in candidates[n].items():
@@ -246,11 +248,7 @@ class DAPTQ(Method):
                         out[n][c] = 0.0
                         continue
                     out[n][c] = action_deviation(
-                        adapter,
-                        self._batches[: cfg.sensitivity_batches],
-                        [n],
-                        spec,
-                        seed=cfg.sensitivity_seed,
+                        adapter, batches, [n], spec, seed=cfg.sensitivity_seed, reference=reference
                     )[n]
             return out
         stats = self._grads

@@ -137,6 +137,15 @@ def bit_sensitivities(
 
 
 @torch.no_grad()
+@torch.no_grad()
+def sampled_chunks(policy, batches: Sequence[Batch], seed: int = 0) -> list[torch.Tensor]:
+    """The policy's sampled action chunks per batch (float64), batch i's noise from ``seed + i``."""
+    return [
+        policy.predict_chunk(b, generator=torch.Generator().manual_seed(seed + i)).double()
+        for i, b in enumerate(batches)
+    ]
+
+
 def action_deviation(
     policy,
     batches: Sequence[Batch],
@@ -144,29 +153,28 @@ def action_deviation(
     spec: QuantSpec,
     dim_weights: torch.Tensor | None = None,
     seed: int = 0,
+    reference: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """QVLA-style proxy: ``mean_j w_j (a_q - a_fp)_j^2`` of sampled chunks with one layer quantized.
 
     ``policy.predict_chunk(batch, generator)`` samples the chunks; each batch is sampled with a generator
-    seeded with ``seed + batch index`` in both passes, so only the weights differ.
+    seeded with ``seed + batch index`` in both passes, so only the weights differ. ``reference``: the float
+    model's chunks from :func:`sampled_chunks` with the same batches and seed, when the caller scores many
+    (layer, spec) pairs (computed here otherwise).
     """
     if not batches:
         raise ValueError("action_deviation: no calibration batches")
     model = policy.model
-
-    def sample() -> list[torch.Tensor]:
-        return [
-            policy.predict_chunk(b, generator=torch.Generator().manual_seed(seed + i)).double()
-            for i, b in enumerate(batches)
-        ]
-
-    reference = sample()
+    if reference is None:
+        reference = sampled_chunks(policy, batches, seed)
+    elif len(reference) != len(batches):
+        raise ValueError(f"action_deviation: {len(reference)} reference chunks for {len(batches)} batches")
     weights = None if dim_weights is None else torch.as_tensor(dim_weights, dtype=torch.float64)
     out = {}
     for name in names:
         _weights(model, [name])
         with temporarily_quantized(model, name, spec):
-            quantized = sample()
+            quantized = sampled_chunks(policy, batches, seed)
         errs = []
         for a_fp, a_q in zip(reference, quantized, strict=True):
             sq = (a_q - a_fp) ** 2
