@@ -1,21 +1,23 @@
 """Throughput of paired closed-loop evaluation with the reference VLA: today's path against batching + cache.
 
-Measured in one run on the same (task, seed) list, all with 2 worker processes:
+Measured in one run on the same (task, seed) list, all with 2 workers (the benchmark process, which loads
+the policy once before any timing, and one spawned process):
 
 - baseline: ``--envs-per-worker 1 --no-reference-cache`` (the one-env path, every rollout computed);
 - first method: ``--envs-per-worker N`` with an empty reference cache (the reference is computed, batched,
   and cached);
-- second method: the same again against the now cached reference (no reference rollout at all).
+- second method: the same again against the now cached reference (no reference rollout at all);
+- both new paths once per ``--envs`` value.
 
-The candidate is the reference VLA itself (``ref:metaworld-mt10`` against ``ref:metaworld-mt10``): no
-quantized VLA exists yet, and a candidate's cost per call is that of the network it runs, which for an FP
-candidate is the reference's (fake-quantized candidates cost more, which favours batching further). The
-reseed floor is off in all three (``--reseed-floor`` turns it on in the new paths only), so every row
-does the same paired work as today's path. Then one process profiles where a paired episode's time goes
-(physics, render, vision encoder, backbone, DiT sampling, the rest: Python and the metrics) on the
-baseline path and the batched paths. Writes results/eval_throughput.json and .md.
+The candidate is the reference VLA itself (``ref:metaworld-mt10`` against ``ref:metaworld-mt10``): a
+candidate's cost per call is that of the network it runs, which for an FP candidate is the reference's
+(fake-quantized candidates cost more, which favours batching further). The reseed floor is off in all
+rows (``--reseed-floor`` turns it on in the new paths only), so every row does the same paired work as
+today's path. Then one process profiles where a paired episode's time goes (physics, render, vision
+encoder, backbone, DiT sampling, the rest: Python and the metrics) on the baseline path and the batched
+paths (the first ``--envs`` value). Writes results/eval_throughput.json and .md.
 
-    python benchmarks/eval_throughput.py [--tasks reach push] [--episodes 8] [--max-steps 60] [--envs 4]
+    python benchmarks/eval_throughput.py [--tasks reach push] [--episodes 8] [--max-steps 60] [--envs 4 8]
 """
 
 from __future__ import annotations
@@ -145,12 +147,24 @@ def profile(args, tmp: Path, envs: int, cache: Path | None, label: str) -> dict:
     }
 
 
+def _warm_up() -> None:
+    """Load the policy once before timing, so every row finds this process in the same state (the first
+    load imports transformers and the encoders: seconds that would otherwise fall on the first row only)."""
+    from daptq.eval.runner import set_process_defaults
+    from daptq.models.registry import load_policy
+
+    set_process_defaults()
+    load_policy(MODEL)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["reach", "push"])
     parser.add_argument("--episodes", type=int, default=8, help="episodes per task")
     parser.add_argument("--max-steps", type=int, default=60)
-    parser.add_argument("--envs", type=int, default=4, help="--envs-per-worker of the new paths")
+    parser.add_argument(
+        "--envs", type=int, nargs="+", default=[4], help="--envs-per-worker of the new paths (one pair each)"
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--profile-episodes", type=int, default=4, help="episodes of the profile (one task)")
     parser.add_argument("--reseed-floor", action="store_true", help="compute the floor in the new paths")
@@ -162,19 +176,21 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="daptq-bench-") as tmp_name:
         tmp = Path(tmp_name)
         w = args.workers
-        rows = {
-            "baseline (one env, no cache)": _run(tmp / "base", args, w, 1, None, False),
-            "first method (batched, cold cache)": _run(
-                tmp / "first", args, w, args.envs, tmp / "cache", args.reseed_floor
-            ),
-            "second method (batched, cached reference)": _run(
-                tmp / "second", args, w, args.envs, tmp / "cache", args.reseed_floor
-            ),
-        }
+        _warm_up()
+        rows = {"baseline (one env, no cache)": _run(tmp / "base", args, w, 1, None, False)}
+        for n in args.envs:
+            cache = tmp / f"cache-{n}"
+            rows[f"first method (batched x{n}, cold cache)"] = _run(
+                tmp / f"first-{n}", args, w, n, cache, args.reseed_floor
+            )
+            rows[f"second method (batched x{n}, cached reference)"] = _run(
+                tmp / f"second-{n}", args, w, n, cache, args.reseed_floor
+            )
+        n = args.envs[0]
         profiles = [
             profile(args, tmp, 1, None, "baseline: one env, no cache"),
-            profile(args, tmp, args.envs, tmp / "pcache", f"batched x{args.envs}, cold cache"),
-            profile(args, tmp, args.envs, tmp / "pcache", f"batched x{args.envs}, cached reference"),
+            profile(args, tmp, n, tmp / "pcache", f"batched x{n}, cold cache"),
+            profile(args, tmp, n, tmp / "pcache", f"batched x{n}, cached reference"),
         ]
     base = rows["baseline (one env, no cache)"]["paired_episodes_per_s"]
     ratios = {k: round(v["paired_episodes_per_s"] / base, 2) for k, v in rows.items()}
@@ -208,7 +224,7 @@ def _markdown(result: dict, args) -> str:
         "# Evaluation throughput",
         "",
         f"`{result['command']}` on {m['cpus']} CPUs (1-min load average {m['load_avg_1m_start']:.1f} at the "
-        f"start, {m['load_avg_1m_end']:.1f} at the end; other engineers' jobs shared the machine). "
+        f"start, {m['load_avg_1m_end']:.1f} at the end). "
         f"`{MODEL}` paired against itself, {args.workers} workers, tasks {', '.join(args.tasks)}, "
         f"{args.episodes} episodes each, {args.max_steps} steps max, 96 px; reseed floor "
         f"{'on' if args.reseed_floor else 'off'} in the new paths.",

@@ -2,12 +2,14 @@
 
 Workers (a spawn-context pool) rebuild env + policies from spec strings once and run many episodes; the parent
 is the single writer of the run directory (see ``daptq.eval.store`` for why a crash never loses or duplicates
-an episode). With ``workers=1`` episodes run in the parent process, which is simpler to debug and avoids the
-start-up cost of a process.
+an episode). The parent is also one of the ``workers``: it has loaded the policies to validate the request
+anyway, so M workers start M - 1 processes, and those start (import, load the policies) while the parent
+validates. With ``workers=1`` every episode runs in the parent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib.metadata
 import json
@@ -18,9 +20,10 @@ import platform
 import queue
 import subprocess
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,19 +68,25 @@ class EpisodeRunner:
     M workers (and the cache) agree bitwise.
     """
 
-    def __init__(self, run: dict[str, Any], execution: dict[str, Any] | None = None) -> None:
-        from daptq.models.registry import load_policy
-
+    def __init__(
+        self,
+        run: dict[str, Any],
+        execution: dict[str, Any] | None = None,
+        policies: Mapping[str, Any] | None = None,
+    ) -> None:
         self.run = run
         execution = execution or {}
+        policies = policies or {}
         self.slots = int(execution.get("envs_per_worker", 1))
         self.group_size = group_size(self.slots)
-        self.candidate = load_policy(run["candidate"], onnx_threads=WORKER_THREADS)
+        self.candidate = policies.get("candidate") or _load(run["candidate"])
         self.reference = self.shadow = None
         if run["reference"] is not None:
             # One instance serves as both: the shadow acts during the candidate's rollout, the reference
             # after it, and the batched path keeps every episode's queue and generator outside the policy.
-            self.reference = self.shadow = load_policy(run["reference"], onnx_threads=WORKER_THREADS)
+            self.reference = self.shadow = policies.get("reference") or _load(run["reference"])
+        if self.reference is self.candidate:
+            raise ValueError("candidate and reference must be separate instances (a policy keeps state)")
         self.cache = None
         if execution.get("reference_cache") and self.reference is not None:
             self.cache = ReferenceCache(execution["reference_cache"], execution["cache_key"])
@@ -178,7 +187,14 @@ class EpisodeRunner:
         self._envs, self._task = [], None
 
 
+def _load(spec: str) -> Any:
+    from daptq.models.registry import load_policy
+
+    return load_policy(spec, onnx_threads=WORKER_THREADS)
+
+
 _WORKER: EpisodeRunner | None = None
+_WORKER_POLICIES: dict[str, Any] = {}
 _WORKER_INIT_ERROR: BaseException | None = None
 
 
@@ -191,25 +207,36 @@ def set_process_defaults() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _init_worker(run: dict[str, Any], execution: dict[str, Any]) -> None:
-    global _WORKER, _WORKER_INIT_ERROR
+def _init_worker(specs: Mapping[str, str]) -> None:
+    """Start a pool worker from the model specs alone (role -> spec, known before the parent's validation
+    ends): load the policies and import the simulator, so the first job only builds its envs."""
+    global _WORKER_INIT_ERROR
     set_process_defaults()
     import torch
 
     torch.set_num_threads(WORKER_THREADS)  # one core per worker; several workers share the machine
     try:
-        _WORKER = EpisodeRunner(run, execution)
+        for role, spec in specs.items():
+            _WORKER_POLICIES[role] = _load(spec)  # one instance per role, also for equal specs
+        import daptq.envs.metaworld_env  # noqa: F401  (MuJoCo, Meta-World: the first job's envs)
     except (
         Exception
     ) as exc:  # re-raised from _run_job: a Pool would respawn a worker whose init raised, forever
         _WORKER_INIT_ERROR = exc
 
 
-def _run_job(job: list[tuple[str, int]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    if _WORKER is None:
+def _run_job(
+    run: dict[str, Any], execution: dict[str, Any], job: list[tuple[str, int]]
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Run one group in a pool worker; its runner is built on the first job (every job of a pool carries
+    the same validated ``run`` and ``execution``)."""
+    global _WORKER
+    if _WORKER_INIT_ERROR is not None:
         raise RuntimeError(
             f"evaluation worker failed to start: {_WORKER_INIT_ERROR!r}"
         ) from _WORKER_INIT_ERROR
+    if _WORKER is None:
+        _WORKER = EpisodeRunner(run, execution, policies=_WORKER_POLICIES)
     return _WORKER(job)
 
 
@@ -403,19 +430,14 @@ def _check_environment(run: dict[str, Any], action_dim: int) -> None:
         )
 
 
-def _run_config(run: dict[str, Any], execution: dict[str, Any]) -> dict[str, Any]:
+def _run_config(run: dict[str, Any], execution: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load the policies once in the parent, resolve what to render and check everything a worker would,
-    so a bad request fails before the first write. Returns the whole config.json."""
-    from daptq.models.registry import load_policy
-
-    cand_policy = load_policy(run["candidate"], onnx_threads=WORKER_THREADS)
+    so a bad request fails before the first write. Returns the whole config.json and the loaded policies
+    by role (the parent runs episodes with them; an equal reference spec is not loaded twice here)."""
+    cand_policy = _load(run["candidate"])
     ref_policy = None
     if run["reference"] is not None:
-        ref_policy = (
-            cand_policy
-            if run["reference"] == run["candidate"]
-            else load_policy(run["reference"], onnx_threads=WORKER_THREADS)
-        )
+        ref_policy = cand_policy if run["reference"] == run["candidate"] else _load(run["reference"])
     if ref_policy is not None and cand_policy.action_space != ref_policy.action_space:
         raise ValueError(
             f"candidate and reference have different action spaces: {cand_policy.action_space.to_dict()} vs "
@@ -425,7 +447,10 @@ def _run_config(run: dict[str, Any], execution: dict[str, Any]) -> dict[str, Any
     run["image_size"], run["camera"] = _observation_settings(infos, run["image_size"], run["camera"])
     _warn_on_scene_mismatch(infos, run["scene_version"])
     _check_environment(run, cand_policy.action_space.dim)
-    return {
+    policies = {"candidate": cand_policy}
+    if ref_policy is not None and ref_policy is not cand_policy:
+        policies["reference"] = ref_policy
+    config = {
         "format": store.RUN_FORMAT,
         "format_version": store.RUN_FORMAT_VERSION,
         "run": run,
@@ -440,6 +465,7 @@ def _run_config(run: dict[str, Any], execution: dict[str, Any]) -> dict[str, Any
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         },
     }
+    return config, policies
 
 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
@@ -583,9 +609,10 @@ def evaluate(
     (noise seed + ``FLOOR_SEED_OFFSET``) in every paired episode: the drift that sampling noise alone makes.
     ``envs_per_worker`` N > 1 steps N environments per worker in lockstep with one batched policy call per
     step (fixed N batch slots; a worker takes ``group_size(N)`` episodes at a time and refills an env whose
-    episode ended with the next seed); N = 1 is the one-env rollout. ``backend`` "local" runs ``workers``
-    processes (or the parent for one), "ray" runs ``workers`` Ray actors (``daptq.eval.ray_backend``;
-    ``ray_address`` joins an existing cluster); either way this process is the run directory's only writer.
+    episode ended with the next seed); N = 1 is the one-env rollout. ``backend`` "local" runs
+    ``workers`` processes, this one included (the others start while this one validates); "ray" runs
+    ``workers`` Ray actors (``daptq.eval.ray_backend``; ``ray_address`` joins an existing cluster); either
+    way this process is the run directory's only writer.
     Everything is validated before the first write; the run directory is locked while this call writes it.
     """
     workers = _check_int("workers", workers, 1)
@@ -612,16 +639,29 @@ def evaluate(
         "envs_per_worker": envs_per_worker,
         "reference_cache": None if reference_cache is None else str(Path(reference_cache).resolve()),
     }
-    config = _run_config(run, execution)
-    context = {**execution}
-    if config["reference"] is not None:
-        context["cache_key"] = base_key(run, config["reference"], batch_slots=envs_per_worker)
-    out = Path(out)
-    lock = _open_run_dir(out, config, resume)
-    try:
-        return _run_and_summarize(out, run, context, progress, on_episode)
-    finally:
-        lock.release()
+    with contextlib.ExitStack() as stack:
+        pool = None
+        groups = len(run["tasks"]) * -(-run["episodes"] // group_size(envs_per_worker))
+        processes = min(workers, groups) - 1  # this process is a worker too
+        if backend == "local" and processes > 0:
+            # Started now, so the workers load their policies while this process validates the request.
+            specs = {"candidate": run["candidate"]}
+            if run["reference"] is not None:
+                specs["reference"] = run["reference"]
+            pool = stack.enter_context(
+                mp.get_context("spawn").Pool(processes, initializer=_init_worker, initargs=(specs,))
+            )  # leaving the with-block (normally or by an exception) terminates the workers
+            pool = (pool, processes)
+        config, policies = _run_config(run, execution)
+        context = {**execution}
+        if config["reference"] is not None:
+            context["cache_key"] = base_key(run, config["reference"], batch_slots=envs_per_worker)
+        out = Path(out)
+        lock = _open_run_dir(out, config, resume)
+        try:
+            return _run_and_summarize(out, run, context, progress, on_episode, policies, pool)
+        finally:
+            lock.release()
 
 
 def _run_and_summarize(
@@ -630,18 +670,22 @@ def _run_and_summarize(
     context: dict[str, Any],
     progress: bool,
     on_episode: Callable[[dict[str, Any]], None] | None,
+    policies: Mapping[str, Any],
+    pool: tuple[Any, int] | None = None,
 ) -> dict[str, Any]:
     """Run the episodes ``out`` lacks, committing each as it finishes, then write summary.json."""
     log = store.EpisodeLog(out / store.EPISODES_NAME)
     records = _finished_episodes(out, log, run)
     total = len(run["tasks"]) * run["episodes"]
     paired = run["reference"] is not None
-    pending = _pending_jobs(run, {(r["task"], r["seed"]) for r in records})
-    jobs = _groups(pending, group_size(context["envs_per_worker"]))
+    done = {(r["task"], r["seed"]) for r in records}
+    pending = _pending_jobs(run, done)
+    left = {t: run["episodes"] - sum(d[0] == t for d in done) for t in run["tasks"]}
+    jobs = _groups(pending, group_size(context["envs_per_worker"]), left)
     bar = tqdm(
         total=total, initial=len(records), desc="eval", unit="ep", disable=not progress, dynamic_ncols=True
     )
-    results = _results(run, context, jobs, total - len(records))
+    results = _results(run, context, jobs, total - len(records), policies, pool)
     try:
         for record, arrays in results:
             store.atomic_save_npz(store.arrays_path(out, record["task"], record["seed"]), arrays)
@@ -669,22 +713,38 @@ def _running_rates(records: list[dict[str, Any]], paired: bool) -> str:
     return text
 
 
-def _groups(jobs: Iterator[tuple[str, int]], size: int) -> Iterator[list[tuple[str, int]]]:
-    """Consecutive jobs of one task in groups of at most ``size`` (a worker's batch of environments)."""
+def _groups(
+    jobs: Iterator[tuple[str, int]], size: int, left: Mapping[str, int]
+) -> Iterator[list[tuple[str, int]]]:
+    """Consecutive jobs of one task in the fewest groups of at most ``size`` (a worker's batch of
+    environments), of near-equal sizes (``left[task]`` jobs of the task are pending): 24 jobs at size 16
+    make 12 + 12, not 16 + 8, so no group runs its envs half empty and the workers end together."""
+    left = dict(left)
     group: list[tuple[str, int]] = []
+    target = 0
     for job in jobs:
-        if group and (len(group) == size or job[0] != group[0][0]):
+        if group and (len(group) == target or job[0] != group[0][0]):
             yield group
             group = []
+        if not group:
+            remaining = max(left[job[0]], 1)
+            target = -(-remaining // -(-remaining // size))  # ceil(remaining / groups still to make)
         group.append(job)
+        left[job[0]] -= 1
     if group:
         yield group
 
 
 def _results(
-    run: dict[str, Any], context: dict[str, Any], groups: Iterator[list[tuple[str, int]]], pending: int
+    run: dict[str, Any],
+    context: dict[str, Any],
+    groups: Iterator[list[tuple[str, int]]],
+    pending: int,
+    policies: Mapping[str, Any],
+    pool: tuple[Any, int] | None = None,
 ):
-    """Yield (record, arrays) per episode as they finish: in-process for one worker, else a spawn pool."""
+    """Yield (record, arrays) per episode as they finish: in this process alone, with the processes of
+    ``pool`` (a spawn pool and its size) besides, or on Ray actors."""
     if pending <= 0:
         return
     workers = context["workers"]
@@ -694,16 +754,15 @@ def _results(
 
         yield from ray_results(run, context, groups, min(workers, groups_needed), context["ray_address"])
         return
-    if workers == 1:
-        runner = EpisodeRunner(run, context)
-        try:
+    runner = EpisodeRunner(run, context, policies)
+    try:
+        if pool is None:
             for group in groups:
                 yield from runner(group)
-        finally:
-            runner.close()
-        return
-    for finished in _pool_results(run, context, groups, min(workers, groups_needed)):
-        yield from finished
+        else:
+            yield from _pool_results(run, context, groups, *pool, runner)
+    finally:
+        runner.close()
 
 
 class _Failed:
@@ -712,24 +771,69 @@ class _Failed:
 
 
 def _pool_results(
-    run: dict[str, Any], context: dict[str, Any], jobs: Iterator[list[tuple[str, int]]], workers: int
+    run: dict[str, Any],
+    context: dict[str, Any],
+    jobs: Iterator[list[tuple[str, int]]],
+    pool: Any,
+    processes: int,
+    local: EpisodeRunner,
 ):
-    """A spawn pool fed at most two jobs per worker at a time (``imap`` would queue every job at once)."""
+    """Groups run on the pool's ``processes`` workers and on ``local`` (this process) alike.
+
+    Each pool worker holds one group at a time and is handed the next the moment it finishes (from the
+    pool's result thread), so none waits while this process is busy with a group of its own and none
+    has a queued group when the jobs run out (``imap`` would also queue every job at once). Finished
+    groups are committed between this process's own groups.
+    """
     finished: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(run, context)) as pool:
-        # Leaving the with-block (normally or by an exception) terminates the workers.
-        in_flight = 0
-        while True:
-            while in_flight < 2 * workers and (job := next(jobs, None)) is not None:
-                pool.apply_async(
-                    _run_job, (job,), callback=finished.put, error_callback=lambda e: finished.put(_Failed(e))
-                )
-                in_flight += 1
-            if not in_flight:
+    lock = threading.Lock()
+    submitted = 0
+
+    def next_job() -> list[tuple[str, int]] | None:
+        with lock:  # the result thread and this one share the iterator
+            return next(jobs, None)
+
+    def submit() -> None:
+        nonlocal submitted
+        with lock:  # counted with the job taken, so the final count below sees every submitted group
+            job = next(jobs, None)
+            if job is None:
                 return
-            item = finished.get()
-            in_flight -= 1
-            if isinstance(item, _Failed):
-                raise item.exc
-            yield item
+            submitted += 1
+        try:
+            pool.apply_async(_run_job, (run, context, job), callback=done, error_callback=failed)
+        except ValueError as exc:  # the pool is shutting down: this run is ending with an error anyway
+            finished.put(_Failed(exc))
+
+    def done(result: Any) -> None:
+        finished.put(result)
+        submit()
+
+    def failed(exc: BaseException) -> None:
+        finished.put(_Failed(exc))
+
+    def take(item: Any) -> Any:
+        if isinstance(item, _Failed):
+            raise item.exc
+        return item
+
+    for _ in range(processes):
+        submit()
+    received = 0
+    while True:
+        while True:
+            try:
+                item = finished.get_nowait()
+            except queue.Empty:
+                break
+            received += 1
+            yield from take(item)
+        job = next_job()
+        if job is not None:
+            yield from local(job)
+            continue
+        with lock:
+            if received == submitted:
+                return
+        received += 1
+        yield from take(finished.get())
