@@ -1,7 +1,9 @@
 """The local backend's scheduling: the parent is one of the workers, the pool starts while the parent
 validates, and groups are balanced per task."""
 
+import gc
 import multiprocessing as mp
+import multiprocessing.pool
 
 import pytest
 
@@ -50,6 +52,9 @@ def test_two_workers_are_the_parent_and_one_process_each_episode_once(tmp_path, 
     )
     assert both["complete"] and len(seen) == 6 == len(set(seen))
     assert len(children) == 1  # two workers: this process and one spawned
+    # The pool is freed when the run ends, not at the next garbage collection (a cycle would keep its named
+    # semaphores until then, and an interpreter exiting first warns of "leaked semaphore objects").
+    assert not any(type(o) is multiprocessing.pool.Pool for o in gc.get_objects())
     assert 0 < len(in_parent) < 6  # both did part of the work
     alone = evaluate("toy:weight_noise=0.2", "toy", workers=1, out=tmp_path / "one", **kwargs)
     assert both["overall"] == alone["overall"]

@@ -770,6 +770,46 @@ class _Failed:
         self.exc = exc
 
 
+class _PoolFeeder:
+    """Hands groups to a pool one per worker at a time, the next from the pool's result thread the moment
+    one finishes. (A class, not closures: closures that call each other form a reference cycle that keeps
+    the pool, and its named semaphores, alive until the garbage collector runs.)"""
+
+    def __init__(self, pool: Any, run: dict[str, Any], context: dict[str, Any], jobs: Iterator) -> None:
+        self.pool, self.run, self.context, self.jobs = pool, run, context, jobs
+        self.finished: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.lock = threading.Lock()  # the result thread and the caller share the iterator
+        self.submitted = 0
+
+    def next_job(self) -> list[tuple[str, int]] | None:
+        with self.lock:
+            return next(self.jobs, None)
+
+    def submit(self) -> None:
+        with self.lock:  # counted with the job taken, so ``all_submitted_received`` sees every group
+            job = next(self.jobs, None)
+            if job is None:
+                return
+            self.submitted += 1
+        try:
+            self.pool.apply_async(
+                _run_job, (self.run, self.context, job), callback=self._done, error_callback=self._failed
+            )
+        except ValueError as exc:  # the pool is shutting down: this run is ending with an error anyway
+            self.finished.put(_Failed(exc))
+
+    def _done(self, result: Any) -> None:
+        self.finished.put(result)
+        self.submit()
+
+    def _failed(self, exc: BaseException) -> None:
+        self.finished.put(_Failed(exc))
+
+    def all_received(self, received: int) -> bool:
+        with self.lock:
+            return received == self.submitted
+
+
 def _pool_results(
     run: dict[str, Any],
     context: dict[str, Any],
@@ -780,37 +820,12 @@ def _pool_results(
 ):
     """Groups run on the pool's ``processes`` workers and on ``local`` (this process) alike.
 
-    Each pool worker holds one group at a time and is handed the next the moment it finishes (from the
-    pool's result thread), so none waits while this process is busy with a group of its own and none
-    has a queued group when the jobs run out (``imap`` would also queue every job at once). Finished
-    groups are committed between this process's own groups.
+    Each pool worker holds one group at a time and is handed the next the moment it finishes, so none
+    waits while this process is busy with a group of its own and none has a queued group when the jobs
+    run out (``imap`` would also queue every job at once). Finished groups are committed between this
+    process's own groups.
     """
-    finished: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    lock = threading.Lock()
-    submitted = 0
-
-    def next_job() -> list[tuple[str, int]] | None:
-        with lock:  # the result thread and this one share the iterator
-            return next(jobs, None)
-
-    def submit() -> None:
-        nonlocal submitted
-        with lock:  # counted with the job taken, so the final count below sees every submitted group
-            job = next(jobs, None)
-            if job is None:
-                return
-            submitted += 1
-        try:
-            pool.apply_async(_run_job, (run, context, job), callback=done, error_callback=failed)
-        except ValueError as exc:  # the pool is shutting down: this run is ending with an error anyway
-            finished.put(_Failed(exc))
-
-    def done(result: Any) -> None:
-        finished.put(result)
-        submit()
-
-    def failed(exc: BaseException) -> None:
-        finished.put(_Failed(exc))
+    feeder = _PoolFeeder(pool, run, context, jobs)
 
     def take(item: Any) -> Any:
         if isinstance(item, _Failed):
@@ -818,22 +833,21 @@ def _pool_results(
         return item
 
     for _ in range(processes):
-        submit()
+        feeder.submit()
     received = 0
     while True:
         while True:
             try:
-                item = finished.get_nowait()
+                item = feeder.finished.get_nowait()
             except queue.Empty:
                 break
             received += 1
             yield from take(item)
-        job = next_job()
+        job = feeder.next_job()
         if job is not None:
             yield from local(job)
             continue
-        with lock:
-            if received == submitted:
-                return
+        if feeder.all_received(received):
+            return
         received += 1
-        yield from take(finished.get())
+        yield from take(feeder.finished.get())
