@@ -226,6 +226,11 @@ def test_the_cli_evaluates_reports_and_refuses_nan(tmp_path, capsys):
     common = ["--tasks", "reach", "push", "--max-steps", "20", "--image-size", "16", "--no-progress"]
     argv = ["eval", "toy", *common, "--episodes", "3", "--out", str(run), "--reference-cache", str(cache)]
     assert main(argv) == 0
+    from daptq.cli import DEFAULT_ENVS_PER_WORKER, default_workers
+
+    execution = json.loads((run / store.CONFIG_NAME).read_text())["execution"]
+    assert execution["envs_per_worker"] == DEFAULT_ENVS_PER_WORKER > 1  # batched unless told otherwise
+    assert execution["workers"] == default_workers() >= 1
     assert main(["report", str(run)]) == 0 and (run / "report.md").is_file()
     bad = ["eval", "toy", "--reference", "toy", *common, "--out", str(tmp_path / "nan")]
     assert main([*bad, "--divergence-threshold", "nan"]) == 2
