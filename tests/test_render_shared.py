@@ -1,0 +1,41 @@
+"""The offscreen renderer: mujoco.Renderer's pixels, with one render context per set of assets."""
+
+import numpy as np
+
+from daptq.envs import make_env
+from daptq.envs import render as render_module
+
+
+def _reference_image(model, data, image_size: int, camera: str) -> np.ndarray:
+    """What mujoco.Renderer gives with the same fast settings, turned upright as OffscreenRenderer does."""
+    import mujoco
+
+    renderer = mujoco.Renderer(model, height=image_size, width=image_size)
+    try:
+        renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = False
+        renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = False
+        renderer.update_scene(data, camera=camera)
+        return np.ascontiguousarray(renderer.render()[::-1, ::-1])
+    finally:
+        renderer.close()
+
+
+def test_shared_context_renders_what_mujoco_renderer_renders_and_is_released():
+    before = len(render_module._SharedContext._open)
+    envs = [make_env("push", image_size=32, camera="corner3", max_steps=10) for _ in range(2)]
+    try:
+        assert len(render_module._SharedContext._open) == before + 1  # two envs, one context
+        for seed, env in zip((0, 7), envs, strict=True):
+            env.reset(seed=seed)
+            for _ in range(2):
+                obs, *_ = env.step(np.array([0.6, -0.4, 0.3, 1.0], np.float32))
+            image = np.asarray(obs["image"])
+            expected = _reference_image(env._mw.model, env._mw.data, 32, "corner3")
+            np.testing.assert_array_equal(image, expected)
+            assert image.std() > 1  # a real picture, not a cleared buffer
+        # Different seeds put the objects elsewhere: the shared context renders each env's own scene.
+        assert not np.array_equal(envs[0].render(), envs[1].render())
+    finally:
+        for env in envs:
+            env.close()
+    assert len(render_module._SharedContext._open) == before
