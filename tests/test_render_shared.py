@@ -21,10 +21,11 @@ def _reference_image(model, data, image_size: int, camera: str) -> np.ndarray:
 
 
 def test_shared_context_renders_what_mujoco_renderer_renders_and_is_released():
-    before = len(render_module._SharedContext._open)
     envs = [make_env("push", image_size=32, camera="corner3", max_steps=10) for _ in range(2)]
+    contexts = [env._renderers[0]._context for env in envs]
+    users = contexts[0].users  # other tests' envs with the same assets may still be open
     try:
-        assert len(render_module._SharedContext._open) == before + 1  # two envs, one context
+        assert contexts[0] is contexts[1] and users >= 2  # two envs, one context
         for seed, env in zip((0, 7), envs, strict=True):
             env.reset(seed=seed)
             for _ in range(2):
@@ -38,4 +39,6 @@ def test_shared_context_renders_what_mujoco_renderer_renders_and_is_released():
     finally:
         for env in envs:
             env.close()
-    assert len(render_module._SharedContext._open) == before
+    assert contexts[0].users == users - 2
+    if contexts[0].users == 0:  # the last user frees it
+        assert contexts[0].key not in render_module._SharedContext._open

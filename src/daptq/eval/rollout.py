@@ -18,6 +18,7 @@ import numpy as np
 
 from daptq.eval import metrics
 from daptq.models.adapter import Policy
+from daptq.models.batching import SharesVisionFeatures
 
 
 @dataclass
@@ -104,11 +105,18 @@ class _ChunkPlayer:
         """Whether ``episode``'s next action needs a new chunk (a policy call)."""
         return not self.queues[episode]
 
-    def actions(self, observations: Mapping[int, Any], active: Sequence[int]) -> dict[int, np.ndarray]:
-        need = [i for i in active if not self.queues[i]]
+    def needing(self, active: Sequence[int]) -> list[int]:
+        """The episodes of ``active`` whose next action needs a new chunk, in the order of one call's rows."""
+        return [i for i in active if not self.queues[i]]
+
+    def actions(
+        self, observations: Mapping[int, Any], active: Sequence[int], vision_features: Any = None
+    ) -> dict[int, np.ndarray]:
+        need = self.needing(active)
         if need:
+            extra = {} if vision_features is None else {"vision_features": vision_features}
             chunks = self.policy.predict_chunks(
-                [observations[i] for i in need], [self.generators[i] for i in need], slots=self.slots
+                [observations[i] for i in need], [self.generators[i] for i in need], slots=self.slots, **extra
             )
             for i, chunk in zip(need, chunks, strict=True):
                 self.queues[i].extend(np.asarray(chunk, dtype=np.float32))
@@ -135,7 +143,8 @@ def run_episodes(
     environment whose episode ended takes the next seed at the first step where every running episode
     re-plans (or none is left), so the new episode joins a call that runs anyway: refilling adds no policy
     call, and it fills the batch rows an early success would otherwise leave as padding. Rollouts are
-    returned in ``seeds`` order.
+    returned in ``seeds`` order. A candidate and shadow with equal ``vision_key``s (``SharesVisionFeatures``:
+    the encoder was not quantized) share one vision encoder pass per call, bitwise what each would compute.
     """
     n = len(seeds)
     if n == 0 or not envs:
@@ -148,6 +157,12 @@ def run_episodes(
     players = [_ChunkPlayer(policy, policy_seeds, slots)]
     if shadow is not None:
         players.append(_ChunkPlayer(shadow, policy_seeds, slots))
+    share_vision = (
+        shadow is not None
+        and isinstance(policy, SharesVisionFeatures)
+        and isinstance(shadow, SharesVisionFeatures)
+        and policy.vision_key() == shadow.vision_key()
+    )
     obs: dict[int, Any] = {}
     env_of: dict[int, Any] = {}
     free = list(reversed(envs[:n_envs]))
@@ -164,8 +179,11 @@ def run_episodes(
                 obs[i] = env.reset(seed=int(seeds[i]))[0]
                 ee[i].append(np.asarray(obs[i]["state"][:3], np.float32))
         active = sorted(env_of)
-        chosen = players[0].actions(obs, active)
-        shadowed = players[1].actions(obs, active) if shadow is not None else {}
+        features = None
+        if share_vision and (need := players[0].needing(active)) and need == players[1].needing(active):
+            features = policy.vision_features([obs[i] for i in need], slots)  # one encoder pass for both
+        chosen = players[0].actions(obs, active, features)
+        shadowed = players[1].actions(obs, active, features) if shadow is not None else {}
         for i in active:
             step = len(actions[i])
             action = _checked_action(chosen[i], dim, "policy", step)

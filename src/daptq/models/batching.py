@@ -7,8 +7,9 @@ get zeros."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 FIELDS = ("image", "state")
@@ -43,3 +44,25 @@ def slot_noise(
     noise = [torch.randn((1, chunk_size, action_dim), generator=g) for g in generators]
     noise += [torch.zeros(1, chunk_size, action_dim)] * (n_rows - len(generators))
     return torch.cat(noise)
+
+
+@runtime_checkable
+class SharesVisionFeatures(Protocol):
+    """A batching policy whose vision encoder output can stand in for another's: where two such policies
+    have equal ``vision_key``s (a quantized candidate whose frozen encoder was left in float, and its FP
+    shadow), the evaluator encodes each batch of images once and hands the features to both."""
+
+    def vision_key(self) -> str:
+        """Digest of the vision encoder (types and weights): equal keys give identical features."""
+
+    def vision_features(self, observations: Sequence[Any], slots: int | None = None) -> torch.Tensor:
+        """The encoder output for the batch ``predict_chunks`` builds from ``observations`` and ``slots``."""
+
+    def predict_chunks(
+        self,
+        observations: Sequence[Any],
+        generators: Sequence[torch.Generator],
+        slots: int | None = None,
+        vision_features: torch.Tensor | None = None,
+    ) -> np.ndarray:
+        """Action chunks for a batch; ``vision_features`` replaces running the vision encoder."""

@@ -337,6 +337,7 @@ class ReferencePolicy:
         observations: Sequence[Observation],
         generators: Sequence[torch.Generator],
         slots: int | None = None,
+        vision_features: torch.Tensor | None = None,
     ) -> np.ndarray:
         """The actions ``select_action`` would queue, for a batch of observations in one forward pass.
 
@@ -344,15 +345,42 @@ class ReferencePolicy:
         policy's own generator, so a batched rollout samples what the one-env rollout of the same seed does.
         ``slots`` pads the batch to a fixed size (copies of row 0, discarded), so every call runs the same
         tensor shapes and a row's result does not depend on how many episodes needed a chunk.
+        ``vision_features``: this batch's vision encoder output, computed by ``vision_features`` of a policy
+        with the same ``vision_key`` (the evaluator shares it between a candidate and its shadow).
         Returns (B, n_action_steps, action_dim) float32.
         """
         rows, n = slot_rows(observations, generators, slots, self.observation_to_batch)
         batch = stack_rows(rows, torch.cat, _pad_tokens)
+        if vision_features is not None:
+            if vision_features.shape[0] != len(rows):
+                raise ValueError(
+                    f"vision_features has {vision_features.shape[0]} rows, the batch {len(rows)}"
+                )
+            batch["vision_features"] = vision_features
+            del batch["image"]
         c = self.config
         noise = slot_noise(generators, len(rows), c.chunk_size, c.action_dim)
         z = self.model.condition(batch)
         chunk = self.model.sample(z, noise=noise).clamp(self.action_space.low, self.action_space.high)
         return chunk[:n, : c.n_action_steps].cpu().numpy().astype(np.float32)
+
+    @torch.no_grad()
+    def vision_features(self, observations: Sequence[Observation], slots: int | None = None) -> torch.Tensor:
+        """The vision encoder's output for the batch ``predict_chunks`` would build from ``observations``
+        (padded to ``slots`` the same way), to pass to it, or to a policy with the same ``vision_key``."""
+        if slots is not None and slots < len(observations):
+            raise ValueError(f"slots={slots} < {len(observations)} observations")
+        images = [self.observation_to_batch(o)["image"] for o in observations]
+        images += [images[0]] * ((slots or len(images)) - len(images))
+        return self.model.vision(torch.cat(images))
+
+    def vision_key(self) -> str:
+        """Digest of the vision encoder as it is now (module types, parameters, buffers; recomputed on every
+        call, so no edit goes unseen): two policies with equal keys compute identical vision features from
+        identical images (same kernels, same weights)."""
+        enc = self.model.vision
+        types = [f"{type(m).__module__}.{type(m).__qualname__}" for m in enc.modules()]
+        return state_digest(enc, {"modules": types})
 
     def observation_to_batch(self, observation: Observation) -> dict[str, torch.Tensor]:
         """One environment observation -> a batch of one, with the instruction's cached language features."""
