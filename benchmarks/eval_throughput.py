@@ -97,13 +97,14 @@ class _Profile:
 def profile(args, tmp: Path, envs: int, cache: Path | None, label: str) -> dict:
     from daptq.envs.metaworld_env import MetaWorldEnv
     from daptq.models.encoders import VisionEncoder
-    from daptq.models.reference import ReferenceVLA
+    from daptq.models.reference import ReferencePolicy, ReferenceVLA
 
     prof = _Profile()
     prof.wrap(MetaWorldEnv, "step", "env")
     prof.wrap(MetaWorldEnv, "reset", "env")
     prof.wrap(MetaWorldEnv, "render", "render")
     prof.wrap(VisionEncoder, "forward", "vision encoder")
+    prof.wrap(ReferencePolicy, "vision_features", "vision shared outside the backbone")
     prof.wrap(ReferenceVLA, "condition", "backbone incl. vision")
     prof.wrap(ReferenceVLA, "sample", "DiT sampling")
     try:
@@ -132,7 +133,9 @@ def profile(args, tmp: Path, envs: int, cache: Path | None, label: str) -> dict:
         "physics (env step/reset)": s["env"],
         "render": s["render"],
         "vision encoder": s["vision encoder"],
-        "backbone (excl. vision)": s["backbone incl. vision"] - s["vision encoder"],
+        # The vision encoder runs inside ``condition`` unless a candidate and its shadow share its features.
+        "backbone (excl. vision)": s["backbone incl. vision"]
+        - (s["vision encoder"] - s["vision shared outside the backbone"]),
         "DiT sampling": s["DiT sampling"],
     }
     parts["Python, metrics, rest"] = busy - sum(parts.values())

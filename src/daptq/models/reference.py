@@ -370,7 +370,7 @@ class ReferencePolicy:
         (padded to ``slots`` the same way), to pass to it, or to a policy with the same ``vision_key``."""
         if slots is not None and slots < len(observations):
             raise ValueError(f"slots={slots} < {len(observations)} observations")
-        images = [self.observation_to_batch(o)["image"] for o in observations]
+        images = [self._image(o) for o in observations]
         images += [images[0]] * ((slots or len(images)) - len(images))
         return self.model.vision(torch.cat(images))
 
@@ -387,6 +387,18 @@ class ReferencePolicy:
         for key in ("image", "state", "instruction"):
             if key not in observation:
                 raise ValueError(f"observation is missing {key!r} (has {sorted(observation)})")
+        features, mask = self.language_features(observation["instruction"])
+        return {
+            "image": self._image(observation),
+            "state": torch.as_tensor(observation["state"], dtype=torch.float32).reshape(1, -1),
+            "language_features": features,
+            "language_mask": mask,
+        }
+
+    def _image(self, observation: Observation) -> torch.Tensor:
+        """The observation's image as a (1, H, W, 3) uint8 tensor, checked against what this policy sees."""
+        if "image" not in observation:
+            raise ValueError(f"observation is missing 'image' (has {sorted(observation)})")
         image = torch.as_tensor(np.ascontiguousarray(observation["image"]))
         if image.dtype != torch.uint8:
             raise ValueError(f"observation['image'] must be uint8, got {image.dtype}")
@@ -395,13 +407,7 @@ class ReferencePolicy:
                 f"observation['image'] has shape {tuple(image.shape)}; this policy sees camera "
                 f"{self.config.camera!r} at {self.config.image_size} px: {self.config.image_shape}"
             )
-        features, mask = self.language_features(observation["instruction"])
-        return {
-            "image": image[None],
-            "state": torch.as_tensor(observation["state"], dtype=torch.float32).reshape(1, -1),
-            "language_features": features,
-            "language_mask": mask,
-        }
+        return image[None]
 
     # ---- language cache -----------------------------------------------------------------------------------
     def _fingerprint(self) -> tuple:
