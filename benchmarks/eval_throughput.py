@@ -73,7 +73,8 @@ class _Profile:
     """Wall time inside a few functions of the rollout, by wrapping them (one process, one thread)."""
 
     def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
+        self.seconds: dict[str, float] = defaultdict(float)  # also "label within outer" for nested calls
+        self._active: list[str] = []
         self._undo: list = []
 
     def wrap(self, owner, name: str, label: str) -> None:
@@ -81,10 +82,16 @@ class _Profile:
 
         def timed(*a, **kw):
             t = time.perf_counter()
+            outer = list(self._active)
+            self._active.append(label)
             try:
                 return original(*a, **kw)
             finally:
-                self.seconds[label] += time.perf_counter() - t
+                self._active.pop()
+                dt = time.perf_counter() - t
+                self.seconds[label] += dt
+                for o in outer:
+                    self.seconds[f"{label} within {o}"] += dt
 
         setattr(owner, name, timed)
         self._undo.append((owner, name, original))
@@ -97,14 +104,13 @@ class _Profile:
 def profile(args, tmp: Path, envs: int, cache: Path | None, label: str) -> dict:
     from daptq.envs.metaworld_env import MetaWorldEnv
     from daptq.models.encoders import VisionEncoder
-    from daptq.models.reference import ReferencePolicy, ReferenceVLA
+    from daptq.models.reference import ReferenceVLA
 
     prof = _Profile()
     prof.wrap(MetaWorldEnv, "step", "env")
     prof.wrap(MetaWorldEnv, "reset", "env")
     prof.wrap(MetaWorldEnv, "render", "render")
     prof.wrap(VisionEncoder, "forward", "vision encoder")
-    prof.wrap(ReferencePolicy, "vision_features", "vision shared outside the backbone")
     prof.wrap(ReferenceVLA, "condition", "backbone incl. vision")
     prof.wrap(ReferenceVLA, "sample", "DiT sampling")
     try:
@@ -134,8 +140,9 @@ def profile(args, tmp: Path, envs: int, cache: Path | None, label: str) -> dict:
         "render": s["render"],
         "vision encoder": s["vision encoder"],
         # The vision encoder runs inside ``condition`` unless a candidate and its shadow share its features.
-        "backbone (excl. vision)": s["backbone incl. vision"]
-        - (s["vision encoder"] - s["vision shared outside the backbone"]),
+        "backbone (excl. vision)": (
+            s["backbone incl. vision"] - s["vision encoder within backbone incl. vision"]
+        ),
         "DiT sampling": s["DiT sampling"],
     }
     parts["Python, metrics, rest"] = busy - sum(parts.values())
