@@ -79,12 +79,13 @@ class EpisodeRunner:
         policies = policies or {}
         self.slots = int(execution.get("envs_per_worker", 1))
         self.group_size = group_size(self.slots)
-        self.candidate = policies.get("candidate") or _load(run["candidate"])
+        self.candidate = policies["candidate"] if "candidate" in policies else _load(run["candidate"])
         self.reference = self.shadow = None
         if run["reference"] is not None:
             # One instance serves as both: the shadow acts during the candidate's rollout, the reference
             # after it, and the batched path keeps every episode's queue and generator outside the policy.
-            self.reference = self.shadow = policies.get("reference") or _load(run["reference"])
+            ref = policies["reference"] if "reference" in policies else _load(run["reference"])
+            self.reference = self.shadow = ref
         if self.reference is self.candidate:
             raise ValueError("candidate and reference must be separate instances (a policy keeps state)")
         self.cache = None
@@ -786,7 +787,7 @@ class _PoolFeeder:
             return next(self.jobs, None)
 
     def submit(self) -> None:
-        with self.lock:  # counted with the job taken, so ``all_submitted_received`` sees every group
+        with self.lock:  # counted with the job taken, so ``all_received`` sees every group
             job = next(self.jobs, None)
             if job is None:
                 return
