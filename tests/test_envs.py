@@ -272,3 +272,38 @@ def test_lazy_images_render_only_on_access_and_change_nothing():
         unread["image"]  # an old observation's image would show the current state: refused
     eager.close()
     lazy.close()
+
+
+def test_envs_copied_from_the_compiled_scene_match_a_fresh_compile():
+    """Each task's XML is compiled once per process and every env gets a copy: the copy must be the scene a
+    fresh compile gives, and an env that ran must leave the next copy untouched."""
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
+
+    from daptq.envs import metaworld_env
+
+    metaworld_env._COMPILED_MODELS.clear()
+    first = make_env("drawer-close", image_size=32)  # compiles
+    direct = ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE["drawer-close-v3-goal-observable"](seed=0)
+    for name in ("body_pos", "body_quat", "geom_size", "geom_rgba", "site_pos", "qpos0", "jnt_range"):
+        np.testing.assert_array_equal(getattr(first._mw.model, name), getattr(direct.model, name))
+    assert first._mw.model is not metaworld_env._COMPILED_MODELS[first._mw.fullpath]
+    rng = np.random.default_rng(1)
+    first.reset(seed=3)
+    for _ in range(30):
+        first.step(rng.uniform(-1, 1, 4))
+    runs = []
+    for _ in range(2):  # the second is a copy made after the first env moved its own model and data
+        env = make_env("drawer-close", image_size=32) if runs else first
+        obs, _ = env.reset(seed=7)
+        images, states = [obs["image"]], [obs["state"]]
+        for action in np.random.default_rng(2).uniform(-1, 1, (10, 4)):
+            obs, *_ = env.step(action)
+            images.append(obs["image"])
+            states.append(obs["state"])
+        runs.append((np.stack(images), np.stack(states)))
+        if env is not first:
+            env.close()
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    first.close()
+    direct.close()
