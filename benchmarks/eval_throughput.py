@@ -7,7 +7,10 @@ the policy once before any timing, and one spawned process):
 - first method: ``--envs-per-worker N`` with an empty reference cache (the reference is computed, batched,
   and cached);
 - second method: the same again against the now cached reference (no reference rollout at all);
-- both new paths once per ``--envs`` value.
+- both new paths once per ``--envs`` value;
+- all rows once per round, ``--repeats`` interleaved rounds (this machine's speed drifts by up to a quarter
+  over minutes, so a row measured once, minutes after the baseline, says little): each row reports its median
+  round, and the speed-up of every round against that round's baseline is kept beside it.
 
 The candidate is the reference VLA itself (``ref:metaworld-mt10`` against ``ref:metaworld-mt10``): a
 candidate's cost per call is that of the network it runs, which for an FP candidate is the reference's
@@ -18,6 +21,7 @@ encoder, backbone, DiT sampling, the rest: Python and the metrics) on the baseli
 paths (the first ``--envs`` value). Writes results/eval_throughput.json and .md.
 
     python benchmarks/eval_throughput.py [--tasks reach push] [--episodes 8] [--max-steps 60] [--envs 4 8]
+        [--repeats 3]
 """
 
 from __future__ import annotations
@@ -36,6 +40,14 @@ import torch
 from daptq.eval import evaluate, store
 
 MODEL = "ref:metaworld-mt10"
+BASELINE = "baseline (one env, no cache)"
+
+
+def _median_round(runs: list[dict]) -> dict:
+    """The round with the median wall time (the lower of the two middle ones for an even count), with
+    every round's wall time beside it."""
+    row = sorted(runs, key=lambda r: r["wall_s"])[(len(runs) - 1) // 2]
+    return {**row, "wall_s_rounds": [r["wall_s"] for r in runs]}
 
 
 def _run(out: Path, args, workers: int, envs: int, cache: Path | None, floor: bool) -> dict:
@@ -176,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
         "--envs", type=int, nargs="+", default=[4], help="--envs-per-worker of the new paths (one pair each)"
     )
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="interleaved rounds of all rows; each reports its median"
+    )
     parser.add_argument("--profile-episodes", type=int, default=4, help="episodes of the profile (one task)")
     parser.add_argument("--reseed-floor", action="store_true", help="compute the floor in the new paths")
     parser.add_argument("--out", default="results/eval_throughput")
@@ -187,24 +202,31 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp_name)
         w = args.workers
         _warm_up()
-        rows = {"baseline (one env, no cache)": _run(tmp / "base", args, w, 1, None, False)}
-        for n in args.envs:
-            cache = tmp / f"cache-{n}"
-            rows[f"first method (batched x{n}, cold cache)"] = _run(
-                tmp / f"first-{n}", args, w, n, cache, args.reseed_floor
-            )
-            rows[f"second method (batched x{n}, cached reference)"] = _run(
-                tmp / f"second-{n}", args, w, n, cache, args.reseed_floor
-            )
+        rounds: dict[str, list[dict]] = defaultdict(list)
+        for r in range(args.repeats):  # interleaved, so a slow spell of the machine hits every row alike
+            rounds[BASELINE].append(_run(tmp / f"base-{r}", args, w, 1, None, False))
+            for n in args.envs:
+                cache = tmp / f"cache-{n}-{r}"  # cold again in every round
+                rounds[f"first method (batched x{n}, cold cache)"].append(
+                    _run(tmp / f"first-{n}-{r}", args, w, n, cache, args.reseed_floor)
+                )
+                rounds[f"second method (batched x{n}, cached reference)"].append(
+                    _run(tmp / f"second-{n}-{r}", args, w, n, cache, args.reseed_floor)
+                )
+        rows = {name: _median_round(runs) for name, runs in rounds.items()}
+        per_round = {
+            name: [round(b["wall_s"] / x["wall_s"], 2) for b, x in zip(rounds[BASELINE], runs, strict=True)]
+            for name, runs in rounds.items()
+        }
         n = args.envs[0]
         profiles = [
             profile(args, tmp, 1, None, "baseline: one env, no cache"),
             profile(args, tmp, n, tmp / "pcache", f"batched x{n}, cold cache"),
             profile(args, tmp, n, tmp / "pcache", f"batched x{n}, cached reference"),
         ]
-    base = rows["baseline (one env, no cache)"]["paired_episodes_per_s"]
+    base = rows[BASELINE]["paired_episodes_per_s"]
     ratios = {k: round(v["paired_episodes_per_s"] / base, 2) for k, v in rows.items()}
-    base_in = rows["baseline (one env, no cache)"]["paired_episodes_per_s_in_episodes"]
+    base_in = rows[BASELINE]["paired_episodes_per_s_in_episodes"]
     ratios_in = {k: round(v["paired_episodes_per_s_in_episodes"] / base_in, 2) for k, v in rows.items()}
     result = {
         "benchmark": "paired closed-loop evaluation throughput (reference VLA vs itself, Meta-World)",
@@ -218,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "rows": rows,
         "speedup_vs_baseline": ratios,
+        "speedup_vs_baseline_per_round": per_round,
         "speedup_vs_baseline_in_episodes": ratios_in,
         "profile": profiles,
     }
@@ -239,14 +262,21 @@ def _markdown(result: dict, args) -> str:
         f"{args.episodes} episodes each, {args.max_steps} steps max, 96 px; reseed floor "
         f"{'on' if args.reseed_floor else 'off'} in the new paths.",
         "",
-        "| path | episodes | wall (s, start-up incl.) | paired episodes/s | speed-up | speed-up in episodes "
-        "(start-up excl.) | env steps simulated | episodes with cached reference | FP-vs-FP drift max (m) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"Each row is the median of {args.repeats} interleaved round(s) (every round runs every row once); "
+        "the speed-up per round divides that round's baseline wall time by the row's.",
+        "",
+        "| path | episodes | wall (s, start-up incl.) | wall per round (s) | paired episodes/s | speed-up "
+        "| speed-up per round | speed-up in episodes (start-up excl.) | env steps simulated "
+        "| episodes with cached reference | FP-vs-FP drift max (m) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["rows"].items():
+        rounds = " / ".join(f"{w:g}" for w in r["wall_s_rounds"])
+        per_round = " / ".join(f"{x:g}x" for x in result["speedup_vs_baseline_per_round"][name])
         md.append(
-            f"| {name} | {r['episodes']} | {r['wall_s']} | {r['paired_episodes_per_s']} "
-            f"| {result['speedup_vs_baseline'][name]}x | {result['speedup_vs_baseline_in_episodes'][name]}x "
+            f"| {name} | {r['episodes']} | {r['wall_s']} | {rounds} | {r['paired_episodes_per_s']} "
+            f"| {result['speedup_vs_baseline'][name]}x | {per_round} "
+            f"| {result['speedup_vs_baseline_in_episodes'][name]}x "
             f"| {r['simulated_steps']} | {r['reference_cached']} "
             f"| {r['drift_max_mean']:.3g} |"
         )
