@@ -18,7 +18,10 @@ candidate's cost per call is that of the network it runs, which for an FP candid
 rows (``--reseed-floor`` turns it on in the new paths only), so every row does the same paired work as
 today's path. Then one process profiles where a paired episode's time goes (physics, render, vision
 encoder, backbone, DiT sampling, the rest: Python and the metrics) on the baseline path and the batched
-paths (the first ``--envs`` value). Writes results/eval_throughput.json and .md.
+paths (the first ``--envs`` value), measures each stage's cost per batch row at batch 1 and each ``--envs``
+value, and from both bounds what batching and the cache could give inside episodes (``attainable_speedups``:
+where the target ratios are out of reach on a machine, it says so). Writes results/eval_throughput.json
+and .md.
 
     python benchmarks/eval_throughput.py [--tasks reach push] [--episodes 8] [--max-steps 60] [--envs 4 8]
         [--repeats 3]
@@ -38,6 +41,9 @@ from pathlib import Path
 import torch
 
 from daptq.eval import evaluate, store
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, run as a script
+from eval_costs import stage_costs  # noqa: E402
 
 MODEL = "ref:metaworld-mt10"
 BASELINE = "baseline (one env, no cache)"
@@ -169,6 +175,27 @@ def profile(args, tmp: Path, envs: int, cache: Path | None, label: str) -> dict:
     }
 
 
+def attainable_speedups(baseline: dict, stages: dict[int, dict[str, float]], n: int) -> dict[str, float]:
+    """The speed-ups inside episodes that batching at ``n`` and the cache could give at most, from the
+    baseline's profile and the per-row stage costs at batch 1 and ``n`` (``eval_costs.stage_costs``).
+
+    Per re-plan the baseline runs three batch-1 calls (candidate, shadow, reference) and simulates two
+    rollouts. The cold path runs the same calls at batch ``n``, the candidate's and shadow's sharing one
+    vision pass (2 of 3 vision passes), and simulates the same; the cached path runs only the candidate's
+    and the shadow's (1 of 3 vision passes, 2 of 3 backbone and DiT passes) and simulates half (its
+    Python work halved too). Full batches, no start-up, no padding: a bound, not a forecast."""
+    per = baseline["seconds_per_episode"]
+    gain = {k: stages[n][k] / stages[1][k] for k in stages[1]}
+    env = per["physics (env step/reset)"] + per["render"] + per["Python, metrics, rest"]
+    vision, backbone, dit = (
+        per[k] * gain[k] for k in ("vision encoder", "backbone (excl. vision)", "DiT sampling")
+    )
+    total = sum(per.values())
+    cold = env + vision * 2 / 3 + backbone + dit
+    cached = env / 2 + vision / 3 + (backbone + dit) * 2 / 3
+    return {"cold cache": round(total / cold, 2), "cached reference": round(total / cached, 2)}
+
+
 def _warm_up() -> None:
     """Load the policy once before timing, so every row finds this process in the same state (the first
     load imports transformers and the encoders: seconds that would otherwise fall on the first row only)."""
@@ -224,6 +251,10 @@ def main(argv: list[str] | None = None) -> None:
             profile(args, tmp, n, tmp / "pcache", f"batched x{n}, cold cache"),
             profile(args, tmp, n, tmp / "pcache", f"batched x{n}, cached reference"),
         ]
+        from daptq.models.registry import load_policy
+
+        stages = stage_costs(load_policy(MODEL), sorted({1, *args.envs}), repeats=20)
+        bounds = {f"x{m}": attainable_speedups(profiles[0], stages, m) for m in args.envs}
     base = rows[BASELINE]["paired_episodes_per_s"]
     ratios = {k: round(v["paired_episodes_per_s"] / base, 2) for k, v in rows.items()}
     base_in = rows[BASELINE]["paired_episodes_per_s_in_episodes"]
@@ -243,6 +274,10 @@ def main(argv: list[str] | None = None) -> None:
         "speedup_vs_baseline_per_round": per_round,
         "speedup_vs_baseline_in_episodes": ratios_in,
         "profile": profiles,
+        "stage_s_per_row_by_batch": {
+            str(b): {k: round(v, 5) for k, v in st.items()} for b, st in stages.items()
+        },
+        "attainable_speedup_in_episodes": bounds,
     }
     out = Path(args.out)
     store.atomic_write_json(out.with_suffix(".json"), result)
@@ -292,7 +327,25 @@ def _markdown(result: dict, args) -> str:
     for p in result["profile"]:
         cells = [f"{p['seconds_per_episode'][k]:.2f} s ({100 * p['share'][k]:.0f}%)" for k in parts]
         md.append(f"| {p['path']} | {p['seconds_per_paired_episode']} | " + " | ".join(cells) + " |")
-    md.append("")
+    stages = result["stage_s_per_row_by_batch"]
+    names = list(stages["1"])
+    md += [
+        "",
+        "Per-row cost of each stage of a policy call (ms, one thread, same process):",
+        "",
+        "| batch | " + " | ".join(names) + " |",
+        "|---:|" + "---:|" * len(names),
+        *(f"| {b} | " + " | ".join(f"{1000 * st[k]:.2f}" for k in names) + " |" for b, st in stages.items()),
+        "",
+        "At most what batching and the cache can give inside episodes, from the baseline's profile and these "
+        "per-row costs (full batches, no start-up, no padding; `attainable_speedups`): "
+        + "; ".join(
+            f"{m}: {b['cold cache']}x cold, {b['cached reference']}x cached"
+            for m, b in result["attainable_speedup_in_episodes"].items()
+        )
+        + ".",
+        "",
+    ]
     return "\n".join(md)
 
 

@@ -93,23 +93,3 @@ def test_the_reseed_floor_is_reported_beside_every_drift(tmp_path):
         assert drift_metrics(arrays["floor_ee"], arrays["ref_ee"])["drift_mean"] == r["floor_drift_mean"]
     off = evaluate("toy:weight_noise=0.2", "toy", out=tmp_path / "off", reseed_floor=False, **FAST)
     assert off["overall"]["floor_drift_mean"] is None and off["overall"]["drift_mean"] == o["drift_mean"]
-
-
-def test_shared_out_reference_rollouts_count_as_computed_and_change_no_result(tmp_path):
-    """Batched with a cache, a task's reference rollouts are a stream of their own, computed into the cache
-    ahead of its episodes: the episodes are those of a run that computes each reference beside its
-    candidate (no cache), and still say the reference was simulated in this run, not cached."""
-    kwargs = {**FAST, "tasks": ["reach", "push"], "episodes": 3, "envs_per_worker": 2}
-    inline = evaluate("toy:weight_noise=0.2", "toy", out=tmp_path / "inline", **kwargs)
-    cache = tmp_path / "cache"
-    shared = evaluate("toy:weight_noise=0.2", "toy", out=tmp_path / "shared", reference_cache=cache, **kwargs)
-    assert len(list(cache.glob("*.npz"))) == 2 * 6  # reference and reseed floor of every episode
-    assert _results(tmp_path / "shared") == _results(tmp_path / "inline")
-    assert shared["overall"] == inline["overall"]
-    how = {(r["task"], r["seed"]): r for r in store.read_records(tmp_path / "inline")}
-    for r in store.read_records(tmp_path / "shared"):
-        assert r["reference_cached"] is False
-        assert r["simulated_steps"] == how[(r["task"], r["seed"])]["simulated_steps"] > r["steps"]
-        assert r["wall_s"] > 0
-    evaluate("toy:weight_noise=0.1", "toy", out=tmp_path / "again", reference_cache=cache, **kwargs)
-    assert all(r["reference_cached"] is True for r in store.read_records(tmp_path / "again"))

@@ -1,12 +1,10 @@
 """The local backend's scheduling: the parent is one of the workers, the pool starts while the parent
-validates, workers share each task's seeds as they go (leases), and Ray's groups are balanced per task."""
+validates, and groups are balanced per task."""
 
 import gc
 import multiprocessing as mp
 import multiprocessing.pool
-import time
 
-import numpy as np
 import pytest
 
 from daptq.eval import evaluate, store
@@ -35,18 +33,13 @@ def test_groups_are_the_fewest_of_near_equal_size_per_task():
 def test_two_workers_are_the_parent_and_one_process_each_episode_once(tmp_path, monkeypatch):
     in_parent: list[tuple[str, int]] = []
     children: set[int] = set()
-    run_lease = runner_module.EpisodeRunner.run_lease
+    call = runner_module.EpisodeRunner.__call__
 
-    def counted(self, lease, streams):  # patched in this process only: spawned workers run the original
-        if not in_parent:  # the toy's episodes are quick: wait until the spawned worker has taken a seed
-            deadline = time.monotonic() + 120
-            while sum(streams.counters[:]) == 0 and time.monotonic() < deadline:
-                time.sleep(0.02)
-        out = run_lease(self, lease, streams)
-        in_parent.extend((r["task"], r["seed"]) for r, _ in out)
-        return out
+    def counted(self, jobs):  # patched in this process only: spawned workers run the original
+        in_parent.extend(jobs)
+        return call(self, jobs)
 
-    monkeypatch.setattr(runner_module.EpisodeRunner, "run_lease", counted)
+    monkeypatch.setattr(runner_module.EpisodeRunner, "__call__", counted)
     seen = []
 
     def on_episode(record):
@@ -81,30 +74,3 @@ def test_a_bad_model_found_while_the_pool_starts_stops_it_and_writes_nothing(tmp
         evaluate("toy:bogus=1", "toy", tasks=["reach"], episodes=4, workers=3, out=out, **FAST)
     assert not out.exists()
     assert not mp.active_children()
-
-
-@pytest.mark.slow
-def test_runners_sharing_a_lease_take_each_pending_seed_once_and_run_it_as_a_group_would():
-    from daptq.eval.runner import EpisodeRunner, Lease, Streams, _run_spec
-
-    run = _run_spec("toy:weight_noise=0.2", "toy", ["reach"], 10, 0, 12, 16, "corner3", 0.05, 0.25, False)
-    execution = {"envs_per_worker": 2}  # a lease takes up to group_size(2) = 8 seeds
-    streams = Streams(mp.get_context("spawn").Array("q", 1))
-    counters = streams.counters
-    lease = Lease("reach", 0, first=0, count=10, done=(3,))  # seed 3 finished in an earlier session
-    assert lease.left(0) == 9
-    a, b = EpisodeRunner(run, execution), EpisodeRunner(run, execution)
-    first, second = a.run_lease(lease, streams), b.run_lease(lease, streams)
-    assert [r["seed"] for r, _ in first] == [0, 1, 2, 4, 5, 6, 7, 8]
-    assert [r["seed"] for r, _ in second] == [9]
-    assert a.run_lease(lease, streams) == [] and lease.left(counters[0]) == 0 and lease.take(counters) is None
-    static = EpisodeRunner(run, execution)
-    groups = static([("reach", s) for s in (0, 1, 2, 4, 5, 6, 7, 8)]) + static([("reach", 9)])
-    for (got, got_arrays), (want, want_arrays) in zip(first + second, groups, strict=True):
-        assert {k: v for k, v in got.items() if k != "wall_s"} == {
-            k: v for k, v in want.items() if k != "wall_s"
-        }
-        for key, value in want_arrays.items():
-            np.testing.assert_array_equal(got_arrays[key], value)
-    for runner in (a, b, static):
-        runner.close()

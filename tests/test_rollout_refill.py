@@ -81,33 +81,3 @@ def test_bad_arguments_are_named():
         run_episodes([], NoisyChunkPolicy(), [1])
     with pytest.raises(ValueError, match="slots=1 < 2"):
         run_episodes([LengthEnv(), LengthEnv()], NoisyChunkPolicy(), [1, 2], slots=1)
-
-
-def test_a_feed_is_read_only_when_an_env_is_free_and_runs_as_the_list_would():
-    seeds = [1, 4, 6, 2]
-    given: list[tuple[int, int]] = []  # (seed, policy calls made before it was taken)
-    policy = NoisyChunkPolicy()
-    stream = iter(seeds)
-
-    def feed():
-        seed = next(stream, None)
-        given.append((seed, len(policy.calls)))
-        return None if seed is None else (seed, seed)
-
-    fed = run_episodes([LengthEnv(), LengthEnv()], policy, feed, slots=2)
-    listed_policy = NoisyChunkPolicy()
-    listed = run_episodes([LengthEnv(), LengthEnv()], listed_policy, seeds, slots=2)
-    assert policy.calls == listed_policy.calls  # the same refills at the same re-plans
-    # Two seeds at the start, the next ones only at the re-plans where an env was free, then the end.
-    assert given == [(1, 0), (4, 0), (6, 1), (2, 2), (None, 3)]
-    for a, b in zip(fed, listed, strict=True):
-        np.testing.assert_array_equal(a.actions, b.actions)
-        np.testing.assert_array_equal(a.ee, b.ee)
-    stream = iter([(3, 30), (1, 10)])  # policy seeds come with the seeds
-    fed = run_episodes([LengthEnv()], NoisyChunkPolicy(), lambda: next(stream, None), slots=1)
-    listed = run_episodes([LengthEnv()], NoisyChunkPolicy(), [3, 1], policy_seeds=[30, 10], slots=1)
-    for a, b in zip(fed, listed, strict=True):
-        np.testing.assert_array_equal(a.actions, b.actions)
-    assert run_episodes([LengthEnv()], NoisyChunkPolicy(), lambda: None, slots=1) == []
-    with pytest.raises(ValueError, match="policy_seeds needs a list"):
-        run_episodes([LengthEnv()], NoisyChunkPolicy(), feed, policy_seeds=[1])

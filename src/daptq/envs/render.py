@@ -33,7 +33,7 @@ def _close_open_renderers() -> None:
 class _SharedContext:
     """One GL context and MuJoCo render context (meshes and textures uploaded) for every renderer of the
     process whose model has the same assets and visual settings: the N environments of one task in an
-    evaluation worker build it once (a first env 0.88 s, a further one 0.32 s: benchmarks/eval_costs.py)."""
+    evaluation worker build it once (``benchmarks/eval_costs.py`` measures a first env and a further one)."""
 
     _open: dict[str, _SharedContext] = {}
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import math
 import os
 import zipfile
 from pathlib import Path
@@ -89,12 +88,6 @@ class ReferenceCache:
         return self.root / f"{hashlib.sha256(key.encode('utf-8')).hexdigest()}.npz"
 
     def get(self, key: str) -> Rollout | None:
-        found = self.get_with_origin(key)
-        return None if found is None else found[0]
-
-    def get_with_origin(self, key: str) -> tuple[Rollout, str, float] | None:
-        """The entry's rollout with the token of the evaluation that computed it and the seconds that took
-        ("" and 0.0 for an entry written without them)."""
         path = self.path(key)
         if path.is_symlink() or not path.is_file():
             return None
@@ -112,23 +105,13 @@ class ReferenceCache:
             return None
         if success.shape != () or not (np.isfinite(ee).all() and np.isfinite(actions).all()):
             return None
-        rollout = Rollout(success=bool(success), ee=ee.astype(np.float32), actions=actions.astype(np.float32))
-        try:
-            origin = bytes(arrays.get("origin", np.zeros(0, np.uint8))).decode("utf-8")
-            seconds = float(arrays.get("seconds", np.asarray(0.0)))
-        except (UnicodeDecodeError, TypeError, ValueError):
-            origin, seconds = "", 0.0
-        return rollout, origin, seconds if math.isfinite(seconds) and seconds >= 0 else 0.0
+        return Rollout(success=bool(success), ee=ee.astype(np.float32), actions=actions.astype(np.float32))
 
-    def put(self, key: str, rollout: Rollout, origin: str = "", seconds: float = 0.0) -> None:
-        """Write the entry; ``origin`` names the evaluation computing it (a run token) and ``seconds`` what
-        it took, so that evaluation still counts the rollout as its own work when it reads it back."""
+    def put(self, key: str, rollout: Rollout) -> None:
         arrays = {
             "key": np.frombuffer(key.encode("utf-8"), dtype=np.uint8),
             "ee": rollout.ee,
             "actions": rollout.actions,
             "success": np.asarray(rollout.success),
-            "origin": np.frombuffer(origin.encode("utf-8"), dtype=np.uint8),
-            "seconds": np.asarray(float(seconds)),
         }
         atomic_save_npz(self.path(key), arrays)

@@ -10,7 +10,7 @@ basis of the action-error metrics.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,21 +91,15 @@ def run_episode(
 
 class _ChunkPlayer:
     """One policy's action queues over a batch of episodes: a chunk per episode whose queue is empty, all of
-    them from one ``predict_chunks`` call, each episode's noise from its own seeded generator (made when the
-    episode starts: a generator's draws depend only on its seed and its own calls)."""
+    them from one ``predict_chunks`` call, each episode's noise from its own seeded generator."""
 
-    def __init__(self, policy: Any, slots: int | None) -> None:
-        self.policy = policy
-        self.slots = slots
-        self.generators: list[Any] = []
-        self.queues: list[deque[np.ndarray]] = []
-
-    def start(self, policy_seed: int) -> None:
-        """Add the next episode (index ``len(queues)``), its noise seeded with ``policy_seed``."""
+    def __init__(self, policy: Any, seeds: Sequence[int], slots: int | None) -> None:
         import torch
 
-        self.generators.append(torch.Generator().manual_seed(int(policy_seed)))
-        self.queues.append(deque())
+        self.policy = policy
+        self.slots = slots
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.queues: list[deque[np.ndarray]] = [deque() for _ in seeds]
 
     def replans(self, episode: int) -> bool:
         """Whether ``episode``'s next action needs a new chunk (a policy call)."""
@@ -129,13 +123,10 @@ class _ChunkPlayer:
         return {i: self.queues[i].popleft() for i in active}
 
 
-SeedFeed = Callable[[], "tuple[int, int] | None"]  # the next episode's (env seed, policy seed), or None
-
-
 def run_episodes(
     envs: Sequence[Any],
     policy: Any,
-    seeds: Sequence[int] | SeedFeed,
+    seeds: Sequence[int],
     shadow: Any | None = None,
     policy_seeds: Sequence[int] | None = None,
     slots: int | None = None,
@@ -151,31 +142,21 @@ def run_episodes(
     There may be more seeds than environments: the first ``len(envs)`` episodes start together, and an
     environment whose episode ended takes the next seed at the first step where every running episode
     re-plans (or none is left), so the new episode joins a call that runs anyway: refilling adds no policy
-    call, and it fills the batch rows an early success would otherwise leave as padding. ``seeds`` may
-    also be a feed, a callable giving the next episode's (seed, policy seed) or None when there is none
-    (then ``policy_seeds`` must be None): it is called only when an environment is free, so several
-    workers can share one stream of seeds and none holds seeds it cannot start. Rollouts are returned in
-    the order the seeds came. A candidate and shadow with equal ``vision_key``s (``SharesVisionFeatures``:
+    call, and it fills the batch rows an early success would otherwise leave as padding. Rollouts are
+    returned in ``seeds`` order. A candidate and shadow with equal ``vision_key``s (``SharesVisionFeatures``:
     the encoder was not quantized) share one vision encoder pass per call, bitwise what each would compute.
     """
-    feed = seeds if callable(seeds) else None
-    if feed is not None and policy_seeds is not None:
-        raise ValueError("policy_seeds needs a list of seeds, not a feed")
-    seeds = [] if feed is not None else [int(s) for s in seeds]
-    if not envs or (feed is None and not seeds):
-        raise ValueError(
-            f"run_episodes needs at least one seed and one environment, got {len(seeds)} and {len(envs)}"
-        )
-    n_envs = len(envs) if feed is not None else min(len(envs), len(seeds))
+    n = len(seeds)
+    if n == 0 or not envs:
+        raise ValueError(f"run_episodes needs at least one seed and one environment, got {n} and {len(envs)}")
+    n_envs = min(len(envs), n)
     if slots is not None and slots < n_envs:
         raise ValueError(f"slots={slots} < {n_envs} environments stepped together")
     policy_seeds = list(seeds if policy_seeds is None else policy_seeds)
-    if len(policy_seeds) != len(seeds):
-        raise ValueError(f"{len(policy_seeds)} policy seeds for {len(seeds)} seeds")
     dim = policy.action_space.dim
-    players = [_ChunkPlayer(policy, slots)]
+    players = [_ChunkPlayer(policy, policy_seeds, slots)]
     if shadow is not None:
-        players.append(_ChunkPlayer(shadow, slots))
+        players.append(_ChunkPlayer(shadow, policy_seeds, slots))
     share_vision = (
         shadow is not None
         and isinstance(policy, SharesVisionFeatures)
@@ -185,42 +166,18 @@ def run_episodes(
     obs: dict[int, Any] = {}
     env_of: dict[int, Any] = {}
     free = list(reversed(envs[:n_envs]))
-    started = 0  # episodes started so far: episode i is the i-th seed
-    ee: list[list[np.ndarray]] = []
-    actions: list[list[np.ndarray]] = []
-    shadow_actions: list[list[np.ndarray]] = []
-    success: list[bool] = []
-
-    def next_episode() -> int | None:
-        if feed is not None:
-            item = feed()
-            if item is None:
-                return None
-            seeds.append(int(item[0]))
-            policy_seeds.append(int(item[1]))
-        elif started == len(seeds):
-            return None
-        for player in players:
-            player.start(policy_seeds[started])
-        for per_episode in (ee, actions, shadow_actions):
-            per_episode.append([])
-        success.append(False)
-        return started
-
-    exhausted = False
-    while not exhausted or env_of:
-        if free and not exhausted and all(p.replans(i) for p in players for i in env_of):
-            while free:
-                i = next_episode()
-                if i is None:
-                    exhausted = True
-                    break
-                started += 1
-                env = env_of[i] = free.pop()
-                obs[i] = env.reset(seed=seeds[i])[0]
+    waiting = deque(range(n))
+    ee: list[list[np.ndarray]] = [[] for _ in range(n)]
+    actions: list[list[np.ndarray]] = [[] for _ in range(n)]
+    shadow_actions: list[list[np.ndarray]] = [[] for _ in range(n)]
+    success = [False] * n
+    while waiting or env_of:
+        if free and waiting and all(p.replans(i) for p in players for i in env_of):
+            while free and waiting:
+                i, env = waiting.popleft(), free.pop()
+                env_of[i] = env
+                obs[i] = env.reset(seed=int(seeds[i]))[0]
                 ee[i].append(np.asarray(obs[i]["state"][:3], np.float32))
-        if not env_of:
-            break
         active = sorted(env_of)
         features = None
         if share_vision and (need := players[0].needing(active)) and need == players[1].needing(active):
@@ -246,7 +203,7 @@ def run_episodes(
             actions=np.stack(actions[i]),
             shadow_actions=np.stack(shadow_actions[i]) if shadow is not None else None,
         )
-        for i in range(started)
+        for i in range(n)
     ]
 
 

@@ -4,14 +4,11 @@ Workers (a spawn-context pool) rebuild env + policies from spec strings once and
 is the single writer of the run directory (see ``daptq.eval.store`` for why a crash never loses or duplicates
 an episode). The parent is also one of the ``workers``: it has loaded the policies to validate the request
 anyway, so M workers start M - 1 processes, and those start (import, load the policies) while the parent
-validates. With ``workers=1`` every episode runs in the parent. Locally, workers share each task's seeds as
-they go (``Lease``: one counter per stream, a seed taken only when an environment is free), so all stay busy
-until the last stream is empty; Ray actors get fixed groups, which a dead actor's replacement can re-run.
+validates. With ``workers=1`` every episode runs in the parent.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import datetime as _dt
 import importlib.metadata
@@ -21,14 +18,12 @@ import multiprocessing as mp
 import os
 import platform
 import queue
-import secrets
 import subprocess
 import sys
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +32,7 @@ from tqdm.auto import tqdm
 from daptq.eval import store
 from daptq.eval.cache import ReferenceCache, base_key
 from daptq.eval.metrics import DEFAULT_DIVERGENCE_THRESHOLD_M, DEFAULT_HF_CUTOFF
-from daptq.eval.rollout import Rollout, SeedFeed, episode_record, run_episode, run_episodes
+from daptq.eval.rollout import Rollout, episode_record, run_episode, run_episodes
 from daptq.eval.summary import summarize
 from daptq.models.adapter import PolicyInfo
 
@@ -59,68 +54,6 @@ WORKER_THREADS = 1
 def group_size(envs_per_worker: int) -> int:
     """Episodes a worker runs in one call: 1 for the one-env rollout, else ``EPISODES_PER_SLOT`` per env."""
     return 1 if envs_per_worker == 1 else EPISODES_PER_SLOT * envs_per_worker
-
-
-@dataclass(frozen=True)
-class Lease:
-    """A worker's claim on one shared stream of work (the local backend's unit of work).
-
-    Every worker with a lease on a stream takes its items one at a time, from one shared counter, whenever
-    one of its environments is free; so workers share a stream's items as they go, and all run until the
-    last stream is empty, whatever their start-up lag and however long each task's episodes are. Which
-    items share a batch does not change a result (fixed batch slots). A stream holds, for the seeds
-    ``first .. first + count - 1`` less those in ``done`` (sorted; finished in an earlier session, so a
-    lease stays small however large the run), either the paired episodes of ``task`` (kind "episodes")
-    or the reference rollouts they need, one per seed and sampling-seed offset (kind "references":
-    computed into the reference cache, where the episodes find them, so the reference's rollouts are
-    shared out too instead of each worker computing those of its own episodes at the end).
-    """
-
-    task: str
-    position: int  # the stream's counter in the shared array: how many of its items were taken
-    first: int
-    count: int
-    done: tuple[int, ...] = ()
-    kind: str = "episodes"
-    offsets: tuple[int, ...] = (0,)  # sampling-seed offsets per seed ("references" only)
-
-    def item(self, index: int) -> tuple[int, int]:
-        """The (seed, sampling-seed offset) of the stream's item ``index``."""
-        return self.first + index // len(self.offsets), self.offsets[index % len(self.offsets)]
-
-    def _is_done(self, seed: int) -> bool:
-        i = bisect.bisect_left(self.done, seed)
-        return i < len(self.done) and self.done[i] == seed
-
-    def left(self, counter: int) -> int:
-        """Items still pending once the counter reads ``counter``."""
-        k = len(self.offsets)
-        j, r = divmod(counter, k)
-        if j >= self.count:
-            return 0
-        later = self.count - j - 1 - (len(self.done) - bisect.bisect_right(self.done, self.first + j))
-        return k * later + (0 if self._is_done(self.first + j) else k - r)
-
-    def take(self, counters: Any) -> int | None:
-        """Move the stream's counter past its next pending item and return the item's index; None when
-        there is none."""
-        with counters.get_lock():
-            while counters[self.position] < self.count * len(self.offsets):
-                index = counters[self.position]
-                counters[self.position] += 1
-                if not self._is_done(self.item(index)[0]):
-                    return index
-        return None
-
-
-@dataclass(frozen=True)
-class Streams:
-    """The shared state of the local backend's streams: each stream's counter (``Lease.position``) and the
-    sampling-seed offsets of a "references" stream's items."""
-
-    counters: Any  # multiprocessing Array of int64, one per stream
-    offsets: tuple[int, ...] = (0,)
-    shared_references: bool = False
 
 
 class EpisodeRunner:
@@ -155,7 +88,6 @@ class EpisodeRunner:
             self.reference = self.shadow = ref
         if self.reference is self.candidate:
             raise ValueError("candidate and reference must be separate instances (a policy keeps state)")
-        self.token = str(execution.get("run_token", ""))  # this evaluation's mark on what it computes
         self.cache = None
         if execution.get("reference_cache") and self.reference is not None:
             self.cache = ReferenceCache(execution["reference_cache"], execution["cache_key"])
@@ -185,47 +117,24 @@ class EpisodeRunner:
                 )
         return self._envs[:n]
 
-    def _rollouts(
-        self,
-        policy: Any,
-        task: str,
-        seeds: list[int] | SeedFeed,
-        offset: int,
-        shadow: Any = None,
-        n_envs: int = 1,
-    ) -> list:
-        """Rollouts of ``seeds`` (sampling seeds ``seed + offset``), or of what a feed gives ((seed, sampling
-        seed) pairs) on ``n_envs`` environments (no more items than that were left when the feed started)."""
-        feed = seeds if callable(seeds) else None
-        if self.slots == 1:
-            env = self.envs(task, 1)[0]
-            if feed is not None:
-                return [
-                    run_episode(env, policy, s, shadow=shadow, policy_seed=p) for s, p in iter(feed, None)
-                ]
-            return [run_episode(env, policy, s, shadow=shadow, policy_seed=s + offset) for s in seeds]
-        if feed is not None:
-            return run_episodes(self.envs(task, n_envs), policy, feed, shadow=shadow, slots=self.slots)
+    def _rollouts(self, policy: Any, task: str, seeds: list[int], offset: int, shadow: Any = None) -> list:
         envs = self.envs(task, min(len(seeds), self.slots))
         policy_seeds = [s + offset for s in seeds]
+        if self.slots == 1:
+            env = envs[0]
+            return [
+                run_episode(env, policy, s, shadow=shadow, policy_seed=p)
+                for s, p in zip(seeds, policy_seeds, strict=True)
+            ]
         return run_episodes(envs, policy, seeds, shadow=shadow, policy_seeds=policy_seeds, slots=self.slots)
 
-    def reference_rollouts(
-        self, task: str, seeds: list[int], offset: int, streams: Streams | None = None
-    ) -> list[tuple[Rollout, bool, float]]:
-        """The reference's rollouts of (task, seed) with sampling seeds ``seed + offset``: (rollout, True if
-        cached, seconds this evaluation spent computing it in a "references" lease)."""
+    def reference_rollouts(self, task: str, seeds: list[int], offset: int) -> list[tuple[Rollout, bool]]:
+        """The reference's rollouts of (task, seed) with sampling seeds ``seed + offset``; True if cached."""
         keys = [None] * len(seeds)
         found: list[Rollout | None] = [None] * len(seeds)
-        elsewhere = [0.0] * len(seeds)  # computed by this evaluation in a "references" lease: its seconds
         if self.cache is not None:
             keys = [self.cache.key(task, s, s + offset, self.run["max_steps"][task]) for s in seeds]
-            for i, key in enumerate(keys):
-                entry = self.cache.get_with_origin(key)
-                if entry is not None:
-                    found[i] = entry[0]
-                    if self.token and entry[1] == self.token:
-                        elsewhere[i] = max(entry[2], 1e-9)
+            found = [self.cache.get(k) for k in keys]
         missing = [i for i, r in enumerate(found) if r is None]
         if missing:
             computed = self._rollouts(self.reference, task, [seeds[i] for i in missing], offset)
@@ -233,117 +142,38 @@ class EpisodeRunner:
                 found[i] = rollout
                 if keys[i] is not None:
                     self.cache.put(keys[i], rollout)
-        return [(r, i not in missing and not elsewhere[i], elsewhere[i]) for i, r in enumerate(found)]
-
-    def run_references(self, lease: Lease, streams: Streams) -> list:
-        """Compute the reference rollouts of a "references" lease that the cache lacks into the cache; the
-        episodes that need them read them there. Returns no records (nothing to commit yet)."""
-        computed: list[int] = []
-        max_steps = self.run["max_steps"][lease.task]
-
-        def take() -> tuple[int, int] | None:
-            while len(computed) < self.group_size:
-                index = lease.take(streams.counters)
-                if index is None:
-                    return None
-                seed, offset = lease.item(index)
-                if not self.cache.path(self.cache.key(lease.task, seed, seed + offset, max_steps)).is_file():
-                    computed.append(index)
-                    return seed, seed + offset
-            return None
-
-        left = lease.left(streams.counters[lease.position])
-        if left <= 0:
-            return []
-        import torch
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(WORKER_THREADS)
-        try:
-            self.envs(lease.task, min(left, self.slots))
-            start = time.perf_counter()
-            rollouts = self._rollouts(self.reference, lease.task, take, 0, n_envs=min(left, self.slots))
-            seconds = (time.perf_counter() - start) / max(len(rollouts), 1)
-        finally:
-            torch.set_num_threads(threads)
-        for index, rollout in zip(computed, rollouts, strict=True):
-            seed, offset = lease.item(index)
-            key = self.cache.key(lease.task, seed, seed + offset, max_steps)
-            self.cache.put(key, rollout, origin=self.token, seconds=seconds)
-        return []
+        return [(r, i not in missing) for i, r in enumerate(found)]
 
     def __call__(self, jobs: list[tuple[str, int]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         """Run a group of episodes of one task (at most ``group_size``); one (record, arrays) each."""
+        import torch
+
         task = jobs[0][0]
         if any(t != task for t, _ in jobs) or len(jobs) > self.group_size:
             raise ValueError(f"a group holds up to {self.group_size} episodes of one task, got {jobs}")
         seeds = [s for _, s in jobs]
-        return self._run_group(task, seeds, min(len(seeds), self.slots))
-
-    def run_lease(self, lease: Lease, streams: Streams) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-        """Run items of ``lease``'s stream taken one at a time as environments free up (the stream's
-        counter, ``streams.counters[lease.position]``, is shared by every worker), up to ``group_size``
-        of them; none when the stream is already empty. Episodes come back as (record, arrays)."""
-        if lease.kind == "references":
-            return self.run_references(lease, streams)
-        taken: list[int] = []
-
-        def take() -> tuple[int, int] | None:
-            if len(taken) == self.group_size:
-                return None
-            index = lease.take(streams.counters)
-            if index is None:
-                return None
-            seed = lease.item(index)[0]
-            taken.append(seed)
-            return seed, seed
-
-        left = lease.left(streams.counters[lease.position])
-        if left <= 0:
-            return []
-        return self._run_group(lease.task, take, min(left, self.slots), taken, streams)
-
-    def _run_group(
-        self,
-        task: str,
-        seeds: list[int] | SeedFeed,
-        n_envs: int,
-        taken: list[int] | None = None,
-        streams: Streams | None = None,
-    ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-        """Candidate rollouts of ``seeds`` (a list, or a feed that records what it gave in ``taken``), then
-        the reference's (and the reseed floor's) of the same seeds, cached or computed."""
-        import torch
-
         threads = torch.get_num_threads()
         torch.set_num_threads(WORKER_THREADS)
         try:
-            self.envs(task, n_envs)  # built before timing: env construction is not an episode's time
+            self.envs(task, min(len(seeds), self.slots))
             start = time.perf_counter()
-            cands = self._rollouts(self.candidate, task, seeds, 0, shadow=self.shadow, n_envs=n_envs)
-            seeds = list(seeds if taken is None else taken)
-            if not seeds:
-                return []
-            refs = floors = [(None, None, 0.0)] * len(seeds)
+            cands = self._rollouts(self.candidate, task, seeds, 0, shadow=self.shadow)
+            refs = floors = [(None, None)] * len(seeds)
             if self.reference is not None:
-                refs = self.reference_rollouts(task, seeds, 0, streams)
+                refs = self.reference_rollouts(task, seeds, 0)
                 if self.run["reseed_floor"]:
-                    floors = self.reference_rollouts(task, seeds, FLOOR_SEED_OFFSET, streams)
+                    floors = self.reference_rollouts(task, seeds, FLOOR_SEED_OFFSET)
             wall = (time.perf_counter() - start) / len(seeds)
         finally:
             torch.set_num_threads(threads)
         out = []
-        for seed, cand, (ref, ref_hit, ref_s), (floor, floor_hit, floor_s) in zip(
-            seeds, cands, refs, floors, strict=True
-        ):
+        for seed, cand, (ref, ref_hit), (floor, floor_hit) in zip(seeds, cands, refs, floors, strict=True):
             record, arrays = episode_record(
                 task, seed, cand, ref, self.run["divergence_threshold"], self.run["hf_cutoff"], floor=floor
             )
             record["env_steps"] = cand.steps + (ref.steps if ref is not None else 0)
             # How this episode was computed (differs between runs of the same episode; never a result).
-            # Episodes only (a group's time shared, plus its reference rollouts computed by another lease),
-            # env construction excluded.
-            record["wall_s"] = wall + ref_s + floor_s
+            record["wall_s"] = wall  # episodes only (a group's time shared), env construction excluded
             hits = [h for h in (ref_hit, floor_hit) if h is not None]
             record["simulated_steps"] = cand.steps + sum(
                 r.steps for r, h in ((ref, ref_hit), (floor, floor_hit)) if r is not None and not h
@@ -367,7 +197,6 @@ def _load(spec: str) -> Any:
 _WORKER: EpisodeRunner | None = None
 _WORKER_POLICIES: dict[str, Any] = {}
 _WORKER_INIT_ERROR: BaseException | None = None
-_WORKER_STREAMS: Streams | None = None
 
 
 def set_process_defaults() -> None:
@@ -379,12 +208,10 @@ def set_process_defaults() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _init_worker(specs: Mapping[str, str], streams: Streams) -> None:
+def _init_worker(specs: Mapping[str, str]) -> None:
     """Start a pool worker from the model specs alone (role -> spec, known before the parent's validation
-    ends): load the policies and import the simulator, so the first job only builds its envs. ``streams``
-    is the run's shared work (``Lease``)."""
-    global _WORKER_INIT_ERROR, _WORKER_STREAMS
-    _WORKER_STREAMS = streams
+    ends): load the policies and import the simulator, so the first job only builds its envs."""
+    global _WORKER_INIT_ERROR
     set_process_defaults()
     import torch
 
@@ -400,9 +227,9 @@ def _init_worker(specs: Mapping[str, str], streams: Streams) -> None:
 
 
 def _run_job(
-    run: dict[str, Any], execution: dict[str, Any], lease: Lease
+    run: dict[str, Any], execution: dict[str, Any], job: list[tuple[str, int]]
 ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """Run one lease in a pool worker; its runner is built on the first job (every job of a pool carries
+    """Run one group in a pool worker; its runner is built on the first job (every job of a pool carries
     the same validated ``run`` and ``execution``)."""
     global _WORKER
     if _WORKER_INIT_ERROR is not None:
@@ -411,7 +238,7 @@ def _run_job(
         ) from _WORKER_INIT_ERROR
     if _WORKER is None:
         _WORKER = EpisodeRunner(run, execution, policies=_WORKER_POLICIES)
-    return _WORKER.run_lease(lease, _WORKER_STREAMS)
+    return _WORKER(job)
 
 
 # ---------------------------------------------------------------------------------------------- run config
@@ -814,30 +641,26 @@ def evaluate(
         "reference_cache": None if reference_cache is None else str(Path(reference_cache).resolve()),
     }
     with contextlib.ExitStack() as stack:
-        pool = streams = None
-        # A worker is worth starting while each still gets a batch of episodes (one per environment).
-        batches = len(run["tasks"]) * -(-run["episodes"] // envs_per_worker)
-        processes = min(workers, batches) - 1  # this process is a worker too
-        if backend == "local":
-            ctx = mp.get_context("spawn")
-            streams = _streams(ctx, run, execution)
-            if processes > 0:
-                # Started now, so the workers load their policies while this process validates the request.
-                specs = {"candidate": run["candidate"]}
-                if run["reference"] is not None:
-                    specs["reference"] = run["reference"]
-                pool = stack.enter_context(
-                    ctx.Pool(processes, initializer=_init_worker, initargs=(specs, streams))
-                )  # leaving the with-block (normally or by an exception) terminates the workers
-                pool = (pool, processes)
+        pool = None
+        groups = len(run["tasks"]) * -(-run["episodes"] // group_size(envs_per_worker))
+        processes = min(workers, groups) - 1  # this process is a worker too
+        if backend == "local" and processes > 0:
+            # Started now, so the workers load their policies while this process validates the request.
+            specs = {"candidate": run["candidate"]}
+            if run["reference"] is not None:
+                specs["reference"] = run["reference"]
+            pool = stack.enter_context(
+                mp.get_context("spawn").Pool(processes, initializer=_init_worker, initargs=(specs,))
+            )  # leaving the with-block (normally or by an exception) terminates the workers
+            pool = (pool, processes)
         config, policies = _run_config(run, execution)
-        context = {**execution, "run_token": secrets.token_hex(8)}  # marks what this call computes
+        context = {**execution}
         if config["reference"] is not None:
             context["cache_key"] = base_key(run, config["reference"], batch_slots=envs_per_worker)
         out = Path(out)
         lock = _open_run_dir(out, config, resume)
         try:
-            return _run_and_summarize(out, run, context, progress, on_episode, policies, pool, streams)
+            return _run_and_summarize(out, run, context, progress, on_episode, policies, pool)
         finally:
             lock.release()
 
@@ -850,20 +673,16 @@ def _run_and_summarize(
     on_episode: Callable[[dict[str, Any]], None] | None,
     policies: Mapping[str, Any],
     pool: tuple[Any, int] | None = None,
-    streams: Streams | None = None,
 ) -> dict[str, Any]:
-    """Run the episodes ``out`` lacks, committing each as it finishes, then write summary.json.
-    ``streams`` is the local backend's shared work, all counters at zero."""
+    """Run the episodes ``out`` lacks, committing each as it finishes, then write summary.json."""
     log = store.EpisodeLog(out / store.EPISODES_NAME)
     records = _finished_episodes(out, log, run)
     total = len(run["tasks"]) * run["episodes"]
     paired = run["reference"] is not None
     done = {(r["task"], r["seed"]) for r in records}
-    if context["backend"] == "local":
-        jobs: Iterator = _Leases(run, done, streams)
-    else:
-        left = {t: run["episodes"] - sum(d[0] == t for d in done) for t in run["tasks"]}
-        jobs = _groups(_pending_jobs(run, done), group_size(context["envs_per_worker"]), left)
+    pending = _pending_jobs(run, done)
+    left = {t: run["episodes"] - sum(d[0] == t for d in done) for t in run["tasks"]}
+    jobs = _groups(pending, group_size(context["envs_per_worker"]), left)
     bar = tqdm(
         total=total, initial=len(records), desc="eval", unit="ep", disable=not progress, dynamic_ncols=True
     )
@@ -917,71 +736,32 @@ def _groups(
         yield group
 
 
-def _streams(ctx: Any, run: dict[str, Any], execution: dict[str, Any]) -> Streams:
-    """The shared counters of a local run; the reference's rollouts are a stream of their own (shared out
-    ahead of each task's episodes) when they can be handed over (a reference cache) and are batched."""
-    shared = (
-        run["reference"] is not None
-        and execution["reference_cache"] is not None
-        and execution["envs_per_worker"] > 1
-    )
-    offsets = (0, FLOOR_SEED_OFFSET) if run["reseed_floor"] else (0,)
-    return Streams(ctx.Array("q", (1 + shared) * len(run["tasks"])), offsets, shared)
-
-
-class _Leases:
-    """The local backend's jobs: a ``Lease`` on the first stream that still has items, for as long as one
-    has (per task: its reference rollouts when those are shared out, then its episodes). Workers that
-    finish a lease take the next, so several work on one stream while it lasts."""
-
-    def __init__(self, run: dict[str, Any], done: set[tuple[str, int]], streams: Streams) -> None:
-        self.leases: list[Lease] = []
-        for task in run["tasks"]:
-            skip = tuple(sorted(s for t, s in done if t == task))
-            common = {"task": task, "first": run["seed_start"], "count": run["episodes"], "done": skip}
-            if streams.shared_references:
-                self.leases.append(
-                    Lease(position=len(self.leases), kind="references", offsets=streams.offsets, **common)
-                )
-            self.leases.append(Lease(position=len(self.leases), **common))
-        self.streams = streams
-
-    def __iter__(self) -> _Leases:
-        return self
-
-    def __next__(self) -> Lease:
-        for lease in self.leases:
-            if lease.left(self.streams.counters[lease.position]) > 0:
-                return lease
-        raise StopIteration
-
-
 def _results(
     run: dict[str, Any],
     context: dict[str, Any],
-    jobs: Iterator,
+    groups: Iterator[list[tuple[str, int]]],
     pending: int,
     policies: Mapping[str, Any],
     pool: tuple[Any, int] | None = None,
 ):
-    """Yield (record, arrays) per episode as they finish: ``jobs`` (``_Leases``) in this process alone or
-    with the processes of ``pool`` (a spawn pool and its size) besides, or ``jobs`` (groups) on Ray actors."""
+    """Yield (record, arrays) per episode as they finish: in this process alone, with the processes of
+    ``pool`` (a spawn pool and its size) besides, or on Ray actors."""
     if pending <= 0:
         return
     workers = context["workers"]
+    groups_needed = -(-pending // group_size(context["envs_per_worker"]))
     if context["backend"] == "ray":
         from daptq.eval.ray_backend import ray_results
 
-        groups_needed = -(-pending // group_size(context["envs_per_worker"]))
-        yield from ray_results(run, context, jobs, min(workers, groups_needed), context["ray_address"])
+        yield from ray_results(run, context, groups, min(workers, groups_needed), context["ray_address"])
         return
     runner = EpisodeRunner(run, context, policies)
     try:
         if pool is None:
-            for lease in jobs:
-                yield from runner.run_lease(lease, jobs.streams)
+            for group in groups:
+                yield from runner(group)
         else:
-            yield from _pool_results(run, context, jobs, *pool, runner)
+            yield from _pool_results(run, context, groups, *pool, runner)
     finally:
         runner.close()
 
@@ -992,7 +772,7 @@ class _Failed:
 
 
 class _PoolFeeder:
-    """Hands leases to a pool one per worker at a time, the next from the pool's result thread the moment
+    """Hands groups to a pool one per worker at a time, the next from the pool's result thread the moment
     one finishes. (A class, not closures: closures that call each other form a reference cycle that keeps
     the pool, and its named semaphores, alive until the garbage collector runs.)"""
 
@@ -1034,17 +814,17 @@ class _PoolFeeder:
 def _pool_results(
     run: dict[str, Any],
     context: dict[str, Any],
-    jobs: _Leases,
+    jobs: Iterator[list[tuple[str, int]]],
     pool: Any,
     processes: int,
     local: EpisodeRunner,
 ):
-    """Leases run on the pool's ``processes`` workers and on ``local`` (this process) alike.
+    """Groups run on the pool's ``processes`` workers and on ``local`` (this process) alike.
 
-    Each pool worker holds one lease at a time and is handed the next the moment it finishes, so none
-    waits while this process is busy with a lease of its own and none holds a queued lease when the
-    streams run dry (``imap`` would also queue every job at once). Finished leases are committed between
-    this process's own leases.
+    Each pool worker holds one group at a time and is handed the next the moment it finishes, so none
+    waits while this process is busy with a group of its own and none has a queued group when the jobs
+    run out (``imap`` would also queue every job at once). Finished groups are committed between this
+    process's own groups.
     """
     feeder = _PoolFeeder(pool, run, context, jobs)
 
@@ -1066,7 +846,7 @@ def _pool_results(
             yield from take(item)
         job = feeder.next_job()
         if job is not None:
-            yield from local.run_lease(job, jobs.streams)
+            yield from local(job)
             continue
         if feeder.all_received(received):
             return
