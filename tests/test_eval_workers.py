@@ -1,9 +1,11 @@
 """The local backend's scheduling: the parent is one of the workers, the pool starts while the parent
-validates, and groups are balanced per task."""
+validates, groups are balanced per task, and a worker killed mid-run has its groups re-run."""
 
 import gc
 import multiprocessing as mp
-import multiprocessing.pool
+import os
+import signal
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
@@ -54,7 +56,8 @@ def test_two_workers_are_the_parent_and_one_process_each_episode_once(tmp_path, 
     assert len(children) == 1  # two workers: this process and one spawned
     # The pool is freed when the run ends, not at the next garbage collection (a cycle would keep its named
     # semaphores until then, and an interpreter exiting first warns of "leaked semaphore objects").
-    assert not any(type(o) is multiprocessing.pool.Pool for o in gc.get_objects())
+    gc.collect()
+    assert not any(type(o) is ProcessPoolExecutor for o in gc.get_objects())
     assert 0 < len(in_parent) < 6  # both did part of the work
     alone = evaluate("toy:weight_noise=0.2", "toy", workers=1, out=tmp_path / "one", **kwargs)
     assert both["overall"] == alone["overall"]
@@ -73,4 +76,36 @@ def test_a_bad_model_found_while_the_pool_starts_stops_it_and_writes_nothing(tmp
     with pytest.raises(ValueError, match="bad item 'bogus=1'"):
         evaluate("toy:bogus=1", "toy", tasks=["reach"], episodes=4, workers=3, out=out, **FAST)
     assert not out.exists()
+    assert not mp.active_children()
+
+
+@pytest.mark.slow
+def test_a_killed_worker_has_its_episodes_rerun_none_lost_none_twice(tmp_path):
+    kwargs = {"tasks": ["reach", "push"], "episodes": 4, **FAST}
+    killed: list[int] = []
+    children: set[int] = set()
+
+    def kill_the_worker(record):
+        # The first episode is the parent's own (the spawned worker is still starting), so the worker
+        # holds a group when it is killed.
+        if not killed:
+            killed.extend(p.pid for p in mp.active_children())
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+        children.update(p.pid for p in mp.active_children())
+
+    summary = evaluate(
+        "toy:weight_noise=0.2", "toy", workers=2, out=tmp_path / "two", on_episode=kill_the_worker, **kwargs
+    )
+    assert len(killed) == 1 and summary["complete"] and summary["episodes"] == 8
+    assert children - set(killed)  # a fresh worker took over
+    lines = (tmp_path / "two" / store.EPISODES_NAME).read_bytes().splitlines()
+    assert len(lines) == 8  # none duplicated, none lost
+    alone = evaluate("toy:weight_noise=0.2", "toy", workers=1, out=tmp_path / "one", **kwargs)
+
+    def outcomes(run):
+        return {(r["task"], r["seed"]): (r["success"], r["drift_max"]) for r in store.read_records(run)}
+
+    assert outcomes(tmp_path / "two") == outcomes(tmp_path / "one")
+    assert summary["overall"] == alone["overall"]
     assert not mp.active_children()

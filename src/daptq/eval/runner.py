@@ -17,10 +17,8 @@ import math
 import multiprocessing as mp
 import os
 import platform
-import queue
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,6 +29,7 @@ from tqdm.auto import tqdm
 
 from daptq.eval import store
 from daptq.eval.cache import ReferenceCache, base_key
+from daptq.eval.local_pool import LocalPool, pool_results
 from daptq.eval.metrics import DEFAULT_DIVERGENCE_THRESHOLD_M, DEFAULT_HF_CUTOFF
 from daptq.eval.rollout import Rollout, episode_record, run_episode, run_episodes
 from daptq.eval.summary import summarize
@@ -650,9 +649,8 @@ def evaluate(
             if run["reference"] is not None:
                 specs["reference"] = run["reference"]
             pool = stack.enter_context(
-                mp.get_context("spawn").Pool(processes, initializer=_init_worker, initargs=(specs,))
+                LocalPool(mp.get_context("spawn"), processes, initializer=_init_worker, initargs=(specs,))
             )  # leaving the with-block (normally or by an exception) terminates the workers
-            pool = (pool, processes)
         config, policies = _run_config(run, execution)
         context = {**execution}
         if config["reference"] is not None:
@@ -672,7 +670,7 @@ def _run_and_summarize(
     progress: bool,
     on_episode: Callable[[dict[str, Any]], None] | None,
     policies: Mapping[str, Any],
-    pool: tuple[Any, int] | None = None,
+    pool: LocalPool | None = None,
 ) -> dict[str, Any]:
     """Run the episodes ``out`` lacks, committing each as it finishes, then write summary.json."""
     log = store.EpisodeLog(out / store.EPISODES_NAME)
@@ -742,10 +740,12 @@ def _results(
     groups: Iterator[list[tuple[str, int]]],
     pending: int,
     policies: Mapping[str, Any],
-    pool: tuple[Any, int] | None = None,
+    pool: LocalPool | None = None,
 ):
     """Yield (record, arrays) per episode as they finish: in this process alone, with the processes of
-    ``pool`` (a spawn pool and its size) besides, or on Ray actors."""
+    ``pool`` besides (each holds one group at a time and is handed the next the moment it finishes, so
+    none waits while this process runs a group of its own; a worker that dies has its groups re-run), or
+    on Ray actors."""
     if pending <= 0:
         return
     workers = context["workers"]
@@ -761,94 +761,6 @@ def _results(
             for group in groups:
                 yield from runner(group)
         else:
-            yield from _pool_results(run, context, groups, *pool, runner)
+            yield from pool_results(pool, _run_job, (run, context), groups, runner)
     finally:
         runner.close()
-
-
-class _Failed:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
-class _PoolFeeder:
-    """Hands groups to a pool one per worker at a time, the next from the pool's result thread the moment
-    one finishes. (A class, not closures: closures that call each other form a reference cycle that keeps
-    the pool, and its named semaphores, alive until the garbage collector runs.)"""
-
-    def __init__(self, pool: Any, run: dict[str, Any], context: dict[str, Any], jobs: Iterator) -> None:
-        self.pool, self.run, self.context, self.jobs = pool, run, context, jobs
-        self.finished: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.lock = threading.Lock()  # the result thread and the caller share the iterator
-        self.submitted = 0
-
-    def next_job(self) -> list[tuple[str, int]] | None:
-        with self.lock:
-            return next(self.jobs, None)
-
-    def submit(self) -> None:
-        with self.lock:  # counted with the job taken, so ``all_received`` sees every group
-            job = next(self.jobs, None)
-            if job is None:
-                return
-            self.submitted += 1
-        try:
-            self.pool.apply_async(
-                _run_job, (self.run, self.context, job), callback=self._done, error_callback=self._failed
-            )
-        except ValueError as exc:  # the pool is shutting down: this run is ending with an error anyway
-            self.finished.put(_Failed(exc))
-
-    def _done(self, result: Any) -> None:
-        self.finished.put(result)
-        self.submit()
-
-    def _failed(self, exc: BaseException) -> None:
-        self.finished.put(_Failed(exc))
-
-    def all_received(self, received: int) -> bool:
-        with self.lock:
-            return received == self.submitted
-
-
-def _pool_results(
-    run: dict[str, Any],
-    context: dict[str, Any],
-    jobs: Iterator[list[tuple[str, int]]],
-    pool: Any,
-    processes: int,
-    local: EpisodeRunner,
-):
-    """Groups run on the pool's ``processes`` workers and on ``local`` (this process) alike.
-
-    Each pool worker holds one group at a time and is handed the next the moment it finishes, so none
-    waits while this process is busy with a group of its own and none has a queued group when the jobs
-    run out (``imap`` would also queue every job at once). Finished groups are committed between this
-    process's own groups.
-    """
-    feeder = _PoolFeeder(pool, run, context, jobs)
-
-    def take(item: Any) -> Any:
-        if isinstance(item, _Failed):
-            raise item.exc
-        return item
-
-    for _ in range(processes):
-        feeder.submit()
-    received = 0
-    while True:
-        while True:
-            try:
-                item = feeder.finished.get_nowait()
-            except queue.Empty:
-                break
-            received += 1
-            yield from take(item)
-        job = feeder.next_job()
-        if job is not None:
-            yield from local(job)
-            continue
-        if feeder.all_received(received):
-            return
-        received += 1
-        yield from take(feeder.finished.get())
