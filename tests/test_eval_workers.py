@@ -109,3 +109,29 @@ def test_a_killed_worker_has_its_episodes_rerun_none_lost_none_twice(tmp_path):
     assert outcomes(tmp_path / "two") == outcomes(tmp_path / "one")
     assert summary["overall"] == alone["overall"]
     assert not mp.active_children()
+
+
+@pytest.mark.slow
+def test_a_resume_with_one_group_left_runs_it_in_this_process(tmp_path, monkeypatch):
+    kwargs = {"tasks": ["reach"], "episodes": 3, **FAST}
+    out = tmp_path / "run"
+
+    def stop_after_two(record):
+        if len(store.read_records(out)) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate("toy:weight_noise=0.2", "toy", out=out, on_episode=stop_after_two, **kwargs)
+    in_parent: list[tuple[str, int]] = []
+    call = runner_module.EpisodeRunner.__call__
+
+    def counted(self, jobs):
+        in_parent.extend(jobs)
+        return call(self, jobs)
+
+    monkeypatch.setattr(runner_module.EpisodeRunner, "__call__", counted)
+    summary = evaluate("toy:weight_noise=0.2", "toy", workers=3, out=out, resume=True, **kwargs)
+    left = {("reach", s) for s in range(summary["run"]["seed_start"], summary["run"]["seed_start"] + 3)}
+    left -= {(r["task"], r["seed"]) for r in store.read_records(out)[:2]}
+    assert summary["complete"] and in_parent == sorted(left)  # the spawned workers were stopped unused
+    assert not mp.active_children()

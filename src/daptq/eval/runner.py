@@ -755,6 +755,9 @@ def _results(
 
         yield from ray_results(run, context, groups, min(workers, groups_needed), context["ray_address"])
         return
+    if pool is not None and groups_needed == 1:
+        pool.close()  # started for the whole run; what a resume left is one group, for this process alone
+        pool = None
     runner = EpisodeRunner(run, context, policies)
     try:
         if pool is None:
