@@ -19,9 +19,9 @@ rows (``--reseed-floor`` turns it on in the new paths only), so every row does t
 today's path. Then one process profiles where a paired episode's time goes (physics, render, vision
 encoder, backbone, DiT sampling, the rest: Python and the metrics) on the baseline path and the batched
 paths (the first ``--envs`` value), measures each stage's cost per batch row at batch 1 and each ``--envs``
-value, and from both bounds what batching and the cache could give inside episodes (``attainable_speedups``:
-where the target ratios are out of reach on a machine, it says so). Writes results/eval_throughput.json
-and .md.
+value, and from both estimates the ceiling of what batching and the cache can give inside episodes
+(``attainable_speedups``: where the target ratios are out of reach on a machine, it says so). Writes
+results/eval_throughput.json and .md.
 
     python benchmarks/eval_throughput.py [--tasks reach push] [--episodes 8] [--max-steps 60] [--envs 4 8]
         [--repeats 3]
@@ -183,7 +183,8 @@ def attainable_speedups(baseline: dict, stages: dict[int, dict[str, float]], n: 
     rollouts. The cold path runs the same calls at batch ``n``, the candidate's and shadow's sharing one
     vision pass (2 of 3 vision passes), and simulates the same; the cached path runs only the candidate's
     and the shadow's (1 of 3 vision passes, 2 of 3 backbone and DiT passes) and simulates half (its
-    Python work halved too). Full batches, no start-up, no padding: a bound, not a forecast."""
+    Python work halved too). Full batches, no start-up, no padding: a ceiling, not a forecast (estimated
+    from one task's profile, so measured rows on other tasks can land a little above it)."""
     per = baseline["seconds_per_episode"]
     gain = {k: stages[n][k] / stages[1][k] for k in stages[1]}
     env = per["physics (env step/reset)"] + per["render"] + per["Python, metrics, rest"]
@@ -337,8 +338,9 @@ def _markdown(result: dict, args) -> str:
         "|---:|" + "---:|" * len(names),
         *(f"| {b} | " + " | ".join(f"{1000 * st[k]:.2f}" for k in names) + " |" for b, st in stages.items()),
         "",
-        "At most what batching and the cache can give inside episodes, from the baseline's profile and these "
-        "per-row costs (full batches, no start-up, no padding; `attainable_speedups`): "
+        "Ceiling of what batching and the cache can give inside episodes, estimated from the baseline's "
+        "profile and these per-row costs (full batches, no start-up, no padding; `attainable_speedups`; one "
+        "task's profile and timings taken minutes apart, so it moves between runs as the rows do): "
         + "; ".join(
             f"{m}: {b['cold cache']}x cold, {b['cached reference']}x cached"
             for m, b in result["attainable_speedup_in_episodes"].items()

@@ -1,5 +1,5 @@
-"""The bound benchmarks/eval_throughput.py puts beside its measured ratios (``attainable_speedups``), checked
-against a hand count, and the per-row stage costs it is computed from (``eval_costs.stage_costs``)."""
+"""The ceiling benchmarks/eval_throughput.py puts beside its measured ratios (``attainable_speedups``),
+checked against a hand count, and the per-row stage costs it is computed from (``eval_costs.stage_costs``)."""
 
 from __future__ import annotations
 
