@@ -40,5 +40,27 @@ def test_shared_context_renders_what_mujoco_renderer_renders_and_is_released():
         for env in envs:
             env.close()
     assert contexts[0].users == users - 2
-    if contexts[0].users == 0:  # the last user frees it
+    if contexts[0].users == 0:  # the last user parks it, idle, for the next env of the same assets
         assert contexts[0].key not in render_module._SharedContext._open
+        assert render_module._SharedContext._idle is contexts[0]
+        again = make_env("push", image_size=32, camera="corner3", max_steps=10)
+        try:
+            assert again._renderers[0]._context is contexts[0]  # reused, not rebuilt
+            again.reset(seed=0)
+            obs, *_ = again.step(np.array([0.6, -0.4, 0.3, 1.0], np.float32))
+            expected = _reference_image(again._mw.model, again._mw.data, 32, "corner3")
+            np.testing.assert_array_equal(np.asarray(obs["image"]), expected)
+        finally:
+            again.close()
+
+
+def test_only_the_last_released_context_is_kept_idle():
+    first = make_env("push", image_size=24, camera="corner3", max_steps=10)
+    parked = first._renderers[0]._context
+    first.close()
+    other = make_env("drawer-close", image_size=24, camera="corner3", max_steps=10)  # other assets
+    context = other._renderers[0]._context
+    other.close()
+    assert context is not parked
+    if parked.users == 0 and context.users == 0:  # no other test holds an env of these assets open
+        assert render_module._SharedContext._idle is context  # the push context was freed for it

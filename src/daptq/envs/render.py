@@ -28,14 +28,18 @@ _exit_hook_registered = False
 def _close_open_renderers() -> None:
     for renderer in list(_OPEN_RENDERERS):
         renderer.close()
+    _SharedContext.free_idle()
 
 
 class _SharedContext:
     """One GL context and MuJoCo render context (meshes and textures uploaded) for every renderer of the
     process whose model has the same assets and visual settings: the N environments of one task in an
-    evaluation worker build it once (``benchmarks/eval_costs.py`` measures a first env and a further one)."""
+    evaluation worker build it once (``benchmarks/eval_costs.py`` measures a first env and a further one).
+    The last one released is kept, idle, until another is: the next env of the same assets (the evaluator's
+    check env, then the episodes' envs; the next task of the same assets, e.g. reach after push) reuses it."""
 
     _open: dict[str, _SharedContext] = {}
+    _idle: _SharedContext | None = None
 
     def __init__(self, key: str, model: mujoco.MjModel) -> None:
         self.key, self.users = key, 0
@@ -49,7 +53,12 @@ class _SharedContext:
         key = _asset_key(model)
         ctx = cls._open.get(key)
         if ctx is None:
-            ctx = cls._open[key] = cls(key, model)
+            idle = cls._idle
+            if idle is not None and idle.key == key:
+                ctx, cls._idle = idle, None
+            else:
+                ctx = cls(key, model)
+            cls._open[key] = ctx
         ctx.users += 1
         return ctx
 
@@ -57,9 +66,16 @@ class _SharedContext:
         self.users -= 1
         if self.users == 0:
             del self._open[self.key]
-            self.gl.make_current()
-            self.mjr.free()
-            self.gl.free()
+            type(self).free_idle()
+            type(self)._idle = self
+
+    @classmethod
+    def free_idle(cls) -> None:
+        idle, cls._idle = cls._idle, None
+        if idle is not None:
+            idle.gl.make_current()
+            idle.mjr.free()
+            idle.gl.free()
 
 
 def _asset_key(model: mujoco.MjModel) -> str:

@@ -303,10 +303,9 @@ def _file_digests(spec: str) -> dict[str, str] | None:
     }
 
 
-def _describe(policy: Any, spec: str) -> dict[str, Any]:
-    """What a run records of a model: its action space, what it declares and the digest of its weights
-    and config (compared on resume), plus file digests when the spec is a directory."""
-    info = policy.info()
+def _describe(policy: Any, info: PolicyInfo, spec: str) -> dict[str, Any]:
+    """What a run records of a model: its action space, what it declares (``info``) and the digest of its
+    weights and config (compared on resume), plus file digests when the spec is a directory."""
     return {
         "action_space": policy.action_space.to_dict(),
         "recipe": _jsonable(dict(info.recipe) if info.recipe is not None else None),
@@ -443,7 +442,12 @@ def _run_config(run: dict[str, Any], execution: dict[str, Any]) -> tuple[dict[st
             f"candidate and reference have different action spaces: {cand_policy.action_space.to_dict()} vs "
             f"{ref_policy.action_space.to_dict()}"
         )
-    infos = [p.info() for p in (cand_policy, ref_policy) if p is not None]
+    # One digest per loaded model (hashing the weights is most of what info() costs).
+    cand_info = cand_policy.info()
+    ref_info = None
+    if ref_policy is not None:
+        ref_info = cand_info if ref_policy is cand_policy else ref_policy.info()
+    infos = [i for i in (cand_info, ref_info) if i is not None]
     run["image_size"], run["camera"] = _observation_settings(infos, run["image_size"], run["camera"])
     _warn_on_scene_mismatch(infos, run["scene_version"])
     _check_environment(run, cand_policy.action_space.dim)
@@ -454,8 +458,8 @@ def _run_config(run: dict[str, Any], execution: dict[str, Any]) -> tuple[dict[st
         "format": store.RUN_FORMAT,
         "format_version": store.RUN_FORMAT_VERSION,
         "run": run,
-        "candidate": _describe(cand_policy, run["candidate"]),
-        "reference": _describe(ref_policy, run["reference"]) if ref_policy is not None else None,
+        "candidate": _describe(cand_policy, cand_info, run["candidate"]),
+        "reference": _describe(ref_policy, ref_info, run["reference"]) if ref_policy is not None else None,
         "execution": execution,
         "provenance": {
             "versions": _versions(),
