@@ -117,7 +117,9 @@ def padding_share(tasks: list[str], episodes: int, envs: int, tmp: Path) -> dict
 def render_context_cost(n: int) -> dict[str, float]:
     """Seconds to build the first env of a task (render context included) and each further one (shared)."""
     from daptq.envs import make_env
+    from daptq.envs.render import free_idle_context
 
+    free_idle_context()  # the first env builds its render context, not reuse one left by an earlier env
     times = []
     envs = []
     for _ in range(n):

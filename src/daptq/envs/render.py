@@ -78,6 +78,11 @@ class _SharedContext:
             idle.gl.free()
 
 
+def free_idle_context() -> None:
+    """Free the render context kept idle for the next env of the same assets (to measure a cold build)."""
+    _SharedContext.free_idle()
+
+
 def _asset_key(model: mujoco.MjModel) -> str:
     """What a render context is built from: the uploaded assets (meshes, textures, height fields, skins) and
     the visual settings read at creation. Scene contents (poses, colours, sites) come per frame from the model
