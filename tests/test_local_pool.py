@@ -4,6 +4,8 @@ clear error instead of a hang."""
 
 import multiprocessing as mp
 import os
+import signal
+import time
 
 import pytest
 
@@ -14,6 +16,11 @@ CTX = mp.get_context("spawn")
 
 def _square(job: int) -> list[int]:
     return [job * job]
+
+
+def _sleep(seconds: int) -> list[int]:
+    time.sleep(seconds)
+    return [seconds]
 
 
 def _die_on_first_try(marker_dir: str, job: int) -> list[int]:
@@ -58,3 +65,15 @@ def test_an_error_in_a_group_is_raised_in_the_caller():
     with LocalPool(CTX, 1) as pool, pytest.raises(TypeError):
         list(pool_results(pool, _square, (), iter(["x"])))
     assert not mp.active_children()
+
+
+def test_leaving_early_stops_a_worker_mid_group():
+    with LocalPool(CTX, 2) as pool:
+        results = pool_results(pool, _sleep, (), iter([0, 60]))
+        assert next(results) == 0
+        workers = mp.active_children()
+        results.close()  # the caller stops reading (an error, an interrupt): the 60 s group is cut short
+        assert workers and all(w.exitcode == -signal.SIGTERM for w in workers)  # killed, not finished
+        assert not mp.active_children()
+        with pytest.raises(RuntimeError, match="closed"):
+            pool.restart()

@@ -27,6 +27,8 @@ class LocalPool:
     def __init__(self, ctx: Any, processes: int, initializer: Callable | None = None, initargs: tuple = ()):
         self.ctx, self.processes, self.initializer, self.initargs = ctx, processes, initializer, initargs
         self.restarts = 0
+        self._lock = threading.Lock()  # the feeder thread restarts, the caller closes
+        self._closed = False
         self._executor: ProcessPoolExecutor | None = None
         self._start()
 
@@ -38,41 +40,44 @@ class LocalPool:
             self._executor.submit(os.getpid)
 
     def submit(self, fn: Callable, *args: Any) -> Future:
-        if self._executor is None:
+        executor = self._executor
+        if self._closed or executor is None:
             raise RuntimeError("the worker pool is closed")
-        return self._executor.submit(fn, *args)
-
-    def pids(self) -> list[int]:
-        """The workers' process ids (diagnostics; tests kill one)."""
-        return [] if self._executor is None else [p.pid for p in self._processes()]
+        return executor.submit(fn, *args)
 
     def restart(self) -> None:
         """Replace every worker (after one died, the executor accepts no more work)."""
-        self.restarts += 1
-        if self.restarts > MAX_RESTARTS_PER_WORKER * self.processes:
-            raise RuntimeError(
-                f"evaluation workers died {self.restarts} times; giving up (finished episodes are "
-                "committed: --resume runs the rest)"
-            )
-        self.close()
-        self._start()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the worker pool is closed")
+            self.restarts += 1
+            if self.restarts > MAX_RESTARTS_PER_WORKER * self.processes:
+                raise RuntimeError(
+                    f"evaluation workers died {self.restarts} times; giving up (finished episodes are "
+                    "committed: --resume runs the rest)"
+                )
+            self._stop_workers()
+            self._start()
 
     def close(self) -> None:
-        """Stop the workers now, also mid-group (a shutdown alone would wait for their groups to end)."""
+        """Stop the workers now, also mid-group; the pool takes no more work."""
+        with self._lock:
+            self._closed = True
+            self._stop_workers()
+
+    def _stop_workers(self) -> None:
+        # A shutdown alone would wait for the groups running to end: terminate the workers first, then let
+        # the shutdown join the executor's thread, which reaps them (so their exit codes are known after).
         executor, self._executor = self._executor, None
         if executor is None:
             return
-        processes = self._processes(executor)
-        executor.shutdown(wait=False, cancel_futures=True)
+        # The executor's own table of its processes (Python has no public accessor before 3.14).
+        processes = list((getattr(executor, "_processes", None) or {}).values())
         for process in processes:
             process.terminate()
+        executor.shutdown(wait=True, cancel_futures=True)
         for process in processes:
             process.join(timeout=10)
-
-    def _processes(self, executor: ProcessPoolExecutor | None = None) -> list[Any]:
-        executor = executor or self._executor
-        # The executor's own table of its processes; Python has no public accessor before 3.14.
-        return list((getattr(executor, "_processes", None) or {}).values())
 
     def __enter__(self) -> LocalPool:
         return self
