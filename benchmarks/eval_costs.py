@@ -59,7 +59,7 @@ def call_cost(policy, batches: list[int], repeats: int) -> dict[int, float]:
 def stage_costs(policy, batches: list[int], repeats: int) -> dict[int, dict[str, float]]:
     """Seconds per batch row of each stage of a call at each batch size: the vision encoder, the backbone
     (given the vision features) and the DiT's sampling loop. Which stages batching can cut, and by how much:
-    the backbone already runs ~70 tokens per row at batch 1, the DiT a chunk of 8."""
+    the backbone already runs ~50 tokens per row at batch 1, the DiT a chunk of 8."""
     from daptq.envs import make_env
 
     env = make_env("reach", image_size=policy.image_size, camera=policy.camera, max_steps=10)

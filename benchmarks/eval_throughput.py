@@ -42,9 +42,6 @@ import torch
 
 from daptq.eval import evaluate, store
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, run as a script
-from eval_costs import stage_costs  # noqa: E402
-
 MODEL = "ref:metaworld-mt10"
 BASELINE = "baseline (one env, no cache)"
 
@@ -195,6 +192,18 @@ def attainable_speedups(baseline: dict, stages: dict[int, dict[str, float]], n: 
     cold = env + vision * 2 / 3 + backbone + dit
     cached = env / 2 + vision / 3 + (backbone + dit) * 2 / 3
     return {"cold cache": round(total / cold, 2), "cached reference": round(total / cached, 2)}
+
+
+def stage_costs(policy, batches: list[int], repeats: int) -> dict[int, dict[str, float]]:
+    """``eval_costs.stage_costs``, loaded from the sibling file (benchmarks/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "eval_costs", Path(__file__).resolve().parent / "eval_costs.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.stage_costs(policy, batches, repeats)
 
 
 def _warm_up() -> None:

@@ -56,7 +56,6 @@ def test_two_workers_are_the_parent_and_one_process_each_episode_once(tmp_path, 
     assert len(children) == 1  # two workers: this process and one spawned
     # The pool is freed when the run ends, not at the next garbage collection (a cycle would keep its named
     # semaphores until then, and an interpreter exiting first warns of "leaked semaphore objects").
-    gc.collect()
     assert not any(type(o) is ProcessPoolExecutor for o in gc.get_objects())
     assert 0 < len(in_parent) < 6  # both did part of the work
     alone = evaluate("toy:weight_noise=0.2", "toy", workers=1, out=tmp_path / "one", **kwargs)

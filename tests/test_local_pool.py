@@ -35,7 +35,8 @@ def _die_on_first_try(marker_dir: str, job: int) -> list[int]:
 def test_every_group_comes_back_once_from_the_pool_or_this_process():
     local: list[int] = []
 
-    def here(job):
+    def here(job):  # slower than a worker's job, so the feeder thread is sure to hand some to the pool
+        time.sleep(0.02)
         local.append(job)
         return [job * job]
 

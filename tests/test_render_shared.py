@@ -55,12 +55,18 @@ def test_shared_context_renders_what_mujoco_renderer_renders_and_is_released():
 
 
 def test_only_the_last_released_context_is_kept_idle():
-    first = make_env("push", image_size=24, camera="corner3", max_steps=10)
+    # Buffer sizes no other test uses give contexts of their own (the key covers the offscreen size).
+    first = make_env("push", image_size=997, camera="corner3", max_steps=10)
     parked = first._renderers[0]._context
     first.close()
-    other = make_env("drawer-close", image_size=24, camera="corner3", max_steps=10)  # other assets
+    assert parked.users == 0 and render_module._SharedContext._idle is parked
+    other = make_env("push", image_size=998, camera="corner3", max_steps=10)
     context = other._renderers[0]._context
-    other.close()
     assert context is not parked
-    if parked.users == 0 and context.users == 0:  # no other test holds an env of these assets open
-        assert render_module._SharedContext._idle is context  # the push context was freed for it
+    other.close()
+    assert render_module._SharedContext._idle is context  # the earlier one was freed for it
+    again = make_env("push", image_size=997, camera="corner3", max_steps=10)
+    try:
+        assert again._renderers[0]._context is not parked  # freed: a new one was built
+    finally:
+        again.close()

@@ -134,8 +134,8 @@ class _Feeder(threading.Thread):
                     job = in_flight.pop(future)
                     if _broke(future):
                         lost.append(job)
-                    elif future.exception() is not None:
-                        self.finished.put(_Failed(future.exception()))
+                    elif (error := future.exception()) is not None:
+                        self.finished.put(_Failed(error))
                         return
                     else:
                         self.finished.put(future.result())

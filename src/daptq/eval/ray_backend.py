@@ -17,7 +17,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-MAX_RESTARTS_PER_WORKER = 3
+from daptq.eval.local_pool import MAX_RESTARTS_PER_WORKER
+
 _WORKER_PIDS: list[int] = []  # the actors' process ids, newest last (diagnostics, and tests kill one)
 
 
