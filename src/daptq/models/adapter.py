@@ -1,18 +1,22 @@
 """The two contracts every policy in daptq honours, so methods and evaluation never special-case a model.
 
 ``Policy`` is what closed-loop evaluation drives (lerobot-style). ``VLAAdapter`` is what a quantization
-method needs to know about a VLA: where the conditioning latent z is produced, where it enters the action
-decoder, the decoder's training loss, which modules may be quantized (tagged with a role) and what the action
-dimensions mean.
+method needs to know about a VLA, and the only place model structure is known: which modules may be quantized
+(role, repeated-block index, stack, stream), the attention modules' layouts, the interface through which the
+vision-language representation enters the action decoder (and whether an affine folds into it exactly), the
+decoder's training objective, a differentiable chunk sampler and what the action dimensions mean. Methods read
+these declarations; they never guess structure from module names or classes. ``check_adapter`` validates an
+adapter once, naming what is wrong.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 import numpy as np
 import torch
@@ -21,6 +25,18 @@ from torch import nn
 from daptq.quant.smoothing import SmoothingGroup
 
 Role = Literal["vision", "language", "backbone", "interface", "action_head", "other"]
+ObjectiveKind = Literal["diffusion", "flow_matching", "token_ce", "regression_l1", "regression_l2"]
+# One vector per sample / a token sequence read by cross-attention / the expert's K, V of a prefix.
+InterfaceKind = Literal["vector", "tokens", "prefix_kv"]
+# Can a per-output-channel affine be folded into the interface's W, b? "tied_pairs": only with gains tied
+# across each RoPE pair of channels; "none": not at all (CSRC refuses).
+FoldExactness = Literal["exact", "tied_pairs", "none"]
+Capability = Literal["attention", "smoothing", "condition", "batched_eval"]
+ROLES: tuple[str, ...] = get_args(Role)
+OBJECTIVE_KINDS: tuple[str, ...] = get_args(ObjectiveKind)
+INTERFACE_KINDS: tuple[str, ...] = get_args(InterfaceKind)
+FOLD_EXACTNESS: tuple[str, ...] = get_args(FoldExactness)
+CAPABILITIES: tuple[str, ...] = get_args(Capability)
 DimKind = Literal["translation", "rotation", "gripper", "joint"]
 
 # An observation as produced by daptq.envs and consumed by policies.
@@ -113,12 +129,253 @@ def state_digest(module: nn.Module, config: Any) -> str:
 
 @dataclass
 class QuantizableModule:
-    """One module a method may quantize, with its fully-qualified name and its role in the VLA."""
+    """One module a method may quantize: its qualified name in ``adapter.model``, its role, and where it sits.
+
+    ``block`` is its index inside a repeated stack of blocks (``stack`` names the stack: "vision",
+    "backbone", "dit", "expert"...), None outside one; ``stream`` is "prefix" / "expert" where a model runs
+    two streams, else None. ``meta`` is free-form (e.g. ``{"kind": "linear"}``).
+    """
 
     name: str
     module: nn.Module
     role: Role
     meta: dict[str, Any] = field(default_factory=dict)
+    block: int | None = None
+    stack: str | None = None
+    stream: str | None = None
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """One attention module: its projections as one fused ``qkv`` Linear (rows ``[q; k; v]``) or as separate
+    ``q``/``k``/``v`` Linears (exactly one of the two), the output projection ``out`` and the head counts.
+    QuantVLA's temperature matching and output-head balancing read this, on either layout."""
+
+    name: str
+    heads: int
+    role: Role
+    out: str
+    qkv: str | None = None
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    kv_heads: int | None = None  # grouped-query attention; None = heads
+    block: int | None = None
+    stack: str | None = None
+    stream: str | None = None
+
+    def __post_init__(self) -> None:
+        separate = (self.q, self.k, self.v)
+        if (self.qkv is None) == all(s is None for s in separate) or (
+            self.qkv is None and any(s is None for s in separate)
+        ):
+            raise ValueError(
+                f"AttentionLayout {self.name!r}: give either qkv (fused) or all of q, k, v (separate), "
+                f"got qkv={self.qkv!r}, q={self.q!r}, k={self.k!r}, v={self.v!r}"
+            )
+        if self.heads <= 0 or (self.kv_heads is not None and self.kv_heads <= 0):
+            raise ValueError(f"AttentionLayout {self.name!r}: head counts must be positive")
+        if self.kv_heads is not None and self.heads % self.kv_heads:
+            raise ValueError(
+                f"AttentionLayout {self.name!r}: heads={self.heads} is not a multiple of "
+                f"kv_heads={self.kv_heads}"
+            )
+
+    @property
+    def fused(self) -> bool:
+        return self.qkv is not None
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.kv_heads or self.heads
+
+    def linears(self) -> tuple[str, ...]:
+        """The qualified names of every projection of this attention module."""
+        inputs = (self.qkv,) if self.qkv is not None else (self.q, self.k, self.v)
+        return (*inputs, self.out)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class InterfaceModule:
+    """Where the vision-language representation enters the action decoder (CSRC's target): an nn.Linear
+    whose output channels CSRC compensates and folds into its weight and bias, as exactly as ``fold`` says."""
+
+    name: str
+    module: nn.Module
+    kind: InterfaceKind
+    fold: FoldExactness = "exact"
+    note: str = ""
+
+
+class VLAAdapter(ABC):
+    """What a quantization method needs to know about a VLA: pi(a | V, p) = Psi(f(V, p)).
+
+    Methods take this, never ``Any``; ``check_adapter`` validates one once. Optional capabilities are declared
+    in ``capabilities`` (no ``hasattr`` probes): "attention" (``attention_layouts``), "smoothing"
+    (``smoothing_groups``), "condition" (``condition``), "batched_eval" (the policy batches episodes).
+    """
+
+    model: nn.Module
+    action_space: ActionSpace
+    objective_kind: ObjectiveKind
+    capabilities: frozenset[str] = frozenset()
+
+    @abstractmethod
+    def quantizable_modules(self) -> list[QuantizableModule]:
+        """Every module a method may quantize, with its role, block, stack and stream."""
+
+    @abstractmethod
+    def interface_modules(self) -> list[InterfaceModule]:
+        """The modules through which the VL representation enters the action decoder."""
+
+    @abstractmethod
+    def objective(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        dim_weights: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Scalar training loss of the action decoder on a model-input batch (needs ``batch["actions"]``);
+        ``dim_weights`` (action_dim,) re-weights per action dimension (DA-PTQ's drift weighting)."""
+
+    @abstractmethod
+    def sample(
+        self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Differentiable action chunk (B, K, action_dim), same noise for the same generator state."""
+
+    def predict_chunk(
+        self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Action chunk (B, K, action_dim) without autograd (calibration forwards, tests)."""
+        with torch.no_grad():
+            return self.sample(batch, generator)
+
+    @abstractmethod
+    def calibration_batches(self, batches: Iterator[Mapping[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:
+        """Dataset-style batches -> model-input batches (moves, normalizes, encodes as the model expects)."""
+
+    # ---- declared optional capabilities -------------------------------------------------------------------
+    def attention_layouts(self) -> list[AttentionLayout]:
+        """Attention modules (capability "attention"); none by default."""
+        return []
+
+    def smoothing_groups(self) -> list[SmoothingGroup]:
+        """Layers sharing an input whose channels a preceding module rescales exactly (SmoothQuant, AWQ;
+        capability "smoothing"); none by default."""
+        return []
+
+    def condition(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The backbone forward f: model inputs -> conditioning latent z (B, d_z) (capability "condition")."""
+        raise NotImplementedError(f"{type(self).__name__} does not declare the 'condition' capability")
+
+    def module(self, name: str) -> nn.Module:
+        """The module ``name`` of ``model``, with an error naming the adapter when it does not exist."""
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{type(self).__name__}: the model has no module {name!r}") from None
+
+
+def check_adapter(adapter: Any) -> VLAAdapter:
+    """``adapter`` if it honours the contract, else a ValueError listing every problem found (by name)."""
+    if not isinstance(adapter, VLAAdapter):
+        raise ValueError(
+            f"{type(adapter).__name__} is not a VLAAdapter (daptq.models.adapter.VLAAdapter); a policy "
+            "exposes its adapter as `.adapter`"
+        )
+    who = type(adapter).__name__
+    problems: list[str] = []
+    model = getattr(adapter, "model", None)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{who}.model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(getattr(adapter, "action_space", None), ActionSpace):
+        problems.append("action_space must be an ActionSpace")
+    kind = getattr(adapter, "objective_kind", None)
+    if kind not in OBJECTIVE_KINDS:
+        problems.append(f"objective_kind must be one of {list(OBJECTIVE_KINDS)}, got {kind!r}")
+    caps = getattr(adapter, "capabilities", None)
+    if not isinstance(caps, frozenset) or not caps <= set(CAPABILITIES):
+        problems.append(f"capabilities must be a frozenset of {list(CAPABILITIES)}, got {caps!r}")
+        caps = frozenset()
+    named = dict(model.named_modules())
+
+    def resolve(what: str, name: Any, module: Any = None, linear: bool = False) -> None:
+        if not isinstance(name, str) or name not in named:
+            problems.append(f"{what} {name!r} is not a module of the model")
+        elif module is not None and named[name] is not module:
+            problems.append(f"{what} {name!r}: the declared module is not model.{name}")
+        elif linear and not isinstance(named[name], nn.Linear):
+            problems.append(f"{what} {name!r} must be an nn.Linear, got {type(named[name]).__name__}")
+
+    seen: set[str] = set()
+    for m in adapter.quantizable_modules():
+        if not isinstance(m, QuantizableModule):
+            problems.append(f"quantizable_modules() returned a {type(m).__name__}, not a QuantizableModule")
+            continue
+        resolve("quantizable module", m.name, m.module)
+        if m.name in seen:
+            problems.append(f"quantizable module {m.name!r} is declared twice")
+        seen.add(m.name)
+        if m.role not in ROLES:
+            problems.append(f"quantizable module {m.name!r}: role {m.role!r} is not one of {list(ROLES)}")
+        if m.block is not None and (m.stack is None or m.block < 0):
+            problems.append(
+                f"quantizable module {m.name!r}: block {m.block!r} needs a stack and must be >= 0"
+            )
+    for i in adapter.interface_modules():
+        if not isinstance(i, InterfaceModule):
+            problems.append(f"interface_modules() returned a {type(i).__name__}, not an InterfaceModule")
+            continue
+        resolve("interface module", i.name, i.module, linear=True)
+        if i.kind not in INTERFACE_KINDS:
+            problems.append(
+                f"interface module {i.name!r}: kind {i.kind!r} is not one of {list(INTERFACE_KINDS)}"
+            )
+        if i.fold not in FOLD_EXACTNESS:
+            problems.append(
+                f"interface module {i.name!r}: fold {i.fold!r} is not one of {list(FOLD_EXACTNESS)}"
+            )
+    layouts = adapter.attention_layouts()
+    if layouts and "attention" not in caps:
+        problems.append("attention_layouts() declares layouts but 'attention' is not in capabilities")
+    for a in layouts:
+        if not isinstance(a, AttentionLayout):
+            problems.append(f"attention_layouts() returned a {type(a).__name__}, not an AttentionLayout")
+            continue
+        resolve("attention module", a.name)
+        for name in a.linears():
+            resolve(f"attention {a.name!r} projection", name, linear=True)
+        if problems:
+            continue
+        out = named[a.out]
+        if a.fused:
+            rows = named[a.qkv].out_features
+            if rows != out.in_features * 3 or out.in_features % a.heads:
+                problems.append(
+                    f"attention {a.name!r}: fused qkv has {rows} rows, expected 3 x {out.in_features} "
+                    f"divisible into {a.heads} heads"
+                )
+        else:
+            q, k, v = named[a.q], named[a.k], named[a.v]
+            if q.out_features % a.heads or k.out_features % a.n_kv_heads or v.out_features % a.n_kv_heads:
+                problems.append(f"attention {a.name!r}: q/k/v rows do not divide into the declared heads")
+            elif q.out_features // a.heads != k.out_features // a.n_kv_heads:
+                problems.append(f"attention {a.name!r}: q and k head dims differ")
+            elif v.out_features * (a.heads // a.n_kv_heads) != out.in_features:
+                problems.append(
+                    f"attention {a.name!r}: out has {out.in_features} inputs, v gives {v.out_features}"
+                )
+    groups = adapter.smoothing_groups()
+    if groups and "smoothing" not in caps:
+        problems.append("smoothing_groups() declares groups but 'smoothing' is not in capabilities")
+    for g in groups:
+        resolve("smoothing group source", g.source)
+        for name in g.layers:
+            resolve(f"smoothing group ({g.source}) layer", name)
+    if problems:
+        raise ValueError(f"{who} does not honour the VLAAdapter contract:\n  - " + "\n  - ".join(problems))
+    return adapter
 
 
 @runtime_checkable
@@ -138,36 +395,3 @@ class Policy(Protocol):
 
     def predict_chunk(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None):
         """Batched action chunks ``(B, K, action_dim)`` from a batch of model inputs (calibration, tests)."""
-
-
-@runtime_checkable
-class VLAAdapter(Protocol):
-    """What a quantization method needs to know about a VLA: pi(a | V, p) = Psi(f(V, p))."""
-
-    model: nn.Module
-    action_space: ActionSpace
-
-    def condition(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The backbone forward f: model inputs -> conditioning latent z ``(B, d_z)``."""
-
-    def denoising_loss(
-        self,
-        batch: Mapping[str, torch.Tensor],
-        dim_weights: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """The action decoder's training loss (epsilon MSE), optionally re-weighted per action dimension."""
-
-    def interface_modules(self) -> list[QuantizableModule]:
-        """Modules through which z enters the action decoder (CSRC compensates their outputs)."""
-
-    def quantizable_modules(self) -> list[QuantizableModule]:
-        """Every module a method may quantize, each tagged with its role."""
-
-    def smoothing_groups(self) -> list[SmoothingGroup]:
-        """Layers sharing an input whose channels a preceding module rescales exactly (SmoothQuant, AWQ)."""
-
-    def calibration_batches(
-        self, batches: Iterator[Mapping[str, Any]]
-    ) -> Iterator[Mapping[str, torch.Tensor]]:
-        """Turn dataset batches into model-input batches (moves, normalizes, encodes as the model expects)."""
