@@ -123,6 +123,7 @@ def demo_calibration(
         chunk_size=int(chunk),
         tasks=list(settings.calib_tasks) if settings.calib_tasks else None,
         with_images=hasattr(policy, "image_size"),
+        episodes_per_task=settings.calib_episodes_per_task,  # the same set after a cache was extended
     )
 
 

@@ -123,6 +123,7 @@ def sample_calibration(
     seed: int = 0,
     split: str = CALIBRATION_SPLIT,
     with_images: bool = True,
+    episodes_per_task: int | None = None,
 ) -> CalibrationSet:
     """Calibration batches from ``split`` of a dataset (an ``EpisodeDataset`` or its path).
 
@@ -130,6 +131,8 @@ def sample_calibration(
     (``SPATIAL_BINS``), then
     ``frames_per_trajectory`` frames of each (seeded), each with its observation and its action chunk of
     ``chunk_size`` labels. Deterministic for a given dataset and seed. Never reads the evaluation split.
+    ``episodes_per_task``: only the first that many episodes of each task are candidates, so a dataset that
+    was extended since (``ensure_calibration_dataset``) still yields the same set.
     """
     from daptq.data.chunks import episode_chunks
     from daptq.data.format import EpisodeDataset
@@ -138,6 +141,8 @@ def sample_calibration(
     for name, value in (("n_trajectories", n_trajectories), ("frames_per_trajectory", frames_per_trajectory)):
         if type(value) is not int or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if episodes_per_task is not None and (type(episodes_per_task) is not int or episodes_per_task < 1):
+        raise ValueError(f"episodes_per_task must be a positive integer or None, got {episodes_per_task!r}")
     if type(batch_size) is not int or batch_size < 1 or type(chunk_size) is not int or chunk_size < 1:
         raise ValueError(
             f"batch_size and chunk_size must be positive integers, got {batch_size}, {chunk_size}"
@@ -152,8 +157,12 @@ def sample_calibration(
     from daptq.data.format import read_shard
 
     paths = ds.shard_paths(split, tasks)
-    for path in paths:
+    per_task: dict[str, int] = {}
+    for path in paths:  # sorted: a task's shards in order, so its first episodes come first
         for pos, ep in enumerate(read_shard(path)):
+            per_task[ep.task] = per_task.get(ep.task, 0) + 1
+            if episodes_per_task is not None and per_task[ep.task] > episodes_per_task:
+                break
             if ep.seed >= SEED_SPLITS["eval"]:
                 raise ValueError(
                     f"{path}: episode seed {ep.seed} is an evaluation seed; refusing to calibrate"
@@ -163,6 +172,7 @@ def sample_calibration(
         raise ValueError(
             f"asked for {n_trajectories} calibration trajectories; split {split!r} of {ds.root} has "
             f"{len(index)}{'' if tasks is None else f' for tasks {tasks}'}"
+            + ("" if episodes_per_task is None else f" (first {episodes_per_task} per task)")
         )
     bins = spatial_bins(np.stack([e[4] for e in index]))
     picked = stratified_pick(bins.tolist(), n_trajectories, seed)
@@ -196,6 +206,7 @@ def sample_calibration(
         "split": split,
         "tasks": sorted({index[i][2] for i in picked}),
         "trajectories": n_trajectories,
+        "episodes_per_task": episodes_per_task,
         "episodes": [[index[i][2], index[i][3]] for i in picked],
         "frames_per_trajectory": frames_per_trajectory,
         "bins": {b: int(c) for b, c in zip(SPATIAL_BINS, counts, strict=True)},
@@ -227,7 +238,10 @@ def ensure_calibration_dataset(
     """The calibration split in the cache, generated on first use (scripted experts, a progress bar).
 
     Measured on one CPU core: about 3 s per episode (2 tasks x 2 episodes, 96 px: 12 s), so the default
-    MT10 x 8 episodes takes about 4 minutes once; later calls reuse it (only missing shards are made).
+    MT10 x 8 episodes takes about 4 minutes once; later calls reuse it. A cache with fewer episodes than
+    asked for is extended up to the request with the seeds a fresh generation would use, so the episodes it
+    had stay byte for byte (and ``sample_calibration(..., episodes_per_task=n)`` keeps giving the same set);
+    an interrupted extension leaves the old cache valid. Concurrent callers take turns (a lock file).
     """
     from daptq.data.generate import generate_dataset
     from daptq.envs.tasks import MT10, SCENE_VERSION
@@ -236,28 +250,77 @@ def ensure_calibration_dataset(
         Path(cache_dir or default_cache_dir())
         / f"calib-{camera.replace(',', '+')}-{image_size}px-s{SCENE_VERSION}"
     )
-    info = root / "meta" / "info.json"
     wanted = list(tasks or MT10)
-    if info.is_file():
-        import json
-
-        meta = json.loads(info.read_text())
-        have = meta.get("splits", {}).get(CALIBRATION_SPLIT, {}).get("episodes_per_task", 0)
-        if isinstance(have, dict):  # tasks with different counts: the smallest of the wanted ones counts
-            have = min((have.get(t, 0) for t in wanted), default=0)
-        if meta.get("complete") and set(wanted) <= set(meta.get("tasks", [])) and have >= episodes_per_task:
+    if _cache_has(root, wanted, episodes_per_task) is True:
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    with _CacheLock(root, progress):
+        have = _cache_has(root, wanted, episodes_per_task)  # another process may have made it meanwhile
+        if have is True:
             return root
-    if progress:
-        print(f"generating the calibration split into {root} (first use; about 3 s per episode)")
-    return generate_dataset(
-        root,
-        wanted,
-        {CALIBRATION_SPLIT: episodes_per_task},
-        workers=workers,
-        image_size=image_size,
-        camera=camera,
-        progress=progress,
-    )
+        if progress:
+            what = "generating" if have is None else f"extending ({have} -> {episodes_per_task} per task)"
+            print(f"{what} the calibration split in {root} (about 3 s per episode)", flush=True)
+        return generate_dataset(
+            root,
+            wanted,
+            {CALIBRATION_SPLIT: episodes_per_task},
+            workers=workers,
+            image_size=image_size,
+            camera=camera,
+            progress=progress,
+        )
+
+
+def _cache_has(root: Path, tasks: Sequence[str], episodes_per_task: int) -> bool | int | None:
+    """True if the cached split is complete with ``episodes_per_task`` for every task; else the fewest
+    episodes a wanted task has (0 for a missing task), or None when there is no complete cache yet."""
+    import json
+
+    info = root / "meta" / "info.json"
+    if not info.is_file():
+        return None
+    try:
+        meta = json.loads(info.read_text())
+    except (OSError, ValueError):
+        return None  # unreadable: generate_dataset reports it with the file's name
+    if not meta.get("complete"):
+        return None
+    have = meta.get("splits", {}).get(CALIBRATION_SPLIT, {}).get("episodes_per_task", 0)
+    known = set(meta.get("tasks", []))
+    if isinstance(have, dict):  # tasks with different counts: the smallest of the wanted ones counts
+        fewest = min((have.get(t, 0) if t in known else 0 for t in tasks), default=0)
+    else:
+        fewest = have if set(tasks) <= known else 0
+    return True if fewest >= episodes_per_task else int(fewest)
+
+
+class _CacheLock:
+    """An exclusive ``flock`` on ``<root>/.lock`` for the duration of a generation; a second process
+    waits (and says so), then finds the cache made. The kernel drops it when its holder dies."""
+
+    def __init__(self, root: Path, progress: bool) -> None:
+        self.path, self.progress, self.fd = root / ".lock", progress, -1
+
+    def __enter__(self) -> _CacheLock:
+        import fcntl
+
+        if self.path.is_symlink():
+            raise ValueError(f"{self.path}: is a symbolic link; refusing to lock through it")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if self.progress:
+                print(f"waiting for another process generating {self.path.parent} ...", flush=True)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import fcntl
+
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
 
 
 def calibration_for_policy(
@@ -270,10 +333,12 @@ def calibration_for_policy(
     cache_dir: str | os.PathLike | None = None,
 ) -> CalibrationSet:
     """Calibration batches shaped for ``policy`` (its camera, image size, chunk size) from ``dataset``, or
-    from the cached calibration split (generated on first use)."""
+    from the cached calibration split (generated or extended on first use; sampled from its first
+    ``per_task`` episodes of each task, so the set does not depend on what else extended the cache)."""
     image_size = int(getattr(policy, "image_size", 96))
     camera = str(getattr(policy, "camera", "corner3"))
     chunk = getattr(policy, "chunk_size", None) or policy.config.chunk_size
+    per_task = None
     if dataset is None:
         n_tasks = len(tasks) if tasks else 10
         per_task = max(8, -(-n_trajectories // n_tasks))
@@ -286,4 +351,5 @@ def calibration_for_policy(
         tasks=tasks,
         seed=seed,
         with_images=hasattr(policy, "image_size"),
+        episodes_per_task=per_task,
     )

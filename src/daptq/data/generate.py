@@ -114,6 +114,13 @@ def _generate_shard(job: dict[str, Any]) -> dict[str, Any]:
     env = _worker_env(job["task"], job["image_size"], job["camera"])
     episodes, discarded = [], []
     seed = job["first_seed"]
+    if job.get("extend"):  # keep the shard's episodes as they are and go on from the seed after its last try
+        from daptq.data.format import read_shard
+
+        path = Path(job["path"])
+        summary = read_shard_summary(path)
+        episodes, discarded = read_shard(path), list(summary["discarded_seeds"])
+        seed = max(summary["seeds"] + discarded) + 1
     max_seed = job["first_seed"] + min(SEED_BLOCK, MAX_ATTEMPTS_PER_EPISODE * job["count"])
     while len(episodes) < job["count"]:
         if seed >= max_seed:
@@ -166,6 +173,19 @@ def _plan_jobs(root: Path, tasks: Sequence[str], episodes_per_split: dict[str, i
                     }
                 )
     return jobs
+
+
+def _pending_jobs(jobs: list[dict]) -> list[dict]:
+    """The planned shards still to make: missing ones, and existing ones with fewer episodes than planned
+    (extended with the seeds a fresh generation would have tried next, so their episodes stay as they are)."""
+    pending = []
+    for job in jobs:
+        path = Path(job["path"])
+        if not path.exists():
+            pending.append(job)
+        elif len(read_shard_summary(path)["seeds"]) < job["count"]:
+            pending.append({**job, "extend": True})
+    return pending
 
 
 def _check_arguments(
@@ -234,11 +254,14 @@ def generate_dataset(
     post_success_steps: int = DEFAULT_POST_SUCCESS_STEPS,
     progress: bool = True,
 ) -> Path:
-    """Generate (or finish) a dataset at ``root``; shards that already exist are skipped.
+    """Generate (or finish, or extend) a dataset at ``root``; complete shards are kept as they are.
 
     ``episodes_per_split`` maps split -> successful episodes per task, e.g. ``{"train": 100, "calib": 16}``.
     Re-running with a different image size, camera, noise, shard size or scene version than ``root`` was made
-    with raises. A re-run may add tasks or episodes: the summary then covers every task and shard at ``root``.
+    with raises. A re-run may add tasks or episodes: a shard with fewer episodes than asked for is extended
+    (the seeds after its last try, as a fresh run would have drawn them, so its episodes stay byte for byte),
+    and the summary then covers every task and shard at ``root``. One writer at a time (the calibration cache
+    takes a lock around it).
     """
     from daptq.envs import MT10, SCENE_VERSION, SEED_SPLITS, TASKS
 
@@ -257,6 +280,7 @@ def generate_dataset(
     }
     info_path = root / "meta" / "info.json"
     old_tasks: list[str] = []
+    old_complete, kept_splits = False, {}
     if info_path.is_file():
         from daptq.data.format import _read_json
 
@@ -270,6 +294,8 @@ def generate_dataset(
         if changed:
             raise ValueError(f"{info_path} was generated with different settings {changed} (old, new)")
         old_tasks = list(old_info.get("tasks", []))
+        old_complete = bool(old_info.get("complete"))
+        kept_splits = {k: v for k, v in old_info.get("splits", {}).items() if k not in episodes_per_split}
     run_tasks = tasks
     tasks = [t for t in MT10 if t in set(old_tasks) | set(tasks)]
 
@@ -295,16 +321,19 @@ def generate_dataset(
         },
         "versions": {"metaworld": importlib.metadata.version("metaworld"), "mujoco": mujoco.__version__},
     }
-    atomic_write_json(info_path, info)
+    # A complete dataset that is being extended keeps its old (complete, valid) info until the new one is
+    # written: shards are replaced atomically by supersets, so an interrupted extension leaves it usable.
+    if not old_complete:
+        atomic_write_json(info_path, info)
 
     cfg = {
         k: config[k]
         for k in ("image_size", "camera", "noise_std", "episodes_per_shard", "post_success_steps")
     }
-    jobs = [j for j in _plan_jobs(root, run_tasks, episodes_per_split, cfg) if not Path(j["path"]).exists()]
+    jobs = _pending_jobs(_plan_jobs(root, run_tasks, episodes_per_split, cfg))
     run_shard_jobs(_generate_shard, jobs, workers, progress)
 
-    info["splits"] = _summarize(root, tasks, episodes_per_split)
+    info["splits"] = {**kept_splits, **_summarize(root, tasks, episodes_per_split)}
     for split, s in info["splits"].items():
         s["seed_start"] = SEED_SPLITS[split]
     if "train" in episodes_per_split and episodes_per_split["train"] > 0:
