@@ -122,11 +122,13 @@ def quantize_from_args(args: argparse.Namespace) -> Path:
 
     calibration = None
     if get_method(config).requires_calibration():
-        from daptq.data.calibration import calibration_for_policy
+        from daptq.data.episodes import parse_keys, policy_calibration
 
-        def calibration(policy):
-            return calibration_for_policy(
-                policy, args.calibration, args.trajectories, args.calib_tasks, args.calib_seed
+        keys = parse_keys(getattr(args, "calib_key", None))
+
+        def calibration(policy):  # daptq's dataset / cache, or the user's LeRobotDataset / episode files
+            return policy_calibration(
+                policy, args.calibration, args.trajectories, args.calib_tasks, args.calib_seed, keys
             )
 
     return quantize_to_directory(args.model, config, args.out, calibration)
