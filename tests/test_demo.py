@@ -29,6 +29,7 @@ TOY = DemoSettings(
     calib_trajectories=4,
     sensitivity_batches=1,
     paper_overrides={"float_dit_blocks": 0},  # the toy policy has no DiT blocks
+    budget_bits=3.0,  # 2.5 is infeasible on the toy's three small layers (scales dominate)
 )
 
 
@@ -47,9 +48,9 @@ def demo_out(tmp_path_factory):
     return out, summary, "\n".join(lines)
 
 
-def test_demo_writes_one_table_with_the_three_methods(demo_out):
+def test_demo_writes_one_table_with_the_four_methods(demo_out):
     out, summary, printed = demo_out
-    labels = ["RTN W4A8", "DA-PTQ paper W4A8", "DA-PTQ budget 3 bits"]
+    labels = ["RTN W2 g32", "GPTQ W2 g32", "DA-PTQ budget 3 bits", "DA-PTQ paper W4A8 (context)"]
     assert [m.label for m in demo_methods(TOY)] == labels
     assert [r["label"] for r in summary["rows"]] == labels
     table = (out / "demo_table.md").read_text()
@@ -66,18 +67,49 @@ def test_demo_writes_one_table_with_the_three_methods(demo_out):
         assert 0.0 < row["bytes_vs_bf16"] < 1.0  # every method quantized something
         assert (out / "quantized" / row["method"] / "config.json").is_file()
         assert (out / "eval" / row["method"] / "summary.json").is_file()
-    # The budget preset at 3 bits stores fewer bytes than W4 on the same layers.
-    assert summary["rows"][2]["bytes_vs_bf16"] < summary["rows"][0]["bytes_vs_bf16"]
+    # The low-bit rows store fewer bytes than the W4A8 context row.
+    assert max(r["bytes_vs_bf16"] for r in summary["rows"][:3]) < summary["rows"][3]["bytes_vs_bf16"]
     assert "paired episodes per method" in printed
     # Drift vs RTN, recomputed by hand from the runs' episode records.
-    rtn, paper = (
+    rtn, gptq = (
         json.loads((out / "eval" / r["method"] / "summary.json").read_text()) for r in summary["rows"][:2]
     )
-    diff = paper["overall"]["drift_mean"] - rtn["overall"]["drift_mean"]
+    diff = gptq["overall"]["drift_mean"] - rtn["overall"]["drift_mean"]
     assert summary["rows"][0]["drift_vs_rtn_m"] is None
     assert summary["rows"][1]["drift_vs_rtn_m"][0] == pytest.approx(diff)
     lo, hi = summary["rows"][1]["drift_vs_rtn_m"][1:]
     assert lo <= diff <= hi
+
+
+def test_demo_tests_each_row_against_daptq_budget_on_the_same_episodes(demo_out):
+    from daptq.eval.metrics import mcnemar_exact
+
+    out, summary, _ = demo_out
+    assert summary["rows"][2]["success_vs_budget"] is None
+    budget = {(r["task"], r["seed"]): r["success"] for r in _records(out, summary["rows"][2])}
+    for row in (summary["rows"][0], summary["rows"][1], summary["rows"][3]):
+        mine = {(r["task"], r["seed"]): r["success"] for r in _records(out, row)}
+        keys = sorted(budget)
+        expected = mcnemar_exact([mine[k] for k in keys], [budget[k] for k in keys])
+        assert row["success_vs_budget"]["p_value"] == pytest.approx(expected["p_value"])
+        assert row["success_vs_budget"]["episodes"] == len(keys)
+
+
+def _records(out, row):
+    lines = (out / "eval" / row["method"] / "episodes.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def test_demo_settings_are_fixed_on_the_eval_split_and_refuse_an_unknown_one(tmp_path):
+    assert DemoSettings().seed_split == "eval" and QUICK.seed_split == "eval"
+    with pytest.raises(ValueError, match="seed_split"):
+        run_demo(
+            tmp_path / "out",
+            dataclasses.replace(TOY, seed_split="test"),
+            calibration=lambda p: toy_calibration(),
+            progress=False,
+            echo=lambda s: None,
+        )
 
 
 def test_demo_report_holds_plots_of_all_methods(demo_out):
@@ -88,7 +120,9 @@ def test_demo_report_holds_plots_of_all_methods(demo_out):
     for name in ("drift_over_time.png", "ee_paths_compare.png", "actions_compare.png"):
         assert (out / "report" / name).stat().st_size > 1000
         assert f"({name})" in report  # linked from report.md
-    assert report.index("| DA-PTQ paper W4A8 |") < report.index("# Evaluation report")  # the table on top
+    assert report.index("| DA-PTQ budget 3 bits |") < report.index(
+        "# Evaluation report"
+    )  # the table on top
 
 
 def test_demo_reruns_into_its_own_output_but_refuses_a_foreign_directory(tmp_path):
@@ -118,7 +152,7 @@ def test_format_table_shows_floor_beside_drift():
     line = format_table([row, {**row, "drift_vs_rtn_m": [-0.001, -0.0025, 0.0004]}]).splitlines()
     assert (
         line[-2]
-        == "| X | 50.0 [20.0, 80.0] | 75.0 | 0.25 | 1.23 (2.01) | 5.00 (6.00) | - | 0.271 | 1.2 | 30 |"
+        == "| X | 50.0 [20.0, 80.0] | 75.0 | 0.25 | 1.23 (2.01) | 5.00 (6.00) | - | - | 0.271 | 1.2 | 30 |"
     )
     assert "| -0.10 [-0.25, +0.04] |" in line[-1]
 

@@ -1,18 +1,22 @@
-"""``daptq demo``: quantize the bundled VLA with RTN and DA-PTQ, evaluate each against FP in paired rollouts.
+"""``daptq demo``: quantize the bundled VLA below 3 bits with RTN, GPTQ and DA-PTQ, evaluate each against FP.
 
-The main job of the README. Three methods on ``ref:metaworld-mt10``:
+The main job of the README, chosen to show what DA-PTQ is for. At an average of 2.5 bits per weight over
+backbone, interface and action head of ``ref:metaworld-mt10``:
 
-- RTN W4A8 on DA-PTQ's own grid and scope (W4 symmetric groups of 128, dynamic per-token A8; backbone +
-  interface + action head), so the only difference to the next row is DA-PTQ itself;
-- DA-PTQ preset ``paper`` (W4A8, drift-aware bit map, CSRC);
-- DA-PTQ preset ``budget`` at an average of 3 bits per weight over backbone + interface + action head (GPTQ
-  rounding), the point where the methods issue asks for >= 99% of FP success at about a fifth of bf16 bytes.
+- RTN and GPTQ on a uniform grid (W2 asymmetric, groups of 32: 2.56 bits per weight with scales and zero
+  points), the generic methods a user would reach for first;
+- DA-PTQ preset ``budget`` at 2.5 bits (bits per layer chosen by a MILP from drift-weighted sensitivities over
+  grouped 2-8 bit formats, GPTQ rounding), on the same layers and at fewer bytes;
+- as context, DA-PTQ preset ``paper`` at W4A8 (optional: ``DemoSettings.context_w4a8``).
 
-Calibration data (the ``calib`` split, scripted experts) is generated into the cache on first use; each
-quantized policy directory is evaluated with ``daptq.eval.evaluate`` on the ``eval`` seed split, paired with
-the FP policy (same initial states, same sampling noise), the FP rollouts shared through the reference cache
-so they run once. One table goes to stdout, ``demo_summary.json`` / ``demo_table.md`` and ``report/`` (plots:
-drift over time, end-effector paths, actions FP vs each method) go under ``out``.
+It evaluates on reach, push and pick-place, the three MT10 tasks where the full-precision model is weakest
+(80%, 84%, 72% on the FP table of docs/RESULTS.md): there quantization shows first, and the 150-episode
+methods tables measured a 34-point RTN loss at this budget. Calibration data (the ``calib`` split, scripted
+experts; the 64 stratified trajectories ``daptq quantize`` uses by default) is generated into the cache on
+first use; each quantized policy directory is evaluated with ``daptq.eval.evaluate`` on the ``eval`` seed
+split, paired with the FP policy (same initial states, same sampling noise), the FP rollouts shared through
+the reference cache so they run once. One table goes to stdout, ``demo_summary.json`` / ``demo_table.md``
+and ``report/`` (plots: drift over time, end-effector paths, actions FP vs each method) go under ``out``.
 """
 
 from __future__ import annotations
@@ -39,18 +43,24 @@ class DemoSettings:
     """What the demo runs; ``FULL`` and ``QUICK`` are what the CLI offers (sized by measured wall time)."""
 
     model: str = "ref:metaworld-mt10"
-    tasks: tuple[str, ...] | None = None  # None: all MT10 tasks
-    episodes: int = 5  # paired episodes (eval seeds) per task
+    tasks: tuple[str, ...] | None = ("reach", "push", "pick-place")  # None: all MT10 tasks
+    episodes: int = 20  # paired episodes (seeds of ``seed_split``) per task
+    seed_split: str = "eval"  # "val" to make choices (daptq.envs.tasks.SEED_SPLITS)
     max_steps: int | None = None  # None: the per-task step limit
     workers: int = 2
-    envs_per_worker: int = 2
-    calib_episodes_per_task: int = 2  # scripted-expert episodes of the calib split generated per task
-    calib_trajectories: int = 20
+    envs_per_worker: int = 4
+    calib_episodes_per_task: int = 8  # scripted-expert episodes of the calib split generated per task
+    calib_trajectories: int = 64  # as `daptq quantize`'s default calibration
     calib_tasks: tuple[str, ...] | None = None  # None: all MT10 tasks
-    budget_bits: float = 3.0
+    budget_bits: float = 2.5
+    # The uniform grid of the RTN and GPTQ rows: `daptq quantize` options (2.56 bits per weight).
+    uniform_grid: dict[str, Any] = field(
+        default_factory=lambda: {"w_bits": 2, "group_size": 32, "asymmetric": True}
+    )
+    context_w4a8: bool = True  # add DA-PTQ `paper` at W4A8 as a context row
     sensitivity_batches: int = 8
     paper_overrides: dict[str, Any] = field(default_factory=dict)  # DAPTQConfig.paper(**...)
-    budget_overrides: dict[str, Any] = field(default_factory=lambda: {"rounding": "gptq"})
+    budget_overrides: dict[str, Any] = field(default_factory=dict)  # DAPTQConfig.budget(**...)
 
 
 FULL = DemoSettings()
@@ -67,6 +77,7 @@ QUICK = DemoSettings(
     calib_trajectories=3,
     calib_tasks=_QUICK_TASKS,
     sensitivity_batches=1,
+    context_w4a8=False,
 )
 
 
@@ -78,22 +89,30 @@ class DemoMethod:
 
 
 def demo_methods(settings: DemoSettings) -> list[DemoMethod]:
-    """RTN W4A8 on DA-PTQ paper's grid and scope, DA-PTQ ``paper``, DA-PTQ ``budget`` at ``budget_bits``."""
+    """RTN and GPTQ on the uniform grid, DA-PTQ ``budget`` at ``budget_bits`` over the grouped formats (GPTQ
+    rounding), and DA-PTQ ``paper`` W4A8 when ``context_w4a8``. The first row is the drift baseline."""
     from daptq.methods.daptq import DAPTQConfig
-    from daptq.methods.rtn import RTNConfig
+    from daptq.methods.daptq.allocation import GROUPED_FORMATS
+    from daptq.methods.workflow import config_from_options
 
-    paper = DAPTQConfig.paper(sensitivity_batches=settings.sensitivity_batches, **settings.paper_overrides)
+    bits = f"{settings.budget_bits:g}"
+    grid = settings.uniform_grid
+    label = f"W{grid['w_bits']}" + (f" g{grid['group_size']}" if grid.get("group_size") else "")
     budget = DAPTQConfig.budget(
         average_bits=settings.budget_bits,
         sensitivity_batches=settings.sensitivity_batches,
-        **settings.budget_overrides,
+        **{"rounding": "gptq", "formats": GROUPED_FORMATS, **settings.budget_overrides},
     )
-    bits = f"{settings.budget_bits:g}"
-    return [
-        DemoMethod("rtn-w4a8", "RTN W4A8", RTNConfig(spec=paper.spec, scope=paper.scope)),
-        DemoMethod("daptq-paper-w4a8", "DA-PTQ paper W4A8", paper),
+    methods = [
+        DemoMethod(f"rtn-{bits}bit", f"RTN {label}", config_from_options("rtn", **grid)),
+        DemoMethod(f"gptq-{bits}bit", f"GPTQ {label}", config_from_options("gptq", **grid)),
         DemoMethod(f"daptq-budget-{bits}bit", f"DA-PTQ budget {bits} bits", budget),
     ]
+    if settings.context_w4a8:
+        paper_batches = settings.sensitivity_batches
+        paper = DAPTQConfig.paper(sensitivity_batches=paper_batches, **settings.paper_overrides)
+        methods.append(DemoMethod("daptq-paper-w4a8", "DA-PTQ paper W4A8 (context)", paper))
+    return methods
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -197,6 +216,25 @@ def drift_vs_first(run_dirs: Sequence[Path]) -> list[list[float] | None]:
     return out
 
 
+def success_vs(run_dirs: Sequence[Path], against: int) -> list[dict[str, Any] | None]:
+    """Per run: McNemar's exact test of its episode successes against run ``against``'s on the same
+    (task, seed) episodes (``{"p_value", "b", "c", "episodes"}``, b: only this run succeeded, c: only the
+    other); None for run ``against`` itself."""
+    from daptq.eval.metrics import mcnemar_exact
+    from daptq.eval.report import load_run
+
+    outcomes = [{(r["task"], r["seed"]): bool(r["success"]) for r in load_run(d).records} for d in run_dirs]
+    out: list[dict[str, Any] | None] = []
+    for i, mine in enumerate(outcomes):
+        if i == against:
+            out.append(None)
+            continue
+        common = sorted(set(mine) & set(outcomes[against]))
+        test = mcnemar_exact([mine[k] for k in common], [outcomes[against][k] for k in common])
+        out.append({**test, "episodes": len(common)})
+    return out
+
+
 def strength_notes(n: int, fp_rate: float) -> dict[str, Any]:
     """How strong conclusions at ``n`` paired episodes are: the Wilson half-width at FP's rate, the smallest
     difference McNemar can call significant, and the episodes a 5- or 10-point drop would need."""
@@ -251,6 +289,10 @@ def _cm(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
+def _p(test: dict[str, Any] | None) -> str:
+    return "-" if test is None else f"{test['p_value']:.3g}"
+
+
 def _diff_cm(d: Sequence[float] | None) -> str:
     return "-" if d is None else f"{100 * d[0]:+.2f} [{100 * d[1]:+.2f}, {100 * d[2]:+.2f}]"
 
@@ -259,9 +301,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """The demo's one table (Markdown)."""
     head = (
         "| method | success % [95% CI] | FP success % | McNemar p vs FP | drift mean cm (FP floor) "
-        "| drift max cm (FP floor) | drift vs RTN cm [95% CI] | weight bytes vs bf16 | quantize s | eval s |"
+        "| drift max cm (FP floor) | drift vs RTN cm [95% CI] | McNemar p vs DA-PTQ budget "
+        "| weight bytes vs bf16 | quantize s | eval s |"
     )
-    lines = [head, "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    lines = [head, "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         lo, hi = r["success_ci95"]
         lines.append(
@@ -270,6 +313,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f" | {_cm(r['drift_mean_m'])} ({_cm(r['floor_drift_mean_m'])})"
             f" | {_cm(r['drift_max_mean_m'])} ({_cm(r['floor_drift_max_mean_m'])})"
             f" | {_diff_cm(r.get('drift_vs_rtn_m'))}"
+            f" | {_p(r.get('success_vs_budget'))}"
             f" | {r['bytes_vs_bf16']:.3f} | {r['quantize_s']:.1f} | {r['eval_s']:.0f} |"
         )
     return "\n".join(lines)
@@ -377,10 +421,13 @@ def run_demo(
     import torch
 
     from daptq.atomic import atomic_write_json, atomic_write_text
+    from daptq.envs.tasks import SEED_SPLITS
     from daptq.eval import evaluate, write_report
     from daptq.eval.cache import default_cache_dir
     from daptq.models.registry import load_policy
 
+    if settings.seed_split not in SEED_SPLITS:
+        raise ValueError(f"seed_split must be one of {sorted(SEED_SPLITS)}, got {settings.seed_split!r}")
     if workers is not None:
         settings = dataclasses.replace(settings, workers=workers)
     if settings.workers < 1 or settings.episodes < 1:
@@ -426,6 +473,7 @@ def run_demo(
             progress=progress,
             reference_cache=ref_cache,
             envs_per_worker=settings.envs_per_worker,
+            seed_start=SEED_SPLITS[settings.seed_split],
         )
         eval_s = time.perf_counter() - t0
         run_dirs.append(run_dir)
@@ -450,6 +498,9 @@ def run_demo(
 
     for row, diff in zip(rows, drift_vs_first(run_dirs), strict=True):
         row["drift_vs_rtn_m"] = diff
+    budget_index = next(i for i, m in enumerate(methods) if m.name.startswith("daptq-budget"))
+    for row, test in zip(rows, success_vs(run_dirs, budget_index), strict=True):
+        row["success_vs_budget"] = test
     labels = [m.label for m in methods]
     report = write_report(run_dirs, out / "report", labels=labels)
     extra = _plot_comparisons(run_dirs, labels, out / "report")
@@ -463,6 +514,8 @@ def run_demo(
         "the FP policy against itself with only its sampling seed changed. Bytes: ideal weight bytes "
         "(codes, scales, zero points; float layers 2 B/weight) of backbone + interface + action head vs "
         "bf16. Drift vs RTN: the method's mean drift minus RTN's on the same episodes (paired bootstrap). "
+        "McNemar p vs DA-PTQ budget: the row's episode successes against DA-PTQ budget's on the same "
+        "episodes. "
         "The first row's eval time includes the FP reference and floor rollouts unless cached.",
         _strength_text(strength),
     ]
@@ -489,7 +542,8 @@ def _frame_report(report: Path, table: str, notes: list[str], plots: list[str]) 
     from daptq.atomic import atomic_write_text
 
     body = report.read_text(encoding="utf-8").split("\n", 1)[1]
-    head = ["# daptq demo: RTN vs DA-PTQ against FP, paired closed-loop episodes", "", table, "", *notes, ""]
+    title = "# daptq demo: RTN, GPTQ and DA-PTQ against FP, paired closed-loop episodes"
+    head = [title, "", table, "", *notes, ""]
     head += ["## FP vs each method on the same episodes", ""]
     head += [f"![{Path(p).stem}]({p})" for p in plots] + ["", "# Evaluation report"]
     atomic_write_text(report, "\n".join(head) + "\n" + body)
@@ -498,7 +552,8 @@ def _frame_report(report: Path, table: str, notes: list[str], plots: list[str]) 
 def _setup_note(settings: DemoSettings, n: int, calibration_s: float, total_s: float) -> str:
     steps = "" if settings.max_steps is None else f", at most {settings.max_steps} steps"
     return (
-        f"{settings.model}, {n} paired episodes per method ({settings.episodes} eval-split seeds x "
+        f"{settings.model}, {n} paired episodes per method ({settings.episodes} {settings.seed_split}-split "
+        f"seeds x "
         f"{_n_tasks(settings)} tasks{steps}), {settings.workers} workers x {settings.envs_per_worker} envs; "
         f"calibration: {settings.calib_trajectories} trajectories of the calib split ({calibration_s:.0f} s, "
         f"generation included on first use); total wall time {total_s:.0f} s."
