@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from daptq.integrity import signed
 from daptq.quant import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -96,7 +97,7 @@ def test_loading_into_differently_initialized_model(saved):
 def test_config_records_format_specs_and_recipe(saved):
     _, _, path = saved
     cfg = read_config(path)
-    assert cfg["format_version"] == 1
+    assert cfg["format_version"] == 2
     assert cfg["modules"]["fc2"]["spec"]["weight"]["bits"] == 3
     assert Recipe.from_dict(cfg["recipe"]) == RECIPE
 
@@ -238,7 +239,7 @@ def test_failed_load_leaves_the_model_untouched(saved):
     save_file(tensors, path / WEIGHTS_FILE)
     cfg = json.loads((path / CONFIG_FILE).read_text())  # a consistent (re-signed) but incomplete checkpoint
     cfg["files"][WEIGHTS_FILE] = hashlib.sha256((path / WEIGHTS_FILE).read_bytes()).hexdigest()
-    (path / CONFIG_FILE).write_text(json.dumps(cfg))
+    (path / CONFIG_FILE).write_text(json.dumps(signed(cfg)))
     target = make_net()
     before = {k: v.clone() for k, v in target.state_dict().items()}
     modules = dict(target.named_modules())

@@ -4,13 +4,15 @@ The checkpoint stores, for each fake-quant layer, its integer codes packed into 
 (``<name>.qweight_packed``), scales, zero points, bias and calibrated activation scales; all other parameters
 and buffers are stored as they are. The float weights of quantized layers are not stored unless asked for, so
 a reloaded layer's ``weight`` equals its dequantized weight and the outputs match bit for bit. Nothing is ever
-unpickled; every file is written atomically.
+unpickled. The directory is written as a whole (assembled beside the target, then swapped in), so a save that
+dies leaves the previous checkpoint loadable; ``quantization_config.json`` records the sha256 of the weights
+and of its own content (format_version 2), so an edited layout or a flipped byte is refused at load.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import importlib
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +24,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from daptq.atomic import atomic_write_json, write_directory
+from daptq.integrity import check_daptq_directory, check_file_digests, check_signed, signed
 from daptq.versioned_json import read_versioned_json
 
-from ._util import atomic_write_bytes, atomic_write_text, get_module, set_module
+from ._util import atomic_write_bytes, get_module, set_module
 from .api import quantized_modules, restored_on_failure
 from .bytes import container_bits
 from .fake import QuantConv2d, QuantLinear, code_dtype, dequantize_weight, quantized_module_for
@@ -33,7 +37,7 @@ from .recipe import Recipe
 from .spec import QuantSpec, WeightSpec
 
 FORMAT_NAME = "daptq-quant"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "files" required, content_sha256 of the config itself
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "quantization_config.json"
 _QUANT_STATE = ("weight", "qweight", "weight_scale", "weight_zero_point", "act_scale", "act_zero_point")
@@ -56,6 +60,11 @@ def pack_codes(codes: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, spec: WeightSpec, shape: tuple[int, int]) -> torch.Tensor:
     if spec.bits == 8:
+        if packed.numel() != shape[0] * shape[1] or packed.dtype not in (torch.int8, torch.uint8):
+            raise ValueError(
+                f"packed codes: expected {shape[0] * shape[1]} int8 for 8-bit, got {packed.numel()} "
+                f"{packed.dtype} (the layout's bits do not match the stored codes)"
+            )
         return packed.reshape(shape).to(code_dtype(spec))
     c = container_bits(spec.bits)
     per_byte = 8 // c
@@ -128,31 +137,53 @@ def custom_checkpoint_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Fake-quant layers defined outside daptq.quant that store themselves (methods.qvla's per-row widths).
 
     Such a layer has ``checkpoint_tensors(prefix) -> {key: tensor}`` (every tensor it needs, bias included,
-    keys under ``prefix``) and ``checkpoint_config() -> dict`` (JSON) whose ``"loader"`` names a function
-    ``"daptq.<module>:<name>"`` with signature ``(float_module, tensors, prefix, cfg) -> layer``; the loader
-    pops the keys it uses from ``tensors``.
+    keys under ``prefix``) and ``checkpoint_config() -> dict`` (JSON) whose ``"loader"`` is a name in
+    ``CHECKPOINT_LOADERS`` (or one added by ``register_checkpoint_loader``): a function with signature
+    ``(float_module, tensors, prefix, cfg) -> layer`` that pops the keys it uses from ``tensors``.
     """
     return {n: m for n, m in model.named_modules() if n and hasattr(m, "checkpoint_tensors")}
 
 
-def _custom_loader(name: str, loader: Any) -> Callable[..., nn.Module]:
-    """The loader a custom module's config names; only functions inside daptq are accepted."""
-    import importlib
+# The loaders a checkpoint may name: a fixed registry, so a config file never picks which code runs.
+# Values are "module:function" imported on first use (daptq.quant does not import the methods at import).
+CHECKPOINT_LOADERS: dict[str, str | Callable[..., nn.Module]] = {
+    "daptq.methods.qvla:load_mixed_linear": "daptq.methods.qvla:load_mixed_linear",
+}
 
-    if not isinstance(loader, str) or not loader.startswith("daptq.") or loader.count(":") != 1:
-        raise ValueError(f"{name}: checkpoint loader must be 'daptq.<module>:<function>', got {loader!r}")
-    module_name, _, fn_name = loader.partition(":")
-    fn = getattr(importlib.import_module(module_name), fn_name, None)
-    if not callable(fn):
-        raise ValueError(f"{name}: checkpoint loader {loader!r} does not exist")
-    return fn
+
+def register_checkpoint_loader(name: str, loader: Callable[..., nn.Module]) -> None:
+    """Allow checkpoints to name ``name`` for a custom layer type defined outside daptq (from code only)."""
+    if not isinstance(name, str) or not name or not callable(loader):
+        raise ValueError(f"register_checkpoint_loader needs a name and a function, got {name!r}, {loader!r}")
+    if name in CHECKPOINT_LOADERS and CHECKPOINT_LOADERS[name] is not loader:
+        raise ValueError(f"checkpoint loader {name!r} is already registered")
+    CHECKPOINT_LOADERS[name] = loader
+
+
+def _custom_loader(name: str, loader: Any) -> Callable[..., nn.Module]:
+    """The registered loader a custom module's config names; any other name is refused."""
+    entry = CHECKPOINT_LOADERS.get(loader) if isinstance(loader, str) else None
+    if entry is None:
+        raise ValueError(
+            f"{name}: checkpoint loader {loader!r} is not a registered loader (known: "
+            f"{', '.join(sorted(CHECKPOINT_LOADERS))})"
+        )
+    if isinstance(entry, str):
+        module_name, _, fn_name = entry.partition(":")
+        entry = getattr(importlib.import_module(module_name), fn_name)
+    return entry
 
 
 def save_quantized(
     model: nn.Module, directory: str | Path, recipe: Recipe | None = None, include_float_weights: bool = False
 ) -> Path:
-    """Write ``model.safetensors`` and ``quantization_config.json`` into ``directory`` (created if needed)."""
+    """Write ``model.safetensors`` and ``quantization_config.json`` as the directory ``directory``.
+
+    ``directory`` may be absent, empty, or a checkpoint this function wrote (nothing else is replaced); the
+    new directory is assembled beside it and swapped in, so a save that dies leaves the previous one whole.
+    """
     directory = Path(directory)
+    check_checkpoint_out(directory)
     tensors, modules_cfg = quantized_state(model, include_float_weights)
     config = {
         "format": FORMAT_NAME,
@@ -162,30 +193,31 @@ def save_quantized(
         "recipe": None if recipe is None else recipe.to_dict(),
     }
     data = st_save(tensors, metadata={"format": FORMAT_NAME})
-    # The config is written last and names the exact weights file it belongs to: flipped bytes, or a save that
-    # died between the two renames (new weights beside an old config), fail to load instead of mixing.
+    # The config names the exact weights file it belongs to and checksums its own content: flipped bytes or
+    # an edited layout fail to load instead of changing the model.
     config["files"] = {WEIGHTS_FILE: hashlib.sha256(data).hexdigest()}
-    atomic_write_bytes(directory / WEIGHTS_FILE, data)
-    atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2))
-    return directory
+
+    def build(tmp: Path) -> None:
+        atomic_write_bytes(tmp / WEIGHTS_FILE, data)
+        atomic_write_json(tmp / CONFIG_FILE, signed(config))
+
+    return write_directory(directory, build, check_checkpoint_out)
+
+
+def check_checkpoint_out(directory: str | Path) -> None:
+    """Raise unless ``directory`` is absent, empty, or a checkpoint ``save_quantized`` wrote."""
+    directory = Path(directory)
+    if directory.exists() or directory.is_symlink():
+        check_daptq_directory(
+            directory, CONFIG_FILE, FORMAT_NAME, (WEIGHTS_FILE, CONFIG_FILE), f"a {FORMAT_NAME} checkpoint"
+        )
 
 
 def _verify_files(directory: Path, config: dict[str, Any]) -> None:
-    """Check the sha256 the config recorded for each file (configs written before daptq recorded them
-    carry none)."""
-    files = config.get("files", {})
-    if not isinstance(files, dict):
-        raise ValueError(f"{directory / CONFIG_FILE}: 'files' must map file names to sha256 digests")
-    for name, expected in files.items():
-        path = directory / name
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint file not found: {path}")
-        actual = hashlib.sha256(path.read_bytes()).hexdigest()
-        if actual != expected:
-            raise ValueError(
-                f"{path}: checksum mismatch with {CONFIG_FILE} (sha256 {actual[:16]}..., recorded "
-                f"{str(expected)[:16]}...): the file was changed, corrupted, or belongs to another save"
-            )
+    """The config's own content checksum, then the sha256 it records for the weights file (required)."""
+    path = directory / CONFIG_FILE
+    check_signed(config, path)
+    check_file_digests(directory, config.get("files"), (WEIGHTS_FILE,), path)
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -237,6 +269,8 @@ def load_quantized(model_or_factory: nn.Module | Callable[[], nn.Module], direct
     config = read_config(directory)
     tensors = _read_safetensors(directory / WEIGHTS_FILE)  # format errors first (pickles, truncation)
     _verify_files(directory, config)
+    if not isinstance(config.get("modules"), dict):
+        raise ValueError(f"{directory / CONFIG_FILE}: 'modules' must be an object of module configs")
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
     if not isinstance(model, nn.Module):
         raise ValueError(f"model factory returned {type(model).__name__}, not an nn.Module")
@@ -263,44 +297,22 @@ def load_quantized_state(
         for name, cfg in modules_cfg.items():
             if not isinstance(cfg, dict):
                 raise ValueError(f"{name}: module config must be an object, got {cfg!r}")
-            if "loader" in cfg:
-                original = get_module(model, name)
-                set_module(model, name, _custom_loader(name, cfg["loader"])(original, tensors, name, cfg))
-                continue
-            spec = QuantSpec.from_dict(cfg.get("spec"))
-            original = get_module(model, name)
-            if tuple(original.weight.shape) != tuple(cfg["weight_shape"]):
+            try:
+                set_module(model, name, _load_layer(model, name, cfg, tensors))
+            except ValueError as exc:
+                if str(exc).startswith(f"{name}:"):
+                    raise
+                raise ValueError(f"{name}: {exc}") from None
+            except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
+                # a layout edited by hand (bits 4 -> 8, a type): name the layer, not torch's internals
                 raise ValueError(
-                    f"{name}: model weight shape {tuple(original.weight.shape)} != checkpoint "
-                    f"{tuple(cfg['weight_shape'])}"
-                )
-            expected = {"QuantLinear": nn.Linear, "QuantConv2d": nn.Conv2d}.get(cfg["type"])
-            if (
-                expected is None
-                or not isinstance(original, expected)
-                or isinstance(original, QuantLinear | QuantConv2d)
-            ):
-                raise ValueError(
-                    f"{name}: checkpoint type {cfg['type']} does not fit model module {type(original)}"
-                )
-            layer = quantized_module_for(original, spec, name, round_now=False)
-            w = layer.weight
-            if cfg.get("has_float_weight"):
-                w.copy_(_take(tensors, f"{name}.weight"))
-            if not spec.weight.is_float:
-                shape = (w.shape[0], w[0].numel())
-                codes = unpack_codes(_take(tensors, f"{name}.qweight_packed"), spec.weight, shape)
-                scale = _take(tensors, f"{name}.weight_scale")
-                zp = tensors.pop(f"{name}.weight_zero_point", None)
-                layer.set_quantized_weight(codes, scale, zp)
-                if not cfg.get("has_float_weight"):
-                    w.copy_(dequantize_weight(codes, scale, zp, spec.weight).reshape(w.shape))
-            if f"{name}.act_scale" in tensors:
-                layer.set_activation_qparams(
-                    tensors.pop(f"{name}.act_scale"), tensors.pop(f"{name}.act_zero_point", None)
-                )
-            set_module(model, name, layer)
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
+                    f"{name}: checkpoint layout does not fit its tensors or the model ({type(exc).__name__}: "
+                    f"{exc})"
+                ) from None
+        try:
+            missing, unexpected = model.load_state_dict(tensors, strict=False)
+        except RuntimeError as exc:
+            raise ValueError(f"checkpoint tensors do not fit the model: {exc}") from None
         quant_prefixes = set(modules_cfg)
         missing = [k for k in missing if k.rpartition(".")[0] not in quant_prefixes]
         if allow_missing is not None:
@@ -309,3 +321,43 @@ def load_quantized_state(
             raise ValueError(
                 f"checkpoint does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}"
             )
+
+
+def _load_layer(
+    model: nn.Module, name: str, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> nn.Module:
+    """The fake-quant layer ``cfg`` describes for the model's module ``name``, its tensors popped."""
+    if "loader" in cfg:
+        return _custom_loader(name, cfg["loader"])(get_module(model, name), tensors, name, cfg)
+    spec = QuantSpec.from_dict(cfg.get("spec"))
+    original = get_module(model, name)
+    shape = cfg.get("weight_shape")
+    if not isinstance(shape, list) or tuple(original.weight.shape) != tuple(shape):
+        raise ValueError(f"{name}: model weight shape {tuple(original.weight.shape)} != checkpoint {shape!r}")
+    expected = {"QuantLinear": nn.Linear, "QuantConv2d": nn.Conv2d}.get(cfg.get("type"))
+    if (
+        expected is None
+        or not isinstance(original, expected)
+        or isinstance(original, QuantLinear | QuantConv2d)
+    ):
+        raise ValueError(
+            f"{name}: checkpoint type {cfg.get('type')!r} does not fit model module {type(original)}"
+        )
+    layer = quantized_module_for(original, spec, name, round_now=False)
+    w = layer.weight
+    if cfg.get("has_float_weight"):
+        w.copy_(_take(tensors, f"{name}.weight"))
+    if not spec.weight.is_float:
+        codes = unpack_codes(
+            _take(tensors, f"{name}.qweight_packed"), spec.weight, (w.shape[0], w[0].numel())
+        )
+        scale = _take(tensors, f"{name}.weight_scale")
+        zp = tensors.pop(f"{name}.weight_zero_point", None)
+        layer.set_quantized_weight(codes, scale, zp)
+        if not cfg.get("has_float_weight"):
+            w.copy_(dequantize_weight(codes, scale, zp, spec.weight).reshape(w.shape))
+    if f"{name}.act_scale" in tensors:
+        layer.set_activation_qparams(
+            tensors.pop(f"{name}.act_scale"), tensors.pop(f"{name}.act_zero_point", None)
+        )
+    return layer
