@@ -7,8 +7,25 @@ import os
 import sys
 from collections.abc import Sequence
 
+from daptq.cli_args import (
+    MAX_IMAGE_SIZE,
+    MAX_SEED,
+    float_in,
+    image_size_int,
+    int_choice,
+    int_in,
+    nonempty,
+    nonnegative_int,
+    positive_int,
+    seed_int,
+)
+from daptq.paths import check_input_dir, check_input_file, check_output_dir
+
+MAX_TRAJECTORIES = 100_000  # calibration trajectories: the paper uses 512
+
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, "--out")  # before the run, not after it
     if args.toy:
         from daptq.demo_toy import run_toy_demo
 
@@ -36,6 +53,11 @@ def default_workers() -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, "--out")
+    if args.reference_cache is not None:
+        check_output_dir(args.reference_cache, "--reference-cache")
+    if args.open_loop is not None:
+        check_input_dir(args.open_loop, "--open-loop")
     if args.open_loop:
         import json
 
@@ -77,6 +99,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    for run in args.runs:
+        check_input_dir(run, "run directory")
+    if args.out is not None:
+        check_output_dir(args.out, "--out")
+    elif len(args.runs) == 1:  # the report goes into the run directory itself
+        check_output_dir(args.runs[0], "run directory", named=False)
+    if args.gif is not None and not (args.gif[1].isdigit() and int(args.gif[1]) <= MAX_SEED):
+        raise ValueError(f"--gif TASK SEED: SEED must be an integer in [0, {MAX_SEED}], got {args.gif[1]!r}")
     from daptq.eval import render_rollout_gif, write_report
 
     report = write_report(args.runs, args.out, args.paths)
@@ -111,6 +141,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, "--out")
     from daptq.deploy.export import export_policy
 
     try:
@@ -147,6 +178,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    if args.asymmetric and args.symmetric_range is not None:
+        raise ValueError("--symmetric-range applies to symmetric grids; it contradicts --asymmetric")
+    if args.config is not None:
+        check_input_file(args.config, "--config")
+    check_output_dir(args.out, "--out")
     from daptq.methods.workflow import quantize_from_args
 
     out = quantize_from_args(args)
@@ -169,21 +205,33 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _add_quantize_parser(sub) -> None:
+    from daptq.quant.spec import ACTIVATION_BITS, WEIGHT_BITS
+
     q = sub.add_parser(
         "quantize", help="quantize a policy with a method and write a quantized policy directory"
     )
-    q.add_argument("model", help="model spec: ref:<name> or toy:...")
+    q.add_argument("model", type=nonempty, help="model spec: ref:<name> or toy:...")
     q.add_argument("--method", required=True, help="a registered method (see `daptq methods`)")
     q.add_argument("--config", help="YAML/JSON method config (its fields; CLI spec flags are then refused)")
-    q.add_argument("--w-bits", type=int, help="weight bits (2, 3, 4, 8; 16 keeps weights float)")
-    q.add_argument("--a-bits", type=int, help="activation bits (4, 8; 16 or absent: float activations)")
-    q.add_argument("--group-size", type=int, help="per-group weights with this group size (else per-channel)")
+    q.add_argument(
+        "--w-bits",
+        type=int_choice(WEIGHT_BITS, "weight bits"),
+        help="weight bits (2, 3, 4, 8; 16 keeps weights float)",
+    )
+    q.add_argument(
+        "--a-bits",
+        type=int_choice((*ACTIVATION_BITS, 16), "activation bits"),
+        help="activation bits (4, 8; 16 or absent: float activations)",
+    )
+    q.add_argument(
+        "--group-size", type=int_in(2), help="per-group weights with this group size >= 2 (else per-channel)"
+    )
     q.add_argument("--asymmetric", action="store_true", help="affine (asymmetric) weight grid")
     q.add_argument("--observer", choices=["minmax", "percentile", "mse"], help="weight range observer")
     q.add_argument(
         "--avg-bits",
-        type=float,
-        help="average bits per weight, scales counted (qvla; daptq: its budget preset)",
+        type=float_in(0, 16, lo_open=True, hi_open=True),
+        help="average bits per weight in (0, 16), scales counted (qvla; daptq: its budget preset)",
     )
     q.add_argument(
         "--symmetric-range",
@@ -194,15 +242,20 @@ def _add_quantize_parser(sub) -> None:
         "--include-encoders", action="store_true", help="also quantize the vision/language encoders"
     )
     q.add_argument("--calibration", metavar="DATASET", help="dataset with a 'calib' split (default: cache)")
-    q.add_argument("--trajectories", type=int, default=64, help="calibration trajectories (paper: 512)")
+    q.add_argument(
+        "--trajectories",
+        type=int_in(1, MAX_TRAJECTORIES),
+        default=64,
+        help="calibration trajectories (paper: 512)",
+    )
     q.add_argument("--calib-tasks", nargs="+", help="calibrate on these tasks only (default: all)")
-    q.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration sampler")
+    q.add_argument("--calib-seed", type=seed_int, default=0, help="seed of the calibration sampler")
     q.add_argument("--out", required=True, help="output directory")
     q.set_defaults(func=_cmd_quantize)
     ins = sub.add_parser(
         "inspect", help="what a quantized policy directory holds (per module role, spec, bytes)"
     )
-    ins.add_argument("directory")
+    ins.add_argument("directory", type=nonempty)
     ins.set_defaults(func=_cmd_inspect)
     me = sub.add_parser("methods", help="list the registered quantization methods and their configs")
     me.set_defaults(func=_cmd_methods)
@@ -224,27 +277,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="a smoke run: 3 tasks x 2 episodes, 1 worker (about 3 minutes)"
     )
     demo.add_argument("--out", default="runs/demo", help="quantized directories, runs, table and report")
-    demo.add_argument("--workers", type=int, help="evaluation worker processes (default 2)")
+    demo.add_argument("--workers", type=positive_int, help="evaluation worker processes (default 2)")
     demo.add_argument(
         "--toy", action="store_true", help="the old toy-MLP quantization demo instead (seconds, no robot)"
     )
     demo.set_defaults(func=_cmd_demo)
 
     ev = sub.add_parser("eval", help="closed-loop evaluation, paired against a reference policy; resumable")
-    ev.add_argument("model", help="model spec: ref:<name>, a `daptq quantize` directory, or toy:...")
+    ev.add_argument(
+        "model", type=nonempty, help="model spec: ref:<name>, a `daptq quantize` directory, or toy:..."
+    )
     ev.add_argument("--reference", help="full-precision model spec to pair every episode with")
     ev.add_argument("--tasks", nargs="+", help="task names (default: all MT10 tasks)")
-    ev.add_argument("--episodes", type=int, default=10, help="episodes (seeds) per task")
-    ev.add_argument("--seed-start", type=int, help="first seed (default: the start of the 'eval' seed split)")
+    ev.add_argument("--episodes", type=positive_int, default=10, help="episodes (seeds) per task")
+    ev.add_argument(
+        "--seed-start", type=seed_int, help="first seed (default: the start of the 'eval' seed split)"
+    )
     ev.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         help="worker processes, this one included "
         f"(default: one per usable core, at most {MAX_DEFAULT_WORKERS})",
     )
     ev.add_argument(
         "--envs-per-worker",
-        type=int,
+        type=positive_int,
         default=DEFAULT_ENVS_PER_WORKER,
         help="environments each worker steps in lockstep, one batched policy call per step "
         f"(default {DEFAULT_ENVS_PER_WORKER}; 1: one environment, one policy call per episode and re-plan)",
@@ -258,11 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ray-address", help="join this Ray cluster (e.g. auto, ray://head:10001)")
     ev.add_argument("--out", default="runs/eval", help="run directory")
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    ev.add_argument("--max-steps", type=int, help="step limit per episode (default: per-task limit)")
-    ev.add_argument("--image-size", type=int)
+    ev.add_argument("--max-steps", type=positive_int, help="step limit per episode (default: per-task limit)")
+    ev.add_argument("--image-size", type=image_size_int, help=f"pixels, 8 to {MAX_IMAGE_SIZE}")
     ev.add_argument("--camera")
-    ev.add_argument("--divergence-threshold", type=float, default=0.02, help="metres (default 0.02)")
-    ev.add_argument("--hf-cutoff", type=float, default=0.25, help="high-frequency cutoff, cycles per step")
+    ev.add_argument(
+        "--divergence-threshold", type=float_in(0, lo_open=True), default=0.02, help="metres (default 0.02)"
+    )
+    ev.add_argument(
+        "--hf-cutoff",
+        type=float_in(0, 0.5, lo_open=True),
+        default=0.25,
+        help="high-frequency cutoff, cycles per step, in (0, 0.5]",
+    )
     ev.add_argument("--no-progress", action="store_true")
     cache = ev.add_mutually_exclusive_group()
     cache.add_argument(
@@ -278,18 +342,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--open-loop", metavar="DATASET", help="open-loop action error on recorded demos")
     ev.add_argument("--split", default="val", help="dataset split for --open-loop")
-    ev.add_argument("--max-episodes", type=int, help="episodes per task for --open-loop")
+    ev.add_argument("--max-episodes", type=positive_int, help="episodes per task for --open-loop")
     ev.set_defaults(func=_cmd_eval)
 
     rep = sub.add_parser("report", help="report.md with tables and plots from one or several run directories")
     rep.add_argument("runs", nargs="+", help="run directories written by `daptq eval`")
     rep.add_argument("--out", help="output directory (required for several runs)")
-    rep.add_argument("--paths", type=int, default=3, help="episodes whose end-effector paths are plotted")
+    rep.add_argument(
+        "--paths", type=nonnegative_int, default=3, help="episodes whose end-effector paths are plotted"
+    )
     rep.add_argument("--gif", nargs=2, metavar=("TASK", "SEED"), help="also render one episode as a GIF")
     rep.set_defaults(func=_cmd_report)
 
     exp = sub.add_parser("export", help="export a policy as ONNX Runtime graphs (load it as onnx:OUT)")
-    exp.add_argument("model", help="model spec: ref:<name> or a `daptq quantize` directory")
+    exp.add_argument("model", type=nonempty, help="model spec: ref:<name> or a `daptq quantize` directory")
     exp.add_argument("--format", default="onnx", choices=["onnx"])
     exp.add_argument("--out", required=True, help="output directory")
     exp.add_argument(
@@ -337,19 +403,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush into a closed pipe raises nothing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor behind sys.stdout (an embedding host)
+        pass
+
+
+def _exit_status(exc: SystemExit) -> int:
+    return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``daptq`` command; its exit status (2: bad input, an ``error:`` line on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     from daptq.eval.runner import set_process_defaults
 
     set_process_defaults()  # headless rendering, offline hub: before any subcommand imports MuJoCo
-    if argv[:1] == ["train"]:  # argparse's REMAINDER cannot start with an option such as --help
-        return _cmd_train(argparse.Namespace(rest=argv[1:]))
-    args = build_parser().parse_args(argv)
+    try:
+        if argv[:1] == ["train"]:  # argparse's REMAINDER cannot start with an option such as --help
+            args = argparse.Namespace(command="train", rest=argv[1:], func=_cmd_train)
+        else:
+            args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse printed its usage error (or --help): its status, not an exception
+        return _exit_status(exc)
     from daptq.eval.store import RunDirectoryLocked
 
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError, RunDirectoryLocked) as err:
+    except SystemExit as exc:  # the parsers of `data` and `train`
+        return _exit_status(exc)
+    except BrokenPipeError:  # `daptq inspect DIR | head`: the reader left; nothing more to say
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
+    except (ValueError, OSError, NotImplementedError, RunDirectoryLocked) as err:
+        # OSError: a file the checks could not foresee (a disk full, a permission changed mid-run); its
+        # message names the file
         print(f"daptq {args.command}: error: {err}", file=sys.stderr)
         return 2
 

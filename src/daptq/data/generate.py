@@ -344,20 +344,34 @@ def generate_dataset(
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    from daptq.cli_args import float_in, image_size_int, int_in, nonnegative_int, positive_int
     from daptq.envs import MT10
+    from daptq.paths import check_output_dir
 
     p = argparse.ArgumentParser(prog="python -m daptq.data.generate", description=__doc__.split("\n")[0])
     p.add_argument("--root", required=True, help="output directory, e.g. data_cache/metaworld-mt10")
     p.add_argument("--tasks", nargs="+", default=list(MT10), help="MT10 task names (default: all 10)")
-    p.add_argument("--train", type=int, default=100, help="successful train episodes per task")
-    p.add_argument("--calib", type=int, default=16, help="successful calibration episodes per task")
-    p.add_argument("--val", type=int, default=16, help="successful validation episodes per task")
-    p.add_argument("--noise-std", type=float, default=DEFAULT_NOISE_STD, help="Gaussian action noise std")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--image-size", type=int, default=96)
+    count = nonnegative_int
+    p.add_argument("--train", type=count, default=100, help="successful train episodes per task")
+    p.add_argument("--calib", type=count, default=16, help="successful calibration episodes per task")
+    p.add_argument("--val", type=count, default=16, help="successful validation episodes per task")
+    p.add_argument("--noise-std", type=float_in(0, 1), default=DEFAULT_NOISE_STD, help="action noise std")
+    p.add_argument("--workers", type=positive_int, default=1)
+    p.add_argument("--image-size", type=image_size_int, default=96)
     p.add_argument("--camera", default="corner3", help="camera, or several comma-separated: corner3,topview")
-    p.add_argument("--episodes-per-shard", type=int, default=DEFAULT_EPISODES_PER_SHARD)
-    return p.parse_args(argv)
+    p.add_argument(
+        "--episodes-per-shard",
+        type=int_in(1, SEED_BLOCK // MAX_ATTEMPTS_PER_EPISODE),
+        default=DEFAULT_EPISODES_PER_SHARD,
+    )
+    args = p.parse_args(argv)
+    # checked before anything is written (a dataset without train episodes has no stats.json to open)
+    check_output_dir(args.root, "--root")
+    if args.train + args.calib + args.val == 0:
+        p.error("--train, --calib and --val are all 0: no episodes to generate")
+    if args.train == 0 and not (Path(args.root) / "meta" / "stats.json").is_file():
+        p.error("--train 0: a new dataset needs train episodes (its normalization statistics come from them)")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:

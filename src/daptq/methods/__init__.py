@@ -138,6 +138,11 @@ def quantize_policy(
     space are errors). ``base_model`` ({"spec": ..., "digest": ...}) is copied into the record. On any error
     the model is left exactly as it was and no hooks remain.
     """
+    if not isinstance(config, MethodConfig):  # a name: get_method would give a class, and fail later
+        raise ValueError(
+            f"quantize_policy: config must be a method config such as RTNConfig(...), got "
+            f"{type(config).__name__} {config!r}; for a method's defaults by name use config_type_for(name)()"
+        )
     adapter = as_adapter(policy)
     method = get_method(config)
     if method.requires_calibration():

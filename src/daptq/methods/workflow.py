@@ -26,6 +26,7 @@ from daptq.quant.bytes import (
     row_bits_histogram,
 )
 from daptq.quant.spec import spec_from_bits
+from daptq.strict_parse import load_yaml_strict
 
 
 def config_from_options(
@@ -54,7 +55,8 @@ def config_from_options(
         if not path.is_file():
             raise FileNotFoundError(f"method config not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML is a superset of JSON
+            # YAML is a superset of JSON; a key given twice is refused, not "last wins"
+            data = load_yaml_strict(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: does not parse: {e}") from None
         if not isinstance(data, dict):

@@ -11,6 +11,7 @@ Spec: ``toy`` or ``toy:seed=0,weight_noise=0.01`` (keys: see ``ToyConfig``).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -36,6 +37,9 @@ _WORKSPACE_CENTRE = (0.0, 0.6, 0.15)
 _WORKSPACE_HALF = (0.5, 0.3, 0.15)
 
 
+_TOY_SIZE_LIMITS = {"hidden": 4096, "chunk": 1024, "embed_dim": 4096, "action_dim": 64}
+
+
 @dataclass(frozen=True)
 class ToyConfig:
     """Everything that defines a toy policy; two equal configs give bit-identical policies."""
@@ -55,6 +59,12 @@ class ToyConfig:
             raise ValueError(f"toy: weight_noise and action_noise must be >= 0, got {self}")
         if min(self.hidden, self.chunk, self.embed_dim, self.action_dim) <= 0:
             raise ValueError(f"toy: hidden, chunk, embed_dim and action_dim must be positive, got {self}")
+        for name in ("weight_noise", "action_noise", "gain"):  # nan passes every comparison above
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"toy: {name} must be finite, got {getattr(self, name)}")
+        for name, limit in _TOY_SIZE_LIMITS.items():  # a toy is small: a typo must not allocate gigabytes
+            if getattr(self, name) > limit:
+                raise ValueError(f"toy: {name} must be <= {limit}, got {getattr(self, name)}")
 
 
 def parse_toy_spec(spec: str) -> ToyConfig:
@@ -73,6 +83,8 @@ def parse_toy_spec(spec: str) -> ToyConfig:
             raise ValueError(
                 f"toy spec {spec!r}: bad item {item!r}; expected key=value with key in {list(types)}"
             )
+        if key in kwargs:
+            raise ValueError(f"toy spec {spec!r}: {key} is given twice")
         try:
             kwargs[key] = int(value) if types[key] in (int, "int") else float(value)
         except ValueError as exc:

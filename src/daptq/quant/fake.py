@@ -136,8 +136,11 @@ class _QuantWeightMixin:
     weight: nn.Parameter
     _feature_dim: int
 
-    def _init_quant_state(self, spec: QuantSpec, original: nn.Module | None = None) -> None:
+    def _init_quant_state(
+        self, spec: QuantSpec, original: nn.Module | None = None, name: str | None = None
+    ) -> None:
         self.__dict__["_float_original"] = original  # not a submodule: given back by to_float
+        self.__dict__["_layer_name"] = name  # names the layer in errors (the module does not know its path)
         self.spec = spec
         self.register_buffer("qweight", None)
         self.register_buffer("weight_scale", None)
@@ -146,6 +149,11 @@ class _QuantWeightMixin:
         self.register_buffer("act_zero_point", None)
         self.register_buffer("_dequant_cache", None, persistent=False)
         self.calibrating = False
+
+    @property
+    def _label(self) -> str:
+        """The layer's name for error messages (its type if it was built without one)."""
+        return self.__dict__.get("_layer_name") or type(self).__name__
 
     @property
     def is_calibrated(self) -> bool:
@@ -158,9 +166,7 @@ class _QuantWeightMixin:
             self.qweight = self.weight_scale = self.weight_zero_point = None
             self._dequant_cache = None
             return
-        codes, scale, zp = quantize_weight(
-            self.weight, self.spec.weight, name or type(self).__name__ + ".weight"
-        )
+        codes, scale, zp = quantize_weight(self.weight, self.spec.weight, name or self._label + ".weight")
         self.set_quantized_weight(codes, scale, zp)
 
     def set_quantized_weight(
@@ -169,37 +175,35 @@ class _QuantWeightMixin:
         """Install externally computed codes and scales (GPTQ and friends); validated against the spec."""
         ws = self.spec.weight
         if ws.is_float:
-            raise ValueError("set_quantized_weight: this layer's spec keeps the weight in float (bits=16)")
+            raise ValueError(f"{self._label}: this layer's spec keeps the weight in float (bits=16)")
         out_f = self.weight.shape[0]
         fan_in = self.weight[0].numel()
         rows, groups, _ = group_layout(out_f, fan_in, ws)
         if tuple(qweight.shape) != (out_f, fan_in):
-            raise ValueError(
-                f"set_quantized_weight: qweight shape {tuple(qweight.shape)} != {(out_f, fan_in)}"
-            )
+            raise ValueError(f"{self._label}: qweight shape {tuple(qweight.shape)} != {(out_f, fan_in)}")
         if tuple(scale.shape) != (rows, groups):
-            raise ValueError(f"set_quantized_weight: scale shape {tuple(scale.shape)} != {(rows, groups)}")
+            raise ValueError(f"{self._label}: scale shape {tuple(scale.shape)} != {(rows, groups)}")
         if qweight.is_floating_point() or torch.is_complex(qweight):
-            raise ValueError(f"set_quantized_weight: qweight must be an integer tensor, got {qweight.dtype}")
+            raise ValueError(f"{self._label}: qweight must be an integer tensor, got {qweight.dtype}")
         if int(qweight.min()) < ws.qmin or int(qweight.max()) > ws.qmax:
-            raise ValueError(f"set_quantized_weight: codes outside [{ws.qmin}, {ws.qmax}] for {ws.bits}-bit")
+            raise ValueError(f"{self._label}: codes outside [{ws.qmin}, {ws.qmax}] for {ws.bits}-bit")
         if scale.dtype != scale_torch_dtype(ws):
             raise ValueError(
-                f"set_quantized_weight: scale dtype {scale.dtype} != spec scale_dtype {ws.scale_dtype}; "
+                f"{self._label}: scale dtype {scale.dtype} != spec scale_dtype {ws.scale_dtype}; "
                 "round the scales to the storage dtype before computing codes"
             )
-        check_finite(scale, "set_quantized_weight scale")
+        check_finite(scale, f"{self._label} weight scale")
         if bool((scale <= 0).any()):
-            raise ValueError("set_quantized_weight: scales must be > 0")
+            raise ValueError(f"{self._label}: scales must be > 0")
         if ws.symmetric != (zero_point is None):
-            raise ValueError("set_quantized_weight: zero_point must be given iff the spec is asymmetric")
+            raise ValueError(f"{self._label}: zero_point must be given iff the spec is asymmetric")
         if zero_point is not None:
             if tuple(zero_point.shape) != (rows, groups):
                 raise ValueError(
-                    f"set_quantized_weight: zero_point shape {tuple(zero_point.shape)} != {(rows, groups)}"
+                    f"{self._label}: zero_point shape {tuple(zero_point.shape)} != {(rows, groups)}"
                 )
             if int(zero_point.min()) < ws.qmin or int(zero_point.max()) > ws.qmax:
-                raise ValueError(f"set_quantized_weight: zero points outside [{ws.qmin}, {ws.qmax}]")
+                raise ValueError(f"{self._label}: zero points outside [{ws.qmin}, {ws.qmax}]")
             zero_point = zero_point.to(torch.uint8)
         device = self.weight.device
         self.qweight = qweight.to(device=device, dtype=code_dtype(ws))
@@ -212,7 +216,7 @@ class _QuantWeightMixin:
         if self.spec.weight.is_float:
             return self.weight
         if self.qweight is None:
-            raise RuntimeError(f"{type(self).__name__}: weight not quantized yet; call requantize()")
+            raise RuntimeError(f"{self._label}: weight not quantized yet; call requantize()")
         if self._dequant_cache is None:
             w = dequantize_weight(self.qweight, self.weight_scale, self.weight_zero_point, self.spec.weight)
             self._dequant_cache = w.reshape(self.weight.shape).to(self.weight.dtype)
@@ -221,10 +225,10 @@ class _QuantWeightMixin:
     def set_activation_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
         a = self.spec.activation
         if a is None or a.mode != "static_per_tensor":
-            raise ValueError("set_activation_qparams: this layer has no static activation spec")
+            raise ValueError(f"{self._label}: set_activation_qparams needs a static activation spec")
         if a.symmetric != (zero_point is None):
             raise ValueError(
-                "set_activation_qparams: zero_point must be given iff the activation spec is asymmetric"
+                f"{self._label}: activation zero_point must be given iff the activation spec is asymmetric"
             )
         self.act_scale = scale.detach().float().reshape(()).to(self.weight.device)
         self.act_zero_point = None if zero_point is None else zero_point.reshape(()).to(self.weight.device)
@@ -235,7 +239,7 @@ class _QuantWeightMixin:
             return x
         if a.mode == "static_per_tensor" and self.act_scale is None:
             raise RuntimeError(
-                f"{type(self).__name__}: static activation quantization is not calibrated; run quantize_ "
+                f"{self._label}: static activation quantization is not calibrated; run quantize_ "
                 "with "
                 "calibration data (or daptq.quant.calibrate) first"
             )
@@ -272,7 +276,7 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
         nn.Module.__init__(q)
         q.in_features, q.out_features = linear.in_features, linear.out_features
         q.weight, q.bias = linear.weight, linear.bias
-        q._init_quant_state(spec, linear)
+        q._init_quant_state(spec, linear, name)
         if round_now:
             q.requantize(f"{name}.weight")
         return q
@@ -326,7 +330,7 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
             setattr(q, attr, getattr(conv, attr))
         q.weight, q.bias = conv.weight, conv.bias
         q.static_padding = static_same_padding(conv)  # TF-style "same" convs pad their input first
-        q._init_quant_state(spec, conv)
+        q._init_quant_state(spec, conv, name)
         if round_now:
             q.requantize(f"{name}.weight")
         return q

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import yaml
 from torch import nn
 
+from daptq.strict_parse import load_yaml_strict, loads_json_strict
+
 from ._util import atomic_write_text
 from .spec import QuantSpec, WeightSpec
 
@@ -107,6 +109,8 @@ class Recipe:
         for r in self.rules:
             if not isinstance(r, Rule):
                 raise ValueError(f"Recipe: rules must be Rule objects, got {type(r).__name__}")
+        if isinstance(self.version, bool) or not isinstance(self.version, int):
+            raise ValueError(f"Recipe: version must be an integer, got {self.version!r}")
         if self.version != RECIPE_VERSION:
             raise ValueError(
                 f"Recipe: unsupported version {self.version} (this daptq reads {RECIPE_VERSION})"
@@ -187,6 +191,9 @@ class Recipe:
     def from_dict(cls, d: Mapping[str, Any]) -> Recipe:
         if not isinstance(d, Mapping) or "rules" not in d:
             raise ValueError("Recipe.from_dict: expected a mapping with a 'rules' list")
+        unknown = set(d) - {"version", "rules"}
+        if unknown:
+            raise ValueError(f"Recipe.from_dict: unknown field(s) {sorted(unknown)}; allowed: rules, version")
         if not isinstance(d["rules"], list):
             raise ValueError("Recipe.from_dict: 'rules' must be a list")
         return cls(tuple(Rule.from_dict(r) for r in d["rules"]), d.get("version", RECIPE_VERSION))
@@ -197,7 +204,7 @@ class Recipe:
     @classmethod
     def from_yaml(cls, text: str) -> Recipe:
         try:
-            data = yaml.safe_load(text)
+            data = load_yaml_strict(text)
         except yaml.YAMLError as e:
             raise ValueError(f"recipe YAML does not parse: {e}") from None
         return cls.from_dict(data)
@@ -208,8 +215,8 @@ class Recipe:
     @classmethod
     def from_json(cls, text: str) -> Recipe:
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
+            data = loads_json_strict(text)
+        except ValueError as e:  # malformed JSON or a duplicate key
             raise ValueError(f"recipe JSON does not parse: {e}") from None
         return cls.from_dict(data)
 

@@ -298,12 +298,13 @@ def spec_from_bits(
     symmetric_range: SymmetricRange = "restricted",
 ) -> QuantSpec:
     """The CLI's ``--w-bits/--a-bits/--group-size``: per-group if ``group_size`` else per-channel weights;
-    ``a_bits`` None or 16 means no activation quantization, otherwise dynamic per-token."""
+    ``a_bits`` None or 16 means no activation quantization, otherwise dynamic per-token. A ``group_size``
+    that is not an integer >= 2 is an error (0 is not "per-channel": that is ``group_size=None``)."""
     weight = WeightSpec(
         w_bits,
         symmetric,
-        "per_group" if group_size else "per_channel",
-        group_size or None,
+        "per_channel" if group_size is None else "per_group",
+        group_size,
         observer,
         symmetric_range=symmetric_range if symmetric else "restricted",
     )

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from daptq.cli_args import float_in, int_in, nonnegative_int, positive_int, seed_int
+from daptq.paths import check_input_dir, check_output_dir
 from daptq.train.trainer import TrainConfig, train
+
+MAX_THREADS = 1024
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,26 +26,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tasks", nargs="+", default=None, help="train on these tasks only (default: all)")
     p.add_argument(
-        "--time-budget-min", type=float, default=None, help="stop cleanly and save after this long"
+        "--time-budget-min",
+        type=float_in(0, lo_open=True),
+        default=None,
+        help="stop cleanly and save after this long",
     )
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--n-noise", type=int, default=d.n_noise, help="noise draws per backbone forward")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
-    p.add_argument("--checkpoint-every-min", type=float, default=d.checkpoint_every_min)
-    p.add_argument("--val-every", type=int, default=d.val_every)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
+    p.add_argument(
+        "--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    p.add_argument("--n-noise", type=positive_int, default=d.n_noise, help="noise draws per backbone forward")
+    p.add_argument("--lr", type=float_in(0, lo_open=True), default=d.lr)
+    p.add_argument("--warmup-steps", type=nonnegative_int, default=d.warmup_steps)
+    p.add_argument("--weight-decay", type=float_in(0), default=d.weight_decay)
+    p.add_argument("--ema-decay", type=float_in(0, 1, hi_open=True), default=d.ema_decay)
+    p.add_argument("--checkpoint-every-min", type=float_in(0, lo_open=True), default=d.checkpoint_every_min)
+    p.add_argument("--val-every", type=positive_int, default=d.val_every)
+    p.add_argument("--seed", type=seed_int, default=d.seed)
+    p.add_argument("--threads", type=int_in(1, MAX_THREADS), default=d.threads, help="torch CPU threads")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=d.precision, help="autocast dtype on CPU")
     p.add_argument("--allow-incomplete", action="store_true", help="use the shards written so far (pilots)")
     return p
 
 
+def check_paths(args: dict) -> None:
+    """The dataset, the checkpoint to fine-tune and the outputs, checked before any work starts."""
+    check_input_dir(args["data"], "--data")
+    check_output_dir(args["out"], "--out")
+    if args["cache"] is not None:
+        check_output_dir(args["cache"], "--cache")
+    init = args["init"]
+    if init is not None and init.startswith("ref:"):
+        from daptq.models.reference import CHECKPOINTS_DIR
+
+        name = init[len("ref:") :]
+        if not name or "/" in name or name.startswith(".") or not (CHECKPOINTS_DIR / name).is_dir():
+            available = sorted(p.name for p in CHECKPOINTS_DIR.iterdir() if p.is_dir())
+            raise FileNotFoundError(
+                f"--init {init}: no bundled reference VLA {name!r}; available: {available}"
+            )
+    elif init is not None:
+        check_input_dir(init, "--init")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = vars(build_parser().parse_args(argv))
+    check_paths(args)
     camera = args.pop("camera")
     train(TrainConfig(**args, model={"camera": camera} if camera else {}))
 

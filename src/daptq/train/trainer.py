@@ -68,8 +68,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.time_budget_min is None and self.max_steps is None:
             raise ValueError("set time_budget_min and/or max_steps, or training would never stop")
-        if self.time_budget_min is not None and self.time_budget_min <= 0:
-            raise ValueError(f"time_budget_min must be positive, got {self.time_budget_min}")
+        if self.time_budget_min is not None and not 0 < self.time_budget_min < math.inf:
+            raise ValueError(f"time_budget_min must be a finite number > 0, got {self.time_budget_min}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
         if self.precision not in ("bf16", "fp32"):
@@ -79,6 +79,20 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        # not `x <= 0`: nan compares false both ways and would train on
+        for name in ("grad_clip", "checkpoint_every_min"):
+            if not math.isfinite(getattr(self, name)) or not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "min_lr_ratio"):  # lr 0: the EMA stays the initial weights
+            if not math.isfinite(getattr(self, name)) or not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.min_lr_ratio > 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("val_every", "val_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.seed < 0:
+            raise ValueError(f"warmup_steps and seed must be >= 0, got {self.warmup_steps}, {self.seed}")
         if self.init is not None and set(self.model) - {"camera"}:
             raise ValueError(
                 "with init, the checkpoint fixes the model; only 'camera' may be overridden (to add views), "

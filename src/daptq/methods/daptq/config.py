@@ -116,8 +116,8 @@ class DAPTQConfig(MethodConfig):
                 raise ValueError(
                     "DAPTQConfig: the budget preset needs exactly one of average_bits, budget_bytes"
                 )
-            if self.average_bits is not None and not self.average_bits > 0:
-                raise ValueError(f"DAPTQConfig.average_bits must be > 0, got {self.average_bits}")
+            if self.average_bits is not None and not 0 < self.average_bits < 16:  # 16: nothing quantized
+                raise ValueError(f"DAPTQConfig.average_bits must be in (0, 16), got {self.average_bits}")
             if self.budget_bytes is not None and self.budget_bytes <= 0:
                 raise ValueError(f"DAPTQConfig.budget_bytes must be > 0, got {self.budget_bytes}")
         elif self.average_bits is not None or self.budget_bytes is not None:
