@@ -1,0 +1,264 @@
+"""Load a CogACT run directory as the original writes it, and write one (for tests) in the same layout.
+
+A run directory (the original's ``scripts/train.py`` output, or a Hugging Face CogACT repository)::
+
+    RUN/config.json               training config: vla.base_vlm, action_model_type, future_action_window_size
+    RUN/dataset_statistics.json   {dataset: {"action": {"q01", "q99", "mask", ...}, ...}}
+    RUN/checkpoints/*.pt          torch.save({"model": {"vision_backbone": {...}, "llm_backbone": {...},
+                                                        "projector": {...}, "action_model": {...}}})
+    RUN/tokenizer/                (not in the original's layout) the Llama-2 tokenizer files, or tokenizer=DIR
+
+The ``.pt`` is read with ``torch.load(weights_only=True, mmap=True)``: nothing but tensors in nested dicts is
+accepted (any other object is refused, naming its key), and every group must match the architecture key for
+key and shape for shape (all missing, unexpected and mis-shaped keys are listed). The model is built on the
+meta device and the checkpoint's tensors are assigned into it, so a 7B model is never initialized twice.
+An ``ema_diffusion`` group (written with ``use_ema``) is ignored, as the original does by default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from daptq.atomic import atomic_write_bytes, atomic_write_json
+from daptq.models.cogact.config import CogACTConfig
+from daptq.models.cogact.model import CHECKPOINT_GROUPS, CogACT
+
+OPTIONAL_GROUPS = ("ema_diffusion",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files of one CogACT run a loader reads."""
+
+    run_dir: Path
+    config: Path
+    statistics: Path
+    checkpoint: Path
+    tokenizer: Path | None
+
+    def sha256(self) -> dict[str, str]:
+        """sha256 of every file the model is built from, by path relative to the run directory (provenance;
+        a quantized directory records these to refuse a changed base)."""
+        files = [self.config, self.statistics, self.checkpoint]
+        if self.tokenizer is not None:
+            files += sorted(p for p in self.tokenizer.iterdir() if p.is_file())
+        out = {}
+        for f in files:
+            try:
+                key = str(f.relative_to(self.run_dir))
+            except ValueError:
+                key = str(f)
+            out[key] = file_sha256(f)
+        return out
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_run(
+    path: str | Path, checkpoint: str | None = None, tokenizer: str | Path | None = None
+) -> RunFiles:
+    """The run's files from its directory or from a ``RUN/checkpoints/NAME.pt`` path (as the original's
+    ``load_vla`` accepts). With several checkpoints, ``checkpoint`` names one (else
+    ``latest-checkpoint.pt``)."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".pt" or path.parent.name != "checkpoints":
+            raise ValueError(f"{path}: a CogACT checkpoint file must be RUN/checkpoints/NAME.pt")
+        run_dir, pt = path.parents[1], path
+    elif path.is_dir():
+        run_dir = path
+        ckpt_dir = run_dir / "checkpoints"
+        candidates = sorted(ckpt_dir.glob("*.pt")) if ckpt_dir.is_dir() else []
+        if checkpoint is not None:
+            pt = ckpt_dir / checkpoint
+            if not pt.is_file():
+                raise FileNotFoundError(f"{pt} not found; checkpoints: {[p.name for p in candidates]}")
+        elif len(candidates) == 1:
+            pt = candidates[0]
+        elif (ckpt_dir / "latest-checkpoint.pt").is_file():
+            pt = ckpt_dir / "latest-checkpoint.pt"
+        elif not candidates:
+            raise FileNotFoundError(f"{ckpt_dir}: no *.pt checkpoint (is {run_dir} a CogACT run directory?)")
+        else:
+            raise ValueError(
+                f"{ckpt_dir} holds {len(candidates)} checkpoints and no latest-checkpoint.pt: name one "
+                f"(cogact:PATH?checkpoint=NAME); found {[p.name for p in candidates]}"
+            )
+    else:
+        raise FileNotFoundError(f"CogACT run directory or checkpoint not found: {path}")
+    files = {"config": run_dir / "config.json", "statistics": run_dir / "dataset_statistics.json"}
+    for what, f in files.items():
+        if not f.is_file():
+            raise FileNotFoundError(f"{run_dir}: missing {f.name} (the run's {what})")
+    tok = Path(tokenizer) if tokenizer is not None else None
+    if tok is None:
+        for candidate in (run_dir / "tokenizer", run_dir):
+            if any((candidate / n).is_file() for n in TOKENIZER_FILES):
+                tok = candidate
+                break
+    return RunFiles(run_dir, files["config"], files["statistics"], pt, tok)
+
+
+def read_checkpoint(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """``checkpoint["model"]`` as {group: {key: tensor}}; refuses anything that is not a dict of tensors."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise ValueError(f"{path}: cannot read the checkpoint ({e})") from e
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as e:  # pickle.UnpicklingError and friends: weights_only refused an object
+        raise ValueError(f"{path}: refused by torch.load(weights_only=True): {e}") from e
+    if not isinstance(obj, Mapping) or set(obj) != {"model"}:
+        keys = sorted(obj) if isinstance(obj, Mapping) else type(obj).__name__
+        raise ValueError(f"{path}: expected {{'model': {{group: state_dict}}}}, found top level {keys}")
+    model = obj["model"]
+    if not isinstance(model, Mapping):
+        raise ValueError(f"{path}: 'model' is a {type(model).__name__}, not a dict of state dicts")
+    unknown = sorted(set(model) - set(CHECKPOINT_GROUPS) - set(OPTIONAL_GROUPS))
+    if unknown:
+        raise ValueError(
+            f"{path}: unexpected groups {unknown} in 'model' (expected {list(CHECKPOINT_GROUPS)})"
+        )
+    missing = [g for g in CHECKPOINT_GROUPS if g not in model]
+    if missing:
+        raise ValueError(f"{path}: 'model' is missing the groups {missing}")
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for group in CHECKPOINT_GROUPS:
+        state = model[group]
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{path}: model.{group} is a {type(state).__name__}, not a state dict")
+        bad = [
+            f"model.{group}.{k} ({type(v).__name__})"
+            for k, v in state.items()
+            if not isinstance(v, torch.Tensor)
+        ]
+        if bad:
+            raise ValueError(f"{path}: non-tensor objects where tensors belong: {bad[:10]}")
+        groups[group] = dict(state)
+    return groups
+
+
+def check_groups(model: CogACT, groups: Mapping[str, Mapping[str, torch.Tensor]], source: str) -> None:
+    """Key-for-key, shape-for-shape comparison of checkpoint groups against the model; one error lists all."""
+    missing, unexpected, shapes = [], [], []
+    for group in CHECKPOINT_GROUPS:
+        expected = getattr(model, group).state_dict()
+        got = groups[group]
+        missing += [f"{group}.{k}" for k in expected if k not in got]
+        unexpected += [f"{group}.{k}" for k in got if k not in expected]
+        shapes += [
+            f"{group}.{k}: checkpoint {tuple(got[k].shape)}, model {tuple(v.shape)}"
+            for k, v in expected.items()
+            if k in got and tuple(got[k].shape) != tuple(v.shape)
+        ]
+    if missing or unexpected or shapes:
+        parts = []
+        for what, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("wrong shapes", shapes),
+        ):
+            if items:
+                more = f" (+{len(items) - 20} more)" if len(items) > 20 else ""
+                parts.append(f"{what} ({len(items)}): {items[:20]}{more}")
+        raise ValueError(f"{source} does not match the CogACT architecture: " + "; ".join(parts))
+
+
+def build_cogact(
+    config: CogACTConfig,
+    groups: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    dtype: torch.dtype = torch.float32,
+    source: str = "checkpoint",
+) -> CogACT:
+    """The model from checkpoint groups (built on the meta device, tensors assigned), or random weights."""
+    if groups is None:
+        return CogACT(config).to(dtype).eval()
+    with torch.device("meta"):
+        model = CogACT(config)
+    check_groups(model, groups, source)
+    for group in CHECKPOINT_GROUPS:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in groups[group].items()}
+        getattr(model, group).load_state_dict(state, strict=True, assign=True)
+    model.llm_backbone.reset_rotary()
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"{source}: tensors left unmaterialized after loading: {left[:10]}")
+    return model.eval()
+
+
+def model_from_run(files: RunFiles, dtype: torch.dtype = torch.float32) -> tuple[CogACT, dict[str, Any]]:
+    """(model, the run's config.json) from a resolved run."""
+    try:
+        run_config = json.loads(files.config.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{files.config}: invalid JSON ({e})") from e
+    config = CogACTConfig.from_run_config(run_config, str(files.config))
+    model = build_cogact(config, read_checkpoint(files.checkpoint), dtype, str(files.checkpoint))
+    return model, run_config
+
+
+def save_cogact_run(
+    model: CogACT,
+    directory: str | Path,
+    dataset_statistics: Mapping[str, Any],
+    tokenizer: Any = None,
+    checkpoint_name: str = "latest-checkpoint.pt",
+    base_vlm: str = "prism-dinosiglip-224px+7b",
+) -> Path:
+    """Write a run directory in the original's layout (used by tests: real runs come from CogACT's trainer).
+
+    ``config.json`` carries the original's fields plus ``daptq_architecture`` (the exact sizes, so tiny
+    models load); the checkpoint is ``{"model": {group: state_dict}}``; a tokenizer goes to ``tokenizer/``.
+    Each file is written atomically.
+    """
+    directory = Path(directory)
+    c = model.config
+    run_config = {
+        "vla": {"vla_id": "daptq-test", "base_vlm": base_vlm},
+        "action_model_type": c.action_model_type,
+        "action_dim": c.action_dim,
+        "future_action_window_size": c.future_action_window_size,
+        "past_action_window_size": c.past_action_window_size,
+        "use_ema": False,
+        "daptq_architecture": c.to_dict(),
+    }
+    buf = io.BytesIO()
+    state = {
+        g: {k: v.detach().cpu().clone() for k, v in getattr(model, g).state_dict().items()}
+        for g in CHECKPOINT_GROUPS
+    }
+    torch.save({"model": state}, buf)
+    atomic_write_bytes(directory / "checkpoints" / checkpoint_name, buf.getvalue())
+    atomic_write_json(directory / "dataset_statistics.json", dict(dataset_statistics))
+    atomic_write_json(directory / "config.json", run_config)
+    if tokenizer is not None:
+        tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=directory))
+        try:
+            tokenizer.save_pretrained(str(tmp))
+            target = directory / "tokenizer"
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+    return directory

@@ -1,0 +1,66 @@
+"""Offline stand-ins for what a real CogACT run ships, so tests and demos build tiny runs without downloads:
+a word-level tokenizer laid out like Llama's (``<s>`` 1, ``</s>`` 2, the empty token 3 appended before the
+cognition token, ``<PAD>`` 0) and dataset statistics in the original's format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from daptq.models.cogact.checkpoint import save_cogact_run
+from daptq.models.cogact.config import CogACTConfig
+from daptq.models.cogact.model import CogACT
+
+SPECIALS = ("<PAD>", "<s>", "</s>", "\u2581", "<unk>")
+WORDS = (
+    "in out what action should the robot take to ? : pick place put open close push pull move lift drawer "
+    "cup can coke block red green blue spoon towel carrot plate sink left right up down on into of a"
+).split()
+
+
+def tiny_tokenizer() -> Any:
+    """A ``PreTrainedTokenizerFast`` over ~50 words (unknown words map to ``<unk>``), prefixing ``<s>``."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate((*SPECIALS, *WORDS))}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<PAD>"
+    )
+
+
+def tiny_statistics(key: str = "bridge_orig") -> dict[str, Any]:
+    """``dataset_statistics.json`` content for one dataset (BridgeData-like bounds; the gripper unmasked)."""
+    return {
+        key: {
+            "action": {
+                "q01": [-0.03, -0.04, -0.03, -0.1, -0.1, -0.2, 0.0],
+                "q99": [0.03, 0.04, 0.04, 0.1, 0.1, 0.2, 1.0],
+                "mask": [True, True, True, True, True, True, False],
+            },
+            "num_transitions": 1000,
+            "num_trajectories": 10,
+        }
+    }
+
+
+def tiny_cogact(seed: int = 0, **overrides: Any) -> CogACT:
+    """A tiny random CogACT whose zero-initialized DiT output layer is re-drawn, so it predicts non-zero noise
+    (as a trained model does) and quantization errors are visible in its actions."""
+    torch.manual_seed(seed)
+    model = CogACT(CogACTConfig.tiny(**overrides)).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.action_model.net.final_layer.linear.weight, std=0.2)
+    return model
+
+
+def write_tiny_run(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """A complete tiny CogACT run directory (config, statistics, checkpoint, tokenizer) at ``directory``."""
+    return save_cogact_run(tiny_cogact(seed, **overrides), directory, tiny_statistics(), tiny_tokenizer())
