@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from daptq import atomic
 from daptq.cli import main
+from daptq.integrity import signed
 from daptq.methods.rtn import RTNConfig
 from daptq.methods.workflow import config_from_options, quantize_to_directory
 from daptq.models import quantized as qdir
@@ -28,7 +30,8 @@ def saved(tmp_path):
 def _batch(policy):
     rng = np.random.default_rng(1)
     raw = {"state": rng.uniform(-0.2, 0.8, (5, 4)).astype(np.float32), "instruction": ["push the puck"] * 5}
-    return next(policy.calibration_batches(iter([raw])))
+    adapter = getattr(policy, "adapter", None) or policy  # the adapter is split from the policy (#24)
+    return next(adapter.calibration_batches(iter([raw])))
 
 
 def test_reload_in_a_new_policy_is_bit_exact(saved):
@@ -81,7 +84,7 @@ def test_base_model_digest_must_match(tmp_path, saved):
     (saved / qdir.BASE_CONFIG_FILE).write_text(json.dumps(cfg))
     q = json.loads((saved / qdir.QUANT_CONFIG_FILE).read_text())
     q["files"][qdir.BASE_CONFIG_FILE] = qdir.sha256_file(saved / qdir.BASE_CONFIG_FILE)
-    (saved / qdir.QUANT_CONFIG_FILE).write_text(json.dumps(q))
+    (saved / qdir.QUANT_CONFIG_FILE).write_text(json.dumps(signed(q)))
     with pytest.raises(ValueError, match="digest"):
         load_policy(str(saved))
 
@@ -92,27 +95,28 @@ def test_save_dying_between_renames_never_loads_as_a_mixed_model(tmp_path, saved
     before = load_policy(str(saved)).predict_chunk(
         _batch(load_policy("toy")), torch.Generator().manual_seed(0)
     )
-    real_replace = os.replace
+    real_rename = os.rename
     calls = []
 
-    def dying_replace(src, dst):
+    def dying_rename(src, dst):
         calls.append((src, dst))
         if len(calls) == 2:  # the rename of the new directory into place (after the old one moved aside)
             raise OSError("killed")
-        return real_replace(src, dst)
+        return real_rename(src, dst)
 
-    monkeypatch.setattr(qdir.os, "replace", dying_replace)
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)  # the two-rename swap
+    monkeypatch.setattr(atomic.os, "rename", dying_rename)
     w8 = RTNConfig(spec=QuantSpec(WeightSpec(8)))
     with pytest.raises(OSError, match="killed"):
         quantize_to_directory("toy", w8, saved)
-    monkeypatch.setattr(qdir.os, "replace", real_replace)
+    monkeypatch.undo()
     assert saved.exists()  # the old directory was put back
     if saved.exists():
         after = load_policy(str(saved)).predict_chunk(
             _batch(load_policy("toy")), torch.Generator().manual_seed(0)
         )
         assert torch.equal(before, after)
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == []  # the half-written new directory was removed
 
 

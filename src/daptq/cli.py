@@ -251,6 +251,11 @@ def _add_quantize_parser(sub) -> None:
     q.add_argument("--calib-tasks", nargs="+", help="calibrate on these tasks only (default: all)")
     q.add_argument("--calib-seed", type=seed_int, default=0, help="seed of the calibration sampler")
     q.add_argument("--out", required=True, help="output directory")
+    q.add_argument(
+        "--self-contained",
+        action="store_true",
+        help="store every tensor in --out, so loading needs no base checkpoint (default: only what changed)",
+    )
     q.set_defaults(func=_cmd_quantize)
     ins = sub.add_parser(
         "inspect", help="what a quantized policy directory holds (per module role, spec, bytes)"

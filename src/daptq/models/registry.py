@@ -36,6 +36,10 @@ def load_policy(spec: str, onnx_threads: int = 1) -> Policy:
 
         return OnnxPolicy(spec[len("onnx:") :], threads=onnx_threads)
     path = Path(spec)
+    if not path.exists():
+        from daptq.atomic import recover_directory
+
+        recover_directory(path)  # a save killed while swapping directories: its previous version is put back
     if path.is_dir():
         from daptq.models.quantized import load_quantized_policy
 
