@@ -241,7 +241,18 @@ def _add_quantize_parser(sub) -> None:
     q.add_argument(
         "--include-encoders", action="store_true", help="also quantize the vision/language encoders"
     )
-    q.add_argument("--calibration", metavar="DATASET", help="dataset with a 'calib' split (default: cache)")
+    q.add_argument(
+        "--calibration",
+        metavar="PATH",
+        help="calibration data: a LeRobotDataset (v2.1/v3.0), a directory of .npz/.safetensors episodes "
+        "(docs/models.md) or a daptq dataset with a 'calib' split (default: daptq's cache)",
+    )
+    q.add_argument(
+        "--calib-key",
+        action="append",
+        metavar="FIELD=KEY",
+        help="LeRobot feature for image/state/actions, e.g. image=observation.images.wrist (repeatable)",
+    )
     q.add_argument(
         "--trajectories",
         type=int_in(1, MAX_TRAJECTORIES),
