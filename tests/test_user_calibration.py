@@ -447,3 +447,21 @@ def test_cli_quantize_with_lerobot_calibration(tmp_path, capsys):
     bad = ["--calib-key", "state=observation.joints", "--out", str(tmp_path / "q2")]
     assert main([*argv, "--trajectories", "4", *bad]) == 2
     assert "no state feature 'observation.joints'" in capsys.readouterr().err
+
+
+def test_policy_calibration_shapes_for_the_policy(tmp_path):
+    """A policy that sees images gets frames resized to its image size and chunks of its length; one that
+    does not gets none; the chunk length is found on the policy, its adapter or its config."""
+    from types import SimpleNamespace
+
+    from daptq.data.episodes import chunk_size_of, policy_calibration
+
+    root = write_v21(tmp_path / "ds", make_episodes())
+    seeing = SimpleNamespace(image_size=48, chunk_size=6)
+    calib = policy_calibration(seeing, root, n=2, seed=0)
+    assert calib.batches[0]["image"].shape[1:] == (48, 48, 3) and calib.batches[0]["actions"].shape[1] == 6
+    blind = SimpleNamespace(adapter=SimpleNamespace(chunk_size=2))
+    assert "image" not in policy_calibration(blind, root, n=2).batches[0]
+    assert chunk_size_of(SimpleNamespace(config=SimpleNamespace(chunk_size=5))) == 5
+    with pytest.raises(ValueError, match="cannot tell its action-chunk length"):
+        chunk_size_of(SimpleNamespace())

@@ -420,11 +420,10 @@ def policy_calibration(
         if keys:
             raise ValueError("--calib-key applies to LeRobot datasets, not daptq's own dataset")
         return calibration_for_policy(policy, path, n, tasks, seed, frames_per_trajectory=frames_per_episode)
-    chunk = getattr(policy, "chunk_size", None) or policy.config.chunk_size
     image_size = getattr(policy, "image_size", None)
     return calibration_from_path(
         path,
-        int(chunk),
+        chunk_size_of(policy),
         n,
         seed,
         frames_per_episode=frames_per_episode,
@@ -432,4 +431,16 @@ def policy_calibration(
         image_size=None if image_size is None else int(image_size),
         keys=keys,
         tasks=tasks,
+    )
+
+
+def chunk_size_of(policy: Any) -> int:
+    """The action-chunk length K a policy predicts: its own, its adapter's or its config's ``chunk_size``."""
+    for owner in (policy, getattr(policy, "adapter", None), getattr(policy, "config", None)):
+        k = getattr(owner, "chunk_size", None)
+        if isinstance(k, int) and not isinstance(k, bool) and k > 0:
+            return k
+    raise ValueError(
+        f"{type(policy).__name__}: cannot tell its action-chunk length (no chunk_size on the policy, its "
+        "adapter or its config); calibration chunks need it"
     )
