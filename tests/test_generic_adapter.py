@@ -300,3 +300,46 @@ def test_policy_wrapper_closed_loop(trained):
     again = [policy.select_action(obs) for _ in range(3)]
     np.testing.assert_array_equal(np.stack(first), np.stack(again))
     assert first[0].shape == (A,) and policy.info().digest
+
+
+def test_save_and_load_with_the_users_factory(trained, tmp_path):
+    """A quantized generic model saved against its checkpoint file (pinned by sha256) or self-contained,
+    loaded back through the user's own factory: the same sampled chunks."""
+    from safetensors.torch import load_file, save_file
+
+    from daptq.methods.rtn import RTNConfig
+    from daptq.models.quantized import load_quantized_policy, model_digest, save_quantized_policy
+    from daptq.quant import QuantSpec, WeightSpec
+    from daptq.quant.spec import ActivationSpec
+
+    weights = tmp_path / "mine.safetensors"
+    save_file(trained.state_dict(), str(weights))
+
+    def factory():
+        model = GruFlowPolicy()
+        model.load_state_dict(load_file(str(weights)))
+        return declare(model.eval()).policy(n_action_steps=2, source_files=[weights])
+
+    policy = factory()
+    spec = "torch:mine"
+    base = {"spec": spec, "digest": model_digest(policy.model)}
+    config = RTNConfig(spec=QuantSpec(WeightSpec(4), ActivationSpec(8)))
+    record = quantize_policy(policy, config, base_model=base)
+    q = chunks(policy.adapter)
+    out = save_quantized_policy(policy, record, tmp_path / "q", spec, base_factory=factory)
+    loaded = load_quantized_policy(out, base_factory=factory)
+    assert torch.equal(chunks(loaded.adapter), q)
+    assert loaded.quant_record.method == "rtn"
+    whole = save_quantized_policy(
+        policy, record, tmp_path / "q-all", spec, self_contained=True, base_factory=factory
+    )
+    with pytest.raises(ValueError, match="names no source files"):
+        unpinned = lambda: declare(copy.deepcopy(trained)).policy()  # noqa: E731
+        save_quantized_policy(policy, record, tmp_path / "q3", spec, base_factory=unpinned)
+    state = trained.state_dict()
+    save_file({k: v + 1.0 if k == "proj.bias" else v for k, v in state.items()}, str(weights))
+    with pytest.raises(ValueError, match="changed since it was quantized"):
+        load_quantized_policy(out, base_factory=factory)
+    # self-contained: any weights of the same architecture do
+    fresh = load_quantized_policy(whole, base_factory=lambda: declare(GruFlowPolicy()).policy())
+    assert torch.equal(chunks(fresh.adapter), q)

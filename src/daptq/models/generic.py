@@ -16,9 +16,12 @@ that matches nothing is an error, as is an interface or attention projection tha
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -276,10 +279,11 @@ class GenericAdapter(VLAAdapter):
 
     # ---- the contract ------------------------------------------------------------------------------------
     def quantizable_modules(self) -> list[QuantizableModule]:
-        return list(self._modules)
+        # Resolved again on each call: a method may have swapped a module for its quantized version.
+        return [dataclasses.replace(m, module=self.module(m.name)) for m in self._modules]
 
     def interface_modules(self) -> list[InterfaceModule]:
-        return list(self._interface)
+        return [dataclasses.replace(i, module=self.module(i.name)) for i in self._interface]
 
     def attention_layouts(self) -> list[AttentionLayout]:
         return list(self._attention)
@@ -340,11 +344,14 @@ class GenericAdapter(VLAAdapter):
         seed: int | None = None,
         image_size: int | None = None,
         config: Any = None,
+        source_files: Sequence[str | os.PathLike] = (),
     ) -> GenericPolicy:
         """A closed-loop policy: ``observe`` turns one observation into a batch of one (default: arrays get a
         leading batch axis, a string becomes a list of one), ``prepare`` applies, and the first
-        ``n_action_steps`` actions of each sampled chunk are executed."""
-        return GenericPolicy(self, n_action_steps, observe, seed, image_size, config)
+        ``n_action_steps`` actions of each sampled chunk are executed. ``source_files``: the checkpoint
+        files the weights were loaded from; a quantized directory saved without ``self_contained`` records
+        their sha256 and refuses to load over changed ones."""
+        return GenericPolicy(self, n_action_steps, observe, seed, image_size, config, source_files)
 
 
 class GenericPolicy(ChunkedPolicy):
@@ -358,8 +365,13 @@ class GenericPolicy(ChunkedPolicy):
         seed: int | None = None,
         image_size: int | None = None,
         config: Any = None,
+        source_files: Sequence[str | os.PathLike] = (),
     ) -> None:
         super().__init__(adapter.action_space, n_action_steps, seed)
+        self._source_files = [Path(p) for p in source_files]
+        missing = [str(p) for p in self._source_files if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"GenericPolicy: source file(s) {missing} do not exist")
         self.adapter = adapter
         self.model = adapter.model
         self.observe = observe
@@ -367,6 +379,15 @@ class GenericPolicy(ChunkedPolicy):
         self.chunk_size = adapter.chunk_size
         if image_size is not None:
             self.image_size = int(image_size)
+
+    def source_files(self) -> list[Path]:
+        """The checkpoint files the weights came from (``save_quantized_policy`` pins their sha256)."""
+        if not self._source_files:
+            raise ValueError(
+                "this generic policy names no source files (adapter.policy(source_files=[...])); save it "
+                "with self_contained=True instead"
+            )
+        return list(self._source_files)
 
     def chunk_for_observation(self, observation: Observation, generator: torch.Generator) -> np.ndarray:
         if self.observe is not None:
