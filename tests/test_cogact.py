@@ -132,6 +132,29 @@ def test_guidance_uses_the_unconditional_embedding(policy):
     assert not torch.allclose(guided, plain) and not torch.allclose(guided, moved)
 
 
+def test_ddim_recovers_x0_from_an_oracle_denoiser(policy):
+    """With the exact epsilon of a known x0 at every original timestep, DDIM (guided or not) lands on x0."""
+    action_model = policy.adapter.model.action_model
+    schedule = action_model.schedule
+    x0 = torch.rand(2, 4, 7) * 2 - 1
+    ab = torch.from_numpy(schedule.alphas_cumprod).float()
+
+    def oracle(x, t, z):
+        a = ab[t].view(-1, 1, 1)
+        return (x - a.sqrt() * x0.repeat(x.shape[0] // 2, 1, 1)) / (1 - a).sqrt()
+
+    net = action_model.net
+    original = net.forward
+    net.forward = oracle
+    try:
+        noise = torch.randn(2, 4, 7, generator=torch.Generator().manual_seed(0))
+        z = torch.zeros(2, 1, policy.config.hidden_size)
+        for cfg in (1.0, 1.5):
+            torch.testing.assert_close(action_model.sample(z, noise, cfg), x0, rtol=1e-4, atol=1e-4)
+    finally:
+        net.forward = original
+
+
 def test_ddim_respacing_matches_the_original():
     assert ddim_timesteps(100, 10).tolist() == list(range(0, 100, 10))
     assert ddim_timesteps(100, 5).tolist() == list(range(0, 100, 20))
@@ -337,6 +360,14 @@ def test_spec_options(run_dir, tmp_path):
     assert policy.n_action_steps == 2 and policy.adapter.cfg_scale == 1.0
     with pytest.raises(ValueError, match="no dataset 'oops'"):
         load_cogact_spec(f"cogact:{run_dir}?unnorm_key=oops")
+
+
+def test_cogact_source_resolves_through_the_resolver(run_dir):
+    sources = pytest.importorskip("daptq.sources")
+    policy = sources.load_policy(f"cogact:{run_dir}?n_action_steps=3")
+    assert type(policy).__name__ == "CogACTPolicy" and policy.n_action_steps == 3
+    names = {p.relative_to(run_dir).as_posix() for p in policy.source_files()}
+    assert names == set(policy.meta["files"]) and "checkpoints/latest-checkpoint.pt" in names
 
 
 def test_writer_round_trips_a_fresh_model(tmp_path):

@@ -48,14 +48,18 @@ class RunFiles:
     checkpoint: Path
     tokenizer: Path | None
 
+    def paths(self) -> list[Path]:
+        """Every file the policy is built from (config, statistics, checkpoint, tokenizer files)."""
+        files = [self.config, self.statistics, self.checkpoint]
+        if self.tokenizer is not None:
+            files += sorted(p for p in self.tokenizer.iterdir() if p.is_file() and not p.name.startswith("."))
+        return files
+
     def sha256(self) -> dict[str, str]:
         """sha256 of every file the model is built from, by path relative to the run directory (provenance;
         a quantized directory records these to refuse a changed base)."""
-        files = [self.config, self.statistics, self.checkpoint]
-        if self.tokenizer is not None:
-            files += sorted(p for p in self.tokenizer.iterdir() if p.is_file())
         out = {}
-        for f in files:
+        for f in self.paths():
             try:
                 key = str(f.relative_to(self.run_dir))
             except ValueError:

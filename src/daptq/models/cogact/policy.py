@@ -20,7 +20,7 @@ import torch
 
 from daptq.models.adapter import Observation, PolicyInfo, state_digest
 from daptq.models.cogact.adapter import CogACTAdapter
-from daptq.models.cogact.checkpoint import model_from_run, resolve_run
+from daptq.models.cogact.checkpoint import RunFiles, model_from_run, resolve_run
 from daptq.models.cogact.model import CogACT
 from daptq.models.cogact.processing import (
     COGACT_ACTION_SPACE,
@@ -44,6 +44,7 @@ class CogACTPolicy(ChunkedPolicy):
         cfg_scale: float | None = None,
         meta: Mapping[str, Any] | None = None,
         seed: int | None = None,
+        run_files: RunFiles | None = None,
     ) -> None:
         if not 1 <= n_action_steps <= model.config.chunk_size:
             raise ValueError(
@@ -55,7 +56,21 @@ class CogACTPolicy(ChunkedPolicy):
         self.statistics = statistics
         self.adapter = CogACTAdapter(model, tokenizer, statistics, cfg_scale)
         self.meta = dict(meta or {})
+        self.run_files = run_files
         self.gripper_dims = [i for i, k in enumerate(self.action_space.kinds) if k == "gripper"]
+
+    def source_files(self) -> list[Path]:
+        """The files this policy was loaded from (a quantized directory pins its base by their sha256)."""
+        return self.run_files.paths() if self.run_files is not None else []
+
+    @property
+    def image_size(self) -> int:
+        """The square size the towers see (observations of any size are resized to it)."""
+        return self.config.image_size
+
+    @property
+    def chunk_size(self) -> int:
+        return self.config.chunk_size
 
     def observation_batch(self, observation: Observation) -> dict[str, torch.Tensor]:
         for key in ("image", "instruction"):
@@ -138,7 +153,7 @@ def load_cogact(
         "files": files.sha256(),
         "run_config": run_config,
     }
-    return CogACTPolicy(model, tok, stats, n_action_steps, cfg_scale, meta)
+    return CogACTPolicy(model, tok, stats, n_action_steps, cfg_scale, meta, run_files=files)
 
 
 def load_cogact_spec(spec: str) -> CogACTPolicy:
