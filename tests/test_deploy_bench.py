@@ -8,7 +8,7 @@ import torch
 
 from daptq.cli import main
 from daptq.deploy import OnnxPolicy
-from daptq.deploy.bench import run_bench, to_markdown, write_report
+from daptq.deploy.bench import BenchError, run_bench, to_markdown, write_report
 from daptq.models.registry import load_policy
 
 
@@ -30,7 +30,8 @@ def test_bench_measures_each_variant_in_its_own_process(tmp_path):
         assert row["calls"] == 2 and row["call_p90_ms"] >= row["call_p50_ms"] > 0
         assert row["action_p50_ms"] == row["call_p50_ms"] / row["n_action_steps"]
         assert row["peak_rss_bytes"] > 0
-    assert rows["torch-fp32"]["call_p50_vs_fp32"] == 1.0
+    assert rows["torch-fp32"]["call_p50_vs_baseline"] == 1.0
+    assert rows["ort-w4a8"]["baseline"] == "toy-vla torch-fp32"
     ort = rows["ort-w4a8"]
     assert ort["accuracy_levels"] == [4] and ort["w4_layers"] > 0
     assert 0.25 < ort["w4_deployed_vs_bf16"] < 0.35  # g32 with fp32 scales: 5 bits per weight = 0.3125
@@ -40,11 +41,10 @@ def test_bench_measures_each_variant_in_its_own_process(tmp_path):
     assert "ort-w4a8" in to_markdown(report)
 
 
-def test_bench_reports_a_failing_worker_and_refuses_unknown_variants(tmp_path):
-    report = run_bench(["ref:no-such-model"], ["torch-fp32"], rounds=1, calls_per_round=1, warmup=0)
-    (bad,) = report["results"]
-    assert "no-such-model" in bad["error"] and "failed" in to_markdown(report)
-    with pytest.raises(ValueError, match="unknown bench variant"):
+def test_bench_refuses_a_bogus_model_and_unknown_variants_before_starting(tmp_path):
+    with pytest.raises(BenchError, match="no bundled reference VLA 'ref:no-such-model'.*metaworld-mt10"):
+        run_bench(["ref:no-such-model"], ["torch-fp32"], rounds=1, calls_per_round=1, warmup=0)
+    with pytest.raises(BenchError, match="unknown bench variant"):
         run_bench(["toy-vla"], ["torch-fp33"])
 
 

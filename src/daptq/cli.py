@@ -160,7 +160,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from daptq.deploy.bench import BASE_VARIANTS, run_bench, to_markdown, write_report
 
-    variants = args.variants or [v for v in BASE_VARIANTS if args.compile or not v.endswith("-compile")]
+    variants = args.variants
+    if variants == ["all"]:
+        variants = [v for v in BASE_VARIANTS if args.compile or not v.endswith("-compile")]
     report = run_bench(
         args.models,
         variants,
@@ -390,9 +392,21 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=_cmd_export)
 
     bench = sub.add_parser("bench", help="latency per call and per action, peak memory, weight bytes")
-    bench.add_argument("models", nargs="+", help="ref:<name>, cogact-d2048 (random weights) or onnx:OUT")
-    bench.add_argument("--variants", nargs="+", help="default: all (the -compile one only with --compile)")
-    bench.add_argument("--compile", action="store_true", help="also torch.compile the packed kernels")
+    bench.add_argument(
+        "models",
+        nargs="+",
+        help="what `daptq eval` takes (ref:<name>, toy:..., a `daptq quantize` directory: as evaluated and "
+        "packed, onnx:DIR) or cogact-d2048 (random weights); ratios to the first",
+    )
+    bench.add_argument(
+        "--variants",
+        nargs="+",
+        help="instead, daptq's own recipes of each ref:/cogact-d2048 model: 'all' or some of torch-fp32 "
+        "torch-bf16 torch-w4a8-fake torch-w4-packed torch-w4-packed-compile ort-fp32 ort-w4a8",
+    )
+    bench.add_argument(
+        "--compile", action="store_true", help="with --variants all: also torch-w4-packed-compile"
+    )
     bench.add_argument("--rounds", type=int, default=5)
     bench.add_argument("--calls", type=int, default=2, help="timed calls per variant per round")
     bench.add_argument("--warmup", type=int, default=2)

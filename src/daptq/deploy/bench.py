@@ -1,21 +1,32 @@
-"""`daptq bench`: latency per policy call and per action, peak memory and weight bytes of policy variants.
+"""`daptq bench`: latency per policy call and per action, peak memory and weight bytes of the policies a user
+names, measured in one run with ratios to the first row.
 
-Every variant runs in its own worker process (so its peak resident memory is its own) and the parent
-drives them round-robin: each round asks every worker for a few timed calls in turn, so a noisy neighbour
-slows all variants alike and ratios stay meaningful. One call is ``predict_chunk`` on one observation at
-batch 1 (backbone + 10 DDIM denoiser steps; the instruction's language features are cached, as in closed
-loop); per executed action is a call divided by ``n_action_steps`` (the policy re-plans every that many
-actions).
+Every row runs in its own worker process (so its peak resident memory is its own) and the parent drives
+them round-robin: each round asks every worker for a few timed calls in turn, so a noisy neighbour slows all
+rows alike and ratios stay meaningful. Per executed action is a call divided by ``n_action_steps`` (the
+policy re-plans every that many actions).
 
-Variants of a base model (``ref:<name>`` or ``cogact-d2048``, the reference architecture at CogACT's width
-with random weights: latency does not depend on weight values):
+Each spec is measured as given (any spec ``daptq eval`` takes): ``ref:<name>`` and ``toy:...`` as one ``fp``
+row, a directory written by ``daptq quantize`` as an ``as-evaluated`` row (the fake-quant model ``daptq
+eval`` runs) and a ``packed`` row (``to_deployable_``: layers with a packed CPU kernel converted, the rest
+kept fake-quant; left out, with a note, when no layer has one), an ``onnx:DIR`` export as one ``onnx`` row.
+One call there is ``predict_chunks`` on one observation at batch 1, what ``daptq eval`` calls (for the
+reference VLA: backbone + 10 DDIM denoiser steps; the instruction's language features are cached, as in
+closed loop). So ``daptq bench ref:metaworld-mt10 runs/daptq-w4a8 onnx:runs/daptq-w4a8-onnx`` compares the
+FP model, the user's quantized policy and its export.
+
+``--variants`` instead measures daptq's own recipes of a base model (``ref:<name>`` or ``cogact-d2048``, the
+reference architecture at CogACT's width with random weights: latency does not depend on weight values),
+one call being ``predict_chunk`` on a prepared batch, ratios to the same model's first variant:
 
 - ``torch-fp32``, ``torch-bf16`` (CPU autocast), ``torch-w4a8-fake`` (the fake-quant model daptq evaluates);
 - ``torch-w4-packed`` (daptq's int4 weight-only tinygemm kernels, bf16 activations: W4A8 has no PyTorch CPU
   kernel) eager, and ``torch-w4-packed-compile`` (``torch.compile`` of the same, if ``--compile``);
 - ``ort-fp32`` and ``ort-w4a8`` (``daptq export``: MatMulNBits int4 weights, int8 activations).
 
-An ``onnx:OUT`` model is measured as given. Results go to JSON and a Markdown table.
+Other specs are measured as given in that mode too. Results go to JSON and a Markdown table. Bad options, an
+unknown or unsupported spec and a worker that fails are a ``BenchError`` (a ``ValueError``: ``daptq bench``
+prints it as an ``error:`` line, with the failing worker's last stderr lines, and exits 2).
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +58,7 @@ BASE_VARIANTS = (
     "ort-fp32",
     "ort-w4a8",
 )
+SPEC_VARIANTS = ("fp", "as-evaluated", "packed", "onnx")  # what a spec measured as given becomes
 GROUP_SIZES = (128, 64, 32)
 SYNTHETIC = {  # random-weight models of the reference architecture (latency does not depend on weights)
     "toy-vla": dict(
@@ -53,6 +66,106 @@ SYNTHETIC = {  # random-weight models of the reference architecture (latency doe
     ),
     "cogact-d2048": dict(d_model=2048, n_layer=4, n_head=16, dit_d_model=768, dit_n_layer=4, dit_n_head=12),
 }
+
+
+SUPPORTED_SPECS = (
+    "ref:<name> (a bundled reference VLA), toy or toy:<key>=<value>,... (the toy policy), a directory "
+    "written by `daptq quantize`, onnx:<dir> written by `daptq export`, or a synthetic random-weight model "
+    f"({', '.join(SYNTHETIC)})"
+)
+
+
+class BenchError(ValueError):
+    """A bad option, an unsupported spec or a failing worker: one clear line, no table."""
+
+
+# ---- checking what is asked (in the parent, before any worker starts) ----------------------------------
+def spec_kind(spec: str) -> str:
+    """'synthetic', 'reference', 'toy', 'quantized' or 'onnx' for a spec bench can measure; BenchError naming
+    what is supported otherwise. Cheap: reads configs and manifests, loads no model."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise BenchError(
+            f"model spec must be a non-empty string, got {spec!r}; bench takes {SUPPORTED_SPECS}"
+        )
+    if spec in SYNTHETIC:
+        return "synthetic"
+    if spec.startswith("ref:"):
+        from daptq.models.reference import CHECKPOINTS_DIR
+
+        name = spec[len("ref:") :]
+        if not name or "/" in name or name.startswith(".") or not (CHECKPOINTS_DIR / name).is_dir():
+            available = sorted(p.name for p in CHECKPOINTS_DIR.iterdir() if p.is_dir())
+            raise BenchError(f"no bundled reference VLA {spec!r} (available: {', '.join(available)})")
+        return "reference"
+    if spec == "toy" or spec.startswith("toy:"):
+        from daptq.models.toy import parse_toy_spec
+
+        try:
+            parse_toy_spec(spec)
+        except ValueError as err:
+            raise BenchError(f"bad toy spec {spec!r}: {err}") from None
+        return "toy"
+    if spec.startswith("onnx:"):
+        from daptq.deploy.export import read_manifest
+
+        try:
+            read_manifest(spec[len("onnx:") :])
+        except (OSError, ValueError) as err:
+            raise BenchError(f"cannot bench {spec!r}: {err}") from None
+        return "onnx"
+    path = Path(spec)
+    if path.is_dir():
+        from daptq.models.quantized import read_quantized_policy_config
+
+        try:
+            read_quantized_policy_config(path)
+        except (OSError, ValueError) as err:
+            raise BenchError(f"cannot bench {spec!r}: {err}") from None
+        return "quantized"
+    what = "a file" if path.is_file() else "not an existing directory"
+    raise BenchError(
+        f"cannot bench {spec!r} ({what}); bench takes what `daptq eval` takes: {SUPPORTED_SPECS}"
+    )
+
+
+def plan_rows(models: Sequence[str], variants: Sequence[str] | None) -> list[tuple[str, str]]:
+    """(spec, variant) of every row, in order; ``variants`` None: each spec as given."""
+    if not models:
+        raise BenchError("no model spec given")
+    if variants is not None:
+        unknown = sorted(set(variants) - set(BASE_VARIANTS))
+        if unknown or not variants:
+            raise BenchError(f"unknown bench variant(s) {unknown}; known: {list(BASE_VARIANTS)}")
+    rows = []
+    for spec in models:
+        kind = spec_kind(spec)
+        if variants is not None and kind in ("synthetic", "reference"):
+            rows += [(spec, v) for v in variants]
+        elif kind == "quantized":
+            rows += [(spec, "as-evaluated"), (spec, "packed")]
+        else:
+            rows.append((spec, "onnx" if kind == "onnx" else "fp"))
+    if len(set(rows)) != len(rows):
+        raise BenchError(f"a spec is named twice: {[spec for spec in models if models.count(spec) > 1][0]!r}")
+    return rows
+
+
+def check_options(
+    rounds: int, calls_per_round: int, warmup: int, threads: int, group_size: int, cache
+) -> None:
+    for name, value, low in (
+        ("--rounds", rounds, 1),
+        ("--calls", calls_per_round, 1),
+        ("--warmup", warmup, 0),
+        ("--threads", threads, 1),
+        ("--group-size", group_size, 1),
+    ):
+        if type(value) is not int or value < low:
+            raise BenchError(f"{name} must be an integer >= {low}, got {value!r}")
+    cache = Path(cache)
+    for parent in (cache, *cache.parents):
+        if parent.exists() and not parent.is_dir():
+            raise BenchError(f"--cache {cache}: {parent} is not a directory")
 
 
 # ---- recipes ----------------------------------------------------------------------------------------------
@@ -114,12 +227,41 @@ def base_policy(model: str):
 
 
 def _observation(policy) -> dict[str, Any]:
+    """One observation of the kind ``policy`` sees (an image only if it declares an image shape)."""
     rng = np.random.default_rng(0)
-    return {
-        "image": rng.integers(0, 255, policy.config.image_shape, dtype=np.uint8),
+    obs: dict[str, Any] = {
         "state": np.array([0.0, 0.6, 0.2, 0.5], np.float32),
         "instruction": "pick up the puck and place it at the goal",
     }
+    shape = getattr(getattr(policy, "config", None), "image_shape", None)
+    if shape is not None:
+        obs["image"] = rng.integers(0, 255, shape, dtype=np.uint8)
+    return obs
+
+
+def _action_steps(policy) -> int:
+    """Actions executed per call: the reference VLA's ``n_action_steps``; the toy executes its whole chunk."""
+    steps = getattr(getattr(policy, "config", None), "n_action_steps", None)
+    return int(steps or getattr(policy, "chunk_size", 1))
+
+
+def _onnx_info(directory: Path) -> dict[str, Any]:
+    from daptq.deploy.export import read_manifest
+
+    manifest = read_manifest(directory)
+    nbits = [p for g in manifest["layers"].values() for p in g if p["kernel"] == "matmul_nbits"]
+    return {
+        "weights_stored_bytes": sum(f.stat().st_size for f in directory.glob("*.onnx")),
+        "w4_layers": len(nbits),
+        "w4_deployed_bytes": sum(p["stored_bytes"] for p in nbits),
+        "w4_ideal_bytes": sum(p["ideal_bytes"] for p in nbits),
+        "w4_bf16_bytes": sum(p["out_features"] * p["fan_in"] * 2 for p in nbits),
+        "accuracy_levels": sorted({p["accuracy_level"] for p in nbits}),
+    }
+
+
+class NothingToMeasure(Exception):
+    """A ``packed`` row of a policy none of whose layers has a packed kernel (the parent drops the row)."""
 
 
 def torch_weight_bytes(module) -> int:
@@ -152,26 +294,61 @@ def prepare_exports(model: str, cache: Path, group_size: int) -> dict[str, Path]
     return out
 
 
+def build_spec_row(spec: str, variant: str, threads: int):
+    """(callable running one policy call, info dict) for a spec measured as given: ``predict_chunks`` on one
+    observation, as ``daptq eval`` calls it."""
+    import torch
+
+    from daptq.models.registry import load_policy
+
+    info: dict[str, Any] = {"model": spec, "variant": variant}
+    if variant == "onnx":
+        policy = load_policy(spec, onnx_threads=threads)
+        info.update(_onnx_info(Path(spec[len("onnx:") :])))
+    else:
+        policy = base_policy(spec) if spec in SYNTHETIC else load_policy(spec)
+        net = policy.model
+        quantized = [m for m in net.modules() if hasattr(m, "spec") and hasattr(m, "qweight")]
+        if variant == "packed":
+            from daptq.quant import to_deployable_
+
+            report = to_deployable_(net, compute_dtype="bfloat16")
+            if not report.converted:
+                raise NothingToMeasure(
+                    f"none of its {len(report.rows)} quantized layers has a packed PyTorch CPU kernel "
+                    "(int4/int8 weight-only or W8A8; W4A8 has none: its onnx export runs W4A8 kernels)"
+                )
+            info["packed_layers"] = f"{len(report.converted)}/{len(report.rows)}"
+            for m in net.modules():  # the float weight is no longer needed once packed
+                if hasattr(m, "qweight") and hasattr(m, "packed_weight"):
+                    m.qweight = None
+        elif quantized:
+            info["quantized_layers"] = len(quantized)
+        info["weights_stored_bytes"] = torch_weight_bytes(net)
+    info["n_action_steps"] = _action_steps(policy)
+    observation = _observation(policy)
+
+    def call() -> None:
+        with torch.no_grad():
+            policy.predict_chunks([observation], [torch.Generator().manual_seed(0)])
+
+    return call, info
+
+
 def build_variant(model: str, variant: str, cache: Path, group_size: int, threads: int):
-    """(callable running one policy call, info dict) for one variant."""
+    """(callable running one policy call, info dict) for one row."""
     import torch
 
     torch.set_num_threads(threads)
+    if variant in SPEC_VARIANTS:
+        return build_spec_row(model, variant, threads)
     info: dict[str, Any] = {"model": model, "variant": variant}
-    if variant.startswith("ort-") or model.startswith("onnx:"):
-        from daptq.deploy.export import read_manifest
+    if variant.startswith("ort-"):
         from daptq.deploy.runtime import OnnxPolicy
 
-        directory = Path(model[5:]) if model.startswith("onnx:") else export_dir(cache, model, variant)
+        directory = export_dir(cache, model, variant)
         policy = OnnxPolicy(directory, threads=threads)
-        manifest = read_manifest(directory)
-        info["weights_stored_bytes"] = sum(f.stat().st_size for f in directory.glob("*.onnx"))
-        nbits = [p for g in manifest["layers"].values() for p in g if p["kernel"] == "matmul_nbits"]
-        info["w4_layers"] = len(nbits)
-        info["w4_deployed_bytes"] = sum(p["stored_bytes"] for p in nbits)
-        info["w4_ideal_bytes"] = sum(p["ideal_bytes"] for p in nbits)
-        info["w4_bf16_bytes"] = sum(p["out_features"] * p["fan_in"] * 2 for p in nbits)
-        info["accuracy_levels"] = sorted({p["accuracy_level"] for p in nbits})
+        info.update(_onnx_info(directory))
         batch = policy.observation_to_batch(_observation(policy))
     else:
         from daptq.quant import quantize_, to_deployable_
@@ -220,7 +397,13 @@ def worker_main(args: argparse.Namespace) -> int:
         call, info = build_variant(args.model, args.variant, Path(args.cache), args.group_size, args.threads)
         for _ in range(args.warmup):
             call()
-    except Exception as e:  # reported to the parent, which records the variant as failed
+    except NothingToMeasure as e:
+        print(PROTOCOL + json.dumps({"skip": str(e)}), flush=True)
+        return 0
+    except Exception as e:  # reported to the parent, which stops the run with it (traceback on stderr)
+        import traceback
+
+        traceback.print_exc()
         print(PROTOCOL + json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
         return 1
     print(PROTOCOL + json.dumps({"ready": info}), flush=True)
@@ -239,53 +422,108 @@ def worker_main(args: argparse.Namespace) -> int:
 
 
 # ---- the parent -------------------------------------------------------------------------------------------
+def _worker_env(threads: int) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
+
+
+def _tail(stream, lines: int = 12) -> str:
+    stream.seek(0)
+    text = stream.read().decode("utf-8", "replace").strip().splitlines()
+    return "\n".join(text[-lines:])
+
+
 class Worker:
+    """One row's process; its stderr goes to a temporary file, quoted if it fails."""
+
     def __init__(self, model: str, variant: str, cache: Path, group_size: int, threads: int, warmup: int):
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
         cmd = [sys.executable, "-m", "daptq.deploy.bench", "--worker", "--model", model, "--variant", variant]
         cmd += ["--cache", str(cache), "--group-size", str(group_size), "--threads", str(threads)]
         cmd += ["--warmup", str(warmup)]
         self.model, self.variant = model, variant
+        self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            env=_worker_env(threads),
         )
         self.times: list[float] = []
         self.info: dict[str, Any] = {}
-        self.error: str | None = None
+        self.skipped: str | None = None
+
+    def fail(self, message: str, reported: bool = False) -> BenchError:
+        """The error that stops the run: the worker's own message; where it was raised (the last frame of
+        its traceback) if it reported one, else the end of its stderr (it died)."""
+        self.proc.kill()
+        self.proc.wait()
+        tail = _tail(self.stderr)
+        where = f"bench of {self.model} ({self.variant}) failed: {message}"
+        if reported:
+            frames = [line.strip() for line in tail.splitlines() if line.lstrip().startswith('File "')]
+            return BenchError(where + (f" (raised at {frames[-1]})" if frames else ""))
+        return BenchError(where + (f"\nits stderr ends with:\n{tail}" if tail else ""))
 
     def read(self) -> dict[str, Any]:
         for line in self.proc.stdout:
             if line.startswith(PROTOCOL):
-                return json.loads(line[len(PROTOCOL) :])
-        return {"error": f"worker exited (rc={self.proc.wait()})"}
+                msg = json.loads(line[len(PROTOCOL) :])
+                if "error" in msg:
+                    raise self.fail(msg["error"], reported=True)
+                return msg
+        raise self.fail(f"its worker process exited (rc={self.proc.wait()})")
 
     def wait_ready(self) -> None:
         msg = self.read()
-        if "error" in msg:
-            self.error = msg["error"]
+        if "skip" in msg:
+            self.skipped = msg["skip"]
+            self.proc.wait()
         else:
             self.info = msg["ready"]
 
     def run(self, n: int) -> None:
-        self.proc.stdin.write(f"{n}\n")
-        self.proc.stdin.flush()
-        msg = self.read()
-        if "error" in msg:
-            self.error = msg["error"]
-        else:
-            self.times += msg["times"]
+        try:
+            self.proc.stdin.write(f"{n}\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise self.fail(f"its worker process exited (rc={self.proc.wait()})") from None
+        self.times += self.read()["times"]
 
     def close(self) -> None:
-        if self.error is None:
-            self.proc.stdin.write("exit\n")
-            self.proc.stdin.flush()
-            self.info["peak_rss_bytes"] = self.read().get("peak_rss_bytes")
+        self.proc.stdin.write("exit\n")
+        self.proc.stdin.flush()
+        self.info["peak_rss_bytes"] = self.read().get("peak_rss_bytes")
         self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.stderr.close()
+
+
+def _prepare(model: str, cache: Path, group_size: int, threads: int) -> None:
+    """Export the ORT variants of a base model in a subprocess (its memory is not a worker's)."""
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.run(
+            [sys.executable, "-m", "daptq.deploy.bench", "--prepare", "--model", model]
+            + ["--cache", str(cache), "--group-size", str(group_size), "--threads", str(threads)],
+            stderr=err,
+            stdout=subprocess.DEVNULL,
+            env=_worker_env(threads),
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise BenchError(
+                f"exporting the ort- variants of {model} into {cache} failed (rc={proc.returncode}); its "
+                f"stderr ends with:\n{_tail(err)}"
+            )
 
 
 def run_bench(
     models: Sequence[str],
-    variants: Sequence[str] = BASE_VARIANTS,
+    variants: Sequence[str] | None = None,
     rounds: int = 5,
     calls_per_round: int = 2,
     warmup: int = 2,
@@ -293,40 +531,42 @@ def run_bench(
     group_size: int = 128,
     cache: Path = Path("runs/bench_cache"),
 ) -> dict[str, Any]:
-    """Measure every (model, variant); models are benched one after the other, variants round-robin."""
-    unknown = sorted(set(variants) - set(BASE_VARIANTS))
-    if unknown:
-        raise ValueError(f"unknown bench variant(s) {unknown}; known: {list(BASE_VARIANTS)}")
-    results = []
-    for model in models:
-        chosen = ["onnx"] if model.startswith("onnx:") else list(variants)
-        if any(v.startswith("ort-") for v in chosen) and not model.startswith("onnx:"):
-            subprocess.run(
-                [sys.executable, "-m", "daptq.deploy.bench", "--prepare", "--model", model]
-                + ["--cache", str(cache), "--group-size", str(group_size)],
-                check=True,
-                stderr=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                env={**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"},
-            )
-        workers = []
-        for v in chosen:  # started one at a time so their building does not overlap
-            w = Worker(model, v, cache, group_size, threads, warmup)
-            w.wait_ready()
+    """Measure every row (``plan_rows``) round-robin in one run; ratios to the first row (``variants``:
+    to each model's first variant). Raises BenchError before any work for bad options or specs, and for
+    a worker that fails (the others are stopped)."""
+    check_options(rounds, calls_per_round, warmup, threads, group_size, cache)
+    rows = plan_rows(models, variants)
+    cache = Path(cache)
+    workers: list[Worker] = []
+    notes: list[str] = []
+    try:
+        for model in dict.fromkeys(m for m, v in rows if v.startswith("ort-")):
+            _prepare(model, cache, group_size, threads)
+        for model, variant in rows:  # started one at a time so their building does not overlap
+            w = Worker(model, variant, cache, group_size, threads, warmup)
             workers.append(w)
+            w.wait_ready()
+            if w.skipped:
+                notes.append(f"{model} packed: not measured, {w.skipped}")
+        measured = [w for w in workers if not w.skipped]
         for _ in range(rounds):
-            for w in workers:
-                if w.error is None:
-                    w.run(calls_per_round)
-        for w in workers:
+            for w in measured:
+                w.run(calls_per_round)
+        for w in measured:
             w.close()
-        results += [_summarize(w) for w in workers]
-    _add_ratios(results)
+    finally:
+        for w in workers:
+            w.kill()
+    results = [_summarize(w) for w in measured]
+    baseline = "per-model" if variants is not None else "first"
+    _add_ratios(results, baseline)
     return {
         "threads": threads,
         "rounds": rounds,
         "calls_per_round": calls_per_round,
         "group_size": group_size,
+        "baseline": baseline,
+        "notes": notes,
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "versions": _versions(),
         "results": results,
@@ -335,9 +575,6 @@ def run_bench(
 
 def _summarize(w: Worker) -> dict[str, Any]:
     row: dict[str, Any] = {"model": w.model, "variant": w.variant, **w.info}
-    if w.error is not None:
-        row["error"] = w.error
-        return row
     t = np.asarray(w.times) * 1e3
     steps = w.info.get("n_action_steps", 1)
     row.update(
@@ -350,21 +587,14 @@ def _summarize(w: Worker) -> dict[str, Any]:
     return row
 
 
-def _add_ratios(rows: list[dict[str, Any]]) -> None:
+def _add_ratios(rows: list[dict[str, Any]], baseline: str = "first") -> None:
+    """Each row against the run's first row (``first``) or its model's first row (``per-model``)."""
     for row in rows:
-        ref = next(
-            (
-                r
-                for r in rows
-                if r["model"] == row["model"] and r["variant"] == "torch-fp32" and "error" not in r
-            ),
-            None,
-        )
-        if ref is None or "error" in row:
-            continue
-        row["call_p50_vs_fp32"] = row["call_p50_ms"] / ref["call_p50_ms"]
+        ref = rows[0] if baseline == "first" else next(r for r in rows if r["model"] == row["model"])
+        row["baseline"] = f"{ref['model']} {ref['variant']}"
+        row["call_p50_vs_baseline"] = row["call_p50_ms"] / ref["call_p50_ms"]
         if row.get("peak_rss_bytes") and ref.get("peak_rss_bytes"):
-            row["peak_rss_vs_fp32"] = row["peak_rss_bytes"] / ref["peak_rss_bytes"]
+            row["peak_rss_vs_baseline"] = row["peak_rss_bytes"] / ref["peak_rss_bytes"]
         if row.get("w4_deployed_bytes"):
             row["w4_deployed_vs_bf16"] = row["w4_deployed_bytes"] / row["w4_bf16_bytes"]
 
@@ -378,26 +608,35 @@ def _versions() -> dict[str, str]:
 
 def to_markdown(report: dict[str, Any]) -> str:
     mib = 1 << 20
+    rows = report["results"]
+    base = "its model's first row" if report.get("baseline") == "per-model" else "the first row"
     lines = [
         f"Threads: {report['threads']} (torch and ONNX Runtime intra-op); {report['rounds']} rounds x "
-        f"{report['calls_per_round']} calls per variant, round-robin; "
-        f"W4 groups of up to {report['group_size']}.",
+        f"{report['calls_per_round']} calls per row, round-robin, each row in its own process; ratios "
+        f"to {base}"
+        + (f" ({rows[0]['baseline']})." if rows and report.get("baseline") != "per-model" else "."),
         "",
-        "| model | variant | call p50 ms | call p90 ms | action p50 ms | vs fp32 | peak RSS MiB | vs fp32 "
-        "| weights stored MiB | W4 deployed / bf16 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | variant | call p50 ms | call p90 ms | action p50 ms | call vs base | peak RSS MiB "
+        "| RSS vs base | weights stored MiB | W4 deployed / bf16 | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for r in report["results"]:
-        if "error" in r:
-            lines.append(f"| {r['model']} | {r['variant']} | failed: {r['error'][:80]} | | | | | | | |")
-            continue
+    for r in rows:
         w4 = f"{r['w4_deployed_vs_bf16']:.3f}" if "w4_deployed_vs_bf16" in r else ""
         rss = r.get("peak_rss_bytes") or 0
+        note = ""
+        if "packed_layers" in r:
+            note = f"{r['packed_layers']} layers packed"
+        elif "quantized_layers" in r:
+            note = f"{r['quantized_layers']} fake-quant layers"
+        elif "w4_layers" in r:
+            note = f"{r['w4_layers']} MatMulNBits layers"
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['call_p50_ms']:.1f} | {r['call_p90_ms']:.1f} | "
-            f"{r['action_p50_ms']:.2f} | {r.get('call_p50_vs_fp32', float('nan')):.2f}x | {rss / mib:.0f} | "
-            f"{r.get('peak_rss_vs_fp32', float('nan')):.2f}x | {r['weights_stored_bytes'] / mib:.1f} | {w4} |"
+            f"{r['action_p50_ms']:.2f} | {r.get('call_p50_vs_baseline', float('nan')):.2f}x | "
+            f"{rss / mib:.0f} | {r.get('peak_rss_vs_baseline', float('nan')):.2f}x | "
+            f"{r['weights_stored_bytes'] / mib:.1f} | {w4} | {note} |"
         )
+    lines += [""] + [f"Note: {n}" for n in report.get("notes", [])] if report.get("notes") else []
     return "\n".join(lines) + "\n"
 
 
