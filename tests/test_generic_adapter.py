@@ -343,3 +343,33 @@ def test_save_and_load_with_the_users_factory(trained, tmp_path):
     # self-contained: any weights of the same architecture do
     fresh = load_quantized_policy(whole, base_factory=lambda: declare(GruFlowPolicy()).policy())
     assert torch.equal(chunks(fresh.adapter), q)
+
+
+def test_calibration_batches_of_the_users_own_keys(trained):
+    """Calibration data is the batches the callables take, with no 'state' required; ``prepare`` maps
+    dataset-style keys (here 'proprio') to the model's."""
+    from daptq.methods.gptq import GPTQConfig
+    from daptq.models.generic import calibration_set
+
+    raw = []
+    for i in range(2):
+        b = batch(200 + i)
+        b["proprio"] = b.pop("state").numpy()  # numpy arrays become tensors
+        raw.append(b)
+    model = copy.deepcopy(trained)
+    base = declare(model)
+    adapter = daptq.adapt(
+        model,
+        roles={"vision": "vision", "trunk": "backbone", "head.*": "action_head"},
+        interface=["proj"],
+        objective=base._objective,
+        sample=base._sample,
+        action_space=base.action_space,
+        prepare=lambda b: {**b, "state": b["proprio"]},
+    )
+    calib = calibration_set(raw, {"source": "test"})
+    assert calib.num_samples == 12
+    record = quantize_policy(adapter, GPTQConfig(), calib)
+    assert record.calibration["samples"] == 12 and record.modules
+    with pytest.raises(ValueError, match="needs the action chunk under 'actions'"):
+        calibration_set([{"proprio": raw[0]["proprio"]}])

@@ -33,7 +33,7 @@ class CalibrationSet:
 
     @property
     def num_samples(self) -> int:
-        return sum(len(np.asarray(b["state"])) for b in self.batches if "state" in b)
+        return sum(len(np.asarray(b[_rows_key(b)])) for b in self.batches if _rows_key(b))
 
     def check(self, action_space: Any) -> None:
         """Refuse what would silently mis-calibrate: no batches, non-finite numbers, another action space."""
@@ -50,9 +50,12 @@ class CalibrationSet:
         for i, batch in enumerate(self.batches):
             if not isinstance(batch, Mapping):
                 raise ValueError(f"calibration batch {i} is a {type(batch).__name__}, not a mapping")
-            if "state" not in batch:
-                raise ValueError(f"calibration batch {i} has no 'state' (has {sorted(batch)})")
-            n = len(np.asarray(batch["state"]))
+            rows = _rows_key(batch)  # a generic adapter's batches may have no 'state' (daptq.adapt)
+            if rows is None:
+                raise ValueError(
+                    f"calibration batch {i} has neither 'state' nor 'actions' (has {sorted(batch)})"
+                )
+            n = len(np.asarray(batch[rows]))
             if n == 0:
                 raise ValueError(f"calibration batch {i} is empty (0 samples)")
             for key, value in batch.items():
@@ -64,7 +67,7 @@ class CalibrationSet:
                     continue
                 arr = np.asarray(value)
                 if len(arr) != n:
-                    raise ValueError(f"calibration batch {i}: {key!r} has {len(arr)} rows, 'state' has {n}")
+                    raise ValueError(f"calibration batch {i}: {key!r} has {len(arr)} rows, {rows!r} has {n}")
                 if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                     bad = int((~np.isfinite(arr)).sum())
                     raise ValueError(f"calibration batch {i}: {key!r} contains {bad} NaN/Inf value(s)")
@@ -75,6 +78,11 @@ class CalibrationSet:
                         f"calibration batch {i}: 'actions' has shape {actions.shape}; the policy's action "
                         f"space {list(action_space.names)} needs (B, K, {action_space.dim})"
                     )
+
+
+def _rows_key(batch: Mapping[str, Any]) -> str | None:
+    """The key whose length is a batch's sample count: 'state', else 'actions'."""
+    return next((k for k in ("state", "actions") if k in batch), None)
 
 
 # ---- sampling from the calibration split ----------------------------------------------------------------
@@ -337,7 +345,9 @@ def calibration_for_policy(
     ``per_task`` episodes of each task, so the set does not depend on what else extended the cache)."""
     image_size = int(getattr(policy, "image_size", 96))
     camera = str(getattr(policy, "camera", "corner3"))
-    chunk = getattr(policy, "chunk_size", None) or policy.config.chunk_size
+    from daptq.data.episodes import chunk_size_of  # the policy's, its adapter's or its config's
+
+    chunk = chunk_size_of(policy)
     per_task = None
     if dataset is None:
         n_tasks = len(tasks) if tasks else 10

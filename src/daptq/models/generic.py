@@ -450,4 +450,18 @@ def adapt(
     )
 
 
-__all__ = ["GenericAdapter", "GenericPolicy", "adapt"]
+def calibration_set(batches: Sequence[Batch], provenance: Mapping[str, Any] | None = None):
+    """The ``CalibrationSet`` ``quantize_policy`` takes, from a list of the batches the callables take (dicts
+    of tensors or arrays, the action chunk under ``"actions"``); ``provenance`` says where they came from."""
+    from daptq.data.calibration import CalibrationSet
+
+    if isinstance(batches, Mapping) or not isinstance(batches, Sequence):
+        raise ValueError(f"calibration batches must be a list of dicts, got {type(batches).__name__}")
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, Mapping) or "actions" not in batch:
+            has = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+            raise ValueError(f"calibration batch {i} needs the action chunk under 'actions' (has {has})")
+    return CalibrationSet(list(batches), dict(provenance or {"source": "user batches"}))
+
+
+__all__ = ["GenericAdapter", "GenericPolicy", "adapt", "calibration_set"]
