@@ -373,3 +373,36 @@ def test_calibration_batches_of_the_users_own_keys(trained):
     assert record.calibration["samples"] == 12 and record.modules
     with pytest.raises(ValueError, match="needs the action chunk under 'actions'"):
         calibration_set([{"proprio": raw[0]["proprio"]}])
+
+
+def test_blocks_from_module_lists_or_declared():
+    """A Linear directly in a ModuleList is block i of it; ``blocks`` regexes replace the automatic rule."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+            self.out = nn.Linear(4, A)
+
+    def sample(b, generator=None):
+        return torch.zeros(1, K, A)
+
+    kw = dict(
+        objective=lambda b, **_: torch.zeros(()),
+        sample=sample,
+        action_space=declare(GruFlowPolicy()).action_space,
+    )
+    auto = {
+        m.name: (m.stack, m.block)
+        for m in daptq.adapt(Net(), roles={"*": "action_head"}, **kw).quantizable_modules()
+    }
+    assert auto == {
+        "layers.0": ("layers", 0),
+        "layers.1": ("layers", 1),
+        "layers.2": ("layers", 2),
+        "out": (None, None),
+    }
+    named = daptq.adapt(Net(), roles={"*": "action_head"}, blocks={"dit": r"^layers\.(\d+)$"}, **kw)
+    assert [(m.stack, m.block) for m in named.quantizable_modules()][1] == ("dit", 1)
+    with pytest.raises(ValueError, match="needs one group capturing the block index"):
+        daptq.adapt(Net(), roles={"*": "action_head"}, blocks={"dit": r"^layers\.\d+$"}, **kw)

@@ -243,7 +243,7 @@ class GenericAdapter(VLAAdapter):
                     return stack, int(m.group(1))
             return None, None
         parts = name.split(".")
-        for i in range(1, len(parts) - 1):
+        for i in range(1, len(parts)):
             parent = ".".join(parts[:i])
             if isinstance(named.get(parent), nn.ModuleList) and parts[i].isdigit():
                 return parent, int(parts[i])
