@@ -58,7 +58,7 @@ def main() -> None:
     fp = load_reference(args.model)
     calibration = calibration_for_policy(fp, n_trajectories=args.trajectories, seed=0)
     held_out = calibration_for_policy(fp, n_trajectories=args.trajectories, seed=1)
-    inputs = list(fp.calibration_batches(iter(held_out.batches)))
+    inputs = list(fp.adapter.calibration_batches(iter(held_out.batches)))
     reference_outputs = [forward_batch(fp, b) for b in inputs]
     spec = SPECS[args.spec]
     print(f"{args.model}, {spec.short()}, {calibration.num_samples} calibration / {held_out.num_samples} "

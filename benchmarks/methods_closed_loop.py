@@ -90,7 +90,7 @@ def uniform_in_scope_bytes(setting: str) -> int:
 
     config = config_from_options("rtn", **SETTINGS[setting])
     policy = load_policy(REFERENCE)
-    plan = resolve_scope(policy.model, policy.quantizable_modules(), config.scope, config.spec)
+    plan = resolve_scope(policy.model, policy.adapter.quantizable_modules(), config.scope, config.spec)
     return sum(ideal_weight_bytes(m.weight_shape[0], m.fan_in, m.spec.weight) for m in plan.modules.values())
 
 
@@ -197,7 +197,7 @@ def in_scope_bytes(directory: Path) -> tuple[int, int, int]:
     base = load_policy(config["base_model"]["spec"])
     row_bits = record.decisions.get("row_bits", {})
     bf16 = ideal = stored = 0
-    for q in base.quantizable_modules():
+    for q in base.adapter.quantizable_modules():
         if q.role not in roles:
             continue
         w = q.module.weight

@@ -80,7 +80,7 @@ def scoped_layers(policy) -> list[str]:
     """The `budget` scope's layers (backbone, interface, action head) in model order."""
     from daptq.methods.scope import DEFAULT_ROLES
 
-    return [q.name for q in policy.quantizable_modules() if q.role in DEFAULT_ROLES]
+    return [q.name for q in policy.adapter.quantizable_modules() if q.role in DEFAULT_ROLES]
 
 
 def group_config(names: Sequence[str], spec):

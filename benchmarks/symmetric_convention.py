@@ -42,7 +42,7 @@ def vla_weights() -> list[torch.Tensor]:
     policy = load_reference_policy("metaworld-mt10")
     return [
         m.module.weight.detach().float()
-        for m in policy.quantizable_modules()
+        for m in policy.adapter.quantizable_modules()
         if m.role in DEFAULT_ROLES and isinstance(m.module, torch.nn.Linear)
     ]
 

@@ -70,7 +70,7 @@ def n_hooks(model: torch.nn.Module) -> int:
 def chunk_error(policy, reference, calibration: CalibrationSet) -> float:
     """Relative error of the quantized policy's action chunks against the float policy's (same noise)."""
     num = den = 0.0
-    for batch in policy.calibration_batches(iter(calibration.batches)):
+    for batch in policy.adapter.calibration_batches(iter(calibration.batches)):
         a, b = forward_batch(policy, batch), forward_batch(reference, batch)
         num += float((a - b).pow(2).sum())
         den += float(b.pow(2).sum())
@@ -82,7 +82,8 @@ def assert_clean_after_failure(policy, config, calibration: CalibrationSet, fail
     model must be exactly as before (quantize_policy is all or nothing)."""
     before = {k: v.clone() for k, v in policy.model.state_dict().items()}
     calls = {"n": 0}
-    original = policy.predict_chunk
+    adapter = policy.adapter  # methods drive the adapter's forward
+    original = adapter.predict_chunk
 
     def failing(batch, generator=None):
         calls["n"] += 1
@@ -90,12 +91,12 @@ def assert_clean_after_failure(policy, config, calibration: CalibrationSet, fail
             raise RuntimeError("forward failed")
         return original(batch, generator=generator)
 
-    policy.predict_chunk = failing
+    adapter.predict_chunk = failing
     try:
         with pytest.raises(RuntimeError, match="forward failed"):
             quantize_policy(policy, config, calibration)
     finally:
-        del policy.predict_chunk
+        del adapter.predict_chunk
     assert calls["n"] == fail_on_call
     assert n_hooks(policy.model) == 0
     assert not any(isinstance(m, QUANT_MODULE_TYPES) for m in policy.model.modules())

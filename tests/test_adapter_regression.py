@@ -75,13 +75,9 @@ def calibration() -> CalibrationSet:
     return CalibrationSet([_raw_batch(i, 3) for i in range(2)], PROVENANCE)
 
 
-def _adapter(policy):
-    return getattr(policy, "adapter", policy)
-
-
 def _chunks(policy) -> torch.Tensor:
     """Sampled action chunks on a held-out batch, fixed generator seed."""
-    batch = next(_adapter(policy).calibration_batches(iter([_raw_batch(7, 2)])))
+    batch = next(policy.adapter.calibration_batches(iter([_raw_batch(7, 2)])))
     return policy.predict_chunk(batch, generator=torch.Generator().manual_seed(1234))
 
 

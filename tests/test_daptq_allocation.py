@@ -96,7 +96,8 @@ def test_paper_bit_map():
         for j, m in enumerate(("qkv", "proj", "fc"))
     }
     phi.update({"head.z_proj": 100.0, "head.action_in": 0.5, "head.action_out": 50.0, "head.t_embed.fc": 1.0})
-    two = paper_bit_map(phi, keep_float_fraction=0.3, float_blocks=2)
+    blocks = {n: int(n.split(".")[2]) for n in phi if n.startswith("head.blocks.")}  # the adapter declares
+    two = paper_bit_map(phi, keep_float_fraction=0.3, block_of=blocks, float_blocks=2)
     assert sorted(two.float_by_block) == sorted(
         n for n in phi if n.startswith(("head.blocks.1.", "head.blocks.2."))
     )
@@ -105,10 +106,12 @@ def test_paper_bit_map():
     assert {n for n, b in two.bits.items() if b == 4} == {
         "head.blocks.0.qkv", "head.blocks.0.proj", "head.blocks.0.fc", "head.action_in", "head.t_embed.fc"
     }  # fmt: skip
-    one = paper_bit_map(phi, float_blocks=1)
+    one = paper_bit_map(phi, block_of=blocks, float_blocks=1)
     assert one.float_by_rank == ["head.z_proj", "head.action_out", "head.blocks.1.fc"]  # round(0.3*10)=3
     with pytest.raises(ValueError, match="has 3 blocks"):
-        paper_bit_map(phi, float_blocks=4)
+        paper_bit_map(phi, block_of=blocks, float_blocks=4)
+    with pytest.raises(ValueError, match="no ranked layer lies in a block"):
+        paper_bit_map(phi, float_blocks=1)
 
 
 def test_per_layer_specs_count_each_layers_own_grid():

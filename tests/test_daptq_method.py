@@ -64,7 +64,7 @@ def _calibration(n_batches: int = 3, b: int = 8) -> CalibrationSet:
 
 def _interface_gap(fp: ReferencePolicy, q: ReferencePolicy, calib: CalibrationSet) -> tuple[float, float]:
     """|mu_Q - mu_FP| and ||S_Q - S_FP|| of head.z_proj's output."""
-    batches = list(fp.calibration_batches(iter(calib.batches)))
+    batches = list(fp.adapter.calibration_batches(iter(calib.batches)))
 
     def stats(policy):
         def run(_m):

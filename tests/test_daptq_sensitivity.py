@@ -31,7 +31,7 @@ class LinearDenoiser:
     def _eps(self, z, noise):
         return self.model["head"](torch.cat([self.model["z_proj"](z), noise], dim=1))
 
-    def denoising_loss(self, batch, dim_weights=None, generator=None):
+    def objective(self, batch, dim_weights=None, generator=None):
         noise = torch.randn(batch["z"].shape[0], D, generator=generator)
         err = (self._eps(batch["z"], noise) - noise) ** 2
         if dim_weights is not None:

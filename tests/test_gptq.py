@@ -195,7 +195,7 @@ def test_method_on_the_toy_and_hooks_gone_after_failure():
 
     toy = ToyPolicy()
     record = quantize_policy(toy, GPTQConfig(spec=QuantSpec(WeightSpec(4))), toy_calibration())
-    assert set(record.decisions["layers"]) == {"net.0", "net.2", "net.4"} and n_hooks(toy) == 0
+    assert set(record.decisions["layers"]) == {"net.0", "net.2", "net.4"} and n_hooks(toy.model) == 0
     cal = reference_calibration(n_batches=1)
     for fail_on_call in (1, 4):  # during calibrate; during apply's per-layer passes
         config = GPTQConfig(spec=W4G16, sequential=True)

@@ -222,14 +222,14 @@ def test_rtn_method_matches_the_core_and_records():
     spec = QuantSpec(WeightSpec(4, granularity="per_group", group_size=8))
     record = quantize_policy(p, RTNConfig(spec=spec), base_model={"spec": "toy", "digest": "x"})
     plan_specs = {n: m.spec for n, m in record.modules.items()}
-    quantize_(q, plan_specs)
-    batch = next(q.calibration_batches(iter(_calibration().batches)))
+    quantize_(q.model, plan_specs)
+    batch = next(q.adapter.calibration_batches(iter(_calibration().batches)))
     assert torch.equal(forward_batch(p, batch), forward_batch(q, batch))
     assert isinstance(p.net[0], QuantLinear) and record.method == "rtn"
     assert record.modules["net.0"].spec.weight.group_size == 6  # fan-in 12 is not divisible by 8
     assert record.base_model == {"spec": "toy", "digest": "x"} and "apply_s" in record.timings
     assert QuantRecord.from_json(record.to_json()) == record
-    assert record.recipe().resolve(ToyPolicy()) == plan_specs
+    assert record.recipe().resolve(ToyPolicy().model) == plan_specs
 
 
 def test_rtn_static_activations_need_and_use_calibration():
@@ -238,7 +238,7 @@ def test_rtn_static_activations_need_and_use_calibration():
         quantize_policy(ToyPolicy(), RTNConfig(spec=spec))
     p = ToyPolicy()
     record = quantize_policy(p, RTNConfig(spec=spec), _calibration())
-    assert all(p.get_submodule(n).act_scale is not None for n in record.modules)
+    assert all(p.model.get_submodule(n).act_scale is not None for n in record.modules)
     assert set(record.decisions["activation_scales"]) == set(record.modules)
     assert record.calibration["split"] == "calibration" and record.calibration["samples"] == 8
 
@@ -271,20 +271,20 @@ class _FailingMethod(Method):
 @pytest.mark.parametrize("fail_in", ["calibrate", "apply"])
 def test_failure_leaves_no_hooks_and_the_model_untouched(fail_in):
     p = ToyPolicy()
-    before = {k: v.clone() for k, v in p.state_dict().items()}
-    modules_before = dict(p.named_modules())
+    before = {k: v.clone() for k, v in p.model.state_dict().items()}
+    modules_before = dict(p.model.named_modules())
     with pytest.raises(_Boom):
         quantize_policy(p, _FailingConfig(fail_in=fail_in), _calibration())
-    assert dict(p.named_modules()) == modules_before
-    assert all(torch.equal(before[k], v) for k, v in p.state_dict().items())
-    assert all(not m._forward_pre_hooks for m in p.modules())
+    assert dict(p.model.named_modules()) == modules_before
+    assert all(torch.equal(before[k], v) for k, v in p.model.state_dict().items())
+    assert all(not m._forward_pre_hooks for m in p.model.modules())
 
 
 def test_hooks_gone_after_success():
     p = ToyPolicy()
     quantize_policy(p, _FailingConfig(fail_in="never"), _calibration())
     assert isinstance(p.net[0], QuantLinear)
-    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in p.modules())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in p.model.modules())
 
 
 @pytest.mark.parametrize(
@@ -315,20 +315,21 @@ def test_bad_calibration_sets_are_refused_before_the_model_changes(batches, prov
     spec = QuantSpec(WeightSpec(8), ActivationSpec(8, mode="static_per_tensor"))
     with pytest.raises(ValueError, match=match):
         quantize_policy(p, RTNConfig(spec=spec), CalibrationSet(batches, provenance))
-    assert not any(isinstance(m, QuantLinear) for m in p.modules())
+    assert not any(isinstance(m, QuantLinear) for m in p.model.modules())
 
 
 def test_toy_policy_is_a_vla_adapter():
     from daptq.models.adapter import VLAAdapter
 
-    p = ToyPolicy()
-    assert isinstance(p, VLAAdapter) and p.model is p and p.chunk_size == 4
+    policy = ToyPolicy()
+    p = policy.adapter
+    assert isinstance(p, VLAAdapter) and p.model is policy.model and p.chunk_size == 4
     batch = next(p.calibration_batches(iter(_calibration().batches)))
-    assert p.condition(batch).shape == (8, p.config.hidden)
-    loss = p.denoising_loss(batch, generator=torch.Generator().manual_seed(0))
+    assert p.condition(batch).shape == (8, policy.config.hidden)
+    loss = p.objective(batch, generator=torch.Generator().manual_seed(0))
     loss.backward()
-    assert torch.isfinite(loss) and p.net[4].weight.grad is not None  # gradients reach the action head
-    zero = p.denoising_loss(batch, dim_weights=torch.zeros(4), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and policy.net[4].weight.grad is not None  # gradients reach the action head
+    zero = p.objective(batch, dim_weights=torch.zeros(4), generator=torch.Generator().manual_seed(0))
     assert float(zero.detach()) == 0.0
     assert [m.role for m in p.quantizable_modules()] == ["backbone", "interface", "action_head"]
     assert [m.name for m in p.interface_modules()] == ["net.2"]

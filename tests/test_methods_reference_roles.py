@@ -31,7 +31,7 @@ def batch(reference):
         "state": np.array([[0.0, 0.6, 0.2, 1.0], [0.1, 0.7, 0.1, 0.5]], np.float32),
         "instruction": ["reach the goal", "push the puck to the goal"],
     }
-    return next(reference.calibration_batches(iter([raw])))
+    return next(reference.adapter.calibration_batches(iter([raw])))
 
 
 @pytest.mark.parametrize("role", ["vision", "language", "backbone", "interface", "action_head"])

@@ -13,6 +13,7 @@ from daptq.methods.quantvla import (
     fold_temperature_,
     match_attention_,
 )
+from daptq.models.adapter import AttentionLayout
 from daptq.models.transformer import SelfAttention
 from daptq.quant import QuantLinear, QuantSpec, WeightSpec
 
@@ -36,6 +37,9 @@ class AttnNet(nn.Module):
 
     def forward(self, x, mask=None):
         return self.attn(self.up(x), mask)
+
+
+LAYOUT = AttentionLayout("attn", 4, "backbone", out="attn.proj", qkv="attn.qkv")
 
 
 def make_pair(shrink, seed=0):
@@ -87,7 +91,7 @@ def test_band_and_clip():
 
 def test_captured_logit_std_matches_reference():
     fp, _ = make_pair(1.0)
-    stats = collect_stats(fp, ["attn"], lambda: run(fp))
+    stats = collect_stats(fp, [LAYOUT], lambda: run(fp))
     assert torch.allclose(stats["attn"].logit_std(), reference_logit_std(fp), rtol=1e-9)
 
 
@@ -96,7 +100,7 @@ def test_masked_keys_are_left_out():
     x = BATCHES[0]
     mask = torch.ones(4, 10, dtype=torch.bool)
     mask[:, 6:] = False
-    with capture_attention_stats(fp, ["attn"]) as st, torch.no_grad():
+    with capture_attention_stats(fp, [LAYOUT]) as st, torch.no_grad():
         fp(x, mask)
     assert torch.equal(st["attn"].logit_n, torch.full((4,), 4.0 * 10 * 6, dtype=torch.float64))
 
@@ -105,11 +109,11 @@ def test_atm_restores_logit_std_and_ohb_restores_output_rms():
     fp, q = make_pair(0.85)  # logits shrink by 0.85^2 (log 0.33, inside the clip)
     std_fp = reference_logit_std(fp)
     assert (reference_logit_std(q) / std_fp).max() < 0.75  # the quantization did shrink them
-    decisions = match_attention_(fp, q, ["attn"], run, ohb=False)
+    decisions = match_attention_(fp, q, [LAYOUT], run, ohb=False)
     assert torch.allclose(reference_logit_std(q), std_fp, rtol=1e-5)
     assert len(decisions["alpha"]["attn"]) == 4 and not decisions["beta"]
     assert abs(out_rms(q) / out_rms(fp) - 1) > 0.05  # ATM alone does not fix the output energy
-    match_attention_(fp, q, ["attn"], run, atm=False)
+    match_attention_(fp, q, [LAYOUT], run, atm=False)
     assert out_rms(q) == pytest.approx(out_rms(fp), rel=1e-5)
     assert torch.allclose(reference_logit_std(q), std_fp, rtol=1e-5)  # OHB leaves the logits alone
 
@@ -117,7 +121,7 @@ def test_atm_restores_logit_std_and_ohb_restores_output_rms():
 def test_ratios_are_clipped():
     fp, q = make_pair(0.5)  # logits shrink 4x: log ratio 1.39, clipped to 0.4
     before = reference_logit_std(q)
-    decisions = match_attention_(fp, q, ["attn"], run, ohb=False)
+    decisions = match_attention_(fp, q, [LAYOUT], run, ohb=False)
     assert decisions["alpha"]["attn"] == pytest.approx([math.exp(0.4)] * 4)
     assert torch.allclose(reference_logit_std(q), before * math.exp(0.4), rtol=1e-5)
 
@@ -125,7 +129,7 @@ def test_ratios_are_clipped():
 def test_neutral_band_leaves_weights_alone():
     fp, q = make_pair(0.99)  # log ratio of logits 0.02 < 0.03
     w = q.attn.qkv.weight.detach().clone()
-    decisions = match_attention_(fp, q, ["attn"], run, ohb=False)
+    decisions = match_attention_(fp, q, [LAYOUT], run, ohb=False)
     assert decisions["alpha"]["attn"] == [1.0] * 4
     assert torch.equal(q.attn.qkv.weight, w)
 
@@ -149,8 +153,8 @@ def test_folded_equals_unfolded_and_adds_nothing():
     alpha, beta = torch.tensor([1.3, 0.8, 1.0, 1.1]), 0.9
     types = [type(m) for m in folded.modules()]
     n_params = sum(p.numel() for p in folded.parameters())
-    fold_temperature_(folded.attn, alpha)
-    fold_output_gain_(folded.attn, beta)
+    fold_temperature_(folded, LAYOUT, alpha)
+    fold_output_gain_(folded, LAYOUT, beta)
     assert [type(m) for m in folded.modules()] == types
     assert sum(p.numel() for p in folded.parameters()) == n_params
     x = BATCHES[0]
@@ -165,7 +169,7 @@ def test_fold_into_fake_quant_projection_rounds_the_folded_weight():
     fp.attn.qkv = QuantLinear.from_float(fp.attn.qkv, spec)
     unrounded = fp.attn.qkv.weight.detach().clone()
     alpha = torch.tensor([1.3, 0.8, 1.0, 1.1])
-    fold_temperature_(fp.attn, alpha)
+    fold_temperature_(fp, LAYOUT, alpha)
     C = 32
     unrounded[:C] *= alpha.repeat_interleave(C // 4)[:, None]
     expected = QuantLinear.from_float(nn.Linear(C, 3 * C), spec)
@@ -183,10 +187,14 @@ def test_hooks_are_removed_also_on_error():
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        collect_stats(fp, ["attn"], failing)
+        collect_stats(fp, [LAYOUT], failing)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in fp.modules())
-    with pytest.raises(ValueError, match="not an attention module"):
-        collect_stats(fp, ["up"], lambda: None)
+    with pytest.raises(ValueError, match="is not a module"):
+        collect_stats(
+            fp, [AttentionLayout("attn", 4, "backbone", out="attn.missing", qkv="attn.qkv")], lambda: None
+        )
+    with pytest.raises(ValueError, match="is not a Linear"):
+        collect_stats(fp, [AttentionLayout("attn", 4, "backbone", out="attn", qkv="attn.qkv")], lambda: None)
 
 
 # ---- on the reference VLA, through quantize_policy ---------------------------------------------------------

@@ -233,9 +233,9 @@ def test_reference_differentiable_chunk_matches_predict_chunk_and_has_gradients(
         "state": rng.normal(size=(2, 4)).astype(np.float32),
         "instruction": ["open the door", "close the drawer"],
     }
-    batch = next(policy.calibration_batches(iter([raw])))
+    batch = next(policy.adapter.calibration_batches(iter([raw])))
     expected = policy.predict_chunk(batch, generator=torch.Generator().manual_seed(3))
-    chunk = policy.differentiable_chunk(batch, generator=torch.Generator().manual_seed(3))
+    chunk = policy.adapter.sample(batch, generator=torch.Generator().manual_seed(3))
     assert torch.equal(chunk.detach(), expected)
     (grad,) = torch.autograd.grad(chunk.square().sum(), [model.blocks[0].mlp.fc.weight])
     assert grad.abs().sum() > 0  # the action depends on the backbone through every denoising step
@@ -274,7 +274,7 @@ def test_qvla_on_the_reference_vla_meets_the_budget_and_reloads_bit_exactly(tmp_
         QVLAConfig(spec=__import__("daptq.quant", fromlist=["w4a8"]).w4a8())
     policy = load_reference_policy("metaworld-mt10")
     calibration = random_calibration()
-    batch = next(policy.calibration_batches(iter(calibration.batches)))
+    batch = next(policy.adapter.calibration_batches(iter(calibration.batches)))
     fp_actions = policy.predict_chunk(batch, generator=torch.Generator().manual_seed(0))
     record = quantize_policy(policy, config, calibration)
     layers = mixed_layers(policy.model)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from daptq.models.adapter import METAWORLD_ACTION_SPACE, Policy, VLAAdapter
+from daptq.models.adapter import METAWORLD_ACTION_SPACE, Policy, VLAAdapter, check_adapter
 from daptq.models.reference import (
     CHECKPOINTS_DIR,
     ReferencePolicy,
@@ -58,17 +58,19 @@ def _batch(policy: ReferencePolicy, n: int = 3) -> dict[str, torch.Tensor]:
         "instruction": [INSTRUCTION, "open the door", "close the drawer"][:n],
         "actions": np.random.default_rng(0).uniform(-1, 1, (n, TINY.chunk_size, 4)).astype(np.float32),
     }
-    return next(policy.calibration_batches(iter([raw])))
+    return next(policy.adapter.calibration_batches(iter([raw])))
 
 
 def test_satisfies_both_protocols(policy):
-    assert isinstance(policy, Policy) and isinstance(policy, VLAAdapter)
-    assert policy.action_space == METAWORLD_ACTION_SPACE
+    assert isinstance(policy, Policy) and isinstance(policy.adapter, VLAAdapter)
+    assert check_adapter(policy.adapter) is policy.adapter and policy.adapter.model is policy.model
+    assert policy.action_space == METAWORLD_ACTION_SPACE == policy.adapter.action_space
+    assert policy.adapter.objective_kind == "diffusion"
 
 
 def test_predict_chunk_and_condition_shapes(policy):
     batch = _batch(policy)
-    assert policy.condition(batch).shape == (3, TINY.d_model)
+    assert policy.adapter.condition(batch).shape == (3, TINY.d_model)
     chunk = policy.predict_chunk(batch, generator=torch.Generator().manual_seed(0))
     assert chunk.shape == (3, TINY.chunk_size, 4)
     assert chunk.abs().max() <= 1.0
@@ -76,9 +78,9 @@ def test_predict_chunk_and_condition_shapes(policy):
 
 def test_select_action_replans_every_n_action_steps(policy, monkeypatch):
     calls = []
-    original = policy.predict_chunk
+    original = policy.adapter.predict_chunk
     monkeypatch.setattr(
-        policy, "predict_chunk", lambda b, generator=None: calls.append(1) or original(b, generator)
+        policy.adapter, "predict_chunk", lambda b, generator=None: calls.append(1) or original(b, generator)
     )
     policy.reset(seed=0)
     actions = [policy.select_action(_obs(t)) for t in range(9)]
@@ -146,7 +148,7 @@ def test_two_camera_model_encodes_each_view_and_grows_from_a_one_camera_model(po
 
 
 def test_roles_cover_every_linear_layer(policy):
-    modules = policy.quantizable_modules()
+    modules = policy.adapter.quantizable_modules()
     named = {m.name: m for m in modules}
     for name, module in policy.model.named_modules():
         if isinstance(module, nn.Linear):
@@ -164,7 +166,8 @@ def test_roles_cover_every_linear_layer(policy):
 
 
 def test_z_enters_the_head_only_through_the_interface_module(policy):
-    (interface,) = policy.interface_modules()
+    (interface,) = policy.adapter.interface_modules()
+    assert (interface.kind, interface.fold) == ("vector", "exact")
     assert interface.module is policy.model.head.z_proj
     head, x, t = policy.model.head, torch.randn(2, TINY.chunk_size, 4), torch.tensor([3, 50])
     z1, z2 = torch.randn(2, TINY.d_model), torch.randn(2, TINY.d_model)
@@ -193,7 +196,7 @@ def test_denoising_loss_dim_weights_split_the_loss(policy):
     batch = _batch(policy)
 
     def loss(w):
-        return policy.denoising_loss(batch, w, generator=torch.Generator().manual_seed(3)).item()
+        return policy.adapter.objective(batch, w, generator=torch.Generator().manual_seed(3)).item()
 
     per_dim = [loss(torch.eye(4)[j]) for j in range(4)]
     assert sum(per_dim) == pytest.approx(loss(None), rel=1e-5)

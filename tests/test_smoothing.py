@@ -117,7 +117,7 @@ def test_reference_vla_groups_fold_exactly():
             if p.requires_grad:
                 p.normal_(0, 0.3)
     policy = ReferencePolicy(model)
-    groups = policy.smoothing_groups()
+    groups = policy.adapter.smoothing_groups()
     check_groups(model, groups)
     assert len(groups) == 3 * TINY.n_layer + 3 * TINY.dit_n_layer + 1
     batch = {

@@ -102,7 +102,7 @@ def test_static_activation_scales_are_observed_after_smoothing():
     name = "blocks.0.attn.qkv"  # smoothed: its input is divided by the scales, so is its activation range
     smoothed_max = record.decisions["activation_scales"][name] * 127
     stats = ChannelStats()
-    batches = list(policy.calibration_batches(iter(cal.batches)))
+    batches = list(policy.adapter.calibration_batches(iter(cal.batches)))
     capture(policy.model, lambda m: [forward_batch(policy, b) for b in batches], inputs={name: stats})
     assert abs(float(stats.absmax.max()) - smoothed_max) <= 0.05 * smoothed_max
 

@@ -62,7 +62,7 @@ def test_grouping_covers_each_scoped_layer_once(policy):
     assert groups["backbone.1.attn"] == ["blocks.1.attn.qkv", "blocks.1.attn.proj"]
     assert groups["head.2.mlp"] == ["head.blocks.2.mlp.fc", "head.blocks.2.mlp.proj"]
     assert groups["backbone.input_proj"] == ["vision_proj", "language_proj", "state_proj"]
-    roles = {q.name: q.role for q in policy.quantizable_modules()}
+    roles = {q.name: q.role for q in policy.adapter.quantizable_modules()}
     covered = {roles[layers[0]] for layers in groups.values()}
     assert covered == {"backbone", "interface", "action_head"}
 

@@ -152,7 +152,7 @@ def core_weight_bytes(policy: Any) -> tuple[int, int]:
     from daptq.methods.scope import DEFAULT_ROLES
     from daptq.quant import model_bytes
 
-    core = {m.name for m in policy.quantizable_modules() if m.role in DEFAULT_ROLES}
+    core = {m.name for m in policy.adapter.quantizable_modules() if m.role in DEFAULT_ROLES}
     rows = [r for r in model_bytes(policy.model).rows if r.name in core]
     if not rows:
         raise ValueError("core_weight_bytes: the policy declares no backbone/interface/action-head module")

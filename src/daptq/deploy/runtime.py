@@ -224,3 +224,8 @@ def _pad_tokens(x: np.ndarray, length: int) -> np.ndarray:
 def _np(value: Any, dtype: Any = None) -> np.ndarray:
     arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
     return arr if dtype is None else arr.astype(dtype, copy=False)
+
+
+def load_onnx_source(spec: str, onnx_threads: int = 1) -> OnnxPolicy:
+    """The ``onnx:DIR`` policy source (named in ``daptq.sources.BUILTIN_SOURCES``)."""
+    return OnnxPolicy(spec.removeprefix("onnx:"), threads=onnx_threads)

@@ -22,12 +22,13 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from torch import nn
 
 from daptq.data.calibration import CalibrationSet
 from daptq.methods.base import HooksMixin, Method, MethodConfig, forward_batch
 from daptq.methods.record import ModuleRecord, QuantRecord
 from daptq.methods.scope import PlannedModule, Scope, ScopePlan, resolve_scope
+from daptq.models.adapter import VLAAdapter, check_adapter
+from daptq.models.policy import ChunkedPolicy
 from daptq.quant.api import restored_on_failure
 
 _REGISTRY: dict[str, tuple[type[MethodConfig], type[Method]]] = {}
@@ -111,28 +112,28 @@ def config_from_dict(d: dict[str, Any]) -> MethodConfig:
     return config_type_for(d["method"]).from_dict(d)
 
 
-def as_adapter(policy: Any) -> Any:
-    """The VLAAdapter of a policy: the policy itself when it implements the adapter protocol."""
-    needed = ("model", "quantizable_modules", "calibration_batches", "predict_chunk", "action_space")
-    missing = [a for a in needed if not hasattr(policy, a)]
-    if missing:
+def as_adapter(policy_or_adapter: VLAAdapter | ChunkedPolicy) -> VLAAdapter:
+    """The checked ``VLAAdapter`` of a policy (``policy.adapter``), or the adapter itself."""
+    if isinstance(policy_or_adapter, VLAAdapter):
+        return check_adapter(policy_or_adapter)
+    adapter = policy_or_adapter.adapter if isinstance(policy_or_adapter, ChunkedPolicy) else None
+    if adapter is None:
         raise ValueError(
-            f"{type(policy).__name__} does not implement the VLAAdapter protocol (missing {missing}); "
-            "methods need an adapter"
+            f"{type(policy_or_adapter).__name__} is neither a VLAAdapter nor a policy with an adapter "
+            "(daptq.models.policy.ChunkedPolicy.adapter); methods need an adapter"
         )
-    if not isinstance(policy.model, nn.Module):
-        raise ValueError(f"{type(policy).__name__}.model must be an nn.Module")
-    return policy
+    return check_adapter(adapter)
 
 
 def quantize_policy(
-    policy: Any,
+    policy: VLAAdapter | ChunkedPolicy,
     config: MethodConfig,
     calibration: CalibrationSet | None = None,
     *,
     base_model: dict[str, Any] | None = None,
 ) -> QuantRecord:
-    """Quantize ``policy`` in place with the method ``config`` names and return the record of what it did.
+    """Quantize ``policy`` (a policy with an adapter, or a ``VLAAdapter``) in place with the method ``config``
+    names and return the record of what it did.
 
     ``calibration`` is required by methods that observe data; it is checked first (empty, NaN, another action
     space are errors). ``base_model`` ({"spec": ..., "digest": ...}) is copied into the record. On any error
@@ -170,8 +171,8 @@ def quantize_policy(
         finally:
             method.remove_hooks()
         timings["apply_s"] = time.perf_counter() - t0
-    if hasattr(policy, "clear_language_cache"):
-        policy.clear_language_cache()
+    if isinstance(policy, ChunkedPolicy):
+        policy.invalidate_caches()
     record = method.record()
     provenance = (
         None if calibration is None else {**calibration.provenance, "samples": calibration.num_samples}

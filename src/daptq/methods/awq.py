@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -35,6 +34,7 @@ from daptq.methods.smoothquant import (
     scale_summary,
     smoothing_groups_in_plan,
 )
+from daptq.models.adapter import VLAAdapter
 from daptq.quant.api import quantize_
 from daptq.quant.capture import Samples, capture, fan_in_rows
 from daptq.quant.fake import (
@@ -228,7 +228,7 @@ class AWQ(Method):
         self._samples: dict[str, Samples] = {}
         self._batches: Sequence[Mapping[str, torch.Tensor]] = ()
 
-    def calibrate(self, adapter: Any, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    def calibrate(self, adapter: VLAAdapter, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
         plan = require_plan(self)
         if not batches:
             raise ValueError("AWQ needs calibration batches")
@@ -256,7 +256,7 @@ class AWQ(Method):
             raise ValueError(f"AWQ: calibration never ran these in-scope modules: {never}")
         self._batches = batches
 
-    def apply(self, adapter: Any) -> None:
+    def apply(self, adapter: VLAAdapter) -> None:
         plan = require_plan(self)
         model, cfg = adapter.model, self.config
         input_scale: dict[str, torch.Tensor] = {}  # layer -> the factor its input was divided by

@@ -49,6 +49,7 @@ from torch import nn
 
 from daptq.methods.record import ModuleRecord, QuantRecord
 from daptq.methods.scope import Scope, ScopePlan, resolve_scope
+from daptq.models.adapter import VLAAdapter
 from daptq.quant.spec import QuantSpec, w4a8
 
 CONFIG_FORMAT = "daptq-method-config"
@@ -243,7 +244,7 @@ class HooksMixin:
         return len(self._handles())
 
 
-def forward_batch(adapter: Any, batch: Mapping[str, torch.Tensor], seed: int = 0) -> torch.Tensor:
+def forward_batch(adapter: VLAAdapter, batch: Mapping[str, torch.Tensor], seed: int = 0) -> torch.Tensor:
     """Run the whole policy on one model-input batch (every denoising step), with seeded sampling noise, so
     every module sees the activations it sees in closed loop. Methods use this to drive their hooks."""
     generator = torch.Generator().manual_seed(seed)
@@ -272,20 +273,20 @@ class Method(HooksMixin, ABC):
         """True when ``calibrate`` needs batches (the default for everything but data-free methods)."""
         return True
 
-    def prepare(self, adapter: Any) -> None:
+    def prepare(self, adapter: VLAAdapter) -> None:
         """Resolve the scope against the adapter's modules into ``self.plan``; the model is not changed."""
         self.plan = resolve_scope(
             adapter.model, adapter.quantizable_modules(), self.config.scope, self.config.spec
         )
 
-    def calibrate(self, adapter: Any, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:  # noqa: B027
+    def calibrate(self, adapter: VLAAdapter, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:  # noqa: B027
         """Observe the model on calibration batches (model-input batches; see ``forward_batch``).
 
         Register hooks with ``self.register_forward_hook`` / ``register_forward_pre_hook``: the driver calls
         ``remove_hooks()`` in a ``finally`` after this returns or raises. Default: observe nothing."""
 
     @abstractmethod
-    def apply(self, adapter: Any) -> None:
+    def apply(self, adapter: VLAAdapter) -> None:
         """Change the model: swap in fake-quant layers, round, fold, compensate (per ``self.plan``)."""
 
     def record(self) -> QuantRecord:
@@ -306,8 +307,8 @@ def require_plan(method: Method) -> ScopePlan:
     return method.plan
 
 
-def module_of(adapter: Any, name: str) -> nn.Module:
-    return adapter.model.get_submodule(name)
+def module_of(adapter: VLAAdapter, name: str) -> nn.Module:
+    return adapter.module(name)
 
 
 __all__ = [

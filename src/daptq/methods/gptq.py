@@ -31,6 +31,7 @@ from torch import nn
 from daptq.methods import register_method
 from daptq.methods.base import Method, MethodConfig, require_plan
 from daptq.methods.smoothquant import calibration_run, static_activation_layers
+from daptq.models.adapter import VLAAdapter
 from daptq.quant._util import set_module
 from daptq.quant.capture import Hessian, capture, capturing, fan_in_rows
 from daptq.quant.fake import (
@@ -247,7 +248,7 @@ class GPTQ(Method):
         self._observers: dict[str, ActivationObserver] = {}
         self._batches: Sequence[Mapping[str, torch.Tensor]] = ()
 
-    def calibrate(self, adapter: Any, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    def calibrate(self, adapter: VLAAdapter, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
         plan = require_plan(self)
         if not batches:
             raise ValueError("GPTQ needs calibration batches")
@@ -274,7 +275,7 @@ class GPTQ(Method):
             raise ValueError(f"GPTQ: calibration never ran these in-scope modules: {never}")
         self._order, self._batches = calls.order, batches
 
-    def apply(self, adapter: Any) -> None:
+    def apply(self, adapter: VLAAdapter) -> None:
         plan = require_plan(self)
         model, cfg = adapter.model, self.config
         layers: dict[str, dict[str, Any]] = {}

@@ -13,10 +13,11 @@ Both ratios pass through the paper's neutral band (``|log r| < 0.03 -> r = 1``) 
 Folding changes no module type and adds no parameter, so inference costs nothing extra; a folded layer that is
 itself fake-quantized is re-rounded after the fold (fold before rounding).
 
-Attention modules are found by shape, not by class: any module with ``n_head``, a fused ``qkv`` Linear
-(``[q; k; v]`` rows) and an output ``proj`` Linear, called as ``attn(x)`` or ``attn(x, mask)`` with ``mask``
-(B, T) True for keys that may be attended to (daptq.models.transformer.SelfAttention). Logits are recomputed
-from the ``qkv`` output by forward hooks that are always removed.
+Attention modules are what the adapter declares (``VLAAdapter.attention_layouts()``): a fused ``qkv`` Linear
+(``[q; k; v]`` rows) or separate ``q``/``k``/``v`` Linears (grouped-query k/v included), the output projection
+and the head count; MLP linears are the modules it declares with ``meta["part"] == "mlp"``. Logits are
+recomputed from the q and k projections' outputs by forward hooks that are always removed; a bool (B, T)
+key mask passed as ``attn(x, mask)`` (daptq.models.transformer.SelfAttention) is honoured.
 """
 
 from __future__ import annotations
@@ -35,19 +36,11 @@ from daptq.methods.base import Method, MethodConfig, forward_batch, require_plan
 from daptq.methods.rtn import RTN, RTNConfig
 from daptq.methods.scope import ScopePlan
 from daptq.methods.smoothquant import SmoothQuant, SmoothQuantConfig
+from daptq.models.adapter import AttentionLayout, VLAAdapter
 from daptq.quant import QuantLinear
 
 NEUTRAL_BAND = 0.03
 LOG_CLIP = 0.4
-
-
-def is_attention(module: nn.Module) -> bool:
-    """True for a fused-qkv attention module as described in the module docstring."""
-    return (
-        isinstance(getattr(module, "n_head", None), int)
-        and isinstance(getattr(module, "qkv", None), nn.Linear)
-        and isinstance(getattr(module, "proj", None), nn.Linear)
-    )
 
 
 def band_and_clip(ratio: torch.Tensor, band: float = NEUTRAL_BAND, clip: float = LOG_CLIP) -> torch.Tensor:
@@ -63,24 +56,32 @@ def band_and_clip(ratio: torch.Tensor, band: float = NEUTRAL_BAND, clip: float =
 
 
 # ---- the layout -------------------------------------------------------------------------------------------
-def layout_kind(model: nn.Module, name: str) -> str:
-    """``"attention"`` for a projection of an attention module, ``"mlp"`` for a linear inside an MLP
-    (a parent module whose class name ends in ``MLP``), else ``"other"``."""
-    parent_name, _, _ = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if is_attention(parent):
-        return "attention"
-    if type(parent).__name__.upper().endswith("MLP"):
-        return "mlp"
-    return "other"
+def layout_kinds(adapter: VLAAdapter) -> dict[str, str]:
+    """Per quantizable module: ``"attention"`` for a projection of a declared attention module
+    (``adapter.attention_layouts()``), ``"mlp"`` for a module declared part of an MLP (``meta["part"] ==
+    "mlp"``), else ``"other"``. Read from the adapter's declarations, never from names or classes."""
+    attention = {n for a in adapter.attention_layouts() for n in a.linears()}
+    return {
+        m.name: "attention" if m.name in attention else "mlp" if m.meta.get("part") == "mlp" else "other"
+        for m in adapter.quantizable_modules()
+    }
 
 
-def attention_names(model: nn.Module, roles: dict[str, str], role: str = "action_head") -> list[str]:
-    """Attention modules whose ``qkv`` has ``role`` (ATM/OHB targets)."""
-    names = [n for n, m in model.named_modules() if n and is_attention(m) and roles.get(f"{n}.qkv") == role]
-    if not names:
-        raise ValueError(f"QuantVLA: no attention module (n_head, qkv, proj) with role {role!r}")
-    return names
+def layout_kind(adapter: VLAAdapter, name: str) -> str:
+    """``layout_kinds(adapter)`` of one module (``"other"`` for a module the adapter does not declare)."""
+    return layout_kinds(adapter).get(name, "other")
+
+
+def attention_targets(adapter: VLAAdapter, role: str = "action_head") -> list[AttentionLayout]:
+    """The declared attention modules with ``role`` (ATM/OHB targets)."""
+    layouts = [a for a in adapter.attention_layouts() if a.role == role]
+    if not layouts:
+        declared = sorted({a.role for a in adapter.attention_layouts()})
+        raise ValueError(
+            f"QuantVLA: {type(adapter).__name__} declares no attention module with role {role!r} "
+            f"(attention_layouts() roles: {declared or 'none'})"
+        )
+    return layouts
 
 
 # ---- statistics -------------------------------------------------------------------------------------------
@@ -112,67 +113,132 @@ class AttentionStats:
             raise ValueError("AttentionStats: no output was captured; did the calibration run the head?")
         return math.sqrt(self.out_sq / self.out_n)
 
+    def add_logits(self, logits: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Accumulate (B, H, Tq, Tk) logits; keys where ``mask`` (B, Tk) is False are left out."""
+        if mask is None:
+            keep = torch.ones_like(logits, dtype=torch.bool)
+        else:
+            keep = mask[:, None, None, :].expand_as(logits).bool()
+        w = keep.double()
+        self.logit_sum += (logits * w).sum(dim=(0, 2, 3))
+        self.logit_sq += (logits.square() * w).sum(dim=(0, 2, 3))
+        self.logit_n += w.sum(dim=(0, 2, 3))
 
-def attention_logits(attn: nn.Module, qkv_out: torch.Tensor) -> torch.Tensor:
-    """(B, H, T, T) scaled logits ``q k^T / sqrt(d_head)`` recomputed from the fused qkv output."""
-    B, T, C3 = qkv_out.shape
-    C = C3 // 3
+
+def head_logits(q: torch.Tensor, k: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+    """(B, H, Tq, Tk) scaled logits ``q k^T / sqrt(d_head)`` from projected q (B, Tq, H d) and k
+    (B, Tk, H_kv d); grouped-query k heads are shared by ``heads // kv_heads`` query heads."""
+    B, Tq, Cq = q.shape
+    d = Cq // heads
+    qh = q.reshape(B, Tq, heads, d).transpose(1, 2)
+    kh = k.reshape(B, k.shape[1], kv_heads, d).transpose(1, 2)
+    if kv_heads != heads:
+        kh = kh.repeat_interleave(heads // kv_heads, dim=1)
+    return (qh @ kh.transpose(-2, -1)) * (1.0 / math.sqrt(d))
+
+
+def attention_logits(layout: AttentionLayout, qkv_out: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, T) scaled logits recomputed from a fused qkv output (rows ``[q; k; v]``)."""
+    C = qkv_out.shape[-1] // 3
     q, k, _ = qkv_out.split(C, dim=2)
-    q, k = (t.reshape(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k))
-    return (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.shape[-1]))
+    return head_logits(q, k, layout.heads, layout.heads)
+
+
+def _key_mask(args: tuple, kwargs: dict, batch: int) -> torch.Tensor | None:
+    """The attention call's key mask when it is daptq's convention: ``attn(x, mask)`` / ``mask=``, a bool
+    (B, T) tensor, True for keys that may be attended to; anything else is not read (logits unmasked)."""
+    mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.ndim == 2 and len(mask) == batch:
+        return mask
+    return None
 
 
 @contextlib.contextmanager
-def capture_attention_stats(model: nn.Module, names: Iterable[str]) -> Iterator[dict[str, AttentionStats]]:
-    """Accumulate per-head logit statistics and output-projection energy of the named attention modules.
+def capture_attention_stats(
+    model: nn.Module, layouts: Iterable[AttentionLayout]
+) -> Iterator[dict[str, AttentionStats]]:
+    """Accumulate per-head logit statistics and output-projection energy of the given attention modules.
 
-    Masked keys (``mask`` False) are left out of the logit statistics. Hooks are removed on exit (also on
-    error).
+    Logits come from the q and k projections' outputs (before any rotary embedding, which a per-head
+    temperature commutes with), from the fused ``qkv`` or from separate ``q``/``k``. Masked keys (daptq's
+    ``attn(x, mask)`` convention) are left out. Hooks are removed on exit (also on error).
     """
     stats: dict[str, AttentionStats] = {}
     handles = []
     try:
-        for name in names:
-            attn = model.get_submodule(name)
-            if not is_attention(attn):
-                raise ValueError(f"{name} is not an attention module (n_head, qkv, proj)")
-            st = stats[name] = AttentionStats(attn.n_head)
-            current_mask: dict[str, torch.Tensor | None] = {"mask": None}
+        for layout in layouts:
+            attn = _submodule(model, layout.name)
+            linears = {n: _linear(model, n, layout) for n in layout.linears()}
+            st = stats[layout.name] = AttentionStats(layout.heads)
+            call: dict[str, Any] = {"args": (), "kwargs": {}, "q": None, "k": None}
 
-            def pre(_m, args, kwargs, _cm=current_mask):
-                mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
-                _cm["mask"] = mask
+            def pre(_m, args, kwargs, _call=call):
+                _call.update(args=args, kwargs=kwargs, q=None, k=None)
 
-            def on_qkv(_m, _args, out, _attn=attn, _st=st, _cm=current_mask):
-                with torch.no_grad():
-                    logits = attention_logits(_attn, out.detach().double())
-                    mask = _cm["mask"]
-                    if mask is None:
-                        keep = torch.ones_like(logits, dtype=torch.bool)
-                    else:
-                        keep = mask[:, None, None, :].expand_as(logits).bool()
-                    w = keep.double()
-                    _st.logit_sum += (logits * w).sum(dim=(0, 2, 3))
-                    _st.logit_sq += (logits.square() * w).sum(dim=(0, 2, 3))
-                    _st.logit_n += w.sum(dim=(0, 2, 3))
+            def mask_for(_call, batch):
+                return _key_mask(_call["args"], _call["kwargs"], batch)
 
-            def on_proj(_m, _args, out, _st=st):
+            if layout.fused:
+
+                def on_qkv(_m, _args, out, _layout=layout, _st=st, _call=call):
+                    with torch.no_grad():
+                        logits = attention_logits(_layout, out.detach().double())
+                        _st.add_logits(logits, mask_for(_call, logits.shape[0]))
+
+                handles.append(linears[layout.qkv].register_forward_hook(on_qkv))
+            else:
+
+                def on_qk(which, _layout=layout, _st=st, _call=call):
+                    def hook(_m, _args, out):
+                        _call[which] = out.detach().double()
+                        if _call["q"] is not None and _call["k"] is not None:
+                            with torch.no_grad():
+                                logits = head_logits(
+                                    _call["q"], _call["k"], _layout.heads, _layout.n_kv_heads
+                                )
+                                _st.add_logits(logits, mask_for(_call, logits.shape[0]))
+                            _call.update(q=None, k=None)
+
+                    return hook
+
+                handles.append(linears[layout.q].register_forward_hook(on_qk("q")))
+                handles.append(linears[layout.k].register_forward_hook(on_qk("k")))
+
+            def on_out(_m, _args, out, _st=st):
                 with torch.no_grad():
                     _st.out_sq += float(out.detach().double().square().sum())
                     _st.out_n += out.numel()
 
             handles.append(attn.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(attn.qkv.register_forward_hook(on_qkv))
-            handles.append(attn.proj.register_forward_hook(on_proj))
+            handles.append(linears[layout.out].register_forward_hook(on_out))
         yield stats
     finally:
         for h in handles:
             h.remove()
 
 
-def collect_stats(model: nn.Module, names: list[str], run: Callable[[], Any]) -> dict[str, AttentionStats]:
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"QuantVLA: {name!r} is not a module of the model") from None
+
+
+def _linear(model: nn.Module, name: str, layout: AttentionLayout) -> nn.Module:
+    module = _submodule(model, name)
+    if not isinstance(module, nn.Linear):
+        raise ValueError(
+            f"QuantVLA: attention {layout.name!r}: projection {name!r} is not a Linear "
+            f"({type(module).__name__})"
+        )
+    return module
+
+
+def collect_stats(
+    model: nn.Module, layouts: Sequence[AttentionLayout], run: Callable[[], Any]
+) -> dict[str, AttentionStats]:
     """Run ``run()`` (the calibration passes) under capture hooks, without autograd."""
-    with capture_attention_stats(model, names) as stats, torch.no_grad():
+    with capture_attention_stats(model, layouts) as stats, torch.no_grad():
         run()
     return stats
 
@@ -184,33 +250,33 @@ def _requantize_if_fake(layer: nn.Module, name: str) -> None:
 
 
 @torch.no_grad()
-def fold_temperature_(attn: nn.Module, alpha: torch.Tensor, name: str = "attn") -> None:
-    """Scale head h's logits by ``alpha[h]`` by scaling its query rows (weight and bias) of ``qkv``."""
-    if not is_attention(attn):
-        raise ValueError(f"{name} is not an attention module (n_head, qkv, proj)")
+def fold_temperature_(model: nn.Module, layout: AttentionLayout, alpha: torch.Tensor) -> None:
+    """Scale head h's logits by ``alpha[h]``: scale that head's query rows (weight and bias), in the fused
+    ``qkv``'s first third or in the separate ``q`` projection (exact, also under grouped-query attention,
+    where k is shared, and rotary embeddings, which rotate within a head)."""
     alpha = torch.as_tensor(alpha, dtype=torch.float32).reshape(-1)
-    if alpha.numel() != attn.n_head:
-        raise ValueError(f"{name}: alpha has {alpha.numel()} values for {attn.n_head} heads")
-    qkv = attn.qkv
-    C = qkv.weight.shape[0] // 3
-    gain = torch.ones(qkv.weight.shape[0], dtype=torch.float32)
-    gain[:C] = alpha.repeat_interleave(C // attn.n_head)
-    qkv.weight.mul_(gain[:, None].to(qkv.weight))
-    if qkv.bias is not None:
-        qkv.bias.mul_(gain.to(qkv.bias))
-    _requantize_if_fake(qkv, f"{name}.qkv")
+    if alpha.numel() != layout.heads:
+        raise ValueError(f"{layout.name}: alpha has {alpha.numel()} values for {layout.heads} heads")
+    name = layout.qkv if layout.fused else layout.q
+    proj = _linear(model, name, layout)  # type: ignore[arg-type]
+    rows = proj.weight.shape[0]
+    C = rows // 3 if layout.fused else rows
+    gain = torch.ones(rows, dtype=torch.float32)
+    gain[:C] = alpha.repeat_interleave(C // layout.heads)
+    proj.weight.mul_(gain[:, None].to(proj.weight))
+    if proj.bias is not None:
+        proj.bias.mul_(gain.to(proj.bias))
+    _requantize_if_fake(proj, name)  # type: ignore[arg-type]
 
 
 @torch.no_grad()
-def fold_output_gain_(attn: nn.Module, beta: float, name: str = "attn") -> None:
+def fold_output_gain_(model: nn.Module, layout: AttentionLayout, beta: float) -> None:
     """Scale the attention output by ``beta`` through the output projection's weight and bias."""
-    if not is_attention(attn):
-        raise ValueError(f"{name} is not an attention module (n_head, qkv, proj)")
-    proj = attn.proj
+    proj = _linear(model, layout.out, layout)
     proj.weight.mul_(float(beta))
     if proj.bias is not None:
         proj.bias.mul_(float(beta))
-    _requantize_if_fake(proj, f"{name}.proj")
+    _requantize_if_fake(proj, layout.out)
 
 
 def temperature_ratios(
@@ -233,7 +299,7 @@ def output_ratios(
 def match_attention_(
     fp_model: nn.Module | dict[str, AttentionStats],
     q_model: nn.Module,
-    names: list[str],
+    layouts: Sequence[AttentionLayout],
     run: Callable[[nn.Module], Any],
     *,
     atm: bool = True,
@@ -246,24 +312,25 @@ def match_attention_(
     ``run(model)`` runs the calibration passes (same inputs and noise every call). Returns the decisions:
     ``{"alpha": {name: [per head]}, "beta": {name: value}, "fp_logit_std", "q_logit_std", ...}``.
     """
-    fp = fp_model if isinstance(fp_model, dict) else collect_stats(fp_model, names, lambda: run(fp_model))
+    names = [a.name for a in layouts]
+    fp = fp_model if isinstance(fp_model, dict) else collect_stats(fp_model, layouts, lambda: run(fp_model))
     decisions: dict[str, Any] = {"alpha": {}, "beta": {}}
-    q = collect_stats(q_model, names, lambda: run(q_model))
+    q = collect_stats(q_model, layouts, lambda: run(q_model))
     decisions["fp_logit_std"] = {n: fp[n].logit_std().tolist() for n in names}
     decisions["q_logit_std"] = {n: q[n].logit_std().tolist() for n in names}
     if atm:
         alphas = temperature_ratios(fp, q, band, clip)
-        for n in names:
-            fold_temperature_(q_model.get_submodule(n), alphas[n], n)
-            decisions["alpha"][n] = alphas[n].tolist()
-        q = collect_stats(q_model, names, lambda: run(q_model))
+        for a in layouts:
+            fold_temperature_(q_model, a, alphas[a.name])
+            decisions["alpha"][a.name] = alphas[a.name].tolist()
+        q = collect_stats(q_model, layouts, lambda: run(q_model))
     decisions["fp_out_rms"] = {n: fp[n].out_rms() for n in names}
     decisions["q_out_rms"] = {n: q[n].out_rms() for n in names}
     if ohb:
         betas = output_ratios(fp, q, band, clip)
-        for n in names:
-            fold_output_gain_(q_model.get_submodule(n), betas[n], n)
-            decisions["beta"][n] = betas[n]
+        for a in layouts:
+            fold_output_gain_(q_model, a, betas[a.name])
+            decisions["beta"][a.name] = betas[a.name]
     return decisions
 
 
@@ -294,14 +361,15 @@ class QuantVLAConfig(MethodConfig):
             )
 
 
-def _layout_plan(adapter: Any, plan: ScopePlan, head_role: str) -> ScopePlan:
+def _layout_plan(adapter: VLAAdapter, plan: ScopePlan, head_role: str) -> ScopePlan:
     """Drop the head's attention projections and its non-MLP linears from ``plan`` (kept float, with why)."""
     modules, kept = {}, dict(plan.kept_float)
+    kinds = layout_kinds(adapter)
     for name, m in plan.modules.items():
         if m.role != head_role:
             modules[name] = m
             continue
-        kind = layout_kind(adapter.model, name)
+        kind = kinds.get(name, "other")
         if kind == "mlp":
             modules[name] = m
         elif kind == "attention":
@@ -326,23 +394,22 @@ class QuantVLA(Method):
             self._base = RTN(RTNConfig(spec=config.spec, scope=config.scope))
         self._batches: list[Any] = []
         self._fp_stats: dict[str, AttentionStats] = {}
-        self._targets: list[str] = []
+        self._targets: list[AttentionLayout] = []
 
-    def prepare(self, adapter: Any) -> None:
+    def prepare(self, adapter: VLAAdapter) -> None:
         super().prepare(adapter)
         self.plan = _layout_plan(adapter, require_plan(self), self.config.head_role)
         self._base.plan = self.plan
-        roles = {m.name: m.role for m in adapter.quantizable_modules()}
-        self._targets = attention_names(adapter.model, roles, self.config.head_role)
+        self._targets = attention_targets(adapter, self.config.head_role)
 
-    def _run(self, adapter: Any) -> Callable[[nn.Module], None]:
+    def _run(self, adapter: VLAAdapter) -> Callable[[nn.Module], None]:
         def run(_model: nn.Module) -> None:
             for i, batch in enumerate(self._batches):
                 forward_batch(adapter, batch, seed=i)
 
         return run
 
-    def calibrate(self, adapter: Any, batches: Sequence[Any]) -> None:
+    def calibrate(self, adapter: VLAAdapter, batches: Sequence[Any]) -> None:
         require_plan(self)
         if not batches:
             raise ValueError("QuantVLA: ATM/OHB need calibration batches")
@@ -355,7 +422,7 @@ class QuantVLA(Method):
             adapter.model, self._targets, lambda: self._run(adapter)(adapter.model)
         )
 
-    def apply(self, adapter: Any) -> None:
+    def apply(self, adapter: VLAAdapter) -> None:
         require_plan(self)
         if not self._fp_stats:
             raise RuntimeError("QuantVLA.apply: calibrate() has not run")
@@ -371,5 +438,6 @@ class QuantVLA(Method):
             band=c.neutral_band,
             clip=c.clip,
         )
-        self.decisions.update({"base": c.base, "attention_modules": self._targets, **decisions})
+        names = [a.name for a in self._targets]
+        self.decisions.update({"base": c.base, "attention_modules": names, **decisions})
         self.decisions.update({f"base_{k}": v for k, v in self._base.decisions.items()})

@@ -47,6 +47,7 @@ from daptq.atomic import atomic_write_bytes
 from daptq.methods import register_method
 from daptq.methods.base import Method, MethodConfig, require_plan
 from daptq.methods.record import QuantRecord
+from daptq.models.adapter import VLAAdapter
 from daptq.quant import ActivationSpec, QuantSpec, WeightSpec, quantize_weight
 from daptq.quant.bytes import mixed_weight_bytes
 from daptq.quant.fake import dequantize_weight, fake_quantize_activation
@@ -554,15 +555,9 @@ class QVLAConfig(MethodConfig):
             raise ValueError(f"QVLAConfig: need n_probes >= 1 and exact_top_k >= 0, got {self}")
 
 
-def differentiable_action(adapter: Any) -> ActionFn:
-    """The adapter's action chunk with autograd kept (``differentiable_chunk(batch, generator)``)."""
-    fn = getattr(adapter, "differentiable_chunk", None)
-    if fn is None:
-        raise ValueError(
-            f"QVLA needs {type(adapter).__name__}.differentiable_chunk(batch, generator): the action chunk "
-            "with autograd kept, to estimate the Jacobian of the action w.r.t. each layer"
-        )
-    return lambda batch, generator: fn(batch, generator=generator)
+def differentiable_action(adapter: VLAAdapter) -> ActionFn:
+    """The adapter's action chunk with autograd kept (``VLAAdapter.sample(batch, generator)``)."""
+    return lambda batch, generator: adapter.sample(batch, generator=generator)
 
 
 @register_method(QVLAConfig, name="qvla")
@@ -573,15 +568,14 @@ class QVLA(Method):
         super().__init__(config)
         self._sens: dict[str, LayerSensitivity] = {}
 
-    def prepare(self, adapter: Any) -> None:
+    def prepare(self, adapter: VLAAdapter) -> None:
         super().prepare(adapter)
         plan = require_plan(self)
         bad = [n for n, m in plan.modules.items() if m.kind != "Linear"]
         if bad:
             raise ValueError(f"QVLA quantizes Linear layers only; exclude {bad[:5]} from the scope")
-        differentiable_action(adapter)  # fail before calibration if the adapter cannot give gradients
 
-    def calibrate(self, adapter: Any, batches: Sequence[Any]) -> None:
+    def calibrate(self, adapter: VLAAdapter, batches: Sequence[Any]) -> None:
         plan = require_plan(self)
         if not batches:
             raise ValueError("QVLA: sensitivities need calibration batches")
@@ -600,7 +594,7 @@ class QVLA(Method):
             check["spearman_proxy_vs_exact"] = None
         self.decisions["exact_check"] = check
 
-    def apply(self, adapter: Any) -> None:
+    def apply(self, adapter: VLAAdapter) -> None:
         from daptq.quant._util import set_module
 
         require_plan(self)

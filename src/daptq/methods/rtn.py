@@ -15,6 +15,7 @@ import torch
 
 from daptq.methods import register_method
 from daptq.methods.base import Method, MethodConfig, forward_batch, module_of, require_plan
+from daptq.models.adapter import VLAAdapter
 from daptq.quant.api import quantize_
 from daptq.quant.observers import ActivationObserver
 from daptq.quant.spec import ActivationSpec, QuantSpec, WeightSpec
@@ -70,7 +71,7 @@ class RTN(Method):
             for r in self.config.scope.rules
         )
 
-    def calibrate(self, adapter: Any, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    def calibrate(self, adapter: VLAAdapter, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
         plan = require_plan(self)
         static = _static_layers(plan.specs)
         if not static:
@@ -86,7 +87,7 @@ class RTN(Method):
             forward_batch(adapter, batch, seed=i)
         self._observers = observers
 
-    def apply(self, adapter: Any) -> None:
+    def apply(self, adapter: VLAAdapter) -> None:
         plan = require_plan(self)
         results = {n: obs.compute() for n, obs in self._observers.items()}
         quantize_(adapter.model, plan.specs, activation_qparams=results)

@@ -20,6 +20,7 @@ from torch import nn
 from daptq.methods import register_method
 from daptq.methods.base import Method, MethodConfig, forward_batch, require_plan
 from daptq.methods.scope import ScopePlan
+from daptq.models.adapter import VLAAdapter
 from daptq.quant.api import quantize_
 from daptq.quant.capture import ChannelStats, capture
 from daptq.quant.observers import ActivationObserver
@@ -54,7 +55,7 @@ def weight_absmax_per_input(layers: Sequence[nn.Linear]) -> torch.Tensor:
 
 # ---- shared by the calibration-based baselines ------------------------------------------------------------
 def calibration_run(
-    adapter: Any, batches: Sequence[Mapping[str, torch.Tensor]]
+    adapter: VLAAdapter, batches: Sequence[Mapping[str, torch.Tensor]]
 ) -> Callable[[nn.Module], None]:
     """The forward passes a method observes: every batch through the whole policy (``forward_batch``)."""
 
@@ -82,7 +83,7 @@ def static_activation_layers(specs: Mapping[str, QuantSpec]) -> list[str]:
 
 
 def observe_static_activations(
-    adapter: Any, specs: Mapping[str, QuantSpec], batches: Sequence[Mapping[str, torch.Tensor]]
+    adapter: VLAAdapter, specs: Mapping[str, QuantSpec], batches: Sequence[Mapping[str, torch.Tensor]]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """Static activation ``(scale, zero_point)`` of every layer whose spec asks for one, observed on the model
     as it is now (after smoothing: the inputs it will see). Empty when no spec is static."""
@@ -101,14 +102,10 @@ def observe_static_activations(
 
 
 def smoothing_groups_in_plan(
-    adapter: Any, plan: ScopePlan, needs: Callable[[QuantSpec], bool]
+    adapter: VLAAdapter, plan: ScopePlan, needs: Callable[[QuantSpec], bool]
 ) -> tuple[list[SmoothingGroup], dict[str, str]]:
     """The adapter's smoothing groups whose layers the plan quantizes with specs ``needs`` accepts, and why
     each other group (or all, for an adapter that declares none) is left alone."""
-    if not hasattr(adapter, "smoothing_groups"):
-        return [], {
-            "*": f"{type(adapter).__name__} declares no smoothing groups (VLAAdapter.smoothing_groups)"
-        }
     groups = list(adapter.smoothing_groups())
     check_groups(adapter.model, groups)
     chosen, skipped = [], {}
@@ -122,7 +119,7 @@ def smoothing_groups_in_plan(
         else:
             chosen.append(group)
     if not groups:
-        skipped["*"] = f"{type(adapter).__name__}.smoothing_groups() is empty"
+        skipped["*"] = f"{type(adapter).__name__}.smoothing_groups() is empty (declares no smoothing groups)"
     return chosen, skipped
 
 
@@ -167,7 +164,7 @@ class SmoothQuant(Method):
         self._stats: dict[str, ChannelStats] = {}
         self._batches: Sequence[Mapping[str, torch.Tensor]] = ()
 
-    def calibrate(self, adapter: Any, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    def calibrate(self, adapter: VLAAdapter, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
         plan = require_plan(self)
         if not batches:
             raise ValueError("SmoothQuant needs calibration batches")
@@ -178,7 +175,7 @@ class SmoothQuant(Method):
             capture(adapter.model, calibration_run(adapter, batches), inputs=stats)
         self._stats, self._batches = stats, batches
 
-    def apply(self, adapter: Any) -> None:
+    def apply(self, adapter: VLAAdapter) -> None:
         plan = require_plan(self)
         model = adapter.model
         smoothed = {}

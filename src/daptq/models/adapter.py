@@ -205,6 +205,21 @@ class InterfaceModule:
     kind: InterfaceKind
     fold: FoldExactness = "exact"
     note: str = ""
+    # fold="tied_pairs": the head size of the rotary embedding that follows, which rotates channel i of each
+    # head with channel i + rope_head_dim // 2 (the "rotate_half" convention of Llama-style models).
+    rope_head_dim: int | None = None
+
+    def rope_pairs(self) -> torch.Tensor:
+        """(P, 2) channel indices rotated together by the rotary embedding (fold="tied_pairs")."""
+        out_features = self.module.out_features
+        hd = self.rope_head_dim
+        if hd is None or hd % 2 or out_features % hd:
+            raise ValueError(
+                f"interface {self.name!r}: fold='tied_pairs' needs an even rope_head_dim dividing its "
+                f"{out_features} outputs, got {hd!r}"
+            )
+        first = torch.cat([h * hd + torch.arange(hd // 2) for h in range(out_features // hd)])
+        return torch.stack([first, first + hd // 2], dim=1)
 
 
 class VLAAdapter(ABC):
@@ -336,6 +351,11 @@ def check_adapter(adapter: Any) -> VLAAdapter:
             problems.append(
                 f"interface module {i.name!r}: fold {i.fold!r} is not one of {list(FOLD_EXACTNESS)}"
             )
+        elif i.fold == "tied_pairs" and isinstance(i.module, nn.Linear):
+            try:
+                i.rope_pairs()
+            except ValueError as e:
+                problems.append(str(e))
     layouts = adapter.attention_layouts()
     if layouts and "attention" not in caps:
         problems.append("attention_layouts() declares layouts but 'attention' is not in capabilities")

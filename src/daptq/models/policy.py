@@ -75,6 +75,9 @@ class ChunkedPolicy(ABC):
     def info(self) -> PolicyInfo:
         """What the evaluator needs to know about this policy (observation settings, digest, recipe)."""
 
+    def invalidate_caches(self) -> None:  # noqa: B027 (optional hook, nothing cached by default)
+        """Drop whatever the policy caches from its weights (called after quantization changed them)."""
+
     def predict_chunk(
         self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
     ) -> torch.Tensor:

@@ -288,7 +288,7 @@ def load_quantized_policy(directory: str | os.PathLike, base_factory: Callable[[
     self-contained directory any weights do, only the architecture matters). The returned policy carries
     ``quant_record`` (a QuantRecord) and ``recipe`` (its summary, for reports).
     """
-    from daptq.methods.record import QuantRecord
+    from daptq.models.record import QuantRecord
     from daptq.quant.io import _read_safetensors, load_quantized_state
 
     directory = Path(directory)

@@ -20,7 +20,7 @@ Model-input batches (``Mapping[str, Tensor]``) of ``condition``, ``predict_chunk
 from __future__ import annotations
 
 import json
-from collections import deque
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -36,14 +36,18 @@ from daptq.data.format import LEGACY_DEMO_VERSION, LEGACY_SCENE_VERSION
 from daptq.models.adapter import (
     METAWORLD_ACTION_SPACE,
     ActionSpace,
+    AttentionLayout,
+    InterfaceModule,
     Observation,
     PolicyInfo,
     QuantizableModule,
+    VLAAdapter,
     state_digest,
 )
 from daptq.models.batching import slot_noise, slot_rows, stack_rows
 from daptq.models.dit import DiTActionHead, NoiseSchedule
 from daptq.models.encoders import LANGUAGE_DIM, LanguageEncoder, VisionEncoder
+from daptq.models.policy import ChunkedPolicy
 from daptq.models.transformer import Block
 from daptq.quant.smoothing import SmoothingGroup
 
@@ -236,8 +240,181 @@ class ReferenceVLA(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(FROZEN_PREFIXES)}
 
 
-class ReferencePolicy:
-    """The reference VLA as a closed-loop ``Policy`` and a ``VLAAdapter``.
+class ReferenceAdapter(VLAAdapter):
+    """What quantization methods know about the reference VLA; the only place its structure is declared.
+
+    Stacks: ``vision`` (EfficientNet blocks), ``language`` (MiniLM layers), ``backbone`` (the transformer
+    blocks producing z), ``dit`` (the action head's DiT blocks). One stream. The interface is ``head.z_proj``
+    (one vector z per sample; an affine folds into it exactly). Objective: diffusion epsilon-MSE.
+    """
+
+    objective_kind = "diffusion"
+    capabilities = frozenset({"attention", "smoothing", "condition", "batched_eval"})
+
+    def __init__(self, model: ReferenceVLA, action_space: ActionSpace = METAWORLD_ACTION_SPACE) -> None:
+        self.model = model
+        self.action_space = action_space
+
+    @property
+    def config(self) -> ReferenceVLAConfig:
+        return self.model.config
+
+    def condition(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.model.condition(batch)
+
+    def objective(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        dim_weights: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Epsilon-prediction MSE of the DiT head on ``batch["actions"]``."""
+        if "actions" not in batch:
+            raise ValueError("objective needs batch['actions'] (B, K, action_dim)")
+        return self.model.denoising_loss(
+            self.model.condition(batch), batch["actions"], dim_weights, generator
+        )
+
+    def sample(
+        self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``predict_chunk`` with autograd kept (same noise for the same generator state): sensitivity methods
+        differentiate the action chunk w.r.t. a layer's output (QVLA's Jacobian, DA-PTQ)."""
+        z = self.model.condition(batch)
+        c = self.config
+        chunk = self.model.schedule.sample_with_grad(
+            lambda x, t: self.model.head(x, t, z),
+            (z.shape[0], c.chunk_size, c.action_dim),
+            c.num_inference_steps,
+            generator=generator,
+            device=z.device,
+        )
+        return chunk.clamp(self.action_space.low, self.action_space.high)
+
+    @torch.no_grad()
+    def predict_chunk(
+        self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        z = self.model.condition(batch)
+        return self.model.sample(z, generator).clamp(self.action_space.low, self.action_space.high)
+
+    def interface_modules(self) -> list[InterfaceModule]:
+        return [
+            InterfaceModule(
+                "head.z_proj", self.model.head.z_proj, "vector", "exact", f"z (B, {self.config.d_model})"
+            )
+        ]
+
+    def quantizable_modules(self) -> list[QuantizableModule]:
+        """Every Linear and Conv2d with its role and place; ``meta["kind"]`` says which ("linear" or
+        "conv2d"), ``meta["part"]`` which part of a repeated block it is ("attention", "mlp",
+        "modulation")."""
+        out = []
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.Linear):
+                kind = "linear"
+            elif isinstance(module, nn.Conv2d):
+                kind = "conv2d"
+            else:
+                continue
+            meta: dict[str, Any] = {"kind": kind}
+            stack, block, part = module_place(name)
+            if part is not None:
+                meta["part"] = part
+            out.append(QuantizableModule(name, module, module_role(name), meta, block, stack))
+        return out
+
+    def attention_layouts(self) -> list[AttentionLayout]:
+        """Fused-qkv self-attention of the backbone and DiT blocks; MiniLM's separate query/key/value."""
+        c = self.config
+        out = [
+            AttentionLayout(
+                f"blocks.{i}.attn",
+                c.n_head,
+                "backbone",
+                out=f"blocks.{i}.attn.proj",
+                qkv=f"blocks.{i}.attn.qkv",
+                block=i,
+                stack="backbone",
+            )  # fmt: skip
+            for i in range(c.n_layer)
+        ]
+        out += [
+            AttentionLayout(
+                f"head.blocks.{i}.attn",
+                c.dit_n_head,
+                "action_head",
+                out=f"head.blocks.{i}.attn.proj",
+                qkv=f"head.blocks.{i}.attn.qkv",
+                block=i,
+                stack="dit",
+            )  # fmt: skip
+            for i in range(c.dit_n_layer)
+        ]
+        bert = self.model.language.bert
+        for i in range(len(bert.encoder.layer)):
+            p = f"language.bert.encoder.layer.{i}.attention"
+            out.append(
+                AttentionLayout(
+                    f"{p}.self",
+                    bert.config.num_attention_heads,
+                    "language",
+                    out=f"{p}.output.dense",
+                    q=f"{p}.self.query",
+                    k=f"{p}.self.key",
+                    v=f"{p}.self.value",
+                    block=i,
+                    stack="language",
+                )  # fmt: skip
+            )
+        return out
+
+    def smoothing_groups(self) -> list[SmoothingGroup]:
+        """Backbone blocks: ln_1 -> qkv, value rows -> attn.proj, ln_2 -> mlp.fc. DiT blocks: the adaLN
+        modulation (shift/scale chunks) -> qkv and -> mlp.fc, value rows -> attn.proj; the final adaLN ->
+        action_out. mlp.proj (after GELU) and the layers fed by the encoders have no foldable predecessor;
+        ln_f is left alone because its output is z itself."""
+        groups = []
+        d = self.config.d_model
+        for i in range(self.config.n_layer):
+            p = f"blocks.{i}"
+            groups += [
+                SmoothingGroup(f"{p}.ln_1", (f"{p}.attn.qkv",), "layernorm"),
+                SmoothingGroup(f"{p}.attn.qkv", (f"{p}.attn.proj",), "linear", offset=2 * d),
+                SmoothingGroup(f"{p}.ln_2", (f"{p}.mlp.fc",), "layernorm"),
+            ]
+        e = self.config.dit_d_model
+        for i in range(self.config.dit_n_layer):  # adaLN chunks: shift1, scale1, gate1, shift2, scale2, gate2
+            p = f"head.blocks.{i}"
+            groups += [
+                SmoothingGroup(f"{p}.adaLN", (f"{p}.attn.qkv",), "adaln", offset=0, scale_offset=e),
+                SmoothingGroup(f"{p}.attn.qkv", (f"{p}.attn.proj",), "linear", offset=2 * e),
+                SmoothingGroup(f"{p}.adaLN", (f"{p}.mlp.fc",), "adaln", offset=3 * e, scale_offset=4 * e),
+            ]
+        groups.append(SmoothingGroup("head.final_adaLN", ("head.action_out",), "adaln", 0, scale_offset=e))
+        return groups
+
+    def calibration_batches(self, batches: Iterator[Mapping[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:
+        """Dataset batches (``image`` uint8 (B,H,W,3), ``state`` (B,4), ``instruction`` list[str], optional
+        ``actions`` (B,K,4); numpy or torch) -> model-input batches that run both encoders."""
+        for raw in batches:
+            for key in ("image", "state", "instruction"):
+                if key not in raw:
+                    raise ValueError(f"calibration batch is missing {key!r} (has {sorted(raw)})")
+            batch = {
+                "image": torch.as_tensor(np.asarray(raw["image"])),
+                "state": torch.as_tensor(np.asarray(raw["state"]), dtype=torch.float32),
+                **self.model.language.tokenize(list(raw["instruction"])),
+            }
+            if "actions" in raw:
+                batch["actions"] = torch.as_tensor(np.asarray(raw["actions"]), dtype=torch.float32)
+            yield batch
+
+
+class ReferencePolicy(ChunkedPolicy):
+    """The reference VLA as a closed-loop ``Policy``; its ``adapter`` (a ``ReferenceAdapter``) is what
+    quantization methods take. Also the batched-evaluation provider (``predict_chunks``, shared vision
+    features) and the language cache.
 
     Action chunking: each re-plan predicts K=8 actions and executes the first ``n_action_steps``=4 of them
     before re-planning from a fresh observation (half the chunk; longer open-loop execution made contact tasks
@@ -251,9 +428,8 @@ class ReferencePolicy:
     """
 
     def __init__(self, model: ReferenceVLA, meta: Mapping[str, Any] | None = None) -> None:
-        self.model = model.eval()
-        self.config = model.config
-        self.action_space: ActionSpace = METAWORLD_ACTION_SPACE
+        super().__init__(METAWORLD_ACTION_SPACE, model.config.n_action_steps)
+        self.adapter: ReferenceAdapter = ReferenceAdapter(model.eval(), self.action_space)
         self.meta = dict(meta or {})
         # The envs.SCENE_VERSION of the training images; None without a training record.
         training = self.meta.get("training")
@@ -266,9 +442,14 @@ class ReferencePolicy:
         )
         self._language_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._language_fingerprint: tuple | None = None
-        self._queue: deque[np.ndarray] = deque()
-        self._generator = torch.Generator()
-        self._generator.seed()
+
+    @property
+    def model(self) -> ReferenceVLA:
+        return self.adapter.model
+
+    @property
+    def config(self) -> ReferenceVLAConfig:
+        return self.adapter.model.config
 
     # What the policy must be shown; evaluation renders its environments from these.
     @property
@@ -294,42 +475,12 @@ class ReferencePolicy:
         )
 
     # ---- Policy -------------------------------------------------------------------------------------------
-    def reset(self, seed: int | None = None) -> None:
-        self._queue.clear()
-        if seed is None:
-            self._generator.seed()
-        else:
-            self._generator.manual_seed(int(seed))
+    def chunk_for_observation(self, observation: Observation, generator: torch.Generator) -> np.ndarray:
+        chunk = self.adapter.predict_chunk(self.observation_to_batch(observation), generator=generator)
+        return chunk[0].cpu().numpy().astype(np.float32)
 
-    @torch.no_grad()
-    def select_action(self, observation: Observation) -> np.ndarray:
-        if not self._queue:
-            chunk = self.predict_chunk(self.observation_to_batch(observation), generator=self._generator)
-            self._queue.extend(chunk[0, : self.config.n_action_steps].cpu().numpy().astype(np.float32))
-        return self._queue.popleft()
-
-    @torch.no_grad()
-    def predict_chunk(
-        self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        z = self.model.condition(batch)
-        return self.model.sample(z, generator).clamp(self.action_space.low, self.action_space.high)
-
-    def differentiable_chunk(
-        self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """``predict_chunk`` with autograd kept (same noise for the same generator state): sensitivity methods
-        differentiate the action chunk w.r.t. a layer's output (QVLA's Jacobian)."""
-        z = self.model.condition(batch)
-        c = self.config
-        chunk = self.model.schedule.sample_with_grad(
-            lambda x, t: self.model.head(x, t, z),
-            (z.shape[0], c.chunk_size, c.action_dim),
-            c.num_inference_steps,
-            generator=generator,
-            device=z.device,
-        )
-        return chunk.clamp(self.action_space.low, self.action_space.high)
+    def invalidate_caches(self) -> None:
+        self.clear_language_cache()
 
     @torch.no_grad()
     def predict_chunks(
@@ -435,83 +586,6 @@ class ReferencePolicy:
             self._language_cache[instruction] = (features, tokens["attention_mask"].bool())
         return self._language_cache[instruction]
 
-    # ---- VLAAdapter ---------------------------------------------------------------------------------------
-    def condition(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.model.condition(batch)
-
-    def denoising_loss(
-        self,
-        batch: Mapping[str, torch.Tensor],
-        dim_weights: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        if "actions" not in batch:
-            raise ValueError("denoising_loss needs batch['actions'] (B, K, action_dim)")
-        return self.model.denoising_loss(
-            self.model.condition(batch), batch["actions"], dim_weights, generator
-        )
-
-    def interface_modules(self) -> list[QuantizableModule]:
-        return [
-            QuantizableModule(
-                "head.z_proj", self.model.head.z_proj, "interface", {"d_z": self.config.d_model}
-            )
-        ]
-
-    def quantizable_modules(self) -> list[QuantizableModule]:
-        """Every Linear and Conv2d with its role; ``meta["kind"]`` says which ("linear" or "conv2d")."""
-        out = []
-        for name, module in self.model.named_modules():
-            if isinstance(module, nn.Linear):
-                kind = "linear"
-            elif isinstance(module, nn.Conv2d):
-                kind = "conv2d"
-            else:
-                continue
-            out.append(QuantizableModule(name, module, module_role(name), {"kind": kind}))
-        return out
-
-    def smoothing_groups(self) -> list[SmoothingGroup]:
-        """Backbone blocks: ln_1 -> qkv, value rows -> attn.proj, ln_2 -> mlp.fc. DiT blocks: the adaLN
-        modulation (shift/scale chunks) -> qkv and -> mlp.fc, value rows -> attn.proj; the final adaLN ->
-        action_out. mlp.proj (after GELU) and the layers fed by the encoders have no foldable predecessor;
-        ln_f is left alone because its output is z itself."""
-        groups = []
-        d = self.config.d_model
-        for i in range(self.config.n_layer):
-            p = f"blocks.{i}"
-            groups += [
-                SmoothingGroup(f"{p}.ln_1", (f"{p}.attn.qkv",), "layernorm"),
-                SmoothingGroup(f"{p}.attn.qkv", (f"{p}.attn.proj",), "linear", offset=2 * d),
-                SmoothingGroup(f"{p}.ln_2", (f"{p}.mlp.fc",), "layernorm"),
-            ]
-        e = self.config.dit_d_model
-        for i in range(self.config.dit_n_layer):  # adaLN chunks: shift1, scale1, gate1, shift2, scale2, gate2
-            p = f"head.blocks.{i}"
-            groups += [
-                SmoothingGroup(f"{p}.adaLN", (f"{p}.attn.qkv",), "adaln", offset=0, scale_offset=e),
-                SmoothingGroup(f"{p}.attn.qkv", (f"{p}.attn.proj",), "linear", offset=2 * e),
-                SmoothingGroup(f"{p}.adaLN", (f"{p}.mlp.fc",), "adaln", offset=3 * e, scale_offset=4 * e),
-            ]
-        groups.append(SmoothingGroup("head.final_adaLN", ("head.action_out",), "adaln", 0, scale_offset=e))
-        return groups
-
-    def calibration_batches(self, batches: Iterator[Mapping[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:
-        """Dataset batches (``image`` uint8 (B,H,W,3), ``state`` (B,4), ``instruction`` list[str], optional
-        ``actions`` (B,K,4); numpy or torch) -> model-input batches that run both encoders."""
-        for raw in batches:
-            for key in ("image", "state", "instruction"):
-                if key not in raw:
-                    raise ValueError(f"calibration batch is missing {key!r} (has {sorted(raw)})")
-            batch = {
-                "image": torch.as_tensor(np.asarray(raw["image"])),
-                "state": torch.as_tensor(np.asarray(raw["state"]), dtype=torch.float32),
-                **self.model.language.tokenize(list(raw["instruction"])),
-            }
-            if "actions" in raw:
-                batch["actions"] = torch.as_tensor(np.asarray(raw["actions"]), dtype=torch.float32)
-            yield batch
-
 
 def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
     """Pad (1, L, ...) language features / mask with zeros (False) to (1, length, ...)."""
@@ -551,6 +625,25 @@ def transfer_weights(source: ReferenceVLA, target: ReferenceVLA) -> None:
         if dst_pos.shape[1] - dst_cfg.num_vision_tokens != tail:
             raise ValueError("the models differ in language/state token positions")
         dst_pos[:, dst_cfg.num_vision_tokens :] = src_pos[:, src_cfg.num_vision_tokens :]
+
+
+_PLACES = (
+    (re.compile(r"^blocks\.(\d+)\.(attn|mlp)\."), "backbone"),
+    (re.compile(r"^head\.blocks\.(\d+)\.(attn|mlp|adaLN)\b"), "dit"),
+    (re.compile(r"^language\.bert\.encoder\.layer\.(\d+)\.(attention|intermediate|output)\."), "language"),
+    (re.compile(r"^vision\.blocks\.(\d+)\.()"), "vision"),
+)
+_PARTS = {"attn": "attention", "attention": "attention", "mlp": "mlp", "intermediate": "mlp", "output": "mlp"}
+
+
+def module_place(name: str) -> tuple[str | None, int | None, str | None]:
+    """(stack, block index, part of the block) of a module of ``ReferenceVLA``, Nones outside a stack."""
+    for pattern, stack in _PLACES:
+        m = pattern.match(name)
+        if m:
+            part = "modulation" if m.group(2) == "adaLN" else _PARTS.get(m.group(2))
+            return stack, int(m.group(1)), part
+    return None, None, None
 
 
 def module_role(name: str) -> str:
@@ -655,11 +748,13 @@ __all__ = [
     "ReferenceVLAConfig",
     "ReferenceVLA",
     "ReferencePolicy",
+    "ReferenceAdapter",
     "load_reference",
     "load_reference_policy",
     "load_reference_checkpoint",
     "save_reference_checkpoint",
     "module_role",
+    "module_place",
     "count_parameters",
     "transfer_weights",
 ]

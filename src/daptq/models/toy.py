@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -24,13 +23,15 @@ from torch import nn
 from daptq.models.adapter import (
     METAWORLD_ACTION_SPACE,
     ActionSpace,
+    InterfaceModule,
     Observation,
     PolicyInfo,
     QuantizableModule,
+    VLAAdapter,
     state_digest,
 )
 from daptq.models.batching import slot_noise, slot_rows
-from daptq.quant.smoothing import SmoothingGroup
+from daptq.models.policy import ChunkedPolicy
 
 # Centre and half-extent of the Meta-World Sawyer workspace (m), used to normalise the state input.
 _WORKSPACE_CENTRE = (0.0, 0.6, 0.15)
@@ -97,20 +98,19 @@ def _instruction_seed(instruction: str) -> int:
     return int.from_bytes(hashlib.sha256(instruction.encode("utf-8")).digest()[:4], "little")
 
 
-class ToyPolicy(nn.Module):
+def _toy_action_space(action_dim: int) -> ActionSpace:
+    if action_dim == METAWORLD_ACTION_SPACE.dim:
+        return METAWORLD_ACTION_SPACE
+    return ActionSpace(tuple(f"a{i}" for i in range(action_dim)), ("translation",) * action_dim)
+
+
+class ToyNet(nn.Module):
     """MLP(state, task embedding) -> action chunk, plus a pull towards a per-task target point."""
 
     def __init__(self, config: ToyConfig = ToyConfig()) -> None:
         super().__init__()
         self.config = config
-        self.action_space: ActionSpace = (
-            METAWORLD_ACTION_SPACE
-            if config.action_dim == METAWORLD_ACTION_SPACE.dim
-            else ActionSpace(
-                tuple(f"a{i}" for i in range(config.action_dim)), ("translation",) * config.action_dim
-            )
-        )
-        dim = self.action_space.dim
+        dim = config.action_dim
         gen = torch.Generator().manual_seed(config.seed)
         self.net = nn.Sequential(
             nn.Linear(4 + config.embed_dim, config.hidden),
@@ -128,25 +128,7 @@ class ToyPolicy(nn.Module):
         self.register_buffer("centre", torch.tensor(_WORKSPACE_CENTRE))
         self.register_buffer("half_extent", torch.tensor(_WORKSPACE_HALF))
         self.eval()
-        self._queue: deque[np.ndarray] = deque()
-        self._sampler = torch.Generator()
         self._embeddings: dict[str, torch.Tensor] = {}
-        self.reset(seed=0)
-
-    @property
-    def recipe(self) -> dict:
-        """Recorded in a run's config.json so the run can be reproduced (a quantized toy: its record's
-        summary, set by ``load_quantized_policy``)."""
-        override = self.__dict__.get("_quant_recipe")
-        return dict(override) if override is not None else {"method": "toy", **asdict(self.config)}
-
-    @recipe.setter
-    def recipe(self, value: dict) -> None:
-        self.__dict__["_quant_recipe"] = dict(value)
-
-    def info(self) -> PolicyInfo:
-        """State-only: declares no image size, camera or scene; identified by its weights and config."""
-        return PolicyInfo(digest=state_digest(self, self.recipe), recipe=self.recipe)
 
     def _perturb(self, rel_std: float, noise_seed: int) -> None:
         gen = torch.Generator().manual_seed(noise_seed)
@@ -160,25 +142,7 @@ class ToyPolicy(nn.Module):
             self._embeddings[instruction] = torch.randn(self.config.embed_dim, generator=gen)
         return self._embeddings[instruction]
 
-    def reset(self, seed: int | None = None) -> None:
-        """Clear the chunk queue; ``seed`` fixes the sampling noise of the episode."""
-        self._queue.clear()
-        if seed is not None:
-            self._sampler.manual_seed(int(seed))
-
-    @torch.no_grad()
-    def predict_chunk(
-        self,
-        batch: Mapping[str, torch.Tensor],
-        generator: torch.Generator | None = None,
-        noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``batch["state"]`` (B, 4), optional ``batch["task_embedding"]`` (B, E) -> actions (B, chunk, D).
-
-        ``noise`` (B, chunk, D), already scaled, replaces the draw from ``generator`` (batched rollouts)."""
-        return self._chunk(batch, generator, noise)
-
-    def _inputs(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def inputs(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         state = batch["state"].float()
         if state.ndim != 2 or state.shape[1] != 4:
             raise ValueError(f"toy: batch['state'] must be (B, 4), got {tuple(state.shape)}")
@@ -188,13 +152,16 @@ class ToyPolicy(nn.Module):
         ee = (state[:, :3] - self.centre) / self.half_extent
         return torch.cat([ee, state[:, 3:4], emb.float()], dim=1), ee, emb
 
-    def _chunk(
+    def chunk(
         self,
         batch: Mapping[str, torch.Tensor],
         generator: torch.Generator | None,
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x, ee, emb = self._inputs(batch)
+        """``batch["state"]`` (B, 4), optional ``batch["task_embedding"]`` (B, E) -> actions (B, chunk, D).
+
+        ``noise`` (B, chunk, D), already scaled, replaces the draw from ``generator`` (batched rollouts)."""
+        x, ee, emb = self.inputs(batch)
         base, slope = self.net(x).chunk(2, dim=1)
         # A smooth chunk: the base action drifting linearly over its K steps (a short motion primitive).
         k = torch.arange(self.config.chunk, dtype=torch.float32).view(1, -1, 1) / self.config.chunk
@@ -213,12 +180,129 @@ class ToyPolicy(nn.Module):
             noise = torch.zeros_like(out)
         return torch.tanh(out + pull + noise)
 
-    def differentiable_chunk(
+
+class ToyAdapter(VLAAdapter):
+    """The toy as a quantization target (so methods, `daptq quantize` and CI can run on it).
+
+    Roles: net.0 plays the backbone, net.2 the interface producing the latent, net.4 the action head. Its
+    objective is the L2 regression of the sampled chunk on ``batch["actions"]`` (no diffusion head).
+    """
+
+    ROLES = {"net.0": "backbone", "net.2": "interface", "net.4": "action_head"}
+    objective_kind = "regression_l2"
+    capabilities = frozenset({"condition", "batched_eval"})
+
+    def __init__(self, model: ToyNet) -> None:
+        self.model = model
+        self.action_space = _toy_action_space(model.config.action_dim)
+
+    @property
+    def chunk_size(self) -> int:
+        return self.model.config.chunk
+
+    def condition(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The latent the action head reads: the second hidden layer's output (B, hidden)."""
+        x, _, _ = self.model.inputs(batch)
+        return self.model.net[:4](x)
+
+    def sample(
         self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """``predict_chunk`` with autograd kept (same noise for the same generator state): what QVLA
-        differentiates to weigh each channel's error by its effect on the action."""
-        return self._chunk(batch, generator)
+        """The action chunk with autograd kept (same noise for the same generator state)."""
+        return self.model.chunk(batch, generator)
+
+    def objective(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        dim_weights: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """MSE of the sampled chunk against ``batch["actions"]``, optionally weighted per dimension."""
+        if "actions" not in batch:
+            raise ValueError("objective needs batch['actions'] (B, K, action_dim)")
+        actions = batch["actions"].float()
+        err = (self.model.chunk(batch, generator)[:, : actions.shape[1]] - actions) ** 2
+        if dim_weights is not None:
+            err = err * torch.as_tensor(dim_weights, dtype=err.dtype)
+        return err.mean()
+
+    def interface_modules(self) -> list[InterfaceModule]:
+        return [
+            InterfaceModule("net.2", self.model.net[2], "vector", "exact", f"(B, {self.model.config.hidden})")
+        ]
+
+    def quantizable_modules(self) -> list[QuantizableModule]:
+        """None of the toy's layers sits in a repeated block; a tanh follows each, so no smoothing groups."""
+        return [
+            QuantizableModule(name, self.model.get_submodule(name), role, {"kind": "linear"})
+            for name, role in self.ROLES.items()
+        ]
+
+    def calibration_batches(self, batches: Iterator[Mapping[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:
+        """Dataset batches (``state`` (B,4), ``instruction`` list[str], optional ``actions``) -> inputs."""
+        for raw in batches:
+            for key in ("state", "instruction"):
+                if key not in raw:
+                    raise ValueError(f"calibration batch is missing {key!r} (has {sorted(raw)})")
+            batch = {
+                "state": torch.as_tensor(np.asarray(raw["state"]), dtype=torch.float32),
+                "task_embedding": torch.stack(
+                    [self.model.task_embedding(str(s)) for s in raw["instruction"]]
+                ),
+            }
+            if "actions" in raw:
+                batch["actions"] = torch.as_tensor(np.asarray(raw["actions"]), dtype=torch.float32)
+            yield batch
+
+
+class ToyPolicy(ChunkedPolicy):
+    """The toy as a closed-loop policy: plays every action of each chunk; ``reset()`` without a seed keeps
+    the sampling stream (seeded 0 at construction) so two fresh toys act identically."""
+
+    keep_generator_on_none_seed = True
+
+    def __init__(self, config: ToyConfig = ToyConfig()) -> None:
+        model = ToyNet(config)
+        self.adapter: ToyAdapter = ToyAdapter(model)
+        super().__init__(self.adapter.action_space, config.chunk, seed=0)
+
+    @property
+    def model(self) -> ToyNet:
+        return self.adapter.model
+
+    @property
+    def config(self) -> ToyConfig:
+        return self.adapter.model.config
+
+    @property
+    def net(self) -> nn.Sequential:
+        return self.adapter.model.net
+
+    @property
+    def recipe(self) -> dict:
+        """Recorded in a run's config.json so the run can be reproduced (a quantized toy: its record's
+        summary, set by ``load_quantized_policy``)."""
+        override = self.__dict__.get("_quant_recipe")
+        return dict(override) if override is not None else {"method": "toy", **asdict(self.config)}
+
+    @recipe.setter
+    def recipe(self, value: dict) -> None:
+        self.__dict__["_quant_recipe"] = dict(value)
+
+    def info(self) -> PolicyInfo:
+        """State-only: declares no image size, camera or scene; identified by its weights and config."""
+        return PolicyInfo(digest=state_digest(self.model, self.recipe), recipe=self.recipe)
+
+    def task_embedding(self, instruction: str) -> torch.Tensor:
+        return self.model.task_embedding(instruction)
+
+    def _batch(self, observation: Observation) -> dict[str, torch.Tensor]:
+        state = torch.as_tensor(np.asarray(observation["state"], dtype=np.float32)).unsqueeze(0)
+        emb = self.task_embedding(str(observation.get("instruction", ""))).unsqueeze(0)
+        return {"state": state, "task_embedding": emb}
+
+    def chunk_for_observation(self, observation: Observation, generator: torch.Generator) -> np.ndarray:
+        return self.adapter.predict_chunk(self._batch(observation), generator)[0].numpy().astype(np.float32)
 
     @torch.no_grad()
     def predict_chunks(
@@ -234,77 +318,10 @@ class ToyPolicy(nn.Module):
         state = torch.as_tensor(np.stack([np.asarray(o["state"], dtype=np.float32) for o in obs]))
         emb = torch.stack([self.task_embedding(str(o.get("instruction", ""))) for o in obs])
         noise = slot_noise(generators, len(obs), self.config.chunk, self.action_space.dim)
-        chunk = self.predict_chunk(
-            {"state": state, "task_embedding": emb}, noise=noise * self.config.action_noise
+        chunk = self.model.chunk(
+            {"state": state, "task_embedding": emb}, None, noise=noise * self.config.action_noise
         )
         return chunk[:n].numpy().astype(np.float32)
-
-    def select_action(self, observation: Observation) -> np.ndarray:
-        if not self._queue:
-            state = torch.as_tensor(np.asarray(observation["state"], dtype=np.float32)).unsqueeze(0)
-            emb = self.task_embedding(str(observation.get("instruction", ""))).unsqueeze(0)
-            chunk = self.predict_chunk({"state": state, "task_embedding": emb}, generator=self._sampler)
-            self._queue.extend(chunk[0].numpy().astype(np.float32))
-        return self._queue.popleft()
-
-    # ---- VLAAdapter (so methods, `daptq quantize` and CI can run on the toy) -------------------------------
-    # Roles: net.0 plays the backbone, net.2 the interface producing the latent, net.4 the action head.
-    ROLES = {"net.0": "backbone", "net.2": "interface", "net.4": "action_head"}
-
-    @property
-    def model(self) -> nn.Module:
-        return self
-
-    @property
-    def chunk_size(self) -> int:
-        return self.config.chunk
-
-    def condition(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The latent the action head reads: the second hidden layer's output (B, hidden)."""
-        x, _, _ = self._inputs(batch)
-        return self.net[:4](x)
-
-    def denoising_loss(
-        self,
-        batch: Mapping[str, torch.Tensor],
-        dim_weights: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """The toy is not a diffusion head: MSE of its sampled chunk against ``batch["actions"]``."""
-        if "actions" not in batch:
-            raise ValueError("denoising_loss needs batch['actions'] (B, K, action_dim)")
-        actions = batch["actions"].float()
-        err = (self._chunk(batch, generator)[:, : actions.shape[1]] - actions) ** 2
-        if dim_weights is not None:
-            err = err * torch.as_tensor(dim_weights, dtype=err.dtype)
-        return err.mean()
-
-    def smoothing_groups(self) -> list[SmoothingGroup]:
-        """None: a tanh sits between every two layers, so no input scaling folds into a predecessor."""
-        return []
-
-    def interface_modules(self) -> list[QuantizableModule]:
-        return [QuantizableModule("net.2", self.net[2], "interface", {"d_z": self.config.hidden})]
-
-    def quantizable_modules(self) -> list[QuantizableModule]:
-        return [
-            QuantizableModule(name, self.get_submodule(name), role, {"kind": "linear"})
-            for name, role in self.ROLES.items()
-        ]
-
-    def calibration_batches(self, batches: Iterator[Mapping[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:
-        """Dataset batches (``state`` (B,4), ``instruction`` list[str], optional ``actions``) -> inputs."""
-        for raw in batches:
-            for key in ("state", "instruction"):
-                if key not in raw:
-                    raise ValueError(f"calibration batch is missing {key!r} (has {sorted(raw)})")
-            batch = {
-                "state": torch.as_tensor(np.asarray(raw["state"]), dtype=torch.float32),
-                "task_embedding": torch.stack([self.task_embedding(str(s)) for s in raw["instruction"]]),
-            }
-            if "actions" in raw:
-                batch["actions"] = torch.as_tensor(np.asarray(raw["actions"]), dtype=torch.float32)
-            yield batch
 
 
 def toy_policy_from_spec(spec: str) -> ToyPolicy:

@@ -34,24 +34,19 @@ def round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def block_index(name: str, pattern: str) -> int | None:
-    """The DiT block index of a module name (the pattern's first group), or None."""
-    m = re.match(pattern, name)
-    return None if m is None else int(m.group(1))
-
-
-def float_block_layers(names: Sequence[str], pattern: str, float_blocks: int) -> set[str]:
-    """Layers inside the last ``float_blocks`` blocks whose index ``pattern``'s first group captures."""
+def float_block_layers(names: Sequence[str], block_of: Mapping[str, int], float_blocks: int) -> set[str]:
+    """Layers among ``names`` inside the last ``float_blocks`` blocks of a stack; ``block_of`` maps a layer
+    of that stack to its block index (the adapter's ``QuantizableModule.block``)."""
     if float_blocks < 0:
         raise ValueError(f"float_blocks must be >= 0, got {float_blocks}")
-    indices = {n: i for n in names if (i := block_index(n, pattern)) is not None}
+    indices = {n: block_of[n] for n in names if n in block_of}
     if float_blocks == 0:
         return set()
     if not indices:
-        raise ValueError(f"float_blocks={float_blocks} but no layer matches the block pattern {pattern!r}")
+        raise ValueError(f"float_blocks={float_blocks} but no ranked layer lies in a block of the stack")
     blocks = sorted(set(indices.values()))
     if float_blocks > len(blocks):
-        raise ValueError(f"float_blocks={float_blocks} but the model has {len(blocks)} blocks ({pattern!r})")
+        raise ValueError(f"float_blocks={float_blocks} but the stack has {len(blocks)} blocks")
     kept = set(blocks[-float_blocks:])
     return {n for n, i in indices.items() if i in kept}
 
@@ -68,15 +63,16 @@ def paper_bit_map(
     phi: Mapping[str, float],
     keep_float_fraction: float = 0.3,
     low_bits: int = 4,
-    block_pattern: str = r"^head\.blocks\.(\d+)\.",
+    block_of: Mapping[str, int] | None = None,
     float_blocks: int = 2,
 ) -> PaperBitMap:
-    """Eq. 20 over the layers in ``phi`` (the action head and interface, as the paper's scope)."""
+    """Eq. 20 over the layers in ``phi`` (the action head and interface, as the paper's scope); the last
+    ``float_blocks`` blocks of the stack ``block_of`` indexes (layer -> block) stay float."""
     if not 0.0 <= keep_float_fraction <= 1.0:
         raise ValueError(f"keep_float_fraction must be in [0, 1], got {keep_float_fraction}")
     if not phi:
         raise ValueError("paper_bit_map: no layers to rank")
-    by_block = float_block_layers(list(phi), block_pattern, float_blocks)
+    by_block = float_block_layers(list(phi), block_of or {}, float_blocks)
     ranked = sorted((n for n in phi if n not in by_block), key=lambda n: (-phi[n], n))
     by_rank = ranked[: round_half_up(keep_float_fraction * len(ranked))]
     floats = set(by_rank) | by_block

@@ -200,12 +200,34 @@ def low_rank(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return u[:, :r] * s[:r], vh[:r].T
 
 
-def compensate(fp: Stats, q: Stats, options: CSRCOptions = CSRCOptions()) -> Compensation:
-    """The affine correction of one interface layer's quantized output (see the module docstring)."""
+def tied_pair_gain(fp: Stats, q: Stats, pairs: torch.Tensor, g_min: float, g_max: float, eps: float):
+    """Eq. 4's gain with one value per channel pair (the pair's pooled std ratio), so the diagonal map
+    commutes with a rotary embedding that rotates each pair."""
+    var_fp, var_q = torch.diagonal(fp.cov).clamp(min=0), torch.diagonal(q.cov).clamp(min=0)
+    pooled = (var_fp[pairs].sum(dim=1).sqrt() / (var_q[pairs].sum(dim=1).sqrt() + eps)).clamp(g_min, g_max)
+    gain = torch.ones_like(var_fp)
+    gain[pairs[:, 0]] = pooled
+    gain[pairs[:, 1]] = pooled
+    return gain
+
+
+def compensate(
+    fp: Stats, q: Stats, options: CSRCOptions = CSRCOptions(), pairs: torch.Tensor | None = None
+) -> Compensation:
+    """The affine correction of one interface layer's quantized output (see the module docstring).
+
+    ``pairs`` (P, 2): channels a rotary embedding rotates together after this layer. CSRC then restricts
+    itself to what commutes with the rotation: a diagonal gain tied across each pair (no cross-channel map).
+    """
     if fp.mean.shape != q.mean.shape or fp.cov.shape != q.cov.shape:
         raise ValueError(f"CSRC: float and quantized stats differ in shape {fp.mean.shape} vs {q.mean.shape}")
     c = fp.mean.shape[0]
     gain = torch.ones(c, dtype=torch.float64)
+    if pairs is not None:
+        gain = tied_pair_gain(fp, q, pairs, options.g_min, options.g_max, options.eps)
+        u = v = torch.zeros(c, 0, dtype=torch.float64)
+        comp = Compensation(gain, u, v, torch.zeros(c, dtype=torch.float64))
+        return Compensation(gain, u, v, fp.mean - comp.matrix @ q.mean)
     if options.mode in ("diagonal", "both"):
         gain, _ = diagonal_gain_bias(fp, q, options.g_min, options.g_max, options.eps)
     u = v = torch.zeros(c, 0, dtype=torch.float64)

@@ -64,8 +64,9 @@ class DAPTQConfig(MethodConfig):
     use_mpa: bool = True  # False: every in-scope layer at the spec's bits ("CSRC only" ablation)
     keep_float_fraction: float = 0.3  # k: share of ranked layers kept float (paper: 30%)
     rank_roles: tuple[str, ...] = ("action_head",)  # roles ranked by phi (the interface is always quantized)
-    float_dit_blocks: int = 2  # last N DiT blocks kept float (paper: 2; variant: 1)
-    dit_block_pattern: str = r"^head\.blocks\.(\d+)\."  # regex whose group 1 is the DiT block index
+    float_dit_blocks: int = 2  # last N blocks of the action-head stack kept float (paper: 2; variant: 1)
+    # the stack those blocks are counted in; None: the one stack the adapter declares action-head blocks in
+    action_head_stack: str | None = None
     # --- budget preset ----------------------------------------------------------------------------------
     bits: tuple[int, ...] = (2, 3, 4, 8, 16)  # candidate weight bit widths per layer (on the spec's grid)
     formats: tuple[str, ...] = ()  # or candidate (bits, group) formats, e.g. GROUPED_FORMATS; replaces bits

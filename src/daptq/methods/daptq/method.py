@@ -23,6 +23,7 @@ from daptq.methods import register_method
 from daptq.methods.base import Method, forward_batch, require_plan
 from daptq.methods.gptq import gptq_quantize_layer_
 from daptq.methods.scope import ScopePlan, fit_group_size, with_weight_bits
+from daptq.models.adapter import VLAAdapter
 from daptq.quant import QuantSpec, quantize_
 from daptq.quant.capture import Covariance, Hessian, capture, channel_rows, fan_in_rows
 
@@ -43,12 +44,31 @@ from .sensitivity import GradientStats, action_deviation, bit_sensitivities, gra
 Batches = Sequence[Mapping[str, torch.Tensor]]
 
 
-def _run_all(adapter: Any, batches: Batches):
+def _run_all(adapter: VLAAdapter, batches: Batches):
     def run(_model) -> None:
         for i, batch in enumerate(batches):
             forward_batch(adapter, batch, seed=i)
 
     return run
+
+
+def action_head_blocks(adapter: VLAAdapter, stack: str | None = None) -> dict[str, int]:
+    """Module -> block index in the action head's repeated stack (the paper's "DiT blocks"), from the
+    adapter's declarations: ``stack``, or the one stack its action-head modules have blocks in."""
+    modules = [m for m in adapter.quantizable_modules() if m.block is not None]
+    if stack is None:
+        stacks = sorted({m.stack for m in modules if m.role == "action_head" and m.stack is not None})
+        if len(stacks) != 1:
+            raise ValueError(
+                f"DA-PTQ: float_dit_blocks needs the action head's block stack, but "
+                f"{type(adapter).__name__} declares action-head blocks in {stacks or 'no stack'}; "
+                "set action_head_stack (or float_dit_blocks=0)"
+            )
+        stack = stacks[0]
+    out = {m.name: int(m.block) for m in modules if m.stack == stack}  # type: ignore[arg-type]
+    if not out:
+        raise ValueError(f"DA-PTQ: {type(adapter).__name__} declares no module in stack {stack!r}")
+    return out
 
 
 def calibration_actions(batches: Batches) -> np.ndarray:
@@ -75,9 +95,10 @@ class DAPTQ(Method):
         self._fp_stats: dict[str, Stats] = {}
         self._hessians: dict[str, torch.Tensor] = {}
         self._interfaces: list[str] = []
+        self._pairs: dict[str, torch.Tensor] = {}
 
     # --- 1. the float pass ------------------------------------------------------------------------------
-    def calibrate(self, adapter: Any, batches: Batches) -> None:
+    def calibrate(self, adapter: VLAAdapter, batches: Batches) -> None:
         plan = require_plan(self)
         cfg = self.config
         if not batches:
@@ -111,17 +132,38 @@ class DAPTQ(Method):
             return []
         return [n for n, m in plan.modules.items() if m.role in cfg.rank_roles]
 
-    def _interface_layers(self, adapter: Any) -> list[str]:
-        names = list(self.config.interface_layers) or [m.name for m in adapter.interface_modules()]
+    def _interface_layers(self, adapter: VLAAdapter) -> list[str]:
+        """CSRC's targets: ``interface_layers`` or the declared interface modules. A declared ``fold="none"``
+        is refused; ``"tied_pairs"`` restricts CSRC there to gains tied across each RoPE pair."""
+        declared = {m.name: m for m in adapter.interface_modules()}
+        names = list(self.config.interface_layers) or list(declared)
         if not names:
             raise ValueError("DA-PTQ: CSRC is on but the adapter declares no interface modules")
         known = {n for n, _ in adapter.model.named_modules()}
         unknown = [n for n in names if n not in known]
         if unknown:
             raise ValueError(f"DA-PTQ: interface_layers {unknown} are not modules of the model")
+        self._pairs = {}
+        for name in names:
+            m = declared.get(name)
+            if m is None or m.fold == "exact":
+                continue
+            if m.fold == "none":
+                why = f"; {m.note}" if m.note else ""
+                raise ValueError(
+                    f"DA-PTQ: CSRC cannot fold a correction into interface {name!r}: "
+                    f"{type(adapter).__name__} declares its fold inexact (fold='none'{why}). "
+                    "Set use_csrc=False, or name foldable layers in interface_layers."
+                )
+            self._pairs[name] = m.rope_pairs()  # "tied_pairs"
+        if self._pairs:
+            self.decisions["csrc_restricted"] = {
+                n: "rotary embedding follows: diagonal gains tied across each RoPE pair, no cross-channel map"
+                for n in self._pairs
+            }
         return names
 
-    def _capture_float_stats(self, adapter: Any, plan: ScopePlan) -> None:
+    def _capture_float_stats(self, adapter: VLAAdapter, plan: ScopePlan) -> None:
         """In one pass over the calibration set on the float model: the interface layers' output statistics
         (CSRC's targets) and, for GPTQ rounding, every in-scope layer's input Hessian (one per conv group)."""
         model = adapter.model
@@ -139,10 +181,10 @@ class DAPTQ(Method):
             self._hessians = {n: h.hessian for n, h in hessians.items()}
 
     # --- 2. decide, quantize, compensate ----------------------------------------------------------------
-    def apply(self, adapter: Any) -> None:
+    def apply(self, adapter: VLAAdapter) -> None:
         plan = require_plan(self)
         if self.config.preset == "paper":
-            bits = self._paper_bits(plan)
+            bits = self._paper_bits(adapter, plan)
             chosen = {n: with_weight_bits(m.spec, bits[n]) for n, m in plan.modules.items()}
         else:
             chosen = self._budget_specs(adapter, plan)
@@ -168,7 +210,7 @@ class DAPTQ(Method):
             damp=self.config.gptq_damp,
         )
 
-    def _paper_bits(self, plan: ScopePlan) -> dict[str, int]:
+    def _paper_bits(self, adapter: VLAAdapter, plan: ScopePlan) -> dict[str, int]:
         cfg = self.config
         base = {n: m.spec.weight.bits for n, m in plan.modules.items()}
         if not cfg.use_mpa or self._grads is None:
@@ -177,7 +219,7 @@ class DAPTQ(Method):
             self._grads.phi,
             cfg.keep_float_fraction,
             cfg.spec.weight.bits,
-            cfg.dit_block_pattern,
+            action_head_blocks(adapter, cfg.action_head_stack) if cfg.float_dit_blocks else {},
             cfg.float_dit_blocks,
         )
         self.decisions["float_by_rank"] = bit_map.float_by_rank
@@ -204,7 +246,7 @@ class DAPTQ(Method):
             out[n] = row
         return out
 
-    def _budget_specs(self, adapter: Any, plan: ScopePlan) -> dict[str, QuantSpec]:
+    def _budget_specs(self, adapter: VLAAdapter, plan: ScopePlan) -> dict[str, QuantSpec]:
         cfg = self.config
         candidates = self._candidates(plan)
         per_layer = {n: {c: q.weight for c, q in row.items()} for n, row in candidates.items()}
@@ -235,7 +277,7 @@ class DAPTQ(Method):
             self.decisions["format_map"] = {n: c.label for n, c in alloc.bits.items()}
         return {n: candidates[n][c] for n, c in alloc.bits.items()}
 
-    def _costs(self, adapter: Any, plan: ScopePlan, candidates) -> dict[str, dict[Any, float]]:
+    def _costs(self, adapter: VLAAdapter, plan: ScopePlan, candidates) -> dict[str, dict[Any, float]]:
         cfg = self.config
         names = list(plan.modules)
         if cfg.estimator == "action_deviation":
@@ -269,12 +311,13 @@ class DAPTQ(Method):
                 kept[n] = f"kept float by DA-PTQ ({self.config.preset} bit map)"
         self.plan = ScopePlan(modules, kept)
 
-    def _compensate(self, adapter: Any) -> None:
+    def _compensate(self, adapter: VLAAdapter) -> None:
         model = adapter.model
         q_stats = output_stats(model, _run_all(adapter, self._batches), self._interfaces)
         summaries = {}
         for name in self._interfaces:
-            comp = compensate(self._fp_stats[name], q_stats[name], self.config.csrc_options())
+            options = self.config.csrc_options()
+            comp = compensate(self._fp_stats[name], q_stats[name], options, self._pairs.get(name))
             layer = model.get_submodule(name)
             fold_compensation(layer, comp)  # re-rounds a fake-quant layer with RTN: fold before rounding
             if self.config.rounding == "gptq" and name in self._hessians and hasattr(layer, "requantize"):

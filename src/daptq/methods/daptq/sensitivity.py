@@ -1,7 +1,7 @@
 """Layer sensitivities on the float model: what DA-MPA ranks and what the budget allocator trades.
 
 - Eq. 18, the drift-weighted denoising loss, is the adapter's own loss re-weighted per action dimension:
-  ``adapter.denoising_loss(batch, dim_weights=s^)``.
+  ``adapter.objective(batch, dim_weights=s^)`` (diffusion, flow matching, regression: whatever it declares).
 - Eq. 19, ``phi_l = mean over R batches of mean |dL_drift/dW_l|``: :func:`gradient_stats` (``.phi``).
 - Per (layer, bits) cost for the budget preset: :func:`bit_sensitivities`, a second-order Taylor estimate of
   the loss increase when that layer alone is rounded at b bits, ``0.5 * sum_i F_ii dW_i^2`` with the
@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from daptq.models.adapter import VLAAdapter
 from daptq.quant import QuantSpec, WeightSpec, fake_quantize_weight, temporarily_quantized
 
 Batch = Mapping[str, torch.Tensor]
@@ -55,13 +56,13 @@ def _weights(model: nn.Module, names: Sequence[str]) -> list[nn.Parameter]:
 
 
 def gradient_stats(
-    adapter,
+    adapter: VLAAdapter,
     batches: Sequence[Batch],
     names: Sequence[str],
     dim_weights: torch.Tensor | None = None,
     seed: int = 0,
 ) -> GradientStats:
-    """Gradients of the (drift-weighted) denoising loss w.r.t. each named layer's weight, over R batches.
+    """Gradients of the (drift-weighted) objective w.r.t. each named layer's weight, over R batches.
 
     The diffusion timesteps and noise come from one generator seeded with ``seed``, so two calls (e.g.
     weighted and unweighted) see the same draws. ``requires_grad`` flags are restored afterwards.
@@ -78,11 +79,11 @@ def gradient_stats(
         for p in weights:
             p.requires_grad_(True)
         for batch in batches:
-            loss = adapter.denoising_loss(batch, dim_weights=dim_weights, generator=generator)
+            loss = adapter.objective(batch, dim_weights=dim_weights, generator=generator)
             grads = torch.autograd.grad(loss, weights, allow_unused=True)
             for i, (name, g) in enumerate(zip(names, grads, strict=True)):
                 if g is None:
-                    raise ValueError(f"sensitivity: the denoising loss does not depend on {name!r}")
+                    raise ValueError(f"sensitivity: the adapter's objective does not depend on {name!r}")
                 g = g.detach().double()
                 sums[i] += g
                 sq_sums[i] += g * g
@@ -137,8 +138,7 @@ def bit_sensitivities(
 
 
 @torch.no_grad()
-@torch.no_grad()
-def sampled_chunks(policy, batches: Sequence[Batch], seed: int = 0) -> list[torch.Tensor]:
+def sampled_chunks(policy: VLAAdapter, batches: Sequence[Batch], seed: int = 0) -> list[torch.Tensor]:
     """The policy's sampled action chunks per batch (float64), batch i's noise from ``seed + i``."""
     return [
         policy.predict_chunk(b, generator=torch.Generator().manual_seed(seed + i)).double()
@@ -147,7 +147,7 @@ def sampled_chunks(policy, batches: Sequence[Batch], seed: int = 0) -> list[torc
 
 
 def action_deviation(
-    policy,
+    policy: VLAAdapter,
     batches: Sequence[Batch],
     names: Sequence[str],
     spec: QuantSpec,
