@@ -17,4 +17,9 @@ fi
 
 python3.11 -m venv .venv 2>/dev/null || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+# torchao was a test dependency of older versions; `import transformers` imports it when present, and every
+# process then prints its native-library failures and torch deprecation warnings.
+if .venv/bin/python -m pip show -q torchao >/dev/null 2>&1; then
+    .venv/bin/python -m pip uninstall -y -q torchao
+fi
 echo "setup: daptq installed in $(pwd)/.venv"

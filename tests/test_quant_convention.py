@@ -95,13 +95,14 @@ def test_convention_validation_and_round_trip():
 
 
 def test_full_matches_torchao_symmetric_on_the_same_layer():
-    """An independent implementation: torchao's MappingType.SYMMETRIC int4 (quant range -8..7)."""
-    qp = pytest.importorskip("torchao.quantization.quant_primitives")
-    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(3))
-    scale, zp = qp.choose_qparams_affine(
-        w, qp.MappingType.SYMMETRIC, (1, 32), torch.int8, quant_min=-8, quant_max=7, scale_dtype=torch.float32
-    )
-    codes_ref = qp.quantize_affine(w, (1, 32), scale, zp, torch.int8, quant_min=-8, quant_max=7)
+    """An independent implementation: torchao's MappingType.SYMMETRIC int4 (quant range -8..7), stored once
+    by tests/data/make_torchao_grid.py (torchao is not installed: importing it prints warnings)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    ref = load_file(str(Path(__file__).parent / "data" / "torchao_int4_grid.safetensors"))
+    w, scale, codes_ref = ref["weight"], ref["scale"], ref["codes"]
     spec = WeightSpec(
         4, granularity="per_group", group_size=32, scale_dtype="float32", symmetric_range="full"
     )

