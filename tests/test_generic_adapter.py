@@ -406,3 +406,28 @@ def test_blocks_from_module_lists_or_declared():
     assert [(m.stack, m.block) for m in named.quantizable_modules()][1] == ("dit", 1)
     with pytest.raises(ValueError, match="needs one group capturing the block index"):
         daptq.adapt(Net(), roles={"*": "action_head"}, blocks={"dit": r"^layers\.\d+$"}, **kw)
+
+
+def test_docs_example_runs(tmp_path, monkeypatch):
+    """docs/models.md's worked example (declare, quantize, save, load) runs as printed."""
+    import re
+    from pathlib import Path
+
+    from daptq.methods.workflow import inspect_text
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text(encoding="utf-8")
+    section = text.split("## Your own VLA: daptq.adapt")[1].split("\n## ")[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {"__name__": "docs_example"}
+    for block in blocks:
+        exec(compile(block, "docs/models.md", "exec"), ns)
+    assert sorted(ns["record"].modules) == ["head.0", "head.1", "head.2", "out", "to_cond"]
+    policy, loaded = ns["policy"], ns["loaded"]
+    raw = ns["batches"][0]
+    same = [
+        p.adapter.predict_chunk(raw, generator=torch.Generator().manual_seed(0)) for p in (policy, loaded)
+    ]
+    assert torch.equal(*same)
+    assert "to_cond" in inspect_text(tmp_path / "out" / "my-w4a8")

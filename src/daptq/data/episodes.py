@@ -345,6 +345,7 @@ def calibration_from_path(
     """A calibration set from a LeRobotDataset (v2.1 / v3.0), a directory of episode files or daptq's own
     demonstration dataset (its 'calib' split). ``keys`` maps ``image``/``state``/``actions`` to a LeRobot
     dataset's feature names (defaults: its first camera, ``observation.state``, ``action``)."""
+    path = Path(path).expanduser()
     fmt = detect_format(path)
     common = dict(frames_per_episode=frames_per_episode, batch_size=batch_size, with_images=with_images)
     if fmt == "daptq":
