@@ -408,7 +408,13 @@ def test_adapter_honours_the_contract(policy):
     c = adapter.config
     assert len(layouts) == (c.dino.depth - 1) + (c.siglip.depth - 1) + c.num_hidden_layers + c.dit_depth
     llm = [a for a in layouts if a.stack == "backbone"][0]
-    assert not llm.fused and llm.heads == c.num_attention_heads
+    assert not llm.fused and llm.heads == c.num_attention_heads and llm.kv_heads is None
+    groups = {(g.source, g.layers) for g in adapter.smoothing_groups()}
+    v, o = (
+        "llm_backbone.llm.model.layers.0.self_attn.v_proj",
+        "llm_backbone.llm.model.layers.0.self_attn.o_proj",
+    )
+    assert (v, (o,)) in groups
     batch = _batch(adapter)
     actions = torch.rand(4, c.chunk_size, 7) * 2 - 1
     loss = adapter.objective({**batch, "actions": actions}, generator=torch.Generator().manual_seed(0))
@@ -417,6 +423,17 @@ def test_adapter_honours_the_contract(policy):
     w = torch.tensor([1.0, 1, 1, 0, 0, 0, 0])
     weighted = adapter.objective({**batch, "actions": actions}, w, torch.Generator().manual_seed(0))
     assert weighted < loss
+
+
+def test_grouped_query_attention_is_declared():
+    from daptq.models.cogact import CogACTAdapter
+
+    adapter = check_adapter(CogACTAdapter(build_cogact(CogACTConfig.tiny(num_key_value_heads=2))))
+    llm = [a for a in adapter.attention_layouts() if a.stack == "backbone"]
+    assert {a.kv_heads for a in llm} == {2}
+    assert not any(
+        g.source.endswith("v_proj") for g in adapter.smoothing_groups()
+    )  # v rows feed 2 heads each
 
 
 def test_calibration_batches_normalize_robot_actions(policy):

@@ -191,9 +191,10 @@ class CogACTConfig:
 
     @classmethod
     def tiny(cls, **overrides: Any) -> CogACTConfig:
-        """The same architecture at toy size (random weights build in about a second): 28 px images (4
-        patches per tower), 2-block ViTs of width 32/48, a 2-layer Llama of width 64, a 2-block DiT of
-        width 64 predicting 4 actions, 3 DDIM steps. Token ids fit a test tokenizer of < 128 entries."""
+        """The same architecture at toy size (random weights build in a fraction of a second once
+        transformers is imported): 28 px images (4 patches per tower), 2- and 3-block ViTs of width 32/48, a
+        2-layer Llama of width 64 (4 heads), a 2-block DiT of width 64 predicting 4 actions, 20 diffusion
+        steps sampled in 4 DDIM steps. Token ids fit a test tokenizer of < 128 entries."""
         base = cls(
             image_size=28,
             dino=replace(DINOV2_VIT_L_REG4, embed_dim=32, depth=2, num_heads=2, mlp_hidden=64),
@@ -203,7 +204,7 @@ class CogACTConfig:
             intermediate_size=128,
             num_hidden_layers=2,
             num_attention_heads=4,
-            num_key_value_heads=2,
+            num_key_value_heads=4,
             max_position_embeddings=256,
             llm_max_length=128,
             suffix_token_ids=(3, 2),
