@@ -465,3 +465,24 @@ def test_policy_calibration_shapes_for_the_policy(tmp_path):
     assert chunk_size_of(SimpleNamespace(config=SimpleNamespace(chunk_size=5))) == 5
     with pytest.raises(ValueError, match="cannot tell its action-chunk length"):
         chunk_size_of(SimpleNamespace())
+
+
+def test_av1_video_frames(tmp_path):
+    """LeRobot encodes with AV1 (SVT-AV1) by default: frames decode at their timestamps, in any order."""
+    from daptq.data.lerobot import decode_video_frames
+
+    path = tmp_path / "av1.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libsvtav1", rate=FPS)
+        stream.width = stream.height = 64
+        stream.pix_fmt, stream.options = "yuv420p", {"g": "4", "preset": "10"}
+        for i in range(12):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 16 + 18 * i, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    steps = np.array([0, 7, 11, 3, 3])
+    frames = decode_video_frames(path, steps / FPS, FPS)
+    assert frames.shape == (5, 64, 64, 3)
+    np.testing.assert_allclose(frames.reshape(5, -1).mean(1), 16 + 18 * steps, atol=3)
+    with pytest.raises(ValueError, match="no frame at 1.200 s"):
+        decode_video_frames(path, np.array([1.2]), FPS)
