@@ -486,3 +486,21 @@ def test_av1_video_frames(tmp_path):
     np.testing.assert_allclose(frames.reshape(5, -1).mean(1), 16 + 18 * steps, atol=3)
     with pytest.raises(ValueError, match="no frame at 1.200 s"):
         decode_video_frames(path, np.array([1.2]), FPS)
+
+
+def test_lerobot_without_task_texts(tmp_path):
+    """A dataset recorded without tasks is refused with a clear message, unless given an instruction."""
+    episodes = make_episodes()[:2]
+    root = write_v21(tmp_path / "ds", episodes)
+    (root / "meta" / "tasks.jsonl").unlink()
+    path = root / "meta" / "episodes.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"episode_index": e, "length": len(ep["actions"])}) + "\n"
+            for e, ep in enumerate(episodes)
+        )
+    )
+    with pytest.raises(ValueError, match="episode 0 has no task text"):
+        calibration_from_path(root, 3, n=2, with_images=False)
+    calib = calibration_from_path(root, 3, n=2, with_images=False, instruction="stack the cups")
+    assert calib.provenance["tasks"] == ["stack the cups"]

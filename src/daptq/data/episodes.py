@@ -341,19 +341,22 @@ def calibration_from_path(
     keys: Mapping[str, str] | None = None,
     position_dims: Sequence[int] = (0, 1),
     tasks: Sequence[str] | None = None,
+    instruction: str | None = None,
 ) -> CalibrationSet:
     """A calibration set from a LeRobotDataset (v2.1 / v3.0), a directory of episode files or daptq's own
     demonstration dataset (its 'calib' split). ``keys`` maps ``image``/``state``/``actions`` to a LeRobot
-    dataset's feature names (defaults: its first camera, ``observation.state``, ``action``)."""
+    dataset's feature names (defaults: its first camera, ``observation.state``, ``action``); ``instruction``
+    replaces a LeRobot dataset's task texts (for a dataset recorded without any)."""
     path = Path(path).expanduser()
     fmt = detect_format(path)
     common = dict(frames_per_episode=frames_per_episode, batch_size=batch_size, with_images=with_images)
     if fmt == "daptq":
         from daptq.data.calibration import sample_calibration
 
-        if keys:
+        if keys or instruction is not None:
             raise ValueError(
-                f"{path}: a daptq dataset has fixed keys; --calib-key applies to LeRobot datasets"
+                f"{path}: a daptq dataset has fixed keys and instructions; keys and instruction apply to "
+                "LeRobot datasets"
             )
         return sample_calibration(
             path,
@@ -368,9 +371,11 @@ def calibration_from_path(
     if fmt == "lerobot":
         from daptq.data.lerobot import LeRobotReader
 
-        reader = LeRobotReader(path, **dict(keys or {}))
+        reader = LeRobotReader(path, **dict(keys or {}), instruction=instruction)
         episodes, provenance = reader.episodes(with_images=with_images), reader.provenance()
     else:
+        if instruction is not None:
+            raise ValueError(f"{path}: episode files carry their own 'instruction'")
         if keys:
             raise ValueError(
                 f"{path}: episode files have fixed keys; --calib-key applies to LeRobot datasets"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,14 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_parquet(path: Path, columns: list[str] | None = None):
+def _read_parquet(
+    path: Path,
+    columns: list[str] | None = None,
+    optional: tuple[str, ...] = (),
+    keep: Callable[[str], bool] | None = None,
+):
+    """``columns`` (each required) plus those of ``optional`` present, or every column ``keep`` accepts
+    (all when both are None): only what is needed is read (a table may hold encoded images)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -66,6 +73,9 @@ def _read_parquet(path: Path, columns: list[str] | None = None):
             missing = [c for c in columns if c not in schema.names]
             if missing:
                 raise ValueError(f"{path}: no column(s) {missing} (has {schema.names})")
+            columns = columns + [c for c in optional if c in schema.names and c not in columns]
+        elif keep is not None:
+            columns = [c for c in schema.names if keep(c)]
         return pq.read_table(path, columns=columns)
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"{path}: not a readable parquet file ({e})") from None
@@ -231,9 +241,8 @@ class LeRobotReader:
                 )
             rows: list[dict[str, Any]] = []
             for path in files:
-                table = _read_parquet(path)
-                cols = [c for c in table.column_names if not c.startswith("stats/")]
-                rows += table.select(cols).to_pylist()
+                table = _read_parquet(path, keep=lambda c: not c.startswith("stats/"))
+                rows += table.to_pylist()
                 self._meta_files.append(path)
             need = ["episode_index", "length", "data/chunk_index", "data/file_index"]
             if self.keys["image"] and self.features[self.keys["image"]]["dtype"] == "video":
@@ -313,11 +322,8 @@ class LeRobotReader:
             ep = int(meta["episode_index"])
             path = self._data_path(meta)
             if path not in tables:
-                table = _read_parquet(path)
-                missing = [k for k in (state_key, action_key) if k not in table.column_names]
-                if missing:
-                    raise ValueError(f"{path}: no column(s) {missing} (has {table.column_names})")
-                tables[path] = table
+                extra = ("episode_index", "frame_index", "timestamp", "task_index")
+                tables[path] = _read_parquet(path, [state_key, action_key], optional=extra)
             table = tables[path]
             rows = np.arange(table.num_rows)
             if "episode_index" in table.column_names:
