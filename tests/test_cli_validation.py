@@ -437,3 +437,84 @@ def test_paths_helper_checks(tmp_path, monkeypatch):
         check_input_file(tmp_path, "--config")
     with pytest.raises(ValueError, match="--out: empty path"):
         check_output_dir("   ")
+
+
+# --- a hostile pass of our own ---------------------------------------------------------------------------
+
+
+def test_scene_cameras_are_the_scene_s_cameras():
+    from daptq.cli_args import SCENE_CAMERAS
+    from daptq.envs import make_env
+
+    env = make_env("reach", image_size=16, camera="corner3", max_steps=1)
+    try:
+        model = env._mw.model
+        assert tuple(model.camera(i).name for i in range(model.ncam)) == SCENE_CAMERAS
+    finally:
+        env.close()
+
+
+def test_data_generate_with_an_unknown_camera_writes_nothing(tmp_path, capsys):
+    root = tmp_path / "ds"
+    argv = ["data", "generate", "--root", str(root), "--tasks", "reach", "--train", "1", "--camera", "nope"]
+    assert_error(argv, capsys, "--camera", "nope")
+    assert not root.exists()  # was: meta/info.json saying camera 'nope', refusing every later run
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["data", "speed", "--steps", "0"], "--steps"),  # was: "0.0 steps/s", exit 0
+        (["data", "speed", "--steps", "-1"], "--steps"),  # was: a negative rate
+        (["data", "speed", "--image-size", "100000"], "--image-size"),  # was: MuJoCo FatalError
+        (["data", "speed", "--camera", "nope"], "--camera"),
+        (
+            ["data", "add-cameras", "--src", "S", "--dst", "D", "--cameras", "topview", "--workers", "0"],
+            "--workers",
+        ),
+        (["data", "add-cameras", "--src", "S", "--dst", "D", "--cameras", "nope"], "--cameras"),
+        (["eval", "toy", "--camera", "nope"], "--camera"),
+        (["eval", "toy", "--tasks", "nope"], "--tasks"),
+        (["eval", "toy", "--reference", ""], "--reference"),
+        (["quantize", "toy", "--method", "rtn", "--calib-tasks", "nope", "--out", "q"], "--calib-tasks"),
+        (["train", "--data", "d", "--out", "o", "--max-steps", "1", "--camera", "nope"], "--camera"),
+        (["train", "--data", "d", "--out", "o", "--max-steps", "1", "--tasks", "nope"], "--tasks"),
+    ],
+)
+def test_hostile_values_are_refused_naming_the_option(tmp_path, capsys, no_work, monkeypatch, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    assert_error(argv, capsys, needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_add_cameras_checks_its_paths_first(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = ["data", "add-cameras", "--cameras", "topview"]
+    assert_error([*base, "--src", str(tmp_path / "no"), "--dst", str(tmp_path / "d")], capsys, "--src")
+    assert_error([*base, "--src", str(tmp_path), "--dst", str(afile)], capsys, "--dst", "is a file")
+
+
+def test_report_of_several_runs_without_out_names_the_option(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert_error(["report", str(tmp_path / "a"), str(tmp_path / "b")], capsys, "--out")
+
+
+def test_eval_checks_the_default_reference_cache_before_writing_the_run(tmp_path, capsys, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(locked))
+    monkeypatch.setattr(daptq.paths, "_writable", lambda directory: directory != locked)
+    run = tmp_path / "run"
+    err = assert_error(["eval", "toy", "--tasks", "reach", "--episodes", "1", "--out", str(run)], capsys)
+    assert "reference cache" in err and "--no-reference-cache" in err
+    assert not run.exists()  # was: config.json written, then "[Errno 2] No such file or directory"
+
+
+def test_method_config_that_is_not_text_or_not_a_file_is_named(tmp_path, capsys, no_work):
+    garbage = tmp_path / "garbage.yaml"
+    garbage.write_bytes(b"\xff\xfe\x00binary")
+    base = ["quantize", "toy", "--method", "rtn", "--out", str(tmp_path / "q")]
+    assert_error([*base, "--config", str(garbage)], capsys, "garbage.yaml")
+    assert_error([*base, "--config", "/dev/null"], capsys, "--config", "not a regular file")

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from daptq.cli_args import (
     MAX_IMAGE_SIZE,
     MAX_SEED,
+    cameras,
     float_in,
     image_size_int,
     int_choice,
@@ -18,6 +19,7 @@ from daptq.cli_args import (
     nonnegative_int,
     positive_int,
     seed_int,
+    task_name,
 )
 from daptq.paths import check_input_dir, check_input_file, check_output_dir
 
@@ -56,6 +58,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
     if args.reference_cache is not None:
         check_output_dir(args.reference_cache, "--reference-cache")
+    elif not args.no_reference_cache and not args.open_loop:
+        from daptq.eval.cache import default_cache_dir
+
+        check_output_dir(
+            default_cache_dir(),
+            "the reference cache (choose one with --reference-cache or --no-reference-cache)",
+        )
     if args.open_loop is not None:
         check_input_dir(args.open_loop, "--open-loop")
     if args.open_loop:
@@ -103,7 +112,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
         check_input_dir(run, "run directory")
     if args.out is not None:
         check_output_dir(args.out, "--out")
-    elif len(args.runs) == 1:  # the report goes into the run directory itself
+    elif len(args.runs) > 1:
+        raise ValueError("--out DIR is required when reporting several runs")
+    else:  # the report goes into the run directory itself
         check_output_dir(args.runs[0], "run directory", named=False)
     if args.gif is not None and not (args.gif[1].isdigit() and int(args.gif[1]) <= MAX_SEED):
         raise ValueError(f"--gif TASK SEED: SEED must be an integer in [0, {MAX_SEED}], got {args.gif[1]!r}")
@@ -261,7 +272,9 @@ def _add_quantize_parser(sub) -> None:
         default=64,
         help="calibration trajectories (paper: 512)",
     )
-    q.add_argument("--calib-tasks", nargs="+", help="calibrate on these tasks only (default: all)")
+    q.add_argument(
+        "--calib-tasks", nargs="+", type=task_name, help="calibrate on these tasks only (default: all)"
+    )
     q.add_argument("--calib-seed", type=seed_int, default=0, help="seed of the calibration sampler")
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument(
@@ -305,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "model", type=nonempty, help="model spec: ref:<name>, a `daptq quantize` directory, or toy:..."
     )
-    ev.add_argument("--reference", help="full-precision model spec to pair every episode with")
-    ev.add_argument("--tasks", nargs="+", help="task names (default: all MT10 tasks)")
+    ev.add_argument("--reference", type=nonempty, help="full-precision model spec to pair every episode with")
+    ev.add_argument("--tasks", nargs="+", type=task_name, help="task names (default: all MT10 tasks)")
     ev.add_argument("--episodes", type=positive_int, default=10, help="episodes (seeds) per task")
     ev.add_argument(
         "--seed-start", type=seed_int, help="first seed (default: the start of the 'eval' seed split)"
@@ -330,12 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="local",
         help="local process pool (default) or Ray actors (pip install 'daptq[ray]')",
     )
-    ev.add_argument("--ray-address", help="join this Ray cluster (e.g. auto, ray://head:10001)")
+    ev.add_argument(
+        "--ray-address", type=nonempty, help="join this Ray cluster (e.g. auto, ray://head:10001)"
+    )
     ev.add_argument("--out", default="runs/eval", help="run directory")
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     ev.add_argument("--max-steps", type=positive_int, help="step limit per episode (default: per-task limit)")
     ev.add_argument("--image-size", type=image_size_int, help=f"pixels, 8 to {MAX_IMAGE_SIZE}")
-    ev.add_argument("--camera")
+    ev.add_argument("--camera", type=cameras, help="camera(s) of the scene, comma-separated")
     ev.add_argument(
         "--divergence-threshold", type=float_in(0, lo_open=True), default=0.02, help="metres (default 0.02)"
     )
@@ -359,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the FP reseed floor (the reference against itself with another sampling seed)",
     )
     ev.add_argument("--open-loop", metavar="DATASET", help="open-loop action error on recorded demos")
-    ev.add_argument("--split", default="val", help="dataset split for --open-loop")
+    ev.add_argument("--split", type=nonempty, default="val", help="dataset split for --open-loop")
     ev.add_argument("--max-episodes", type=positive_int, help="episodes per task for --open-loop")
     ev.set_defaults(func=_cmd_eval)
 
@@ -468,9 +483,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `daptq inspect DIR | head`: the reader left; nothing more to say
         _silence_stdout()
         return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
-    except (ValueError, OSError, NotImplementedError, RunDirectoryLocked) as err:
-        # OSError: a file the checks could not foresee (a disk full, a permission changed mid-run); its
-        # message names the file
+    except OSError as err:  # a file the checks could not foresee (a disk full, a permission changed mid-run)
+        where = f"{err.filename}: " if err.filename is not None else ""
+        print(f"daptq {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
+    except (ValueError, NotImplementedError, RunDirectoryLocked) as err:
         print(f"daptq {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,9 @@ from collections.abc import Callable
 # end in a MuJoCo FatalError or gigabytes of frames.
 MAX_IMAGE_SIZE = 1024
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding and most samplers take 32-bit seeds
+# The cameras of the Meta-World scene (its MuJoCo model's camera names; a test keeps this list in step):
+# checked while parsing, so `data generate --camera typo` fails before it writes a dataset's metadata.
+SCENE_CAMERAS = ("topview", "corner", "corner2", "corner3", "corner4", "behindGripper", "gripperPOV")
 
 
 def _bounds_text(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
@@ -89,6 +92,33 @@ def nonempty(text: str) -> str:
     """A non-blank string (an empty path or name is never what a user meant)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def cameras(text: str) -> str:
+    """One scene camera or several comma-separated (``corner3,topview``), each a camera of the scene."""
+    from daptq.cameras import parse_cameras
+
+    try:
+        names = parse_cameras(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    unknown = [n for n in names if n not in SCENE_CAMERAS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown camera {unknown[0]!r}; the scene has: {', '.join(SCENE_CAMERAS)}"
+        )
+    return text
+
+
+def task_name(text: str) -> str:
+    """An MT10 task name."""
+    from daptq.envs.tasks import check_task
+
+    try:
+        check_task(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 

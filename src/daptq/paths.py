@@ -44,9 +44,7 @@ def _check_creatable(path: Path, option: str, what: str) -> None:
         raise ValueError(f"{option} {path}: cannot create it, {anc} is not writable (permission denied)")
 
 
-def check_output_dir(
-    path: str | os.PathLike | None, option: str = "--out", *, named: bool = True
-) -> Path:
+def check_output_dir(path: str | os.PathLike | None, option: str = "--out", *, named: bool = True) -> Path:
     """The output directory ``path`` if it can be written: an existing writable directory, or a new path
     whose nearest existing ancestor is a writable directory. Refuses an empty path, a file, a path under
     a file and an unwritable place; with ``named``, also ``.``, ``..`` and ``/`` (daptq's outputs are
@@ -95,6 +93,8 @@ def check_input_file(path: str | os.PathLike | None, option: str) -> Path:
         raise FileNotFoundError(f"{option} {p}: no such file")
     if p.is_dir():
         raise ValueError(f"{option} {p}: is a directory, not a file")
+    if not p.is_file():
+        raise ValueError(f"{option} {p}: is not a regular file")
     return p
 
 

@@ -61,10 +61,12 @@ def measure(task: str, image_size: int, camera: str, steps: int, seed: int = 0) 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m daptq.envs.speed", description=__doc__.split("\n")[0])
-    p.add_argument("--task", default="pick-place")
-    p.add_argument("--image-size", type=int, default=96)
-    p.add_argument("--camera", default="corner3")
-    p.add_argument("--steps", type=int, default=200)
+    from daptq.cli_args import cameras, image_size_int, int_in, task_name
+
+    p.add_argument("--task", type=task_name, default="pick-place")
+    p.add_argument("--image-size", type=image_size_int, default=96)
+    p.add_argument("--camera", type=cameras, default="corner3")
+    p.add_argument("--steps", type=int_in(1, 1_000_000), default=200)
     args = p.parse_args(argv)
     for name, rate in measure(args.task, args.image_size, args.camera, args.steps).items():
         print(f"{name:34s} {rate:7.1f} steps/s")

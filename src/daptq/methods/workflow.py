@@ -57,7 +57,7 @@ def config_from_options(
         try:
             # YAML is a superset of JSON; a key given twice is refused, not "last wins"
             data = load_yaml_strict(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: does not parse: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a method config must be a mapping, got {type(data).__name__}")

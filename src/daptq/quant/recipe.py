@@ -235,7 +235,10 @@ class Recipe:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"recipe file not found: {path}")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not a recipe, not UTF-8 text ({e})") from None
         if path.suffix in (".yaml", ".yml"):
             return cls.from_yaml(text)
         if path.suffix == ".json":

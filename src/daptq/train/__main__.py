@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from daptq.cli_args import float_in, int_in, nonnegative_int, positive_int, seed_int
+from daptq.cli_args import cameras, float_in, int_in, nonnegative_int, positive_int, seed_int, task_name
 from daptq.paths import check_input_dir, check_output_dir
 from daptq.train.trainer import TrainConfig, train
 
@@ -21,10 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, help="fine-tune this checkpoint (directory or ref:<name>)")
     p.add_argument(
         "--camera",
+        type=cameras,
         default=None,
         help="camera(s) of the model, comma-separated (default: the dataset's); with --init, adds views",
     )
-    p.add_argument("--tasks", nargs="+", default=None, help="train on these tasks only (default: all)")
+    p.add_argument(
+        "--tasks", nargs="+", type=task_name, default=None, help="train on these tasks only (default: all)"
+    )
     p.add_argument(
         "--time-budget-min",
         type=float_in(0, lo_open=True),
