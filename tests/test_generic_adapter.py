@@ -431,3 +431,107 @@ def test_docs_example_runs(tmp_path, monkeypatch):
     ]
     assert torch.equal(*same)
     assert "to_cond" in inspect_text(tmp_path / "out" / "my-w4a8")
+
+
+USER_MODULE = """
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import daptq
+
+K, A, S = 4, 3, 4
+WEIGHTS = Path(__file__).with_name("weights.safetensors")
+
+
+class StatePolicy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(S, 32), nn.GELU(), nn.Linear(32, 32))
+        self.head = nn.ModuleList([nn.Linear(K * A + 1 + 32, 32), nn.Linear(32, K * A)])
+
+    def velocity(self, x, t, z):
+        h = nn.functional.silu(self.head[0](torch.cat([x.flatten(1), t[:, None], z], -1)))
+        return self.head[1](h).view(-1, K, A)
+
+
+def declare(model):
+    def objective(batch, dim_weights=None, generator=None):
+        a = batch["actions"]
+        noise, t = torch.randn(a.shape, generator=generator), torch.rand(a.shape[0], generator=generator)
+        x_t = t[:, None, None] * a + (1 - t[:, None, None]) * noise
+        err = (model.velocity(x_t, t, model.enc(batch["state"])) - (a - noise)) ** 2
+        return (err if dim_weights is None else err * dim_weights).mean()
+
+    def sample(batch, generator=None):
+        z = model.enc(batch["state"])
+        x = torch.randn((z.shape[0], K, A), generator=generator)
+        for i in range(4):
+            x = x + model.velocity(x, torch.full((z.shape[0],), i / 4), z) / 4
+        return x
+
+    def prepare(batch):  # dataset-style batch -> model inputs
+        keep = {"actions": batch["actions"]} if "actions" in batch else {}
+        return {"state": batch["state"].float(), **keep}
+
+    return daptq.adapt(
+        model,
+        roles={"enc.0": "backbone", "head": "action_head"},
+        interface=["enc.2"],
+        objective=objective,
+        sample=sample,
+        action_space={"names": ["x", "y", "g"], "kinds": ["translation", "translation", "gripper"]},
+        prepare=prepare,
+        chunk_size=K,
+    )
+
+
+def build(n_action_steps="2"):
+    model = StatePolicy()
+    model.load_state_dict(load_file(str(WEIGHTS)))
+    return declare(model.eval()).policy(int(n_action_steps), source_files=[WEIGHTS])
+"""
+
+
+def test_cli_quantize_a_torch_source_with_episode_calibration(tmp_path, capsys):
+    """`daptq quantize torch:FILE.py:build --calibration EPISODES --out DIR`, `daptq inspect DIR`, and DIR
+    loads back by its path (the base rebuilt from the same spec, its checkpoint pinned by sha256)."""
+    from safetensors.torch import save_file
+
+    from daptq.cli import main
+    from daptq.sources import load_policy
+
+    module = tmp_path / "mine.py"
+    module.write_text(USER_MODULE)
+    ns: dict = {"__name__": "check", "__file__": str(module)}
+    exec(compile(USER_MODULE, str(module), "exec"), ns)
+    torch.manual_seed(0)
+    save_file(ns["StatePolicy"]().state_dict(), str(tmp_path / "weights.safetensors"))
+    episodes = tmp_path / "episodes"
+    episodes.mkdir()
+    rng = np.random.default_rng(0)
+    for e in range(6):
+        T = 6 + e
+        state = (rng.standard_normal((T, 4)) + [e % 3, e // 3, 0, 0]).astype(np.float32)
+        actions = rng.uniform(-1, 1, (T, 3)).astype(np.float32)
+        np.savez(episodes / f"ep{e}.npz", state=state, actions=actions, instruction=np.array("push"))
+    spec = f"torch:{module}:build"
+    out = tmp_path / "q"
+    argv = ["quantize", spec, "--method", "gptq", "--w-bits", "4", "--calibration", str(episodes)]
+    assert main([*argv, "--trajectories", "6", "--out", str(out)]) == 0
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "| enc.2 | interface |" in shown and "episodes" in shown
+    policy = load_policy(str(out))
+    assert policy.quant_record.method == "gptq" and policy.n_action_steps == 2
+    policy.reset(seed=0)
+    assert policy.select_action({"state": np.zeros(4, np.float32)}).shape == (3,)
+    fp = load_policy(spec + "?n_action_steps=3")
+    assert fp.n_action_steps == 3 and not hasattr(fp, "quant_record")
+    with pytest.raises(ValueError, match="has no callable 'nope'"):
+        load_policy(f"torch:{module}:nope")
+    (tmp_path / "weights.safetensors").write_bytes(b"changed")
+    with pytest.raises(ValueError, match="changed since it was quantized"):
+        load_policy(str(out))

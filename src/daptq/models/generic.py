@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import hashlib
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -450,6 +451,60 @@ def adapt(
     )
 
 
+_USER_MODULES: dict[str, Any] = {}
+
+
+def load_torch_spec(spec: str) -> ChunkedPolicy:
+    """``torch:<module or file.py>:<factory>[?key=value&...]``: the policy your own factory builds.
+
+    ``<module>`` is a dotted module name on ``sys.path`` or a path to a ``.py`` file; ``<factory>(**options)``
+    (query values as strings) returns a ``GenericAdapter`` (wrapped with ``.policy()``) or a policy with an
+    ``.adapter``. This runs your code, as ``python your_file.py`` would; daptq downloads nothing."""
+    import importlib
+    import importlib.util
+    import sys
+    from urllib.parse import parse_qsl
+
+    body = spec.removeprefix("torch:")
+    body, _, query = body.partition("?")
+    target, _, factory_name = body.rpartition(":")
+    if not target or not factory_name.isidentifier():
+        raise ValueError(f"model spec {spec!r}: expected torch:<module or file.py>:<factory>[?key=value&...]")
+    if target.endswith(".py"):
+        path = Path(target).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"model spec {spec!r}: {path} does not exist")
+        module = _USER_MODULES.get(str(path))
+        if module is None:
+            name = "daptq_user_" + hashlib.sha256(str(path).encode()).hexdigest()[:16]
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
+            sys.modules[name] = module
+            try:
+                module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+            except BaseException:
+                sys.modules.pop(name, None)
+                raise
+            _USER_MODULES[str(path)] = module
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as e:
+            raise ValueError(f"model spec {spec!r}: cannot import {target!r} ({e})") from None
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise ValueError(f"model spec {spec!r}: {target} has no callable {factory_name!r}")
+    built = factory(**dict(parse_qsl(query, strict_parsing=bool(query))))
+    if isinstance(built, GenericAdapter):
+        built = built.policy()
+    if not isinstance(built, ChunkedPolicy) or not isinstance(getattr(built, "adapter", None), VLAAdapter):
+        raise ValueError(
+            f"model spec {spec!r}: {factory_name}() returned a {type(built).__name__}; it must return "
+            "daptq.adapt(...) or a policy with an .adapter (adapter.policy(...))"
+        )
+    return built
+
+
 def calibration_set(batches: Sequence[Batch], provenance: Mapping[str, Any] | None = None):
     """The ``CalibrationSet`` ``quantize_policy`` takes, from a list of the batches the callables take (dicts
     of tensors or arrays, the action chunk under ``"actions"``); ``provenance`` says where they came from."""
@@ -464,4 +519,4 @@ def calibration_set(batches: Sequence[Batch], provenance: Mapping[str, Any] | No
     return CalibrationSet(list(batches), dict(provenance or {"source": "user batches"}))
 
 
-__all__ = ["GenericAdapter", "GenericPolicy", "adapt", "calibration_set"]
+__all__ = ["GenericAdapter", "GenericPolicy", "adapt", "calibration_set", "load_torch_spec"]
