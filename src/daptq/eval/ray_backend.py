@@ -65,6 +65,7 @@ def ray_results(
     ray = _import_ray()
     started_here = False
     if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray's usage stats report opens a socket
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
         started_here = True
     actor_cls = ray.remote(num_cpus=1)(_Actor)

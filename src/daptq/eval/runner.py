@@ -205,6 +205,8 @@ def set_process_defaults() -> None:
 
     use_headless_rendering()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # read when onnxruntime loads (see deploy.runtime)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report from `--backend ray`
 
 
 def _init_worker(specs: Mapping[str, str]) -> None:
