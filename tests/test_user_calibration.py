@@ -504,3 +504,36 @@ def test_lerobot_without_task_texts(tmp_path):
         calibration_from_path(root, 3, n=2, with_images=False)
     calib = calibration_from_path(root, 3, n=2, with_images=False, instruction="stack the cups")
     assert calib.provenance["tasks"] == ["stack the cups"]
+
+
+def test_episode_images_checked_by_their_header(tmp_path):
+    """Images are validated from the file's header (read only for picked frames), in both formats."""
+    from safetensors.numpy import save_file
+
+    ep = make_episodes()[0]
+    root = tmp_path / "eps"
+    root.mkdir()
+    np.savez_compressed(
+        root / "a.npz",
+        images=ep["images"].astype(np.float32),
+        state=ep["state"],
+        actions=ep["actions"],
+        instruction=np.array("x"),
+    )
+    with pytest.raises(ValueError, match=r"a.npz: 'images' must be uint8 \(T, H, W, 3\), got float32"):
+        read_episode_dir(root)
+    (root / "a.npz").unlink()
+    save_file(
+        {"images": ep["images"][:3], "state": ep["state"], "actions": ep["actions"]},
+        str(root / "b.safetensors"),
+        {"instruction": "x"},
+    )
+    with pytest.raises(ValueError, match=r"b.safetensors: lengths differ: images has 3 frames, actions 7"):
+        read_episode_dir(root)
+    save_file(
+        {"images": ep["images"], "state": ep["state"], "actions": ep["actions"]},
+        str(root / "b.safetensors"),
+        {"instruction": "x"},
+    )
+    (view,) = read_episode_dir(root)
+    np.testing.assert_array_equal(view.frames(np.array([5, 1])), ep["images"][[5, 1]])

@@ -86,68 +86,106 @@ def _check_episode(ep: EpisodeView, where: str) -> None:
 
 
 # ---- the episode directory ---------------------------------------------------------------------------------
-def _read_npz(path: Path) -> tuple[dict[str, np.ndarray], str | None]:
+ImageHeader = tuple[tuple[int, ...], np.dtype]  # shape and dtype of an episode's images, read without them
+
+
+def _read_npz(path: Path) -> tuple[dict[str, np.ndarray], ImageHeader | None, str | None]:
+    """The small arrays, the images' header (the images themselves are read only for picked frames)."""
     import zipfile
 
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+            arrays = {k: z[k] for k in z.files if k != "images"}
+            header = None
+            if "images" in z.files:
+                with zipfile.ZipFile(path) as zf, zf.open("images.npy") as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else None
+                    shape, _, dtype = (read or np.lib.format.read_array_header_2_0)(f)
+                header = (tuple(shape), np.dtype(dtype))
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
         raise ValueError(f"{path}: not a readable .npz episode ({e})") from None
     instruction = arrays.pop("instruction", None)
     if instruction is not None:
         if instruction.ndim != 0 or instruction.dtype.kind != "U":
             raise ValueError(f"{path}: 'instruction' must be a 0-d string array, got {instruction.dtype}")
         instruction = str(instruction)
-    return arrays, instruction
+    return arrays, header, instruction
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], str | None]:
+_SAFETENSORS_DTYPES = {"U8": np.uint8, "I8": np.int8, "F16": np.float16, "F32": np.float32, "F64": np.float64}
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], ImageHeader | None, str | None]:
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="np") as f:
             meta = f.metadata() or {}
-            arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            keys = list(f.keys())  # noqa: SIM118 (safe_open has no __iter__)
+            arrays = {k: f.get_tensor(k) for k in keys if k != "images"}
+            header = None
+            if "images" in keys:
+                sl = f.get_slice("images")
+                header = (tuple(sl.get_shape()), np.dtype(_SAFETENSORS_DTYPES.get(sl.get_dtype(), object)))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: not a readable .safetensors episode ({e})") from None
-    return arrays, meta.get("instruction")
+    return arrays, header, meta.get("instruction")
 
 
-def read_episode_file(path: str | os.PathLike) -> tuple[EpisodeView, np.ndarray | None]:
-    """One episode file of the documented layout, validated; returns the episode and its images (or None)."""
+def _frames_reader(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """Frames at given steps of an episode file, reading its images only then."""
+    if path.suffix == ".npz":
+
+        def frames(idx: np.ndarray) -> np.ndarray:
+            with np.load(path, allow_pickle=False) as z:
+                return z["images"][np.asarray(idx)]
+
+        return frames
+
+    def frames_st(idx: np.ndarray) -> np.ndarray:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as f:
+            sl = f.get_slice("images")
+            return np.concatenate([sl[int(i) : int(i) + 1] for i in np.asarray(idx)])
+
+    return frames_st
+
+
+def read_episode_file(path: str | os.PathLike) -> tuple[EpisodeView, tuple[int, ...] | None]:
+    """One episode file of the documented layout, validated (images by their header only); returns the
+    episode (its ``frames`` reads the images of the steps asked for) and its image shape (H, W, 3) or None."""
     path = Path(path)
-    arrays, instruction = _read_npz(path) if path.suffix == ".npz" else _read_safetensors(path)
+    arrays, header, instruction = _read_npz(path) if path.suffix == ".npz" else _read_safetensors(path)
     missing = [k for k in REQUIRED_KEYS if k not in arrays]
     if missing:
+        has = sorted([*arrays, *(["images"] if header else [])])
         raise ValueError(
-            f"{path}: missing {missing} (has {sorted(arrays)}); an episode file holds 'images' (T,H,W,3) "
+            f"{path}: missing {missing} (has {has}); an episode file holds 'images' (T,H,W,3) "
             "uint8, 'state' (T,S), 'actions' (T,A) and an 'instruction' string"
         )
     if not isinstance(instruction, str) or not instruction.strip():
         raise ValueError(
             f"{path}: no 'instruction' (a 0-d string array in .npz, a metadata entry in .safetensors)"
         )
-    images = arrays.get("images")
-    if images is not None:
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(
-                f"{path}: 'images' must be uint8 (T, H, W, 3), got {images.dtype} {images.shape}"
-            )
-        if len(images) != len(arrays["actions"]):
-            raise ValueError(
-                f"{path}: lengths differ: images has {len(images)} frames, actions {len(arrays['actions'])}"
-            )
     actions = np.asarray(arrays["actions"])
+    if header is not None:
+        shape, dtype = header
+        if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+            raise ValueError(f"{path}: 'images' must be uint8 (T, H, W, 3), got {dtype} {shape}")
+        if shape[0] != len(actions):
+            raise ValueError(f"{path}: lengths differ: images has {shape[0]} frames, actions {len(actions)}")
     ep = EpisodeView(
         key=path.name,
         states=np.asarray(arrays["state"]),
         actions=actions,
         instructions=[instruction] * len(actions),
+        frames=None if header is None else _frames_reader(path),
         files=(path,),
     )
     _check_episode(ep, str(path))
-    return ep, images
+    return ep, None if header is None else header[0][1:]
 
 
 def episode_files(root: str | os.PathLike) -> list[Path]:
@@ -164,8 +202,8 @@ def read_episode_dir(root: str | os.PathLike) -> list[EpisodeView]:
     episodes = []
     first: tuple[Any, ...] | None = None
     for path in files:
-        ep, images = read_episode_file(path)
-        shape = (ep.states.shape[1], ep.actions.shape[1], None if images is None else images.shape[1:])
+        ep, image_shape = read_episode_file(path)
+        shape = (ep.states.shape[1], ep.actions.shape[1], image_shape)
         if first is None:
             first = (path, shape)
         elif shape != first[1]:
@@ -173,8 +211,6 @@ def read_episode_dir(root: str | os.PathLike) -> list[EpisodeView]:
                 f"{path}: (state dim, action dim, image shape) {shape} differs from "
                 f"{first[0].name}'s {first[1]}"
             )
-        if images is not None:
-            ep.frames = lambda idx, images=images: images[np.asarray(idx)]
         ep.key = str(path.relative_to(root))
         episodes.append(ep)
     return episodes
