@@ -2,9 +2,12 @@
 process; a worker that dies has its groups re-run on a fresh pool; one that keeps dying ends the run with a
 clear error instead of a hang."""
 
+import json
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -78,3 +81,149 @@ def test_leaving_early_stops_a_worker_mid_group():
         assert not mp.active_children()
         with pytest.raises(RuntimeError, match="closed"):
             pool.restart()
+
+
+# ------------------------------------------------------------------------ workers die with their parent
+
+PARENT = """
+import json, multiprocessing as mp, sys, time
+from daptq.eval.local_pool import LocalPool
+
+if __name__ == "__main__":
+    pool = LocalPool(mp.get_context("spawn"), 2)
+    for _ in range(2):
+        pool.submit(time.sleep, 600)  # each worker blocks in a job, as in a long group
+    print(json.dumps([p.pid for p in mp.active_children()]), flush=True)
+    time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by whoever adopted it, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    return out
+
+
+def _wait_gone(pids: list[int], timeout: float = 60.0) -> list[int]:
+    deadline = time.monotonic() + timeout  # generous: only a worker that never dies fails
+    while (alive := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive
+
+
+def _kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_workers_die_with_their_parent(tmp_path, sig):
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        workers = json.loads(parent.stdout.readline())
+        assert len(workers) == 2 and all(_alive(p) for p in workers)
+        os.kill(parent.pid, sig)
+        parent.wait(timeout=60)
+        assert _wait_gone(workers) == []  # none left blocked on the dead parent's pipe
+    finally:
+        parent.kill()
+        _kill_all(workers)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_eval_workers_die_when_the_eval_is_killed(tmp_path):
+    out = tmp_path / "run"
+    argv = ["eval", "toy", "--reference", "toy", "--tasks", "reach", "push", "--episodes", "40"]
+    argv += ["--max-steps", "60", "--image-size", "16", "--workers", "2", "--no-progress", "--out", str(out)]
+    code = "import sys; from daptq.cli import main; sys.exit(main(sys.argv[1:]))"
+    parent = subprocess.Popen([sys.executable, "-c", code, *argv], stderr=subprocess.DEVNULL)
+    descendants: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        log = out / "episodes.jsonl"
+        while not (log.exists() and log.read_bytes().count(b"\n") >= 2) and time.monotonic() < deadline:
+            assert parent.poll() is None, "the evaluation ended before it could be killed"
+            time.sleep(0.2)
+        descendants = _children(parent.pid)
+        assert descendants  # the spawned worker (and multiprocessing's resource tracker)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=60)
+        assert _wait_gone(descendants) == []
+    finally:
+        parent.kill()
+        _kill_all(descendants)
+
+
+# ------------------------------------------------------------------------------- no leaked semaphores
+
+USES_TQDM = """
+import multiprocessing as mp, sys, time
+from daptq.eval.local_pool import LocalPool, pool_results
+
+
+def init():  # as a worker loading a Hugging Face encoder does: a progress bar
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(3), disable=False):
+        pass
+
+
+def job(seconds):
+    time.sleep(seconds)
+    return [seconds]
+
+
+if __name__ == "__main__":
+    with LocalPool(mp.get_context("spawn"), 2, initializer=init) as pool:
+        results = pool_results(pool, job, (), iter([float(s) for s in sys.argv[1:]]))
+        print(next(results), flush=True)
+        results.close()  # the rest (if any) is cut short: its worker is terminated mid-group
+    print("closed", flush=True)
+"""
+
+
+@pytest.mark.parametrize("jobs", [["0", "0"], ["0", "60"]], ids=["finished", "cut-short"])
+def test_a_pool_leaks_no_semaphore(tmp_path, jobs):
+    script = tmp_path / "uses_tqdm.py"
+    script.write_text(USES_TQDM)
+    res = subprocess.run(
+        [sys.executable, str(script), *jobs], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert res.returncode == 0, res.stderr
+    assert "closed" in res.stdout
+    assert "leaked semaphore" not in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+def test_an_evaluation_with_workers_leaks_no_semaphore(tmp_path):
+    argv = ["eval", "toy", "--reference", "toy", "--tasks", "reach", "push", "--episodes", "2"]
+    argv += ["--max-steps", "12", "--image-size", "16", "--workers", "2", "--no-progress"]
+    argv += ["--out", str(tmp_path / "run")]
+    code = "import sys; from daptq.cli import main; sys.exit(main(sys.argv[1:]))"
+    res = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert res.returncode == 0, res.stderr
+    assert "leaked semaphore" not in res.stderr, res.stderr

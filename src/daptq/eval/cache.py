@@ -2,9 +2,17 @@
 
 The reference trajectory of a (task, seed) does not depend on the candidate, so a second method evaluated
 against the same reference runs no reference rollout at all. An entry is one ``<sha256 of key>.npz`` holding
-the rollout's arrays and its key as JSON; a lookup recomputes (never trusts) an entry that is unreadable,
-whose stored key differs from the requested one, or whose arrays are malformed. Entries are written
-atomically, so concurrent workers writing the same entry leave one whole file.
+the rollout's arrays, its key as JSON and a digest of both (``store.content_digest`` over the key, the
+end-effector path, the actions and the outcome). A lookup recomputes (never trusts) an entry that is
+unreadable or damaged (a flipped byte: a zlib or CRC error), whose digest does not match its content, whose
+stored key differs from the requested one, or whose arrays are malformed. Entries are written atomically, so
+concurrent workers writing the same entry leave one whole file.
+
+What the digest protects: damage (disk, copies, truncation), an entry edited or built by hand or by a tool
+that does not recompute the digest (a path moved, an outcome flipped), and another key's entry renamed to
+this one (the key is inside the digest). What it does not: it is a plain sha256, not a secret, so whoever
+can write the cache directory and knows this format can write an entry that passes. Keep the cache where
+only you can write (the default, under your home directory), or pass ``--no-reference-cache``.
 
 The key: the reference's digest (weights + config) and declared demo/scene versions, task, environment seed,
 sampling seed, step limit, image size, camera, scene version, daptq's environment version, the versions of
@@ -18,7 +26,6 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +33,9 @@ import numpy as np
 
 from daptq.atomic import atomic_save_npz
 from daptq.eval.rollout import Rollout
+from daptq.eval.store import content_digest, read_file_bounded, read_npz
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: entries carry a digest of their content
 _KEY_PACKAGES = ("daptq", "torch", "numpy", "mujoco", "metaworld")
 
 
@@ -89,29 +97,32 @@ class ReferenceCache:
 
     def get(self, key: str) -> Rollout | None:
         path = self.path(key)
-        if path.is_symlink() or not path.is_file():
-            return None
         try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+            arrays = read_npz(read_file_bounded(path, "reference-cache entry"), str(path))
+        except (OSError, ValueError):  # missing, a link, unreadable, damaged: a miss, recomputed
             return None
-        try:
-            stored_key = bytes(arrays["key"]).decode("utf-8")
-            ee, actions, success = arrays["ee"], arrays["actions"], arrays["success"]
-        except (KeyError, UnicodeDecodeError, TypeError):
+        if set(arrays) != {"key", "ee", "actions", "success", "digest"}:
             return None
-        if stored_key != key or ee.ndim != 2 or actions.ndim != 2 or ee.shape != (actions.shape[0] + 1, 3):
+        digest = arrays.pop("digest")
+        if digest.dtype != np.uint8 or bytes(digest) != content_digest(arrays).encode("ascii"):
+            return None  # damaged or edited: the content is not what was written under this key
+        ee, actions, success = arrays["ee"], arrays["actions"], arrays["success"]
+        if arrays["key"].dtype != np.uint8 or bytes(arrays["key"]) != key.encode("utf-8"):
             return None
-        if success.shape != () or not (np.isfinite(ee).all() and np.isfinite(actions).all()):
+        if ee.ndim != 2 or actions.ndim != 2 or ee.shape != (actions.shape[0] + 1, 3):
+            return None
+        if ee.dtype.kind != "f" or actions.dtype.kind != "f" or success.shape != () or success.dtype != bool:
+            return None
+        if not (np.isfinite(ee).all() and np.isfinite(actions).all()):
             return None
         return Rollout(success=bool(success), ee=ee.astype(np.float32), actions=actions.astype(np.float32))
 
     def put(self, key: str, rollout: Rollout) -> None:
         arrays = {
             "key": np.frombuffer(key.encode("utf-8"), dtype=np.uint8),
-            "ee": rollout.ee,
-            "actions": rollout.actions,
-            "success": np.asarray(rollout.success),
+            "ee": np.asarray(rollout.ee),
+            "actions": np.asarray(rollout.actions),
+            "success": np.asarray(bool(rollout.success)),
         }
+        arrays["digest"] = np.frombuffer(content_digest(arrays).encode("ascii"), dtype=np.uint8)
         atomic_save_npz(self.path(key), arrays)

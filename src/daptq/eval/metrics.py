@@ -8,6 +8,7 @@ pose after each of the T actions); ``actions`` are ``(T, action_dim)``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -186,3 +187,34 @@ def high_frequency_share(signal: np.ndarray, cutoff: float = DEFAULT_HF_CUTOFF) 
         high = power[freqs >= cutoff].sum(axis=0)
         share = np.divide(high, total, out=np.zeros_like(total), where=total > 1e-20)
     return share[0] if squeeze else share
+
+
+def episode_metrics(
+    arrays: dict[str, np.ndarray], divergence_threshold: float, hf_cutoff: float
+) -> dict[str, float | int | list[float] | None]:
+    """Every metric of an episode record that its per-step arrays determine (``ee``, ``actions``; paired:
+    ``ref_ee``, ``ref_actions``, ``shadow_actions``; with the reseed floor ``floor_ee``).
+
+    One function computes them when an episode is recorded and again when a record is read back, so a
+    record whose numbers were edited (or whose arrays were swapped) no longer matches its arrays."""
+
+    def behaviour(ee: np.ndarray, actions: np.ndarray) -> dict[str, Any]:
+        grip = actions[:, -1] if actions.shape[0] else np.zeros(0)
+        return {
+            "jerk": mean_jerk(ee),
+            "hf_share": np.atleast_1d(high_frequency_share(actions, hf_cutoff)).tolist(),
+            "grip_toggles": gripper_toggles(grip),
+        }
+
+    ee, actions = arrays["ee"], arrays["actions"]
+    out: dict[str, Any] = behaviour(ee, actions)
+    if "ref_ee" in arrays:
+        ref_ee, shadow = arrays["ref_ee"], arrays["shadow_actions"]
+        out.update({f"ref_{k}": v for k, v in behaviour(ref_ee, arrays["ref_actions"]).items()})
+        out.update(drift_metrics(ee, ref_ee, divergence_threshold))
+        out.update({f"action_{k}": v for k, v in action_error(actions, shadow).items()})
+        out["grip_disagreements"] = gripper_disagreements(actions[:, -1], shadow[:, -1])
+        if "floor_ee" in arrays:
+            floor = drift_metrics(arrays["floor_ee"], ref_ee, divergence_threshold)
+            out.update({f"floor_{k}": v for k, v in floor.items()})
+    return out

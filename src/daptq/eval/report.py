@@ -6,6 +6,7 @@ shows the episodes finished so far.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import warnings
@@ -29,6 +30,7 @@ class RunData:
     records: list[dict[str, Any]]
     summary: dict[str, Any]
     label: str
+    skipped: list[str] = dataclasses.field(default_factory=list)  # "line N (task seed S): why" per episode
 
     @property
     def paired(self) -> bool:
@@ -64,36 +66,38 @@ def method_label(config: dict[str, Any]) -> str:
     return method_name(config) + ("" if bits == "-" else f" {bits}")
 
 
-def _usable_records(path: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
-    """The records a report can use: a malformed record or one with missing or damaged arrays is left out
-    with a warning (``daptq eval --resume`` re-runs those episodes)."""
-    paired = config["run"]["reference"] is not None
-    keep, damaged = [], []
+def _usable_records(path: Path, config: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records a report can use, and why each other one is left out: a record that is malformed or
+    invalid, whose arrays are missing, damaged or another episode's, or whose metrics disagree with its
+    arrays (``store.episode_problem``) is named in a warning and in the report (``daptq eval --resume``
+    re-runs those episodes)."""
+    keep, skipped = [], []
     for i, r in enumerate(store.EpisodeLog(path / store.EPISODES_NAME).read()):
-        problem = store.record_problem(r, paired) or store.arrays_problem(path, r, paired)
+        problem = store.episode_problem(path, config, r)
         if problem:
-            damaged.append(f"line {i + 1}: {problem}")
+            skipped.append(f"{store.describe(r, i + 1)}: {problem}")
         else:
             keep.append(r)
-    if damaged:
+    if skipped:
         warnings.warn(
-            f"{path}: {len(damaged)} damaged episode record(s) left out of the report (resume the run to "
-            f"re-run them): {'; '.join(damaged[:5])}",
+            f"{path}: {len(skipped)} damaged episode record(s) left out of the report (resume the run to "
+            f"re-run them): {'; '.join(skipped[:5])}",
             stacklevel=3,
         )
-    return keep
+    return keep, skipped
 
 
 def load_run(path: str | os.PathLike) -> RunData:
     path = Path(path)
     store.check_no_symlinks(path)
     config = store.read_config(path)
-    records = _usable_records(path, config)
+    records, skipped = _usable_records(path, config)
     if not records:
-        raise ValueError(f"{path}: the run has no finished episode yet; nothing to report")
+        why = f" intact ({len(skipped)} damaged: {'; '.join(skipped[:3])})" if skipped else " yet"
+        raise ValueError(f"{path}: the run has no finished episode{why}; nothing to report")
     paired = config["run"]["reference"] is not None
     summary = summarize(records, paired=paired, tasks=config["run"]["tasks"])
-    return RunData(path, config, records, summary, method_label(config))
+    return RunData(path, config, records, summary, method_label(config), skipped)
 
 
 # ------------------------------------------------------------------------------------------------- tables
@@ -427,6 +431,15 @@ def write_report(
             *_task_table(run),
             "",
         ]
+        if run.skipped:
+            md += [
+                f"### Skipped episodes ({len(run.skipped)})",
+                "",
+                "Left out of every table and plot (`daptq eval --resume` re-runs them):",
+                "",
+                *[f"- {line}" for line in run.skipped],
+                "",
+            ]
         _plot_paths(run, out / f"ee_paths_{slug}.png", paths)
         _plot_actions(run, out / f"actions_{slug}.png")
         md += [f"![end-effector paths](ee_paths_{slug}.png)", "", f"![actions](actions_{slug}.png)", ""]

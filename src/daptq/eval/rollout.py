@@ -207,15 +207,6 @@ def run_episodes(
     ]
 
 
-def _behaviour(rollout: Rollout, hf_cutoff: float) -> dict[str, Any]:
-    grip = rollout.actions[:, -1] if rollout.steps else np.zeros(0)
-    return {
-        "jerk": metrics.mean_jerk(rollout.ee),
-        "hf_share": np.atleast_1d(metrics.high_frequency_share(rollout.actions, hf_cutoff)).tolist(),
-        "grip_toggles": metrics.gripper_toggles(grip),
-    }
-
-
 def episode_record(
     task: str,
     seed: int,
@@ -230,30 +221,23 @@ def episode_record(
     ``floor`` is the reference re-sampled with another noise seed: its drift from the reference (``floor_*``)
     is how far the policy's own sampling noise alone moves a trajectory, the floor for the candidate's drift.
     """
+    arrays = {"ee": candidate.ee, "actions": candidate.actions}
     record: dict[str, Any] = {
         "task": task,
         "seed": int(seed),
         "success": candidate.success,
         "steps": candidate.steps,
     }
-    record.update(_behaviour(candidate, hf_cutoff))
-    arrays = {"ee": candidate.ee, "actions": candidate.actions}
     if reference is not None:
-        ref = _behaviour(reference, hf_cutoff)
-        record.update({"ref_success": reference.success, "ref_steps": reference.steps})
-        record.update({f"ref_{k}": v for k, v in ref.items()})
-        record.update(metrics.drift_metrics(candidate.ee, reference.ee, divergence_threshold))
         shadow = candidate.shadow_actions
         if shadow is None or shadow.shape != candidate.actions.shape:
             raise RuntimeError(
                 f"{task} seed {seed}: the shadow reference did not act at every candidate step"
             )
-        record.update({f"action_{k}": v for k, v in metrics.action_error(candidate.actions, shadow).items()})
-        record["grip_disagreements"] = metrics.gripper_disagreements(candidate.actions[:, -1], shadow[:, -1])
+        record.update({"ref_success": reference.success, "ref_steps": reference.steps})
         arrays.update({"ref_ee": reference.ee, "ref_actions": reference.actions, "shadow_actions": shadow})
         if floor is not None:
-            fl = metrics.drift_metrics(floor.ee, reference.ee, divergence_threshold)
-            record.update({f"floor_{k}": v for k, v in fl.items()})
             record["floor_success"] = floor.success
             arrays["floor_ee"] = floor.ee
+    record.update(metrics.episode_metrics(arrays, divergence_threshold, hf_cutoff))
     return record, arrays

@@ -459,6 +459,7 @@ def _run_config(run: dict[str, Any], execution: dict[str, Any]) -> tuple[dict[st
     config = {
         "format": store.RUN_FORMAT,
         "format_version": store.RUN_FORMAT_VERSION,
+        store.DIGEST_CONFIG_KEY: store.ARRAYS_DIGEST,  # every record carries its arrays' digest
         "run": run,
         "candidate": _describe(cand_policy, cand_info, run["candidate"]),
         "reference": _describe(ref_policy, ref_info, run["reference"]) if ref_policy is not None else None,
@@ -537,14 +538,15 @@ def _check_resumable(out: Path, config: dict[str, Any]) -> None:
 
 
 def _finished_episodes(out: Path, log: store.EpisodeLog, run: dict[str, Any]) -> list[dict[str, Any]]:
-    """The usable records of a run: a record that is malformed, or whose arrays are missing or damaged, is
-    dropped from the log (and its episode runs again); episodes outside the run or twice are an error."""
-    paired = run["reference"] is not None
+    """The usable records of a run: a record that is malformed or invalid (a NaN, a negative count), whose
+    arrays are missing, damaged or another episode's, or whose metrics disagree with its arrays is dropped
+    from the log (and its episode runs again); episodes outside the run or twice are an error."""
+    config = store.read_config(out)
     records = log.read(repair=True)
     keep, damaged, seen = [], [], set()
     first, last = run["seed_start"], run["seed_start"] + run["episodes"]
     for i, r in enumerate(records):
-        problem = store.record_problem(r, paired)
+        problem = store.record_problem(r, run["reference"] is not None)
         if problem is None:
             key = (r["task"], r["seed"])
             if r["task"] not in run["tasks"] or not first <= r["seed"] < last:
@@ -553,12 +555,12 @@ def _finished_episodes(out: Path, log: store.EpisodeLog, run: dict[str, Any]) ->
                 )
             if key in seen:
                 raise ValueError(f"{out}/{store.EPISODES_NAME}: line {i + 1} repeats episode {key}")
-            problem = store.arrays_problem(out, r, paired)
+            problem = store.episode_problem(out, {**config, "run": run}, r)
             seen.add(key)
         if problem is None:
             keep.append(r)
         else:
-            damaged.append(f"line {i + 1}: {problem}")
+            damaged.append(f"{store.describe(r, i + 1)}: {problem}")
     if damaged:
         warnings.warn(
             f"{out}: {len(damaged)} damaged episode record(s) dropped and re-run: {'; '.join(damaged[:5])}",
@@ -693,7 +695,8 @@ def _run_and_summarize(
     results = _results(run, context, jobs, total - len(records), policies, pool)
     try:
         for record, arrays in results:
-            store.atomic_save_npz(store.arrays_path(out, record["task"], record["seed"]), arrays)
+            digest = store.save_arrays(out, record["task"], record["seed"], arrays)
+            record = {**record, store.DIGEST_KEY: digest}  # binds the file to this record
             log.append(record)
             records.append(record)
             bar.update(1)

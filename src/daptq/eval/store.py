@@ -4,16 +4,28 @@ The jsonl line is the commit record of an episode: its arrays (``episodes/<task>
 atomically *before* the line, and a line is written whole with one write + flush + fsync. So after a crash
 every line names an episode whose arrays exist, at most the last line is torn (dropped on resume), and an
 episode whose line is missing is simply run again (overwriting any orphan arrays).
+
+Nothing read back is trusted: a record carries the sha256 of its arrays' content (``arrays_sha256``), so a
+damaged file or one swapped for another episode's is found; every field of a record is type- and
+range-checked (no NaN), and its metrics are recomputed from its arrays and compared. A record that fails is
+dropped and its episode re-run on resume, and left out (and named) by a report. These checks catch damage and
+careless edits; they are not authentication: whoever can write the run directory can write a consistent
+record and arrays (the digest is a plain sha256 anyone can recompute).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import fcntl
+import hashlib
+import io
 import json
+import math
 import os
 import socket
 import zipfile
+import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +41,52 @@ EPISODES_NAME = "episodes.jsonl"
 SUMMARY_NAME = "summary.json"
 ARRAYS_DIR = "episodes"
 LOCK_NAME = ".lock"
+# The record field holding ``content_digest`` of the episode's arrays; config.json's ``DIGEST_CONFIG_KEY``
+# names the scheme, and a run whose config has it requires it in every record (older runs have none).
+DIGEST_KEY = "arrays_sha256"
+DIGEST_CONFIG_KEY = "arrays_digest"
+ARRAYS_DIGEST = "daptq-arrays-sha256-v1"
+MAX_NPZ_BYTES = 1 << 30  # what a daptq .npz may hold (or declare) uncompressed; a file beyond is damaged
+_NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, MemoryError, zipfile.BadZipFile, zlib.error)
+
+
+def content_digest(arrays: Mapping[str, Any]) -> str:
+    """sha256 over every array's name, dtype, shape and bytes (in name order).
+
+    Unlike the digest of the .npz file it does not depend on zip timestamps, so equal episodes have equal
+    digests, and one function serves the files written here and the reference cache's entries."""
+    h = hashlib.sha256(ARRAYS_DIGEST.encode("ascii") + b"\0")
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(np.asanyarray(arrays[name]))
+        h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode("utf-8") + b"\0")
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def read_npz(data: bytes, what: str) -> dict[str, np.ndarray]:
+    """The arrays of a .npz held in ``data`` (no pickle); ValueError naming ``what`` for anything else: not a
+    zip, a damaged member (zlib / CRC errors), an object array, or more than ``MAX_NPZ_BYTES`` declared."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            declared = sum(info.file_size for info in zf.infolist())
+        if declared > MAX_NPZ_BYTES:
+            raise ValueError(f"declares {declared} bytes uncompressed")
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except _NPZ_ERRORS as exc:
+        raise ValueError(f"{what}: damaged ({type(exc).__name__}: {exc})") from None
+
+
+def read_file_bounded(path: Path, what: str) -> bytes:
+    """The bytes of a regular file of at most ``MAX_NPZ_BYTES`` (a symbolic link is refused)."""
+    if path.is_symlink():
+        raise ValueError(f"{path}: is a symbolic link; a run directory must hold only its own files")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} missing")
+    size = path.stat().st_size
+    if size > MAX_NPZ_BYTES:
+        raise ValueError(f"{path}: {size} bytes, more than a daptq .npz holds")
+    return path.read_bytes()
 
 
 def episode_key(task: str, seed: int) -> str:
@@ -40,14 +98,17 @@ def arrays_path(run_dir: str | os.PathLike, task: str, seed: int) -> Path:
 
 
 def load_arrays(run_dir: str | os.PathLike, task: str, seed: int) -> dict[str, np.ndarray]:
-    """Per-step arrays of one finished episode (no pickle: allow_pickle=False)."""
+    """Per-step arrays of one finished episode (no pickle). FileNotFoundError if missing, ValueError if the
+    file is damaged (see ``arrays_problem`` for the checks against its record)."""
     path = arrays_path(run_dir, task, seed)
-    if path.is_symlink():
-        raise ValueError(f"{path}: is a symbolic link; a run directory must hold only its own files")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: arrays of episode {task} seed {seed} are missing")
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    return read_npz(read_file_bounded(path, f"arrays of episode {task} seed {seed}"), str(path))
+
+
+def save_arrays(run_dir: str | os.PathLike, task: str, seed: int, arrays: Mapping[str, Any]) -> str:
+    """Write an episode's arrays atomically; returns their ``content_digest`` (for its record)."""
+    arrays = {k: np.asanyarray(v) for k, v in arrays.items()}
+    atomic_save_npz(arrays_path(run_dir, task, seed), arrays)
+    return content_digest(arrays)
 
 
 class EpisodeLog:
@@ -172,59 +233,115 @@ class RunLock:
         self.release()
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _field_problem(key: str, value: Any, kind: str) -> str | None:
+    """Why ``value`` is not a valid ``kind`` field: "str", "bool", "count" (int >= 0), "length" (finite
+    real >= 0), "ttd" (None or count), "shares" (list of reals in [0, 1]), "lengths" (list of reals >= 0),
+    "opt_bool" (None or bool)."""
+    ok = {
+        "str": lambda v: isinstance(v, str),
+        "bool": lambda v: isinstance(v, bool),
+        "opt_bool": lambda v: v is None or isinstance(v, bool),
+        "count": lambda v: _is_int(v) and v >= 0,
+        "length": lambda v: _is_real(v) and v >= 0,
+        "ttd": lambda v: v is None or (_is_int(v) and v >= 0),
+        "shares": lambda v: isinstance(v, list) and v and all(_is_real(x) and 0 <= x <= 1 + 1e-9 for x in v),
+        "lengths": lambda v: isinstance(v, list) and v and all(_is_real(x) and x >= 0 for x in v),
+    }[kind](value)
+    return None if ok else f"{key!r} is {value!r}"
+
+
+_FIELDS = {
+    "task": "str", "seed": "count", "success": "bool", "steps": "count", "jerk": "length",
+    "hf_share": "shares", "grip_toggles": "count",
+}  # fmt: skip
+_PAIRED_FIELDS = {
+    "ref_success": "bool", "ref_steps": "count", "ref_jerk": "length", "ref_hf_share": "shares",
+    "ref_grip_toggles": "count", "drift_mean": "length", "drift_max": "length", "drift_final": "length",
+    "drift_auc": "length", "time_to_divergence": "ttd", "action_mae": "lengths", "action_rmse": "lengths",
+    "grip_disagreements": "count",
+}  # fmt: skip
+_FLOOR_FIELDS = {
+    "floor_drift_mean": "length", "floor_drift_max": "length", "floor_drift_final": "length",
+    "floor_drift_auc": "length", "floor_time_to_divergence": "ttd", "floor_success": "bool",
+}  # fmt: skip
+# How an episode was computed (optional; never a result, but still no NaN in a run's files).
+_EXTRA_FIELDS = {
+    "wall_s": "length",
+    "env_steps": "count",
+    "simulated_steps": "count",
+    "reference_cached": "opt_bool",
+}
+
+
 def record_problem(record: dict[str, Any], paired: bool) -> str | None:
-    """Why a line of episodes.jsonl is not a usable episode record, or None if it is one."""
-    required: dict[str, type | tuple[type, ...]] = {
-        "task": str,
-        "seed": int,
-        "success": bool,
-        "steps": int,
-        "jerk": (int, float),
-        "hf_share": list,
-        "grip_toggles": int,
-    }
+    """Why a line of episodes.jsonl is not a usable episode record (a field missing, of the wrong type, out
+    of range or not finite), or None if it is one."""
+    fields = dict(_FIELDS)
     if paired:
-        required.update(
-            {
-                "ref_success": bool,
-                "ref_steps": int,
-                "ref_jerk": (int, float),
-                "ref_hf_share": list,
-                "ref_grip_toggles": int,
-                "drift_mean": (int, float),
-                "drift_max": (int, float),
-                "drift_final": (int, float),
-                "drift_auc": (int, float),
-                "action_mae": list,
-                "action_rmse": list,
-                "grip_disagreements": int,
-            }
-        )
-    for key, kind in required.items():
+        fields.update(_PAIRED_FIELDS)
+        if any(k in record for k in _FLOOR_FIELDS):
+            fields.update(_FLOOR_FIELDS)
+    for key, kind in fields.items():
         if key not in record:
             return f"missing {key!r}"
-        value = record[key]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            return f"{key!r} is {value!r}"
-    if paired and "time_to_divergence" not in record:
-        return "missing 'time_to_divergence'"
-    if "floor_drift_mean" in record:
-        for key in ("floor_drift_max", "floor_drift_final", "floor_drift_auc", "floor_success"):
-            if key not in record:
-                return f"missing {key!r}"
-        if "floor_time_to_divergence" not in record:
-            return "missing 'floor_time_to_divergence'"
+        if (problem := _field_problem(key, record[key], kind)) is not None:
+            return problem
+    for key, kind in _EXTRA_FIELDS.items():
+        if key in record and (problem := _field_problem(key, record[key], kind)) is not None:
+            return problem
+    if DIGEST_KEY in record:
+        digest = record[DIGEST_KEY]
+        if not (
+            isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+        ):
+            return f"{DIGEST_KEY!r} is {digest!r}"
     return None
 
 
-def arrays_problem(run_dir: str | os.PathLike, record: dict[str, Any], paired: bool) -> str | None:
-    """Why an episode's .npz does not match its record (missing, unreadable, wrong shapes), or None."""
+def _mismatch(stored: Any, computed: Any) -> bool:
+    """Whether a record's value differs from the one recomputed from its arrays (reals to 1e-6 relative:
+    a report may run on another machine than the episode)."""
+    if computed is None or isinstance(computed, (bool, int)) and not isinstance(computed, float):
+        return stored != computed or type(stored) is not type(computed)
+    if isinstance(computed, list):
+        return (
+            not isinstance(stored, list)
+            or len(stored) != len(computed)
+            or any(_mismatch(a, b) for a, b in zip(stored, computed, strict=True))
+        )
+    return not _is_real(stored) or not math.isclose(stored, computed, rel_tol=1e-6, abs_tol=1e-9)
+
+
+def arrays_problem(
+    run_dir: str | os.PathLike,
+    record: dict[str, Any],
+    paired: bool,
+    run: Mapping[str, Any] | None = None,
+    require_digest: bool = False,
+) -> str | None:
+    """Why an episode's .npz does not match its record, or None: missing, unreadable, not the arrays the
+    record's digest names (damaged, or another episode's), wrong shapes, not finite, or (given the ``run``
+    settings) metrics that differ from those the arrays give. ``require_digest``: a record without a
+    digest is a problem (runs that record digests)."""
+    digest = record.get(DIGEST_KEY)
+    if digest is None and require_digest:
+        return f"missing {DIGEST_KEY!r}"
     try:
         arrays = load_arrays(run_dir, record["task"], record["seed"])
     except FileNotFoundError:
         return "arrays missing"
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        return f"arrays unreadable ({type(exc).__name__}: {exc})"
+    except ValueError as exc:
+        return f"arrays unreadable ({exc})"
+    if digest is not None and content_digest(arrays) != digest:
+        return "arrays are not the ones recorded (damaged, or another episode's file)"
     steps = record["steps"]
     expected = {"ee": (steps + 1, 3), "actions": (steps, None)}
     if paired:
@@ -240,13 +357,46 @@ def arrays_problem(run_dir: str | os.PathLike, record: dict[str, Any], paired: b
             return f"array {key!r} missing"
         if (
             a.ndim != 2
+            or a.dtype.kind != "f"
             or (rows is not None and a.shape[0] != rows)
             or (cols is not None and a.shape[1] != cols)
         ):
-            return f"array {key!r} has shape {a.shape}, the record says {rows} rows"
+            return f"array {key!r} has shape {a.shape} ({a.dtype}), the record says {rows} rows"
         if not np.all(np.isfinite(a)):
             return f"array {key!r} is not finite"
+    if run is not None:
+        from daptq.eval.metrics import episode_metrics
+
+        dims = {arrays["actions"].shape[1]} | ({arrays["ref_actions"].shape[1]} if paired else set())
+        if len(dims) != 1 or (paired and arrays["shadow_actions"].shape[1] not in dims):
+            return "arrays of different action dimensions"
+        used = {k: arrays[k] for k in expected}
+        computed = episode_metrics(used, run["divergence_threshold"], run["hf_cutoff"])
+        wrong = sorted(k for k, v in computed.items() if _mismatch(record.get(k), v))
+        if wrong:
+            return f"{', '.join(wrong)} differ from what the arrays give"
     return None
+
+
+def episode_problem(run_dir: str | os.PathLike, config: Mapping[str, Any], record: Any) -> str | None:
+    """Why a line of a run's episodes.jsonl is not a usable episode (``record_problem``, then
+    ``arrays_problem`` with the run's settings), or None."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    paired = config["run"]["reference"] is not None
+    problem = record_problem(record, paired)
+    if problem is None:
+        problem = arrays_problem(
+            run_dir, record, paired, run=config["run"], require_digest=DIGEST_CONFIG_KEY in config
+        )
+    return problem
+
+
+def describe(record: Any, line: int) -> str:
+    """ "line N (task seed S)" for messages about a record."""
+    if isinstance(record, dict) and isinstance(record.get("task"), str) and _is_int(record.get("seed")):
+        return f"line {line} ({record['task']} seed {record['seed']})"
+    return f"line {line}"
 
 
 def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
