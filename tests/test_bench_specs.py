@@ -77,6 +77,11 @@ def test_specs_are_planned_like_eval_takes_them(quantized, tmp_path):
         (str(w8), "as-evaluated"),
         (str(w8), "packed"),
     ]
+    # other registered sources (cogact:, lerobot:, torch:) are loaded by their worker, as eval loads them
+    assert plan_rows(["toy", "torch:my_module:build"], None) == [
+        ("toy", "fp"),
+        ("torch:my_module:build", "as-given"),
+    ]
     (tmp_path / "export").mkdir()
     with pytest.raises(BenchError, match="manifest.json"):
         plan_rows([f"onnx:{tmp_path / 'export'}"], None)

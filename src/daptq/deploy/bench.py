@@ -58,7 +58,7 @@ BASE_VARIANTS = (
     "ort-fp32",
     "ort-w4a8",
 )
-SPEC_VARIANTS = ("fp", "as-evaluated", "packed", "onnx")  # what a spec measured as given becomes
+SPEC_VARIANTS = ("fp", "as-given", "as-evaluated", "packed", "onnx")  # what a spec measured as given becomes
 GROUP_SIZES = (128, 64, 32)
 SYNTHETIC = {  # random-weight models of the reference architecture (latency does not depend on weights)
     "toy-vla": dict(
@@ -70,7 +70,8 @@ SYNTHETIC = {  # random-weight models of the reference architecture (latency doe
 
 SUPPORTED_SPECS = (
     "ref:<name> (a bundled reference VLA), toy or toy:<key>=<value>,... (the toy policy), a directory "
-    "written by `daptq quantize`, onnx:<dir> written by `daptq export`, or a synthetic random-weight model "
+    "written by `daptq quantize`, onnx:<dir> written by `daptq export`, any other registered source "
+    "(<source>:..., see daptq.sources), or a synthetic random-weight model "
     f"({', '.join(SYNTHETIC)})"
 )
 
@@ -113,6 +114,11 @@ def spec_kind(spec: str) -> str:
         except (OSError, ValueError) as err:
             raise BenchError(f"cannot bench {spec!r}: {err}") from None
         return "onnx"
+    from daptq.sources import available_sources
+
+    prefix = spec.split(":", 1)[0] if ":" in spec else None
+    if prefix in available_sources():  # cogact:, lerobot:, torch:, a user's: checked when its worker loads it
+        return "source"
     path = Path(spec)
     if path.is_dir():
         from daptq.models.quantized import read_quantized_policy_config
@@ -123,6 +129,8 @@ def spec_kind(spec: str) -> str:
             raise BenchError(f"cannot bench {spec!r}: {err}") from None
         return "quantized"
     what = "a file" if path.is_file() else "not an existing directory"
+    if prefix is not None and len(prefix) > 1:
+        what = f"unknown source {prefix!r}; registered: {', '.join(available_sources())}"
     raise BenchError(
         f"cannot bench {spec!r} ({what}); bench takes what `daptq eval` takes: {SUPPORTED_SPECS}"
     )
@@ -144,7 +152,7 @@ def plan_rows(models: Sequence[str], variants: Sequence[str] | None) -> list[tup
         elif kind == "quantized":
             rows += [(spec, "as-evaluated"), (spec, "packed")]
         else:
-            rows.append((spec, "onnx" if kind == "onnx" else "fp"))
+            rows.append((spec, {"onnx": "onnx", "source": "as-given"}.get(kind, "fp")))
     if len(set(rows)) != len(rows):
         raise BenchError(f"a spec is named twice: {[spec for spec in models if models.count(spec) > 1][0]!r}")
     return rows
@@ -233,10 +241,23 @@ def _observation(policy) -> dict[str, Any]:
         "state": np.array([0.0, 0.6, 0.2, 0.5], np.float32),
         "instruction": "pick up the puck and place it at the goal",
     }
-    shape = getattr(getattr(policy, "config", None), "image_shape", None)
+    shape = _image_shape(policy)
     if shape is not None:
         obs["image"] = rng.integers(0, 255, shape, dtype=np.uint8)
     return obs
+
+
+def _image_shape(policy) -> tuple[int, ...] | None:
+    """(H, W, 3), or (V, H, W, 3) for V cameras: from the config, else from what the policy tells the
+    evaluator (``info()``); None for a state-only policy."""
+    shape = getattr(getattr(policy, "config", None), "image_shape", None)
+    if shape is not None:
+        return tuple(shape)
+    info = policy.info() if hasattr(policy, "info") else None
+    if info is None or not info.image_size:
+        return None
+    size, views = int(info.image_size), len(str(info.camera or "corner3").split(","))
+    return (size, size, 3) if views == 1 else (views, size, size, 3)
 
 
 def _action_steps(policy) -> int:
