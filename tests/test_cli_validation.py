@@ -518,3 +518,57 @@ def test_method_config_that_is_not_text_or_not_a_file_is_named(tmp_path, capsys,
     base = ["quantize", "toy", "--method", "rtn", "--out", str(tmp_path / "q")]
     assert_error([*base, "--config", str(garbage)], capsys, "garbage.yaml")
     assert_error([*base, "--config", "/dev/null"], capsys, "--config", "not a regular file")
+
+
+def test_paths_are_checked_as_the_command_uses_them(tmp_path, monkeypatch):
+    from daptq.paths import check_output_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "~").write_text("a file named ~")  # `--out=~/out` is not expanded by the shell
+    with pytest.raises(ValueError, match="is a file"):
+        check_output_dir("~/out")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(ValueError, match="broken symbolic link"):
+        check_output_dir("dangling")
+
+
+def test_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
+    import daptq.methods.workflow as workflow
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workflow, "quantize_from_args", interrupted)
+    rc, err = run_cli([*QUANT, "--out", str(tmp_path / "q")], capsys)
+    assert rc == 130 and err.strip() == "daptq quantize: interrupted"
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["eval", "toy", "--max-steps", "1000000000"], "--max-steps"),
+        (
+            ["train", "--data", "d", "--out", "o", "--max-steps", "1", "--batch-size", "100000000"],
+            "--batch-size",
+        ),
+        (["train", "--data", "d", "--out", "o", "--max-steps", "1", "--n-noise", "100000000"], "--n-noise"),
+        (
+            ["quantize", "toy", "--method", "gptq", "--w-bits", "4", "--trajectories", "100000000"],
+            "--trajectories",
+        ),
+    ],
+)
+def test_sizes_that_would_exhaust_memory_or_time_are_refused(capsys, no_work, argv, needle):
+    assert_error([*argv, "--out", "o"] if argv[0] in ("eval", "quantize") else argv, capsys, needle)
+
+
+def test_episodes_jsonl_that_is_a_directory_is_an_error_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["eval", "toy", "--reference", "toy", "--tasks", "reach", "--episodes", "1", "--max-steps", "2"]
+    assert main([*argv, "--out", str(run), "--no-progress", "--no-reference-cache", "--workers", "1"]) == 0
+    (run / "episodes.jsonl").unlink()
+    (run / "episodes.jsonl").mkdir()
+    capsys.readouterr()
+    assert_error(["report", str(run)], capsys, "episodes.jsonl")
+    resume = [*argv, "--out", str(run), "--no-progress", "--no-reference-cache", "--workers", "1", "--resume"]
+    assert_error(resume, capsys, "episodes.jsonl")

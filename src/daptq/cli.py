@@ -23,7 +23,8 @@ from daptq.cli_args import (
 )
 from daptq.paths import check_input_dir, check_input_file, check_output_dir
 
-MAX_TRAJECTORIES = 100_000  # calibration trajectories: the paper uses 512
+MAX_TRAJECTORIES = 10_000  # calibration trajectories: the paper uses 512
+MAX_STEPS = 100_000  # per episode: Meta-World's own limit is 500
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -348,7 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--out", default="runs/eval", help="run directory")
     ev.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    ev.add_argument("--max-steps", type=positive_int, help="step limit per episode (default: per-task limit)")
+    ev.add_argument(
+        "--max-steps", type=int_in(1, MAX_STEPS), help="step limit per episode (default: per-task limit)"
+    )
     ev.add_argument("--image-size", type=image_size_int, help=f"pixels, 8 to {MAX_IMAGE_SIZE}")
     ev.add_argument("--camera", type=cameras, help="camera(s) of the scene, comma-separated")
     ev.add_argument(
@@ -483,6 +486,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `daptq inspect DIR | head`: the reader left; nothing more to say
         _silence_stdout()
         return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
+    except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of whatever was running
+        print(f"daptq {args.command}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT
     except OSError as err:  # a file the checks could not foresee (a disk full, a permission changed mid-run)
         where = f"{err.filename}: " if err.filename is not None else ""
         print(f"daptq {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)

@@ -24,7 +24,7 @@ def _nonempty(path: str | os.PathLike | None, option: str) -> Path:
         raise ValueError(f"{option}: empty path; give a file or directory name")
     if "\0" in str(path):
         raise ValueError(f"{option}: the path contains a NUL byte")
-    return Path(path).expanduser()
+    return Path(path)  # as the command will use it: no ~ expansion (the shell's job)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -52,7 +52,9 @@ def check_output_dir(path: str | os.PathLike | None, option: str = "--out", *, n
     p = _nonempty(path, option)
     if named and p.name in ("", ".", ".."):
         raise ValueError(f"{option} {path}: give the output directory a name of its own (such as out/run)")
-    if p.exists() or p.is_symlink():
+    if p.is_symlink() and not p.exists():
+        raise ValueError(f"{option} {p}: is a broken symbolic link")
+    if p.exists():
         if not p.is_dir():
             raise ValueError(f"{option} {p}: is a file, not a directory")
         if not _writable(p):

@@ -10,6 +10,8 @@ from daptq.paths import check_input_dir, check_output_dir
 from daptq.train.trainer import TrainConfig, train
 
 MAX_THREADS = 1024
+MAX_BATCH_SIZE = 8192  # beyond this a CPU step runs out of memory before it finishes
+MAX_NOISE_DRAWS = 256
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps"
     )
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
-    p.add_argument("--n-noise", type=positive_int, default=d.n_noise, help="noise draws per backbone forward")
+    p.add_argument("--batch-size", type=int_in(1, MAX_BATCH_SIZE), default=d.batch_size)
+    p.add_argument(
+        "--n-noise",
+        type=int_in(1, MAX_NOISE_DRAWS),
+        default=d.n_noise,
+        help="noise draws per backbone forward",
+    )
     p.add_argument("--lr", type=float_in(0, lo_open=True), default=d.lr)
     p.add_argument("--warmup-steps", type=nonnegative_int, default=d.warmup_steps)
     p.add_argument("--weight-decay", type=float_in(0), default=d.weight_decay)
