@@ -350,3 +350,17 @@ def test_external_base_without_files_asks_for_self_contained():
     assert (
         qdir.base_source_files("ref:metaworld-mt10") is None and qdir.base_source_files("toy:seed=1") is None
     )
+
+
+def test_missing_directory_beside_a_live_writers_backup_says_what_happened(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / f".q.daptq-old-{sleeper.pid}-abcd").mkdir()
+        with pytest.raises(
+            FileNotFoundError, match=rf"backup of the previous version, process {sleeper.pid} running"
+        ):
+            qdir.read_quantized_policy_config(tmp_path / "q")
+        assert (tmp_path / f".q.daptq-old-{sleeper.pid}-abcd").is_dir()  # a live writer's: left alone
+    finally:
+        sleeper.kill()
+        sleeper.wait()

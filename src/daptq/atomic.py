@@ -128,6 +128,19 @@ def recover_directory(target: str | os.PathLike) -> list[str]:
     return done
 
 
+def describe_leftovers(target: str | os.PathLike) -> str:
+    """What saves of ``target`` left beside it, for an error about a missing ``target`` ("" if nothing)."""
+    found = leftovers(target)
+    if not found:
+        return ""
+    parts = [
+        f"{p.name} ({'backup of the previous version' if tag == OLD_TAG else 'new version being written'}, "
+        f"process {pid} {'running' if _pid_alive(pid) else 'gone'})"
+        for p, tag, pid in found
+    ]
+    return f"; a save of it is in progress or was interrupted, beside it: {', '.join(parts)}"
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
     try:

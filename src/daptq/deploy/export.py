@@ -35,7 +35,13 @@ import onnx
 import torch
 from torch import nn
 
-from daptq.atomic import atomic_write_bytes, atomic_write_json, recover_directory, write_directory
+from daptq.atomic import (
+    atomic_write_bytes,
+    atomic_write_json,
+    describe_leftovers,
+    recover_directory,
+    write_directory,
+)
 from daptq.deploy.lowering import LayerPlan, W4A8Kernel, lower_model_
 from daptq.integrity import check_daptq_directory, check_signed, signed
 from daptq.quant import QuantConv2d
@@ -275,7 +281,9 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         recover_directory(directory)  # an export killed while swapping directories: the previous one is back
     path = directory / MANIFEST
     if not directory.is_dir():
-        raise FileNotFoundError(f"ONNX export directory not found: {directory}")
+        raise FileNotFoundError(
+            f"ONNX export directory not found: {directory}{describe_leftovers(directory)}"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {MANIFEST}; not a directory written by `daptq export`")
     try:

@@ -28,7 +28,13 @@ from typing import Any
 import torch
 from safetensors.torch import save as st_save
 
-from daptq.atomic import atomic_write_bytes, atomic_write_json, recover_directory, write_directory
+from daptq.atomic import (
+    atomic_write_bytes,
+    atomic_write_json,
+    describe_leftovers,
+    recover_directory,
+    write_directory,
+)
 from daptq.integrity import check_daptq_directory, check_file_digests, check_signed, sha256_file, signed
 from daptq.models.adapter import state_digest
 from daptq.versioned_json import read_versioned_json
@@ -265,7 +271,7 @@ def read_quantized_policy_config(directory: str | os.PathLike) -> tuple[dict[str
     if not qpath.is_file():  # says what it is instead: missing, a file, an eval run, an ONNX export, ...
         from daptq.paths import not_a_quantized_policy
 
-        raise FileNotFoundError(not_a_quantized_policy(directory))
+        raise FileNotFoundError(not_a_quantized_policy(directory) + describe_leftovers(directory))
     qconfig = read_versioned_json(qpath, POLICY_FORMAT, POLICY_FORMAT_VERSION, "quantized policy config")
     check_signed(qconfig, qpath)
     check_file_digests(directory, qconfig.get("files"), (TENSORS_FILE, BASE_CONFIG_FILE), qpath)
