@@ -26,6 +26,12 @@ LAYERS = {
 # Importable from anywhere; they import only each other. The root package ``daptq`` (``__version__``) is
 # importable too: it loads ``daptq.adapt`` lazily, inside a function (checked below).
 LEAVES = {"atomic", "versioned_json", "cameras", "strict_parse", "integrity", "paths", "cli_args", "sources"}
+# Known edges against the arrows, each with why and what removes it; the test fails when one is no longer
+# needed, so the list only shrinks.
+KNOWN = {
+    ("cli_args", "envs"): "cli_args.task_name checks MT10 names with envs.tasks (inside the function) while "
+    "envs/speed.py's command line uses cli_args' types: move task_name beside the task list",
+}
 
 
 def _imports(tree: ast.AST, package: str):
@@ -121,13 +127,22 @@ def test_every_top_level_unit_is_placed_in_the_design():
     assert not unplaced, f"place these in the design's layers (tests/test_import_graph.py): {unplaced}"
 
 
+def _checked_edges():
+    return {e: where for e, where in import_edges().items() if e not in KNOWN}
+
+
 def test_no_cycle_between_packages():
-    cycle = find_cycle(import_edges())
+    cycle = find_cycle(_checked_edges())
     assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
 
 
 def test_arrows_follow_the_design():
-    assert violations(import_edges()) == []
+    assert violations(_checked_edges()) == []
+
+
+def test_known_exceptions_are_still_needed():
+    stale = [e for e in KNOWN if e not in import_edges()]
+    assert not stale, f"remove from KNOWN in tests/test_import_graph.py: {stale}"
 
 
 def test_models_imports_neither_deploy_nor_methods_and_quant_only_leaves():

@@ -279,6 +279,11 @@ class ToyPolicy(ChunkedPolicy):
         return self.adapter.model.net
 
     @property
+    def chunk_size(self) -> int:
+        """Actions per predicted chunk (calibration sampling labels chunks of this length)."""
+        return self.config.chunk
+
+    @property
     def recipe(self) -> dict:
         """Recorded in a run's config.json so the run can be reproduced (a quantized toy: its record's
         summary, set by ``load_quantized_policy``)."""
