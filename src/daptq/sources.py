@@ -6,6 +6,7 @@ Specs:
 - ``toy`` / ``toy:<key>=<value>,...``: a tiny state-only policy for tests and smoke runs;
 - ``onnx:<dir>``: a policy exported by ``daptq export`` running on ONNX Runtime;
 - ``cogact:<run dir>[?key=value&...]``: a CogACT run directory in the original layout;
+- ``lerobot:<dir>[?key=value&...]``: a lerobot pi0 / pi05 / smolvla checkpoint (family from config.json);
 - ``torch:<module or file.py>:<factory>[?key=value&...]``: your own model, declared with ``daptq.adapt``;
 - a directory written by ``daptq quantize`` (no prefix).
 
@@ -35,6 +36,7 @@ BUILTIN_SOURCES: dict[str, str] = {
     "onnx": "daptq.deploy.runtime:load_onnx_source",
     "cogact": "daptq.models.cogact.policy:load_cogact_spec",
     "torch": "daptq.models.generic:load_torch_spec",
+    "lerobot": "daptq.models.lerobot_vla.policy:load_lerobot_spec",
 }
 DIRECTORY_SOURCE = "daptq.models.quantized:load_quantized_policy"  # a spec without a prefix that is a dir
 _PREFIX = re.compile(r"^([a-z][a-z0-9_-]*):")
