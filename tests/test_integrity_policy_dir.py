@@ -364,3 +364,40 @@ def test_missing_directory_beside_a_live_writers_backup_says_what_happened(tmp_p
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+# ---- bases that run code --------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["module", "file"])
+def test_a_directory_cannot_make_daptq_run_code(saved, tmp_path, monkeypatch, kind):
+    """A directory from elsewhere naming a code-running base (``torch:os:system?command=...``, or any .py
+    on the machine) is refused before anything is imported, unless this user quantized that spec here."""
+    monkeypatch.setenv("DAPTQ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("DAPTQ_TRUST_BASE_CODE", raising=False)
+    marker = tmp_path / "PWNED"
+    if kind == "module":
+        spec = f"torch:os:system?command=touch+{marker}"
+    else:
+        evil = tmp_path / "evil.py"
+        evil.write_text(f"open({str(marker)!r}, 'w').close()\ndef build(**k):\n    raise SystemExit\n")
+        spec = f"torch:{evil}:build"
+    _edit_json(saved / qdir.BASE_CONFIG_FILE, lambda c: c["base_model"].update(spec=spec))
+    _resign_files(saved)
+    with pytest.raises(ValueError, match="runs Python code"):
+        load_policy(str(saved))
+    assert not marker.exists()
+
+
+def test_trust_is_for_the_spec_and_file_content_this_user_quantized(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAPTQ_CACHE_DIR", str(tmp_path / "cache"))
+    code = tmp_path / "mine.py"
+    code.write_text("def build(**k):\n    pass\n")
+    spec = f"torch:{code}:build"
+    with pytest.raises(ValueError, match="runs Python code"):
+        qdir._check_code_base(tmp_path, spec, trusted=False)
+    qdir.trust_base_code(spec)  # what `daptq quantize torch:...` records
+    qdir._check_code_base(tmp_path, spec, trusted=False)
+    code.write_text("def build(**k):\n    import os\n")  # other code under the same name
+    with pytest.raises(ValueError, match="runs Python code"):
+        qdir._check_code_base(tmp_path, spec, trusted=False)
+    qdir._check_code_base(tmp_path, spec, trusted=True)
+    qdir._check_code_base(tmp_path, "toy:seed=1", trusted=False)  # data-only sources need no trust

@@ -84,7 +84,8 @@ def spec_path(spec: str) -> Path | None:
     """The local file or directory a model spec reads (``DIR``, ``onnx:DIR``, ``cogact:PATH``), if any."""
     if not isinstance(spec, str) or not spec or is_bundled(spec):
         return None
-    for candidate in (spec, spec.partition(":")[2]):
+    body = spec.partition(":")[2]
+    for candidate in (spec, body, body.partition("?")[0]):  # DIR, cogact:PATH, lerobot:PATH?key=value
         if candidate and os.path.lexists(candidate):
             return Path(candidate)
     return None
@@ -160,6 +161,71 @@ def base_source_files(spec: str, policy: Any = None) -> dict[str, Any] | None:
     return {"root": str(root), "files": files}
 
 
+# ---- bases that run code --------------------------------------------------------------------------------
+CODE_PREFIXES = ("torch:",)  # such a spec imports and calls the user's Python code
+TRUST_FORMAT = "daptq-trusted-base-code"
+
+
+def runs_code(spec: str) -> bool:
+    return spec.startswith(CODE_PREFIXES)
+
+
+def _trust_path() -> Path:
+    """``$DAPTQ_CACHE_DIR``, else ``$XDG_CACHE_HOME/daptq``, else ``~/.cache/daptq``: this user's list of
+    code-running base specs."""
+    if os.environ.get("DAPTQ_CACHE_DIR"):
+        return Path(os.environ["DAPTQ_CACHE_DIR"]) / "trusted-base-code.json"
+    return (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "daptq" / "trusted-base-code.json"
+    )
+
+
+def _code_key(spec: str) -> str:
+    """The spec plus the sha256 of the ``.py`` file it runs (a changed file is other code)."""
+    target = spec.partition(":")[2].partition("?")[0].rpartition(":")[0]
+    digest = None
+    if target.endswith(".py"):
+        path = Path(target).expanduser().resolve()
+        digest = sha256_file(path) if path.is_file() else None
+    return json.dumps([spec, digest])
+
+
+def _trusted() -> set[str]:
+    try:
+        content = json.loads(_trust_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(content, dict) or content.get("format") != TRUST_FORMAT:
+        return set()
+    return {e for e in content.get("entries", []) if isinstance(e, str)}
+
+
+def trust_base_code(spec: str) -> None:
+    """Record that this user runs ``spec``'s code as a base model (``daptq quantize SPEC`` does it: the user
+    named the code). A directory whose base runs code loads only for a recorded spec, same file content."""
+    if not runs_code(spec):
+        return
+    entries = _trusted()
+    key = _code_key(spec)
+    if key not in entries:
+        atomic_write_json(_trust_path(), {"format": TRUST_FORMAT, "entries": sorted(entries | {key})})
+
+
+def _check_code_base(directory: Path, spec: str, trusted: bool) -> None:
+    """A base spec read from a directory's config may run code only with the user's consent: a directory
+    from elsewhere could otherwise name any importable function (``torch:os:system?command=...``)."""
+    if not runs_code(spec) or trusted or os.environ.get("DAPTQ_TRUST_BASE_CODE") == "1":
+        return
+    if _code_key(spec) in _trusted():
+        return
+    raise ValueError(
+        f"{directory}: its base model {spec!r} runs Python code named by the directory's config.json, and "
+        f"this user has not quantized that spec (with that file content) here (recorded in {_trust_path()}). "
+        "If you trust the directory's author: load_quantized_policy(DIR, trust_base_code=True) or "
+        "DAPTQ_TRUST_BASE_CODE=1; or pass base_factory=, or re-quantize the model yourself"
+    )
+
+
 def _check_base_files(directory: Path, base: dict[str, Any]) -> None:
     """A base recorded by its files: each present with its recorded sha256, before anything is built."""
     source = base.get("source")
@@ -206,6 +272,8 @@ def save_quantized_policy(
     directory = Path(directory)
     check_policy_out(directory, [base_spec])
     digest = record.base_model.get("digest")
+    if base_factory is None:
+        trust_base_code(base_spec)  # the caller named this code; its own directory may rebuild it
     base = _build_base(base_spec, base_factory)
     base_state = base.model.state_dict()
     base_digest = model_digest(base.model)
@@ -257,7 +325,12 @@ def _build_base(spec: str, factory: Callable[[], Any] | None) -> Any:
         return policy
     from daptq.models.registry import load_policy
 
-    return load_policy(spec)
+    policy = load_policy(spec)
+    if not isinstance(getattr(policy, "model", None), torch.nn.Module):
+        raise ValueError(
+            f"base model {spec!r} is not a torch policy ({type(policy).__name__}); it cannot be a base"
+        )
+    return policy
 
 
 # ---- load ---------------------------------------------------------------------------------------------
@@ -287,12 +360,17 @@ def read_quantized_policy_config(directory: str | os.PathLike) -> tuple[dict[str
     return config, qconfig
 
 
-def load_quantized_policy(directory: str | os.PathLike, base_factory: Callable[[], Any] | None = None) -> Any:
+def load_quantized_policy(
+    directory: str | os.PathLike,
+    base_factory: Callable[[], Any] | None = None,
+    trust_base_code: bool = False,
+) -> Any:
     """Rebuild a policy saved by ``save_quantized_policy``: checksums, base files and digest, then tensors.
 
     ``base_factory()`` builds the base policy instead of its spec (a model only the caller can build; for a
-    self-contained directory any weights do, only the architecture matters). The returned policy carries
-    ``quant_record`` (a QuantRecord) and ``recipe`` (its summary, for reports).
+    self-contained directory any weights do, only the architecture matters). A base spec that runs code
+    (``torch:``) is rebuilt only if this user quantized it here, or with ``trust_base_code``. The returned
+    policy carries ``quant_record`` (a QuantRecord) and ``recipe`` (its summary, for reports).
     """
     from daptq.models.record import QuantRecord
     from daptq.quant.io import _read_safetensors, load_quantized_state
@@ -313,6 +391,8 @@ def load_quantized_policy(directory: str | os.PathLike, base_factory: Callable[[
             f"{directory}: base models nest more than {MAX_BASE_DEPTH} directories deep "
             f"({' -> '.join([*chain, here])}); refusing to load"
         )
+    if base_factory is None:
+        _check_code_base(directory, base_spec, trust_base_code)
     if not self_contained:
         _check_base_files(directory, base)
     token = _LOADING.set((*chain, here))
