@@ -229,3 +229,13 @@ def test_onnx_policy_queues_chunks_as_before(export_dir):
         expected.extend(chunk[0, :n].numpy().astype(np.float32))
     np.testing.assert_array_equal(got, np.stack(expected[: 2 * n + 1]))
     assert got.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 100_000 + "]" * 100_000, '{"format": "daptq-onnx", "format": "daptq-onnx", "version": 2}'],
+)
+def test_malformed_manifest_is_a_clear_error(copied, text):
+    (copied / MANIFEST).write_text(text)
+    with pytest.raises(ValueError, match="invalid JSON"):
+        OnnxPolicy(copied)

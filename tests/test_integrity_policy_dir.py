@@ -401,3 +401,10 @@ def test_trust_is_for_the_spec_and_file_content_this_user_quantized(tmp_path, mo
         qdir._check_code_base(tmp_path, spec, trusted=False)
     qdir._check_code_base(tmp_path, spec, trusted=True)
     qdir._check_code_base(tmp_path, "toy:seed=1", trusted=False)  # data-only sources need no trust
+
+
+def test_deeply_nested_config_is_a_clear_error(saved):
+    (saved / qdir.QUANT_CONFIG_FILE).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_policy(str(saved))
+    assert not qdir.is_quantized_policy_dir(saved)

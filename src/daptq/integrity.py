@@ -94,7 +94,7 @@ def check_daptq_directory(
     try:
         content = json.loads((target / marker).read_text(encoding="utf-8"))
         found = content.get("format") if isinstance(content, dict) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         pass
     if found != format_name:
         raise ValueError(

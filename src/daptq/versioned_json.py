@@ -27,7 +27,7 @@ def read_versioned_json(
         raise FileNotFoundError(f"{description} not found: {path}")
     try:
         content = loads_json_strict(path.read_text(encoding="utf-8"))  # a duplicate key is an error
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path}: unreadable, not valid JSON ({exc})") from None
     if not isinstance(content, dict) or content.get("format") != format_name:
         found = content.get("format") if isinstance(content, dict) else type(content).__name__

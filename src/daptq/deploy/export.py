@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
-import json
 import math
 import os
 import re
@@ -45,6 +44,7 @@ from daptq.atomic import (
 from daptq.deploy.lowering import LayerPlan, W4A8Kernel, lower_model_
 from daptq.integrity import check_daptq_directory, check_signed, signed
 from daptq.quant import QuantConv2d
+from daptq.strict_parse import loads_json_strict
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "daptq-onnx"
@@ -287,8 +287,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {MANIFEST}; not a directory written by `daptq export`")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+        manifest = loads_json_strict(path.read_text(encoding="utf-8"))  # a duplicate key is an error
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{path}: not a {MANIFEST_FORMAT} manifest")

@@ -75,7 +75,7 @@ def is_quantized_policy_dir(path: str | os.PathLike) -> bool:
     """Whether ``path`` holds a ``quantization_config.json`` of this format (checked, not just present)."""
     try:
         content = json.loads(Path(path, QUANT_CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(content, dict) and content.get("format") == POLICY_FORMAT
 
@@ -193,7 +193,7 @@ def _code_key(spec: str) -> str:
 def _trusted() -> set[str]:
     try:
         content = json.loads(_trust_path().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return set()
     if not isinstance(content, dict) or content.get("format") != TRUST_FORMAT:
         return set()
