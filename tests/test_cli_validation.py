@@ -572,3 +572,10 @@ def test_episodes_jsonl_that_is_a_directory_is_an_error_line(tmp_path, capsys):
     assert_error(["report", str(run)], capsys, "episodes.jsonl")
     resume = [*argv, "--out", str(run), "--no-progress", "--no-reference-cache", "--workers", "1", "--resume"]
     assert_error(resume, capsys, "episodes.jsonl")
+
+
+def test_method_config_string_version_says_it_must_be_an_integer(tmp_path, capsys, no_work):
+    cfg = tmp_path / "rtn.yaml"
+    cfg.write_text('version: "1"\nmethod: rtn\n')
+    argv = ["quantize", "toy", "--method", "rtn", "--config", str(cfg), "--out", str(tmp_path / "q")]
+    assert_error(argv, capsys, "version must be an integer")

@@ -192,6 +192,8 @@ class MethodConfig:
         if method != cls.method_name:
             raise ValueError(f"{cls.__name__}: config is for method {method!r}, not {cls.method_name!r}")
         version = d.pop("version", cls.VERSION)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ValueError(f"{cls.__name__}: config version must be an integer, got {version!r}")
         if version != cls.VERSION:
             raise ValueError(f"{cls.__name__}: config version {version!r} unsupported (reads {cls.VERSION})")
         hints = typing.get_type_hints(cls)
