@@ -210,3 +210,28 @@ def test_a_record_that_disagrees_with_its_arrays_is_refused(finished, tmp_path):
     log.write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.warns(UserWarning, match="drift_mean"):
         write_report(run)
+
+
+def test_an_entry_that_cannot_be_written_is_skipped_not_a_crash(cached, tmp_path):
+    root, cache, want = cached
+    work = tmp_path / "cache"
+    work.mkdir()
+    for entry in _entries(cache):
+        (work / entry.name).mkdir()  # a directory where the entry goes: neither read nor replaced
+    with pytest.warns(UserWarning, match="reference cache"):
+        evaluate(
+            "toy:weight_noise=0.2", "toy", episodes=1, out=tmp_path / "run", reference_cache=work, **FAST
+        )
+    assert _results(tmp_path / "run") == want
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("hf_cutoff", 0.9), ("divergence_threshold", math.nan), ("tasks", "reach")]
+)
+def test_a_damaged_run_config_is_a_clear_error(finished, tmp_path, field, value):
+    run = _copy(finished, tmp_path / "run")
+    config = json.loads((run / store.CONFIG_NAME).read_text())
+    config["run"][field] = value
+    (run / store.CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f'config.json: "run.{field}" is'):
+        write_report(run)

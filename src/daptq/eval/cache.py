@@ -26,6 +26,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,7 @@ class ReferenceCache:
     def __init__(self, root: str | os.PathLike, base: dict[str, Any]) -> None:
         self.root = Path(root)
         self.base = base
+        self._warned = False
 
     def key(self, task: str, seed: int, policy_seed: int, max_steps: int) -> str:
         key = {**self.base, "task": task, "seed": int(seed), "policy_seed": int(policy_seed)}
@@ -125,4 +127,13 @@ class ReferenceCache:
             "success": np.asarray(bool(rollout.success)),
         }
         arrays["digest"] = np.frombuffer(content_digest(arrays).encode("ascii"), dtype=np.uint8)
-        atomic_save_npz(self.path(key), arrays)
+        try:
+            atomic_save_npz(self.path(key), arrays)
+        except OSError as exc:  # a cache is an optimization: a read-only or occupied entry costs a rollout
+            if not self._warned:  # once per cache: every entry may fail the same way
+                self._warned = True
+                warnings.warn(
+                    f"reference cache {self.root}: cannot write an entry ({exc}); such rollouts are "
+                    "not cached",
+                    stacklevel=2,
+                )

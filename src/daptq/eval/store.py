@@ -46,7 +46,7 @@ LOCK_NAME = ".lock"
 DIGEST_KEY = "arrays_sha256"
 DIGEST_CONFIG_KEY = "arrays_digest"
 ARRAYS_DIGEST = "daptq-arrays-sha256-v1"
-MAX_NPZ_BYTES = 1 << 30  # what a daptq .npz may hold (or declare) uncompressed; a file beyond is damaged
+MAX_NPZ_BYTES = 256 << 20  # what a daptq .npz may hold (or declare) uncompressed; a file beyond is damaged
 _NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, MemoryError, zipfile.BadZipFile, zlib.error)
 
 
@@ -74,7 +74,12 @@ def read_npz(data: bytes, what: str) -> dict[str, np.ndarray]:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     except _NPZ_ERRORS as exc:
-        raise ValueError(f"{what}: damaged ({type(exc).__name__}: {exc})") from None
+        kind = (
+            type(exc).__name__
+            if type(exc).__module__ == "builtins"
+            else f"{type(exc).__module__}.{type(exc).__name__}"
+        )
+        raise ValueError(f"{what}: damaged ({kind}: {exc})") from None
 
 
 def read_file_bounded(path: Path, what: str) -> bytes:
@@ -408,6 +413,20 @@ def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"{run_dir}: not a daptq evaluation run (no {CONFIG_NAME})")
     config = read_versioned_json(path, RUN_FORMAT, RUN_FORMAT_VERSION, "daptq evaluation run config")
+    run = config.get("run")
+    problem = None
+    if not isinstance(run, dict):
+        problem = f'"run" is {run!r}'
+    elif not (isinstance(run.get("tasks"), list) and all(isinstance(t, str) for t in run["tasks"])):
+        problem = f'"run.tasks" is {run.get("tasks")!r}'
+    elif not (run.get("reference") is None or isinstance(run.get("reference"), str)):
+        problem = f'"run.reference" is {run.get("reference")!r}'
+    elif not (_is_real(run.get("divergence_threshold")) and run["divergence_threshold"] > 0):
+        problem = f'"run.divergence_threshold" is {run.get("divergence_threshold")!r}'
+    elif not (_is_real(run.get("hf_cutoff")) and 0 < run["hf_cutoff"] <= 0.5):
+        problem = f'"run.hf_cutoff" is {run.get("hf_cutoff")!r}'
+    if problem is not None:
+        raise ValueError(f"{path}: {problem}; the run's config is damaged")
     return config
 
 
