@@ -349,6 +349,20 @@ def test_run_config_without_sizes_uses_the_released_architectures():
     )
 
 
+def test_dit_size_is_read_from_the_checkpoint():
+    """A released run's config.json may name the trainer's default DiT-B; the weights decide."""
+    from daptq.models.cogact.checkpoint import dit_type_of
+
+    for name, (depth, hidden, heads) in (("DiT-S", (6, 384, 4)), ("DiT-L", (24, 1024, 16))):
+        config = CogACTConfig.tiny(dit_depth=depth, dit_hidden_size=hidden, dit_num_heads=heads)
+        with torch.device("meta"):
+            state = CogACT(config).action_model.state_dict()
+        assert dit_type_of(state) == name
+    assert dit_type_of({k: v for k, v in tiny_cogact().action_model.state_dict().items()}) is None
+    run = {"vla": {"base_vlm": "prism-dinosiglip-224px+7b"}, "action_model_type": "DiT-B"}
+    assert CogACTConfig.from_run_config(run, action_model_type="DiT-S").dit_hidden_size == 384
+
+
 def test_spec_options(run_dir, tmp_path):
     assert parse_spec("cogact:/x/run?unnorm_key=bridge_orig&n_action_steps=4") == (
         "/x/run",

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from daptq.atomic import atomic_write_bytes, atomic_write_json
-from daptq.models.cogact.config import CogACTConfig
+from daptq.models.cogact.config import DIT_SIZES, CogACTConfig
 from daptq.models.cogact.model import CHECKPOINT_GROUPS, CogACT
 
 OPTIONAL_GROUPS = ("ema_diffusion",)
@@ -215,9 +215,24 @@ def model_from_run(files: RunFiles, dtype: torch.dtype = torch.float32) -> tuple
         run_config = json.loads(files.config.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{files.config}: invalid JSON ({e})") from e
-    config = CogACTConfig.from_run_config(run_config, str(files.config))
-    model = build_cogact(config, read_checkpoint(files.checkpoint), dtype, str(files.checkpoint))
+    groups = read_checkpoint(files.checkpoint)
+    config = CogACTConfig.from_run_config(run_config, str(files.config), dit_type_of(groups["action_model"]))
+    model = build_cogact(config, groups, dtype, str(files.checkpoint))
     return model, run_config
+
+
+def dit_type_of(action_model: Mapping[str, torch.Tensor]) -> str | None:
+    """``DiT-S``/``-B``/``-L`` from the width and depth of a checkpoint's action model, or None if it is none
+    of them. The original takes the type as a load-time argument (its run config records the trainer's
+    default), so the checkpoint is the reliable witness."""
+    pos = action_model.get("net.positional_embedding")
+    if pos is None or pos.ndim != 2:
+        return None
+    depth = len({k.split(".")[2] for k in action_model if k.startswith("net.blocks.")})
+    for name, (d, hidden, _) in DIT_SIZES.items():
+        if (d, hidden) == (depth, pos.shape[1]):
+            return name
+    return None
 
 
 def save_cogact_run(

@@ -220,8 +220,11 @@ class CogACTConfig:
         return replace(base, **overrides) if overrides else base
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any], source: str = "config.json") -> CogACTConfig:
-        """The architecture a CogACT run's ``config.json`` names (see the module docstring)."""
+    def from_run_config(
+        cls, run_config: Mapping[str, Any], source: str = "config.json", action_model_type: str | None = None
+    ) -> CogACTConfig:
+        """The architecture a CogACT run's ``config.json`` names (see the module docstring);
+        ``action_model_type`` overrides the file's (the original takes it as an argument at load time)."""
         if "daptq_architecture" in run_config:
             return cls.from_dict(run_config["daptq_architecture"])
         vla = run_config.get("vla")
@@ -234,7 +237,7 @@ class CogACTConfig:
             raise ValueError(
                 f"{source}: base VLM {base_vlm!r} is not supported; supported: {sorted(BASE_VLMS)}"
             )
-        model_type = str(run_config.get("action_model_type", "DiT-B"))
+        model_type = action_model_type or str(run_config.get("action_model_type", "DiT-B"))
         if model_type not in DIT_SIZES:
             raise ValueError(f"{source}: action_model_type {model_type!r} is not one of {sorted(DIT_SIZES)}")
         depth, hidden, heads = DIT_SIZES[model_type]
