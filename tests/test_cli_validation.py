@@ -579,3 +579,20 @@ def test_method_config_string_version_says_it_must_be_an_integer(tmp_path, capsy
     cfg.write_text('version: "1"\nmethod: rtn\n')
     argv = ["quantize", "toy", "--method", "rtn", "--config", str(cfg), "--out", str(tmp_path / "q")]
     assert_error(argv, capsys, "version must be an integer")
+
+
+def test_train_touches_nothing_in_out_when_the_data_is_not_a_dataset(tmp_path, capsys):
+    notdata, out = tmp_path / "notdata", tmp_path / "ck"
+    notdata.mkdir()
+    out.mkdir()
+    (out / "train_log.jsonl").write_text('{"step": 1}\n')  # the log of an earlier run
+    assert_error(["train", "--data", str(notdata), "--out", str(out), "--max-steps", "1"], capsys, "notdata")
+    assert (out / "train_log.jsonl").read_text() == '{"step": 1}\n'  # was: deleted before the data was read
+    fresh = tmp_path / "fresh"
+    assert_error(["train", "--data", str(notdata), "--out", str(fresh), "--max-steps", "1"], capsys)
+    assert not fresh.exists()
+
+
+def test_train_init_that_is_not_a_checkpoint_is_refused_first(tmp_path, capsys):
+    argv = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--max-steps", "1"]
+    assert_error([*argv, "--init", str(tmp_path)], capsys, "--init", "not a reference VLA checkpoint")

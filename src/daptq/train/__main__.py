@@ -76,7 +76,15 @@ def check_paths(args: dict) -> None:
                 f"--init {init}: no bundled reference VLA {name!r}; available: {available}"
             )
     elif init is not None:
-        check_input_dir(init, "--init")
+        from daptq.models.reference import CONFIG_FILE, WEIGHTS_FILE
+
+        missing = [
+            n for n in (CONFIG_FILE, WEIGHTS_FILE) if not (check_input_dir(init, "--init") / n).is_file()
+        ]
+        if missing:
+            raise FileNotFoundError(
+                f"--init {init}: not a reference VLA checkpoint ({', '.join(missing)} missing)"
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -196,13 +196,13 @@ def train(cfg: TrainConfig) -> Path:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    dataset = open_dataset(cfg.data, allow_incomplete=cfg.allow_incomplete)
+    model = _initial_model(cfg, dataset)
+    # only now, with the dataset and the model known good, is anything in ``out`` touched
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.jsonl"
     log_path.unlink(missing_ok=True)
-
-    dataset = open_dataset(cfg.data, allow_incomplete=cfg.allow_incomplete)
-    model = _initial_model(cfg, dataset)
     data = _load_data(cfg, dataset, model, "train")
     val = _load_data(cfg, dataset, model, "val")
     if cfg.init is None:
