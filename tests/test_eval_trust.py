@@ -235,3 +235,16 @@ def test_a_damaged_run_config_is_a_clear_error(finished, tmp_path, field, value)
     (run / store.CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f'config.json: "run.{field}" is'):
         write_report(run)
+
+
+def test_report_skips_a_repeated_episode_and_one_outside_the_run(finished, tmp_path):
+    run = _copy(finished, tmp_path / "run")
+    log = run / store.EPISODES_NAME
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    outside = {**records[0], "task": "../../elsewhere"}  # its arrays' path would leave the run directory
+    log.write_text("".join(json.dumps(r) + "\n" for r in [*records, records[0], outside]))
+    with pytest.warns(UserWarning, match="2 damaged episode record"):
+        report = write_report(run)
+    text = report.read_text()
+    assert "repeats an episode" in text and "not an episode of this run" in text
+    assert f"episodes: {len(records)} of {len(records)}" in text  # counted once

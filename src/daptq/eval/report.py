@@ -71,13 +71,16 @@ def _usable_records(path: Path, config: dict[str, Any]) -> tuple[list[dict[str, 
     invalid, whose arrays are missing, damaged or another episode's, or whose metrics disagree with its
     arrays (``store.episode_problem``) is named in a warning and in the report (``daptq eval --resume``
     re-runs those episodes)."""
-    keep, skipped = [], []
+    keep, skipped, seen = [], [], set()
     for i, r in enumerate(store.EpisodeLog(path / store.EPISODES_NAME).read()):
         problem = store.episode_problem(path, config, r)
+        if problem is None and (r["task"], r["seed"]) in seen:
+            problem = "repeats an episode of an earlier line"
         if problem:
             skipped.append(f"{store.describe(r, i + 1)}: {problem}")
         else:
             keep.append(r)
+            seen.add((r["task"], r["seed"]))
     if skipped:
         warnings.warn(
             f"{path}: {len(skipped)} damaged episode record(s) left out of the report (resume the run to "

@@ -388,8 +388,14 @@ def episode_problem(run_dir: str | os.PathLike, config: Mapping[str, Any], recor
     ``arrays_problem`` with the run's settings), or None."""
     if not isinstance(record, dict):
         return "not a JSON object"
-    paired = config["run"]["reference"] is not None
+    run = config["run"]
+    paired = run["reference"] is not None
     problem = record_problem(record, paired)
+    if problem is None and (
+        record["task"] not in run["tasks"]
+        or not run["seed_start"] <= record["seed"] < run["seed_start"] + run["episodes"]
+    ):
+        problem = "not an episode of this run"  # (its arrays are never looked for: the name is the path)
     if problem is None:
         problem = arrays_problem(
             run_dir, record, paired, run=config["run"], require_digest=DIGEST_CONFIG_KEY in config
@@ -419,6 +425,8 @@ def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
         problem = f'"run" is {run!r}'
     elif not (isinstance(run.get("tasks"), list) and all(isinstance(t, str) for t in run["tasks"])):
         problem = f'"run.tasks" is {run.get("tasks")!r}'
+    elif not all(_is_int(run.get(k)) and run[k] >= 0 for k in ("seed_start", "episodes")):
+        problem = f'"run.seed_start" / "run.episodes" are {run.get("seed_start")!r} / {run.get("episodes")!r}'
     elif not (run.get("reference") is None or isinstance(run.get("reference"), str)):
         problem = f'"run.reference" is {run.get("reference")!r}'
     elif not (_is_real(run.get("divergence_threshold")) and run["divergence_threshold"] > 0):
