@@ -596,3 +596,10 @@ def test_train_touches_nothing_in_out_when_the_data_is_not_a_dataset(tmp_path, c
 def test_train_init_that_is_not_a_checkpoint_is_refused_first(tmp_path, capsys):
     argv = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--max-steps", "1"]
     assert_error([*argv, "--init", str(tmp_path)], capsys, "--init", "not a reference VLA checkpoint")
+
+
+def test_a_bad_field_in_a_method_config_file_names_the_file(tmp_path, capsys, no_work):
+    cfg = tmp_path / "my-rtn.yaml"
+    cfg.write_text("method: rtn\nspec:\n  weight: {bits: 5}\n")
+    argv = ["quantize", "toy", "--method", "rtn", "--config", str(cfg), "--out", str(tmp_path / "q")]
+    assert_error(argv, capsys, "my-rtn.yaml", "bits must be one of")

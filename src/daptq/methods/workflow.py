@@ -62,7 +62,10 @@ def config_from_options(
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a method config must be a mapping, got {type(data).__name__}")
         data.setdefault("method", method)
-        config = config_type.from_dict(data)
+        try:
+            config = config_type.from_dict(data)
+        except ValueError as e:  # name the file: "WeightSpec: bits must be ..." alone does not say where
+            raise ValueError(f"{path}: {e}") from None
     else:
         config = config_type()
         if w_bits is not None:
