@@ -603,3 +603,15 @@ def test_a_bad_field_in_a_method_config_file_names_the_file(tmp_path, capsys, no
     cfg.write_text("method: rtn\nspec:\n  weight: {bits: 5}\n")
     argv = ["quantize", "toy", "--method", "rtn", "--config", str(cfg), "--out", str(tmp_path / "q")]
     assert_error(argv, capsys, "my-rtn.yaml", "bits must be one of")
+
+
+def test_recipe_file_errors_name_the_file(tmp_path):
+    from daptq.quant.recipe import Recipe
+
+    path = tmp_path / "bits.yaml"
+    path.write_text("rules:\n- {target: '*', spec: {weight: {bits: 5}}}\n")
+    with pytest.raises(ValueError, match=r"bits\.yaml: .*bits must be one of"):
+        Recipe.load(path)
+    path.write_text("rules: []\nrules: []\n")
+    with pytest.raises(ValueError, match=r"bits\.yaml: .*duplicate key 'rules'"):
+        Recipe.load(path)

@@ -239,11 +239,12 @@ class Recipe:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not a recipe, not UTF-8 text ({e})") from None
-        if path.suffix in (".yaml", ".yml"):
-            return cls.from_yaml(text)
-        if path.suffix == ".json":
-            return cls.from_json(text)
-        raise ValueError(f"recipe path must end in .yaml, .yml or .json, got {path.name!r}")
+        if path.suffix not in (".yaml", ".yml", ".json"):
+            raise ValueError(f"recipe path must end in .yaml, .yml or .json, got {path.name!r}")
+        try:
+            return cls.from_json(text) if path.suffix == ".json" else cls.from_yaml(text)
+        except ValueError as e:  # the file, not only the field
+            raise ValueError(f"{path}: {e}") from None
 
 
 def as_recipe(recipe: Recipe | QuantSpec | Mapping[str, QuantSpec | None]) -> Recipe:
