@@ -154,6 +154,8 @@ def test_recipe_string_version_says_it_must_be_an_integer():
         ("toy:hidden=8,hidden=16", "hidden"),
         ("toy:hidden=100000000", "hidden"),
         ("toy:chunk=100000000", "chunk"),
+        ("toy:seed=99999999999999999999999", "seed"),  # was: "Overflow when unpacking long long"
+        ("toy:weight_noise=1e308", "weight_noise"),  # was: inf weights, NaN actions
     ],
 )
 def test_toy_spec_refuses_non_finite_duplicated_and_huge_values(spec, needle):

@@ -38,7 +38,9 @@ _WORKSPACE_CENTRE = (0.0, 0.6, 0.15)
 _WORKSPACE_HALF = (0.5, 0.3, 0.15)
 
 
-_TOY_SIZE_LIMITS = {"hidden": 4096, "chunk": 1024, "embed_dim": 4096, "action_dim": 64}
+# A toy is small: a typo must not allocate gigabytes, overflow a seed or make every weight inf.
+_TOY_LIMITS = {"hidden": 4096, "chunk": 1024, "embed_dim": 4096, "action_dim": 64, "seed": 2**63 - 1}
+_TOY_LIMITS |= {"noise_seed": 2**63 - 1, "weight_noise": 1e3, "action_noise": 1e3, "gain": 1e3}
 
 
 @dataclass(frozen=True)
@@ -63,9 +65,9 @@ class ToyConfig:
         for name in ("weight_noise", "action_noise", "gain"):  # nan passes every comparison above
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"toy: {name} must be finite, got {getattr(self, name)}")
-        for name, limit in _TOY_SIZE_LIMITS.items():  # a toy is small: a typo must not allocate gigabytes
-            if getattr(self, name) > limit:
-                raise ValueError(f"toy: {name} must be <= {limit}, got {getattr(self, name)}")
+        for name, limit in _TOY_LIMITS.items():
+            if abs(getattr(self, name)) > limit:
+                raise ValueError(f"toy: |{name}| must be <= {limit:g}, got {getattr(self, name)}")
 
 
 def parse_toy_spec(spec: str) -> ToyConfig:
