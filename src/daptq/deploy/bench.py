@@ -621,10 +621,11 @@ def _add_ratios(rows: list[dict[str, Any]], baseline: str = "first") -> None:
 
 
 def _versions() -> dict[str, str]:
-    import onnxruntime
     import torch
 
-    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+    from daptq.deploy.runtime import onnxruntime_module  # imported with its telemetry off
+
+    return {"torch": torch.__version__, "onnxruntime": onnxruntime_module().__version__}
 
 
 def to_markdown(report: dict[str, Any]) -> str:
