@@ -164,8 +164,10 @@ class DDIMSchedule:
         self.spaced_alphas_cumprod_prev = np.append(1.0, spaced[:-1])
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        ab = torch.from_numpy(self.alphas_cumprod).to(x0.device)[t].float().view(-1, *[1] * (x0.ndim - 1))
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        shape = (-1, *[1] * (x0.ndim - 1))
+        a = torch.from_numpy(np.sqrt(self.alphas_cumprod)).to(x0.device)[t].float().view(shape)
+        b = torch.from_numpy(np.sqrt(1.0 - self.alphas_cumprod)).to(x0.device)[t].float().view(shape)
+        return a * x0 + b * noise
 
     def ddim_steps(self) -> list[tuple[int, float, float]]:
         """(original timestep, alpha_bar, alpha_bar_prev) per step, from the noisiest to the last."""
