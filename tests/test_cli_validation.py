@@ -617,3 +617,11 @@ def test_recipe_file_errors_name_the_file(tmp_path):
     path.write_text("rules: []\nrules: []\n")
     with pytest.raises(ValueError, match=r"bits\.yaml: .*duplicate key 'rules'"):
         Recipe.load(path)
+
+
+def test_quantize_to_directory_with_an_empty_model_spec_says_so(tmp_path):
+    from daptq.methods.rtn import RTNConfig
+    from daptq.methods.workflow import quantize_to_directory
+
+    with pytest.raises(ValueError, match="model spec must be a non-empty string"):
+        quantize_to_directory("", RTNConfig(), tmp_path / "q")  # was: " is already a directory"

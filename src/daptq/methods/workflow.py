@@ -102,6 +102,8 @@ def quantize_to_directory(
     from daptq.models.quantized import check_policy_out, model_digest, save_quantized_policy
     from daptq.models.registry import load_policy
 
+    if not isinstance(model, str) or not model.strip():  # Path("") is the current directory
+        raise ValueError(f"model spec must be a non-empty string, got {model!r}")
     if Path(model).is_dir():
         raise ValueError(f"{model} is already a directory; quantize its float base model instead")
     check_policy_out(out, [model])  # before any work: only an empty or daptq-written directory is replaced
