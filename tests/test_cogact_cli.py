@@ -47,6 +47,8 @@ def test_quantize_inspect_and_load_a_cogact_run(tmp_path, capsys):
 
     quantized, fp = load_policy(str(out)), load_policy(spec)
     assert type(quantized).__name__ == "CogACTPolicy"
+    assert quantized.info().recipe["method"] == "daptq" and fp.info().recipe is None
+    assert quantized.info().digest != fp.info().digest
     batch = fp.adapter.model_inputs(
         np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), np.uint8), INSTRUCTIONS
     )
