@@ -294,3 +294,49 @@ def test_every_method_on_pi0(kind, name):
 def test_chunks_helper_is_deterministic():
     a = adapter_of(base_model("pi0"))
     assert torch.equal(chunks(a), chunks(a))
+
+
+def test_prompts_follow_the_originals_processors():
+    state = torch.zeros(1, 10)  # normalized and padded to max_state_dim
+    state[0, 0], state[0, 1] = -1.0, 0.999
+    assert adapter_of(base_model("pi0")).prompts(["pick up the cup"], state) == ["pick up the cup\n"]
+    (p,) = adapter_of(base_model("pi05")).prompts(["pick_up the cup\n"], state)
+    digits = " ".join(["0", "255"] + ["128"] * 6)  # 256 bins over [-1, 1] of the 8 real state values
+    assert p == f"Task: pick up the cup, State: {digits};\nAction: "
+
+
+def test_pi05_drops_the_experts_plain_norm_weights_as_lerobot(tmp_path):
+    d = write_tiny_checkpoint(tmp_path / "a", "pi05")
+    stale = "model.paligemma_with_expert.gemma_expert.model.layers.0.input_layernorm.weight"
+    _rewrite(d, lambda t: {**t, stale: torch.zeros(24)})
+    ck = load_lerobot_checkpoint(d)
+    assert any("adaptive" in n for n in ck.key_notes)
+    for k, v in tiny_model("pi05").state_dict().items():
+        assert torch.equal(ck.model.state_dict()[k], v), k
+    _rewrite(
+        d, lambda t: {**t, "model.paligemma_with_expert.gemma_expert.model.layers.0.extra.weight": t[stale]}
+    )
+    with pytest.raises(ValueError, match=r"1 unexpected: .*layers\.0\.extra\.weight"):
+        load_lerobot_checkpoint(d)
+
+
+def test_daptq_directory_round_trips_the_bias_csrc_adds(tmp_path):
+    """CSRC folds its correction into the bias-free Gemma k/v projections, giving them a bias: a quantized
+    directory stores it and loading gives the layer one again (same chunks)."""
+    from lerobot_vla_helpers import calibration
+
+    from daptq.methods import quantize_policy
+    from daptq.methods.daptq import DAPTQConfig
+    from daptq.models.quantized import load_quantized_policy, model_digest, save_quantized_policy
+
+    d = write_tiny_checkpoint(tmp_path / "a", "pi0")
+    spec = f"lerobot:{d}"
+    policy = load_policy(spec)
+    config = DAPTQConfig(sensitivity_batches=2, csrc_max_iter=20)
+    record = quantize_policy(
+        policy, config, calibration(), base_model={"spec": spec, "digest": model_digest(policy.model)}
+    )
+    k = policy.model.paligemma_with_expert.paligemma.model.language_model.layers[0].self_attn.k_proj
+    assert k.bias is not None
+    out = save_quantized_policy(policy, record, tmp_path / "q", spec)
+    assert torch.equal(_chunk(load_quantized_policy(out)), _chunk(policy))

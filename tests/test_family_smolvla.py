@@ -211,3 +211,15 @@ def test_lerobot_spec_options(ckpt):
     assert p.n_action_steps == 1
     with pytest.raises(ValueError, match="dtype must be one of"):
         load_policy(f"lerobot:{ckpt}?dtype=int8")
+
+
+def test_cli_quantize_inspect_and_load_back(ckpt, tmp_path, capsys):
+    from daptq.cli import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", f"lerobot:{ckpt}", "--method", "rtn", "--w-bits", "8", "--out", str(out)]) == 0
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"| {EXPERT}1.self_attn.k_proj | interface |" in text and "| state_proj | backbone |" in text
+    loaded = load_policy(str(out))
+    assert loaded.config.type == "smolvla" and loaded.quant_record.method == "rtn"

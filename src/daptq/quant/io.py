@@ -344,6 +344,11 @@ def _load_layer(
             f"{name}: checkpoint type {cfg.get('type')!r} does not fit model module {type(original)}"
         )
     layer = quantized_module_for(original, spec, name, round_now=False)
+    added_bias = tensors.get(f"{name}.bias")
+    if layer.bias is None and added_bias is not None:  # a folded correction (CSRC) gave a bias-free layer one
+        if tuple(added_bias.shape) != (layer.weight.shape[0],):
+            raise ValueError(f"{name}: bias shape {tuple(added_bias.shape)} != ({layer.weight.shape[0]},)")
+        layer.bias = nn.Parameter(torch.zeros_like(added_bias, dtype=layer.weight.dtype))
     w = layer.weight
     if cfg.get("has_float_weight"):
         w.copy_(_take(tensors, f"{name}.weight"))

@@ -373,12 +373,12 @@ class LeRobotVLAAdapter(VLAAdapter):
 
     def prompts(self, instructions: Sequence[str], state: torch.Tensor) -> list[str]:
         """The original's prompt: pi0 and SmolVLA the task with a trailing newline; pi0.5 "Task: ..., State:
-        <256-bin digits of the normalized state>;\\nAction: "."""
+        <256-bin digits of the normalized (unpadded) state>;\\nAction: "."""
         if self.config.type != "pi05":
             return [t if t.endswith("\n") else t + "\n" for t in instructions]
         bins = np.linspace(-1, 1, 257)[:-1]
         out = []
-        for t, s in zip(instructions, state.numpy(), strict=True):
+        for t, s in zip(instructions, state[:, : self.config.state_dim].numpy(), strict=True):
             digits = np.digitize(s, bins) - 1
             clean = t.strip().replace("_", " ").replace("\n", " ")
             out.append(f"Task: {clean}, State: {' '.join(map(str, digits))};\nAction: ")

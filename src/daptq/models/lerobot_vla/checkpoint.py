@@ -11,17 +11,19 @@ statistics as buffers in ``model.safetensors`` (``normalize_inputs.buffer_observ
 
 Key mapping (explicit, every accepted difference is listed): the ``model.`` prefix may be absent (openpi's
 converted files); ``...vision_tower.vision_model.`` is ``...vision_tower.`` in this ``transformers``; pi0's
-``time_mlp_in/out`` are ``action_time_mlp_in/out`` (lerobot renames them the same way). Tied weights:
-PaliGemma's ``lm_head.weight`` is its embedding; a file may hold either or both (equal, else refused), and
-what it held is recorded. The pi0 expert's ``lm_head.weight`` (unused, never read at inference) may be
-absent. Anything else missing, unexpected or mis-shaped is an error listing every such key. Only safetensors
-and JSON are read: nothing is unpickled.
+``time_mlp_in/out`` are ``action_time_mlp_in/out`` (lerobot renames them the same way); pi0.5 files with plain
+RMSNorm ``weight``s for the expert (whose norms are adaptive) have them dropped, as lerobot does. Tied
+weights: PaliGemma's ``lm_head.weight`` is its embedding; a file may hold either or both (equal, else
+refused), and what it held is recorded. The pi0 expert's ``lm_head.weight`` (unused, never read at inference)
+may be absent. Anything else missing, unexpected or mis-shaped is an error listing every such key. Only
+safetensors and JSON are read: nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,9 @@ from daptq.models.lerobot_vla.modeling import FlowMatchingVLA, build_model
 
 PREFIX = "model."
 PRE, POST = "policy_preprocessor", "policy_postprocessor"
+ADARMS_STALE = re.compile(
+    r"paligemma_with_expert\.gemma_expert\.model\.(layers\.\d+\.(input|post_attention)_layernorm|norm)\.weight"
+)
 LEGACY_STATS = ("normalize_inputs.buffer_", "normalize_targets.buffer_", "unnormalize_outputs.buffer_")
 
 
@@ -173,6 +178,9 @@ def canonical_keys(
         if config.type == "pi0" and name.split(".")[0] in ("time_mlp_in", "time_mlp_out"):
             name = "action_" + name
             renamed.add("time_mlp_* -> action_time_mlp_*")
+        if config.type == "pi05" and ADARMS_STALE.fullmatch(name):
+            renamed.add("dropped the expert's plain RMSNorm weights (pi0.5's norms are adaptive; as lerobot)")
+            continue
         if name in out:
             raise ValueError(f"checkpoint keys {k!r} and another key both map to {name!r}")
         out[name] = v
