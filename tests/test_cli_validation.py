@@ -549,6 +549,25 @@ def test_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
     "argv, needle",
     [
         (["eval", "toy", "--max-steps", "1000000000"], "--max-steps"),
+        (["eval", "toy", "--workers", "100000"], "--workers"),
+        (["eval", "toy", "--envs-per-worker", "100000"], "--envs-per-worker"),
+        (["demo", "--workers", "100000"], "--workers"),
+        (["data", "generate", "--root", "g", "--tasks", "reach", "--workers", "100000"], "--workers"),
+        (
+            [
+                "data",
+                "add-cameras",
+                "--src",
+                "s",
+                "--dst",
+                "d",
+                "--cameras",
+                "topview",
+                "--workers",
+                "100000",
+            ],
+            "--workers",
+        ),
         (
             ["train", "--data", "d", "--out", "o", "--max-steps", "1", "--batch-size", "100000000"],
             "--batch-size",
@@ -561,7 +580,7 @@ def test_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
     ],
 )
 def test_sizes_that_would_exhaust_memory_or_time_are_refused(capsys, no_work, argv, needle):
-    assert_error([*argv, "--out", "o"] if argv[0] in ("eval", "quantize") else argv, capsys, needle)
+    assert_error([*argv, "--out", "o"] if argv[0] in ("eval", "quantize", "demo") else argv, capsys, needle)
 
 
 def test_episodes_jsonl_that_is_a_directory_is_an_error_line(tmp_path, capsys):

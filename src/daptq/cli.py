@@ -20,6 +20,7 @@ from daptq.cli_args import (
     positive_int,
     seed_int,
     task_name,
+    workers_int,
 )
 from daptq.paths import check_input_dir, check_input_file, check_output_dir
 
@@ -309,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="a smoke run: 3 tasks x 2 episodes, 1 worker (about 3 minutes)"
     )
     demo.add_argument("--out", default="runs/demo", help="quantized directories, runs, table and report")
-    demo.add_argument("--workers", type=positive_int, help="evaluation worker processes (default 2)")
+    demo.add_argument("--workers", type=workers_int, help="evaluation worker processes (default 2)")
     demo.add_argument(
         "--toy", action="store_true", help="the old toy-MLP quantization demo instead (seconds, no robot)"
     )
@@ -327,13 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--workers",
-        type=positive_int,
+        type=workers_int,
         help="worker processes, this one included "
         f"(default: one per usable core, at most {MAX_DEFAULT_WORKERS})",
     )
     ev.add_argument(
         "--envs-per-worker",
-        type=positive_int,
+        type=workers_int,
         default=DEFAULT_ENVS_PER_WORKER,
         help="environments each worker steps in lockstep, one batched policy call per step "
         f"(default {DEFAULT_ENVS_PER_WORKER}; 1: one environment, one policy call per episode and re-plan)",

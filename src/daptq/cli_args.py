@@ -14,6 +14,9 @@ from collections.abc import Callable
 # Largest square image a MuJoCo offscreen buffer is asked for (the reference VLA sees 96 px): larger sizes
 # end in a MuJoCo FatalError or gigabytes of frames.
 MAX_IMAGE_SIZE = 1024
+# Processes (each loads MuJoCo and a policy) and environments per process: a typo such as 100000 would
+# otherwise spawn until the machine stops answering.
+MAX_WORKERS = 256
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding and most samplers take 32-bit seeds
 # The cameras of the Meta-World scene (its MuJoCo model's camera names; a test keeps this list in step):
 # checked while parsing, so `data generate --camera typo` fails before it writes a dataset's metadata.
@@ -123,6 +126,7 @@ def task_name(text: str) -> str:
 
 
 positive_int = int_in(1)
+workers_int = int_in(1, MAX_WORKERS)
 nonnegative_int = int_in(0)
 seed_int = int_in(0, MAX_SEED)
 image_size_int = int_in(8, MAX_IMAGE_SIZE)

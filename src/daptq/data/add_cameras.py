@@ -141,7 +141,7 @@ def add_cameras(
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="daptq data add-cameras", description=__doc__.split("\n")[0])
-    from daptq.cli_args import cameras, positive_int
+    from daptq.cli_args import cameras, workers_int
     from daptq.paths import check_input_dir, check_output_dir
 
     p.add_argument("--src", required=True, help="existing dataset root")
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument(
         "--cameras", type=cameras, required=True, help="camera(s) to add, comma-separated, e.g. topview"
     )
-    p.add_argument("--workers", type=positive_int, default=1)
+    p.add_argument("--workers", type=workers_int, default=1)
     args = p.parse_args(argv)
     check_input_dir(args.src, "--src")  # before any work
     check_output_dir(args.dst, "--dst")

@@ -344,7 +344,7 @@ def generate_dataset(
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from daptq.cli_args import cameras, float_in, image_size_int, int_in, nonnegative_int, positive_int
+    from daptq.cli_args import cameras, float_in, image_size_int, int_in, nonnegative_int, workers_int
     from daptq.envs import MT10
     from daptq.paths import check_output_dir
 
@@ -356,7 +356,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--calib", type=count, default=16, help="successful calibration episodes per task")
     p.add_argument("--val", type=count, default=16, help="successful validation episodes per task")
     p.add_argument("--noise-std", type=float_in(0, 1), default=DEFAULT_NOISE_STD, help="action noise std")
-    p.add_argument("--workers", type=positive_int, default=1)
+    p.add_argument("--workers", type=workers_int, default=1)
     p.add_argument("--image-size", type=image_size_int, default=96)
     p.add_argument(
         "--camera",
