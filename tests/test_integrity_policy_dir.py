@@ -408,3 +408,16 @@ def test_deeply_nested_config_is_a_clear_error(saved):
     with pytest.raises(ValueError, match="not valid JSON"):
         load_policy(str(saved))
     assert not qdir.is_quantized_policy_dir(saved)
+
+
+def test_load_policy_of_a_missing_path_names_a_live_save(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / f".q.daptq-tmp-{sleeper.pid}-abcd").mkdir()
+        with pytest.raises(
+            FileNotFoundError, match=rf"new version being written, process {sleeper.pid} running"
+        ):
+            load_policy(str(tmp_path / "q"))
+    finally:
+        sleeper.kill()
+        sleeper.wait()

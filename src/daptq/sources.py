@@ -121,9 +121,11 @@ def load_policy(spec: str, **options: Any) -> Any:
             f"model spec {spec!r}: unknown source {m.group(1)!r}; "
             f"registered: {', '.join(available_sources())}"
         )
+    from daptq.atomic import describe_leftovers
+
     raise FileNotFoundError(
         f"model spec {spec!r} is neither '<source>:...' (sources: {', '.join(available_sources())}) nor an "
-        "existing directory written by `daptq quantize`"
+        f"existing directory written by `daptq quantize`{describe_leftovers(path)}"
     )
 
 
