@@ -54,8 +54,8 @@ def _copy_run(run_dir: Path, tmp_path: Path) -> Path:
     return dst
 
 
-def _rewrite_checkpoint(run: Path, edit) -> Path:
-    pt = run / "checkpoints" / "latest-checkpoint.pt"
+def _rewrite_checkpoint(run: Path, edit, name: str = "latest-checkpoint.pt") -> Path:
+    pt = run / "checkpoints" / name
     obj = torch.load(pt, weights_only=True)
     edit(obj["model"])
     buf = io.BytesIO()
@@ -296,6 +296,10 @@ def test_loader_refuses_non_tensor_objects(run_dir, tmp_path):
     _rewrite_checkpoint(run, inject)
     with pytest.raises(ValueError, match=r"model\.projector\.projector\.0\.weight \(list\)"):
         load_cogact(run)
+    # anywhere in the file, ignored groups included
+    _rewrite_checkpoint(run, lambda m: m.update(ema_diffusion={"net.step": 3}))
+    with pytest.raises(ValueError, match=r"model\.ema_diffusion\.net\.step \(int\)"):
+        load_cogact(run)
 
 
 class _NotATensor:  # a pickled class: torch.load(weights_only=True) must refuse to build it
@@ -392,6 +396,12 @@ def test_writer_round_trips_a_fresh_model(tmp_path):
         tiny_statistics(),
         tiny_tokenizer(),
         checkpoint_name="step-000010-epoch-00-loss=0.1000.pt",
+    )
+    # a run trained with use_ema also holds an ema_diffusion group: ignored, as the original does by default
+    _rewrite_checkpoint(
+        tmp_path / "r",
+        lambda m: m.update(ema_diffusion={k: v + 1 for k, v in m["action_model"].items()}),
+        "step-000010-epoch-00-loss=0.1000.pt",
     )
     loaded = load_cogact(tmp_path / "r")
     assert loaded.config.num_ddim_steps == 2

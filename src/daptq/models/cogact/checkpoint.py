@@ -121,22 +121,46 @@ def resolve_run(
     return RunFiles(run_dir, files["config"], files["statistics"], pt, tok)
 
 
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, memory-mapped when the file is in the zip format."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as e:  # pickle.UnpicklingError: weights_only refused an object; or a corrupt file
+        raise ValueError(f"{path}: refused by torch.load(weights_only=True): {e}") from e
+
+
+def _non_tensors(obj: Any, where: str) -> list[str]:
+    """Every leaf of a nested mapping that is not a tensor (or a key that is not a string), by its path."""
+    if isinstance(obj, torch.Tensor):
+        return []
+    if not isinstance(obj, Mapping):
+        return [f"{where} ({type(obj).__name__})"]
+    out = []
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            out.append(f"{where}[{k!r}] (a {type(k).__name__} key)")
+        else:
+            out += _non_tensors(v, f"{where}.{k}")
+    return out
+
+
 def read_checkpoint(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """``checkpoint["model"]`` as {group: {key: tensor}}; refuses anything that is not a dict of tensors."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise ValueError(f"{path}: cannot read the checkpoint ({e})") from e
-        obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as e:  # pickle.UnpicklingError and friends: weights_only refused an object
-        raise ValueError(f"{path}: refused by torch.load(weights_only=True): {e}") from e
+    obj = _torch_load(path)
     if not isinstance(obj, Mapping) or set(obj) != {"model"}:
-        keys = sorted(obj) if isinstance(obj, Mapping) else type(obj).__name__
+        keys = sorted(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
         raise ValueError(f"{path}: expected {{'model': {{group: state_dict}}}}, found top level {keys}")
     model = obj["model"]
     if not isinstance(model, Mapping):
         raise ValueError(f"{path}: 'model' is a {type(model).__name__}, not a dict of state dicts")
+    bad = _non_tensors(model, "model")
+    if bad:
+        raise ValueError(f"{path}: non-tensor objects where tensors belong: {bad[:10]}")
     unknown = sorted(set(model) - set(CHECKPOINT_GROUPS) - set(OPTIONAL_GROUPS))
     if unknown:
         raise ValueError(
@@ -145,20 +169,12 @@ def read_checkpoint(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     missing = [g for g in CHECKPOINT_GROUPS if g not in model]
     if missing:
         raise ValueError(f"{path}: 'model' is missing the groups {missing}")
-    groups: dict[str, dict[str, torch.Tensor]] = {}
     for group in CHECKPOINT_GROUPS:
-        state = model[group]
-        if not isinstance(state, Mapping):
-            raise ValueError(f"{path}: model.{group} is a {type(state).__name__}, not a state dict")
-        bad = [
-            f"model.{group}.{k} ({type(v).__name__})"
-            for k, v in state.items()
-            if not isinstance(v, torch.Tensor)
-        ]
-        if bad:
-            raise ValueError(f"{path}: non-tensor objects where tensors belong: {bad[:10]}")
-        groups[group] = dict(state)
-    return groups
+        if isinstance(model[group], torch.Tensor) or any(
+            not isinstance(v, torch.Tensor) for v in model[group].values()
+        ):
+            raise ValueError(f"{path}: model.{group} must be a flat state dict (name -> tensor)")
+    return {group: dict(model[group]) for group in CHECKPOINT_GROUPS}
 
 
 def check_groups(model: CogACT, groups: Mapping[str, Mapping[str, torch.Tensor]], source: str) -> None:
