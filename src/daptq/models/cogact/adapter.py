@@ -161,7 +161,7 @@ class CogACTAdapter(VLAAdapter):
 
     def smoothing_groups(self) -> list[SmoothingGroup]:
         """ViT blocks: norm1 -> qkv, value rows of qkv -> proj, norm2 -> fc1. Llama layers (multi-head only):
-        value rows of v_proj -> o_proj (RMSNorm sources are not a kind ``quant.smoothing`` folds). DiT blocks:
+        value rows of v_proj -> o_proj (``quant.smoothing`` folds into nn.LayerNorm, not RMSNorm). DiT blocks:
         value rows of qkv -> proj (their LayerNorms have no affine to fold into)."""
         c = self.config
         groups = []
