@@ -7,6 +7,8 @@ Specs:
 - ``onnx:<dir>``: a policy exported by ``daptq export`` running on ONNX Runtime;
 - ``cogact:<run dir>[?key=value&...]``: a CogACT run directory in the original layout;
 - ``lerobot:<dir>[?key=value&...]``: a lerobot pi0 / pi05 / smolvla checkpoint (family from config.json);
+- ``openvla-oft:<dir>[?key=value&...]``: an OpenVLA-OFT Hugging Face checkpoint directory (L1 head);
+- ``gr00t:<dir>[?key=value&...]``: a GR00T N1.x checkpoint directory;
 - ``torch:<module or file.py>:<factory>[?key=value&...]``: your own model, declared with ``daptq.adapt``;
 - a directory written by ``daptq quantize`` (no prefix).
 
@@ -37,6 +39,8 @@ BUILTIN_SOURCES: dict[str, str] = {
     "cogact": "daptq.models.cogact.policy:load_cogact_spec",
     "torch": "daptq.models.generic:load_torch_spec",
     "lerobot": "daptq.models.lerobot_vla.policy:load_lerobot_spec",
+    "openvla-oft": "daptq.models.openvla_oft.policy:load_oft_spec",
+    "gr00t": "daptq.models.gr00t.policy:load_gr00t_spec",
 }
 DIRECTORY_SOURCE = "daptq.models.quantized:load_quantized_policy"  # a spec without a prefix that is a dir
 _PREFIX = re.compile(r"^([a-z][a-z0-9_-]*):")

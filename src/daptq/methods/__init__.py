@@ -26,6 +26,7 @@ import torch
 from daptq.data.calibration import CalibrationSet
 from daptq.methods.base import HooksMixin, Method, MethodConfig, forward_batch
 from daptq.methods.record import ModuleRecord, QuantRecord
+from daptq.methods.registered import hold_registered, release_registered
 from daptq.methods.scope import PlannedModule, Scope, ScopePlan, resolve_scope
 from daptq.models.adapter import VLAAdapter, check_adapter
 from daptq.models.policy import ChunkedPolicy
@@ -157,6 +158,7 @@ def quantize_policy(
     with restored_on_failure(adapter.model):
         t0 = time.perf_counter()
         method.prepare(adapter)
+        held = hold_registered(method, adapter)  # registered module types: RTN after the method (recorded)
         timings["prepare_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         batches = [] if calibration is None else list(adapter.calibration_batches(iter(calibration.batches)))
@@ -170,6 +172,7 @@ def quantize_policy(
             method.apply(adapter)
         finally:
             method.remove_hooks()
+        release_registered(method, adapter, held)
         timings["apply_s"] = time.perf_counter() - t0
     if isinstance(policy, ChunkedPolicy):
         policy.invalidate_caches()

@@ -395,12 +395,21 @@ class QuantVLA(Method):
         self._batches: list[Any] = []
         self._fp_stats: dict[str, AttentionStats] = {}
         self._targets: list[AttentionLayout] = []
+        self._calibrated = False
 
     def prepare(self, adapter: VLAAdapter) -> None:
         super().prepare(adapter)
         self.plan = _layout_plan(adapter, require_plan(self), self.config.head_role)
         self._base.plan = self.plan
-        self._targets = attention_targets(adapter, self.config.head_role)
+        role = self.config.head_role
+        if any(a.role == role for a in adapter.attention_layouts()):
+            self._targets = attention_targets(adapter, role)
+        else:  # e.g. OpenVLA-OFT's MLP head: the published ATM/OHB have nothing to act on (recorded)
+            self._targets = []
+            self.decisions["attention_note"] = (
+                f"{type(adapter).__name__} declares no {role!r} attention: ATM/OHB do nothing; the layout "
+                "and the base quantization apply as published"
+            )
 
     def _run(self, adapter: VLAAdapter) -> Callable[[nn.Module], None]:
         def run(_model: nn.Module) -> None:
@@ -418,25 +427,31 @@ class QuantVLA(Method):
             self._base.calibrate(adapter, self._batches)  # smoothing statistics, static activation scales
         finally:
             self._base.remove_hooks()
-        self._fp_stats = collect_stats(
-            adapter.model, self._targets, lambda: self._run(adapter)(adapter.model)
-        )
+        self._calibrated = True
+        if self._targets:
+            self._fp_stats = collect_stats(
+                adapter.model, self._targets, lambda: self._run(adapter)(adapter.model)
+            )
 
     def apply(self, adapter: VLAAdapter) -> None:
         require_plan(self)
-        if not self._fp_stats:
+        if not self._calibrated:
             raise RuntimeError("QuantVLA.apply: calibrate() has not run")
         self._base.apply(adapter)
         c = self.config
-        decisions = match_attention_(
-            self._fp_stats,
-            adapter.model,
-            self._targets,
-            self._run(adapter),
-            atm=c.atm,
-            ohb=c.ohb,
-            band=c.neutral_band,
-            clip=c.clip,
+        decisions = (
+            {}
+            if not self._targets
+            else match_attention_(
+                self._fp_stats,
+                adapter.model,
+                self._targets,
+                self._run(adapter),
+                atm=c.atm,
+                ohb=c.ohb,
+                band=c.neutral_band,
+                clip=c.clip,
+            )
         )
         names = [a.name for a in self._targets]
         self.decisions.update({"base": c.base, "attention_modules": names, **decisions})

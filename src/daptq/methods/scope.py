@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from daptq.quant.category import registered_type
 from daptq.quant.fake import swap_problem
 from daptq.quant.recipe import Rule, opaque_linear_names
 from daptq.quant.spec import QuantSpec, WeightSpec
@@ -201,8 +202,23 @@ def resolve_scope(
         if name in opaque:
             problems.append(f"{name}: out_proj of an nn.MultiheadAttention reads its weight directly")
             continue
+        if registered_type(module) is not None:  # a registered quantized type (daptq.quant.category)
+            kind, fan_in = type(module).__name__, module.in_features
+            shape = (module.out_features, fan_in)
+            fitted, note = fit_group_size(requested, fan_in, scope.group_fallback)
+            act = requested.activation
+            if act is not None and act.mode != "dynamic_per_token":
+                problems.append(f"{name}: a {kind} takes weight-only or dynamic_per_token activation specs")
+            elif fitted is None:
+                problems.append(f"{name} (fan-in {fan_in}): {note}")
+            else:
+                planned[name] = PlannedModule(name, roles[name], kind, shape, fitted, requested, note)
+            continue
         if not isinstance(module, nn.Linear | nn.Conv2d):
-            problems.append(f"{name}: a {type(module).__name__}; only Linear/Conv2d are quantizable")
+            problems.append(
+                f"{name}: a {type(module).__name__}; only Linear/Conv2d and registered quantized types "
+                "(daptq.quant.category.QUANTIZED_TYPES) are quantizable"
+            )
             continue
         if (problem := swap_check(name, module)) is not None:
             problems.append(problem)

@@ -148,6 +148,7 @@ def custom_checkpoint_modules(model: nn.Module) -> dict[str, nn.Module]:
 # Values are "module:function" imported on first use (daptq.quant does not import the methods at import).
 CHECKPOINT_LOADERS: dict[str, str | Callable[..., nn.Module]] = {
     "daptq.methods.qvla:load_mixed_linear": "daptq.methods.qvla:load_mixed_linear",
+    "daptq.quant.category:load_category_linear": "daptq.quant.category:load_category_linear",
 }
 
 

@@ -58,6 +58,8 @@ def action_head_blocks(adapter: VLAAdapter, stack: str | None = None) -> dict[st
     modules = [m for m in adapter.quantizable_modules() if m.block is not None]
     if stack is None:
         stacks = sorted({m.stack for m in modules if m.role == "action_head" and m.stack is not None})
+        if not stacks and not any(m.role == "action_head" and m.block is not None for m in modules):
+            return {}  # no repeated action-head blocks (e.g. OpenVLA-OFT's MLP head): the caller records it
         if len(stacks) != 1:
             raise ValueError(
                 f"DA-PTQ: float_dit_blocks needs the action head's block stack, but "
@@ -215,12 +217,13 @@ class DAPTQ(Method):
         base = {n: m.spec.weight.bits for n, m in plan.modules.items()}
         if not cfg.use_mpa or self._grads is None:
             return base
+        block_of = action_head_blocks(adapter, cfg.action_head_stack) if cfg.float_dit_blocks else {}
+        float_blocks = cfg.float_dit_blocks
+        if float_blocks and not block_of:
+            self.decisions["float_by_block_note"] = "no DiT blocks: none kept float"
+            float_blocks = 0
         bit_map = paper_bit_map(
-            self._grads.phi,
-            cfg.keep_float_fraction,
-            cfg.spec.weight.bits,
-            action_head_blocks(adapter, cfg.action_head_stack) if cfg.float_dit_blocks else {},
-            cfg.float_dit_blocks,
+            self._grads.phi, cfg.keep_float_fraction, cfg.spec.weight.bits, block_of, float_blocks
         )
         self.decisions["float_by_rank"] = bit_map.float_by_rank
         self.decisions["float_by_block"] = bit_map.float_by_block

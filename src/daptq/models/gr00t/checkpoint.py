@@ -1,0 +1,172 @@
+"""Load a GR00T N1.x checkpoint directory as the original saves it (``save_pretrained``); write one.
+
+    DIR/config.json                       model_type gr00t_n1_5 / gr00t_n1, backbone_cfg, action_head_cfg
+    DIR/model.safetensors.index.json      with DIR/model-0000i-of-0000n.safetensors (or DIR/model.safetensors)
+    DIR/experiment_cfg/metadata.json      per-embodiment statistics and modalities
+    DIR/tokenizer/                        (not in the original layout) the Eagle tokenizer, or tokenizer=DIR
+
+Shards are read with safetensors (nothing is unpickled); every tensor must match the architecture key for key
+and shape for shape (one error lists every missing, unexpected and mis-shaped key). The model is built on the
+meta device and the tensors are assigned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from daptq.atomic import atomic_write_json
+from daptq.models.gr00t.config import Gr00tConfig
+from daptq.models.gr00t.model import Gr00tN1
+from daptq.models.openvla_oft.checkpoint import (
+    INDEX,
+    SINGLE,
+    check_state,
+    read_sharded_safetensors,
+    write_sharded_safetensors,
+)
+
+METADATA = Path("experiment_cfg") / "metadata.json"
+
+
+@dataclass(frozen=True)
+class Gr00tFiles:
+    directory: Path
+    config: Path
+    shards: tuple[Path, ...]
+    index: Path | None
+    metadata: Path
+    tokenizer: Path | None
+
+    def paths(self) -> list[Path]:
+        files = [self.config, *([self.index] if self.index else []), *self.shards, self.metadata]
+        if self.tokenizer is not None:
+            files += sorted(p for p in self.tokenizer.iterdir() if p.is_file() and not p.name.startswith("."))
+        return files
+
+    def sha256(self) -> dict[str, str]:
+        out = {}
+        for f in self.paths():
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            out[str(f)] = h.hexdigest()
+        return out
+
+
+def resolve_files(path: str | Path, tokenizer: str | Path | None = None) -> Gr00tFiles:
+    d = Path(path)
+    if not d.is_dir():
+        raise FileNotFoundError(f"GR00T checkpoint directory not found: {d}")
+    for f, what in ((d / "config.json", "config"), (d / METADATA, "embodiment metadata")):
+        if not f.is_file():
+            raise FileNotFoundError(f"{d}: missing {f.relative_to(d)} (the checkpoint's {what})")
+    index = d / INDEX
+    if index.is_file():
+        try:
+            shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a safetensors index (needs 'weight_map'): {e}") from e
+        shards = tuple(d / s for s in shard_names)
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are missing: {missing}")
+    elif (d / SINGLE).is_file():
+        index, shards = None, (d / SINGLE,)
+    else:
+        raise FileNotFoundError(f"{d}: neither {INDEX} nor {SINGLE}")
+    tok = (
+        Path(tokenizer)
+        if tokenizer is not None
+        else (d / "tokenizer" if (d / "tokenizer").is_dir() else None)
+    )
+    return Gr00tFiles(d, d / "config.json", shards, index, d / METADATA, tok)  # type: ignore[arg-type]
+
+
+def build_gr00t(
+    config: Gr00tConfig,
+    state: Mapping[str, torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float32,
+    source: str = "checkpoint",
+) -> Gr00tN1:
+    if state is None:
+        return Gr00tN1(config).to(dtype).eval()
+    with torch.device("meta"):
+        model = Gr00tN1(config)
+    try:
+        check_state(model, state, source)
+    except ValueError as e:
+        raise ValueError(str(e).replace("OpenVLA-OFT", "GR00T")) from None
+    model.load_state_dict(
+        {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=True, assign=True
+    )
+    model.reset_rotary()
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"{source}: tensors left unmaterialized after loading: {left[:10]}")
+    return model.eval()
+
+
+def model_from_files(files: Gr00tFiles, dtype: torch.dtype = torch.float32) -> tuple[Gr00tN1, dict[str, Any]]:
+    try:
+        cfg = json.loads(files.config.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{files.config}: invalid JSON ({e})") from e
+    config = Gr00tConfig.from_checkpoint_config(cfg, str(files.config))
+    state = read_sharded_safetensors(files.shards, files.index)
+    return build_gr00t(config, state, dtype, str(files.directory)), cfg
+
+
+def save_gr00t_checkpoint(
+    model: Gr00tN1, directory: str | Path, metadata: Mapping[str, Any], tokenizer: Any = None
+) -> Path:
+    """Write a directory in the original layout (tests): sharded safetensors + index, ``config.json`` with the
+    original's fields (plus ``daptq_gr00t``: the exact sizes), ``experiment_cfg/metadata.json``."""
+    d = Path(directory)
+    c = model.config
+    write_sharded_safetensors(d, model.state_dict())
+    atomic_write_json(d / METADATA, dict(metadata))
+    if tokenizer is not None:
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=d))
+        try:
+            tokenizer.save_pretrained(str(tmp))
+            if (d / "tokenizer").exists():
+                shutil.rmtree(d / "tokenizer")
+            os.replace(tmp, d / "tokenizer")
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+    cfg = {
+        "architectures": ["GR00T_N1_5" if c.model_type == "gr00t_n1_5" else "GR00T_N1"],
+        "model_type": c.model_type,
+        "action_dim": c.action_dim,
+        "action_horizon": c.action_horizon,
+        "backbone_cfg": {"select_layer": c.select_layer, "project_to_dim": c.project_to_dim},
+        "action_head_cfg": {
+            "action_dim": c.action_dim,
+            "action_horizon": c.action_horizon,
+            "max_state_dim": c.max_state_dim,
+            "max_num_embodiments": c.max_num_embodiments,
+            "hidden_size": c.ah_hidden_size,
+            "input_embedding_dim": c.input_embedding_dim,
+            "backbone_embedding_dim": c.backbone_embedding_dim,
+            "diffusion_model_cfg": dict(c.dit),
+            "vl_self_attention_cfg": dict(c.vl_self_attention),
+            "num_inference_timesteps": c.num_inference_timesteps,
+            "num_target_vision_tokens": c.num_target_vision_tokens,
+        },
+        "daptq_gr00t": c.to_dict(),
+    }
+    atomic_write_json(d / "config.json", cfg)
+    return d
