@@ -281,29 +281,29 @@ def test_leftovers_of_a_live_writer_are_left_alone(saved):
 # ---- issue 24 section 5: bases daptq does not bundle ----------------------------------------------------
 @pytest.fixture
 def external(tmp_path, monkeypatch):
-    """A ``file:PATH`` source (a toy architecture whose weights live in a user's safetensors file), the
-    way an external family (``cogact:PATH``) resolves; load_policy is extended for the test."""
-    from daptq.models import registry
+    """A ``file:PATH`` source registered like an external family (``cogact:PATH``): a toy architecture whose
+    weights live in a user's safetensors file; with ``weights=False`` it builds the architecture alone."""
+    from daptq import sources
 
     src = tmp_path / "base" / "weights.safetensors"
     src.parent.mkdir()
     base = load_policy("toy:seed=7")
     save_file({k: v.contiguous() for k, v in base.model.state_dict().items()}, src)
-    real = registry.load_policy
+    calls = []
 
-    def load(spec, *a, **k):
-        if spec.startswith("file:"):
-            policy = real("toy")
+    def load(spec, weights=True):
+        calls.append(weights)
+        policy = load_policy("toy:seed=99")
+        if weights:
             policy.model.load_state_dict(load_file(spec[len("file:") :]))
-            return policy
-        return real(spec, *a, **k)
+        return policy
 
-    monkeypatch.setattr(registry, "load_policy", load)
-    return f"file:{src}", src
+    monkeypatch.setattr(sources, "_registered", {**sources._registered, "file": load})
+    return f"file:{src}", src, calls
 
 
 def test_external_base_is_recorded_by_its_files(tmp_path, external):
-    spec, src = external
+    spec, src, _ = external
     out = quantize_to_directory(spec, RTNConfig(spec=SPEC), tmp_path / "q")
     base = json.loads((out / qdir.BASE_CONFIG_FILE).read_text())["base_model"]
     assert base["source"]["files"] == {"weights.safetensors": qdir.sha256_file(src)}
@@ -323,11 +323,14 @@ def test_external_base_is_recorded_by_its_files(tmp_path, external):
 
 
 def test_self_contained_needs_no_base(tmp_path, external):
-    spec, src = external
+    spec, src, calls = external
     out = quantize_to_directory(spec, RTNConfig(spec=SPEC), tmp_path / "q", self_contained=True)
     before = _actions(load_policy(str(out)))
     src.unlink()  # the base checkpoint is gone: the directory holds every tensor
-    policy = qdir.load_quantized_policy(out, base_factory=lambda: load_policy("toy:seed=99"))
+    calls.clear()
+    np.testing.assert_array_equal(_actions(load_policy(str(out))), before)
+    assert calls == [False]  # the source built its architecture only (weights=False)
+    policy = qdir.load_quantized_policy(out, base_factory=lambda: load_policy("toy:seed=5"))
     np.testing.assert_array_equal(_actions(policy), before)
     stored = load_file(out / qdir.TENSORS_FILE)
     assert "centre" in stored and "half_extent" in stored

@@ -317,15 +317,18 @@ def save_quantized_policy(
     return write_directory(directory, build, lambda t: check_policy_out(t, [base_spec]))
 
 
-def _build_base(spec: str, factory: Callable[[], Any] | None) -> Any:
+def _build_base(spec: str, factory: Callable[[], Any] | None, architecture_only: bool = False) -> Any:
+    """The base policy: ``factory()``, else the spec's source. ``architecture_only`` (a self-contained
+    directory holds every tensor) passes ``weights=False`` to a source whose loader takes it, so a family that
+    can build its architecture from its config alone never reads the base checkpoint."""
     if factory is not None:
         policy = factory()
         if not isinstance(getattr(policy, "model", None), torch.nn.Module):
             raise ValueError(f"base_factory for {spec} must return a policy with a torch .model")
         return policy
-    from daptq.models.registry import load_policy
+    from daptq.sources import load_policy
 
-    policy = load_policy(spec)
+    policy = load_policy(spec, weights=False) if architecture_only else load_policy(spec)
     if not isinstance(getattr(policy, "model", None), torch.nn.Module):
         raise ValueError(
             f"base model {spec!r} is not a torch policy ({type(policy).__name__}); it cannot be a base"
@@ -397,7 +400,7 @@ def load_quantized_policy(
         _check_base_files(directory, base)
     token = _LOADING.set((*chain, here))
     try:
-        policy = _build_base(base_spec, base_factory)
+        policy = _build_base(base_spec, base_factory, architecture_only=self_contained)
     finally:
         _LOADING.reset(token)
     if not self_contained:
