@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 import daptq.paths
 from daptq.cli import main
@@ -644,3 +645,25 @@ def test_quantize_to_directory_with_an_empty_model_spec_says_so(tmp_path):
 
     with pytest.raises(ValueError, match="model spec must be a non-empty string"):
         quantize_to_directory("", RTNConfig(), tmp_path / "q")  # was: " is already a directory"
+
+
+def _alias_bomb(levels: int = 8) -> str:
+    """A ~1 kB YAML value that stands for 10^levels strings ("billion laughs")."""
+    expr = "&a0 [x, x, x, x, x, x, x, x, x, x]"
+    for i in range(1, levels + 1):
+        expr = f"&a{i} [{expr}, " + ", ".join([f"*a{i - 1}"] * 9) + "]"
+    return expr
+
+
+def test_yaml_alias_bombs_are_refused_before_they_expand(tmp_path, capsys, no_work):
+    from daptq.strict_parse import load_yaml_strict
+
+    with pytest.raises(yaml.YAMLError, match="expands to more than"):
+        load_yaml_strict(f"a: {_alias_bomb()}\n")
+    with pytest.raises(yaml.YAMLError, match="recursive alias"):
+        load_yaml_strict("a: &a [*a]\n")
+    assert load_yaml_strict("x: &x {a: 1}\ny:\n  <<: *x\n  b: 2\n") == {"x": {"a": 1}, "y": {"a": 1, "b": 2}}
+    cfg = tmp_path / "bomb.yaml"  # was: the error's repr of the value grew past 650 MB, no end in sight
+    cfg.write_text(f"method: rtn\nspec:\n  weight:\n    bits: 4\n    observer: {_alias_bomb()}\n")
+    argv = ["quantize", "toy", "--method", "rtn", "--config", str(cfg), "--out", str(tmp_path / "q")]
+    assert_error(argv, capsys, "bomb.yaml", "expands to more than")

@@ -1,8 +1,10 @@
-"""JSON and YAML parsing that refuses duplicate keys.
+"""JSON and YAML parsing that refuses duplicate keys (and YAML alias bombs).
 
 ``json.loads`` and ``yaml.safe_load`` keep the last of two equal keys, so a config file that says
-``bits: 4`` and later ``bits: 8`` silently means 8. Every config, recipe and versioned file daptq reads
-goes through these instead. A leaf module (imports nothing from daptq).
+``bits: 4`` and later ``bits: 8`` silently means 8. YAML aliases can make a 1 kB file stand for 10^8
+values ("billion laughs"), which an error message's repr then spells out until memory runs out. Every
+config, recipe and versioned file daptq reads goes through these instead. A leaf module (imports nothing
+from daptq).
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ import json
 from typing import Any
 
 import yaml
+
+# Values a YAML document may stand for once its aliases are expanded (a method config has a few hundred).
+MAX_YAML_NODES = 100_000
 
 
 def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -49,6 +54,44 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _check_expanded_size(root: yaml.Node, limit: int) -> None:
+    """Refuse a document whose aliases expand to more than ``limit`` nodes, or that refers to itself."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise yaml.constructor.ConstructorError(None, None, "recursive alias", node.start_mark)
+        open_nodes.add(key)
+        if isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+        else:
+            total = 1
+        open_nodes.discard(key)
+        if total > limit:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"expands to more than {limit} values (YAML aliases)", node.start_mark
+            )
+        sizes[key] = total
+        return total
+
+    size(root)
+
+
 def load_yaml_strict(text: str) -> Any:
-    """``yaml.safe_load`` refusing duplicate keys (a ``yaml.YAMLError`` naming the key and its line)."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    """``yaml.safe_load`` refusing duplicate keys and alias bombs (a ``yaml.YAMLError`` naming the
+    problem and its line)."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expanded_size(node, MAX_YAML_NODES)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
