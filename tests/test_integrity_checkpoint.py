@@ -103,7 +103,10 @@ def test_loader_outside_the_registry_is_never_called(saved, monkeypatch):
 
 
 def test_registered_loaders_are_a_fixed_list():
-    assert set(qio.CHECKPOINT_LOADERS) == {"daptq.methods.qvla:load_mixed_linear"}
+    assert set(qio.CHECKPOINT_LOADERS) == {  # the custom layer types daptq defines, nothing else
+        "daptq.methods.qvla:load_mixed_linear",
+        "daptq.quant.category:load_category_linear",
+    }
     with pytest.raises(ValueError, match="already registered"):
         qio.register_checkpoint_loader("daptq.methods.qvla:load_mixed_linear", lambda *a: None)
 
