@@ -667,3 +667,15 @@ def test_yaml_alias_bombs_are_refused_before_they_expand(tmp_path, capsys, no_wo
     cfg.write_text(f"method: rtn\nspec:\n  weight:\n    bits: 4\n    observer: {_alias_bomb()}\n")
     argv = ["quantize", "toy", "--method", "rtn", "--config", str(cfg), "--out", str(tmp_path / "q")]
     assert_error(argv, capsys, "bomb.yaml", "expands to more than")
+
+
+@pytest.mark.parametrize(
+    "argv, prefix",
+    [
+        (["train", "--data", "d", "--out", "o", "--lr", "nan"], "daptq train: error:"),
+        (["data", "generate", "--root", "g", "--train", "-1"], "daptq data generate: error:"),
+        (["data", "speed", "--steps", "0"], "daptq data speed: error:"),
+    ],
+)
+def test_errors_of_the_delegated_parsers_name_the_daptq_command(capsys, argv, prefix):
+    assert prefix in assert_error(argv, capsys)  # was: "python -m daptq.train: error: ..."

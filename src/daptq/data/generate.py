@@ -348,7 +348,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     from daptq.envs import MT10
     from daptq.paths import check_output_dir
 
-    p = argparse.ArgumentParser(prog="python -m daptq.data.generate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="daptq data generate", description=__doc__.split("\n")[0])
     p.add_argument("--root", required=True, help="output directory, e.g. data_cache/metaworld-mt10")
     p.add_argument("--tasks", nargs="+", default=list(MT10), help="MT10 task names (default: all 10)")
     count = nonnegative_int

@@ -60,7 +60,7 @@ def measure(task: str, image_size: int, camera: str, steps: int, seed: int = 0) 
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m daptq.envs.speed", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="daptq data speed", description=__doc__.split("\n")[0])
     from daptq.cli_args import cameras, image_size_int, int_in, task_name
 
     p.add_argument("--task", type=task_name, default="pick-place")

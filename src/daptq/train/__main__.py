@@ -16,7 +16,7 @@ MAX_NOISE_DRAWS = 256
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig(data="", out="", max_steps=1)
-    p = argparse.ArgumentParser(prog="python -m daptq.train", description="Train the reference VLA on CPU.")
+    p = argparse.ArgumentParser(prog="daptq train", description="Train the reference VLA on CPU.")
     p.add_argument("--data", required=True, help="dataset root written by `daptq data`")
     p.add_argument("--out", required=True, help="checkpoint directory (model.safetensors + config.json)")
     p.add_argument("--cache", default=None, help="frozen-encoder feature cache (default: DATA-features)")
