@@ -679,3 +679,13 @@ def test_yaml_alias_bombs_are_refused_before_they_expand(tmp_path, capsys, no_wo
 )
 def test_errors_of_the_delegated_parsers_name_the_daptq_command(capsys, argv, prefix):
     assert prefix in assert_error(argv, capsys)  # was: "python -m daptq.train: error: ..."
+
+
+def test_an_unusable_calibration_cache_is_named_as_such(tmp_path, capsys, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    monkeypatch.setenv("DAPTQ_CACHE_DIR", str(afile / "cache"))
+    out = tmp_path / "q"
+    argv = ["quantize", "toy", "--method", "gptq", "--w-bits", "4", "--out", str(out)]
+    err = assert_error(argv, capsys, "the calibration cache", "DAPTQ_CACHE_DIR")
+    assert str(afile) in err and not out.exists()

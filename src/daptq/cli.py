@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from daptq.cli_args import (
     MAX_IMAGE_SIZE,
@@ -200,7 +201,20 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
     from daptq.methods.workflow import quantize_from_args
 
-    out = quantize_from_args(args)
+    try:
+        out = quantize_from_args(args)
+    except OSError as err:  # the calibration cache is made on first use, so it is checked only then
+        from daptq.data.calibration import default_cache_dir
+
+        cache = default_cache_dir().absolute()
+        where = Path(err.filename).absolute() if isinstance(err.filename, str) else None
+        related = where is not None and (where == cache or cache in where.parents or where in cache.parents)
+        if args.calibration is None and related:
+            raise ValueError(
+                f"the calibration cache {cache}: {err.strerror or err} (point DAPTQ_CACHE_DIR at a writable "
+                "directory, or give --calibration)"
+            ) from None
+        raise
     print(f"wrote {out} (inspect: daptq inspect {out}; evaluate: daptq eval {out})")
     return 0
 
