@@ -314,7 +314,11 @@ def test_pi05_drops_the_experts_plain_norm_weights_as_lerobot(tmp_path):
     for k, v in tiny_model("pi05").state_dict().items():
         assert torch.equal(ck.model.state_dict()[k], v), k
     _rewrite(
-        d, lambda t: {**t, "model.paligemma_with_expert.gemma_expert.model.layers.0.extra.weight": t[stale]}
+        d,
+        lambda t: {
+            **t,
+            "model.paligemma_with_expert.gemma_expert.model.layers.0.extra.weight": t[stale].clone(),
+        },
     )
     with pytest.raises(ValueError, match=r"1 unexpected: .*layers\.0\.extra\.weight"):
         load_lerobot_checkpoint(d)
