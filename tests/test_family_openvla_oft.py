@@ -224,3 +224,22 @@ def test_every_method(name):
         assert record.decisions["float_by_block_note"] == "no DiT blocks: none kept float"
         assert record.decisions["float_by_block"] == []
     print(name, f"{out['sqnr']:.1f} dB")
+
+
+def test_quantized_directory_round_trips_and_inspects(ckpt, tmp_path):
+    from daptq.methods import quantize_policy
+    from daptq.methods.rtn import RTNConfig
+    from daptq.methods.workflow import inspect_text
+    from daptq.models.quantized import load_quantized_policy, model_digest, save_quantized_policy
+    from daptq.quant import QuantSpec, WeightSpec
+    from daptq.quant.spec import ActivationSpec
+
+    spec = f"openvla-oft:{ckpt}"
+    policy = load_policy(spec)
+    config = RTNConfig(spec=QuantSpec(WeightSpec(4), ActivationSpec(8)))
+    record = quantize_policy(policy, config, base_model={"spec": spec, "digest": model_digest(policy.model)})
+    q = _chunks(policy.adapter)
+    out = save_quantized_policy(policy, record, tmp_path / "q", spec)
+    assert torch.equal(_chunks(load_quantized_policy(out).adapter), q)
+    text = inspect_text(out)
+    assert "action_head.model.fc1" in text and "interface" in text

@@ -50,6 +50,7 @@ from daptq.methods.record import QuantRecord
 from daptq.models.adapter import VLAAdapter
 from daptq.quant import ActivationSpec, QuantSpec, WeightSpec, quantize_weight
 from daptq.quant.bytes import mixed_weight_bytes
+from daptq.quant.category import registered_type
 from daptq.quant.fake import dequantize_weight, fake_quantize_activation
 from daptq.quant.io import pack_codes, unpack_codes
 
@@ -571,7 +572,12 @@ class QVLA(Method):
     def prepare(self, adapter: VLAAdapter) -> None:
         super().prepare(adapter)
         plan = require_plan(self)
-        bad = [n for n, m in plan.modules.items() if m.kind != "Linear"]
+        # registered module types (daptq.quant.category) are rounded by the driver, not by QVLA
+        bad = [
+            n
+            for n, m in plan.modules.items()
+            if m.kind != "Linear" and registered_type(adapter.module(n)) is None
+        ]
         if bad:
             raise ValueError(f"QVLA quantizes Linear layers only; exclude {bad[:5]} from the scope")
 
