@@ -93,3 +93,35 @@ def check_method(kind: str, name: str, config) -> dict:
     assert not torch.equal(q, fp), f"{name}: the sampled chunk did not change"
     assert sqnr_db(fp, q) >= MIN_SQNR_DB, f"{name}: SQNR {sqnr_db(fp, q):.1f} dB"
     return {"adapter": adapter, "record": record}
+
+
+def prefix_matches_transformers_layers(kind: str) -> list[float]:
+    """Max |difference| per layer between the rebuilt prefix pass's cached keys and the keys of the same
+    layers run as ``transformers`` decoder layers (their own attention) under the same block mask, float64."""
+    if kind == "smolvla":
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    else:
+        from transformers.models.gemma.modeling_gemma import apply_rotary_pos_emb
+    from daptq.models.lerobot_vla.modeling import block_masks
+
+    torch.manual_seed(1)
+    m = copy.deepcopy(base_model(kind)).double()
+    b, n = 2, 7
+    embs = torch.randn(b, n, m.config.text.hidden, dtype=torch.float64)
+    pad = torch.ones(b, n, dtype=torch.bool)
+    ar = torch.zeros_like(pad)
+    ar[:, 5] = True  # two blocks: the first 5 tokens bidirectional, the last 2 see everything
+    cache = m.prefix_cache(embs, pad, ar)
+    additive = torch.zeros(b, 1, n, n, dtype=torch.float64).masked_fill(~block_masks(pad, ar)[:, None], -1e30)
+    pos = torch.cumsum(pad.long(), 1) - 1
+    lm = m.vlm
+    lm.config._attn_implementation = "eager"
+    h, pe, errs = embs, lm.rotary_emb(embs, pos), []
+    for i, layer in enumerate(lm.layers):
+        a = layer.self_attn
+        k = a.k_proj(layer.input_layernorm(h)).view(b, n, -1, a.head_dim).transpose(1, 2)
+        k = apply_rotary_pos_emb(k, k, *pe)[1].transpose(1, 2)
+        errs.append(float((k - cache[i][0]).abs().max()))
+        out = layer(h, attention_mask=additive, position_ids=pos, position_embeddings=pe)
+        h = out[0] if isinstance(out, tuple) else out
+    return errs

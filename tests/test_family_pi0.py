@@ -344,3 +344,11 @@ def test_daptq_directory_round_trips_the_bias_csrc_adds(tmp_path):
     assert k.bias is not None
     out = save_quantized_policy(policy, record, tmp_path / "q", spec)
     assert torch.equal(_chunk(load_quantized_policy(out)), _chunk(policy))
+
+
+@pytest.mark.parametrize("kind", ["pi0", "pi05"])
+def test_prefix_pass_matches_transformers_gemma_layers(kind):
+    from lerobot_vla_helpers import prefix_matches_transformers_layers
+
+    errs = prefix_matches_transformers_layers(kind)
+    assert max(errs) < 1e-6, errs  # float64; cos/sin are float32 in both

@@ -226,3 +226,12 @@ def test_cli_quantize_inspect_and_load_back(ckpt, tmp_path, capsys):
     assert f"| {EXPERT}1.self_attn.k_proj | interface |" in text and "| state_proj | backbone |" in text
     loaded = load_policy(str(out))
     assert loaded.config.type == "smolvla" and loaded.quant_record.method == "rtn"
+
+
+def test_prefix_pass_matches_transformers_llama_layers():
+    """The rebuilt prefix pass (lerobot's half-split RoPE at wavelength 1e4 in float32) equals SmolVLM's
+    Llama layers run by transformers under the same block mask."""
+    from lerobot_vla_helpers import prefix_matches_transformers_layers
+
+    errs = prefix_matches_transformers_layers("smolvla")
+    assert max(errs) < 1e-6, errs

@@ -64,7 +64,8 @@ def attend(
     groups = h // k.shape[2]
     k = k.repeat_interleave(groups, dim=2)
     v = v.repeat_interleave(groups, dim=2)
-    logits = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    work = torch.promote_types(q.dtype, torch.float32)  # float32 at least (bf16 weights), float64 kept
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.to(work), k.to(work)) * scale
     logits = logits.masked_fill(~mask[:, None], torch.finfo(logits.dtype).min)
     probs = logits.softmax(dim=-1).to(v.dtype)
     return torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, lq, h * d)
