@@ -322,3 +322,25 @@ def test_n1_names_and_llama_backbone_round_trip(tmp_path):
     want = tiny_gr00t(model_type="gr00t_n1", llm_type="llama").state_dict()
     assert all(torch.equal(policy.model.state_dict()[k], v) for k, v in want.items())
     check_adapter(policy.adapter)
+
+
+def test_category_linear_groups_and_static_activations():
+    """Per-group rounding runs along each category's inputs; a static per-tensor activation spec has no
+    per-category scale, so the scope is refused at planning, naming the layer."""
+    from daptq.data.calibration import CalibrationSet
+    from daptq.methods import quantize_policy
+    from daptq.methods.rtn import RTNConfig
+    from daptq.quant import QuantSpec, WeightSpec
+    from daptq.quant.spec import ActivationSpec
+
+    f = CategorySpecificLinear(3, 16, 5)
+    q = QuantCategorySpecificLinear(
+        f, QuantSpec(WeightSpec(4, granularity="per_group", group_size=8), None), "g"
+    )
+    q.requantize()
+    assert tuple(q.weight_scale.shape) == (15, 2)
+    static = QuantSpec(WeightSpec(8), ActivationSpec(8, mode="static_per_tensor"))
+    with pytest.raises(
+        ValueError, match=r"action_head\.state_encoder\.layer1: a CategorySpecificLinear takes"
+    ):
+        quantize_policy(_adapter(), RTNConfig(spec=static), CalibrationSet([_raw(1)], {"source": "test"}))
