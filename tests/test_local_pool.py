@@ -2,6 +2,7 @@
 process; a worker that dies has its groups re-run on a fresh pool; one that keeps dying ends the run with a
 clear error instead of a hang."""
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -87,9 +88,10 @@ def test_leaving_early_stops_a_worker_mid_group():
 
 PARENT = """
 import json, multiprocessing as mp, sys, time
-from daptq.eval.local_pool import LocalPool
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # (a spawned worker runs this file's top level again: keep it light)
+    from daptq.eval.local_pool import LocalPool
+
     pool = LocalPool(mp.get_context("spawn"), 2)
     for _ in range(2):
         pool.submit(time.sleep, 600)  # each worker blocks in a job, as in a long group
@@ -120,7 +122,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _wait_gone(pids: list[int], timeout: float = 60.0) -> list[int]:
+def _wait_gone(pids: list[int], timeout: float = 120.0) -> list[int]:
     deadline = time.monotonic() + timeout  # generous: only a worker that never dies fails
     while (alive := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -130,7 +132,8 @@ def _wait_gone(pids: list[int], timeout: float = 60.0) -> list[int]:
 def _kill_all(pids: list[int]) -> None:
     for pid in pids:
         if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # it may end in between
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -146,6 +149,51 @@ def test_workers_die_with_their_parent(tmp_path, sig):
         os.kill(parent.pid, sig)
         parent.wait(timeout=60)
         assert _wait_gone(workers) == []  # none left blocked on the dead parent's pipe
+    finally:
+        parent.kill()
+        _kill_all(workers)
+
+
+SLOW_TO_IMPORT = """
+import os, time
+
+if os.environ.get("DAPTQ_TEST_SLOW_IMPORT"):
+    time.sleep(600)  # as a worker importing torch and loading its models on a busy machine
+
+
+def init():
+    pass
+"""
+
+PARENT_OF_SLOW = """
+import json, multiprocessing as mp, os, time
+
+if __name__ == "__main__":
+    import slow_to_import  # here, not above: a spawned worker runs this file's top level again
+    from daptq.eval.local_pool import LocalPool
+
+    os.environ["DAPTQ_TEST_SLOW_IMPORT"] = "1"  # the workers, not this process, take long to import it
+    pool = LocalPool(mp.get_context("spawn"), 2, initializer=slow_to_import.init)
+    print(json.dumps([p.pid for p in mp.active_children()]), flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_still_importing_their_initializer_die_with_their_parent(tmp_path):
+    (tmp_path / "slow_to_import.py").write_text(SLOW_TO_IMPORT)
+    (tmp_path / "parent.py").write_text(PARENT_OF_SLOW)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    parent = subprocess.Popen(
+        [sys.executable, str(tmp_path / "parent.py")], stdout=subprocess.PIPE, text=True, env=env
+    )
+    workers: list[int] = []
+    try:
+        workers = json.loads(parent.stdout.readline())
+        assert len(workers) == 2
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=60)
+        assert _wait_gone(workers) == []  # not 600 s later, when the import ends
     finally:
         parent.kill()
         _kill_all(workers)
@@ -180,7 +228,6 @@ def test_eval_workers_die_when_the_eval_is_killed(tmp_path):
 
 USES_TQDM = """
 import multiprocessing as mp, sys, time
-from daptq.eval.local_pool import LocalPool, pool_results
 
 
 def init():  # as a worker loading a Hugging Face encoder does: a progress bar
@@ -196,6 +243,8 @@ def job(seconds):
 
 
 if __name__ == "__main__":
+    from daptq.eval.local_pool import LocalPool, pool_results
+
     with LocalPool(mp.get_context("spawn"), 2, initializer=init) as pool:
         results = pool_results(pool, job, (), iter([float(s) for s in sys.argv[1:]]))
         print(next(results), flush=True)

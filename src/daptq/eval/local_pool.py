@@ -6,74 +6,25 @@ every unfinished future of the pool (``BrokenProcessPool``); the groups those fu
 fresh pool, at most ``MAX_RESTARTS_PER_WORKER`` times per worker. As with the Ray backend, a group's results
 are committed only when they arrive, so a death loses and duplicates nothing.
 
-Workers die with their parent: killed (SIGKILL, SIGTERM, out of memory), the parent cannot stop them, and a
-worker blocked reading its job pipe would wait forever (it holds the pipe's write end too, so it never sees
-end-of-file). Each worker asks the kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG`` on Linux)
-and watches its parent id besides (other systems; workers started from a thread, which the kernel would
-signal when that thread ends). A pool with no group in flight is closed by letting its workers exit
-normally, so what they created (tqdm's lock: a named semaphore) is released, not reported as leaked.
+Workers die with their parent (``daptq.lifeline``: set up before the worker imports its initializer's
+module, so also while it loads its models). A pool with no group in flight is closed by letting its workers
+exit normally, so what they created is released; workers get a threading lock for tqdm, so one terminated
+mid-group leaks no named semaphore either (the "leaked semaphore objects" warning at exit).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import queue
-import signal
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from daptq.lifeline import function_name, start_worker
+
 MAX_RESTARTS_PER_WORKER = 3
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-PARENT_POLL_S = 1.0  # how often a worker's watchdog checks that its parent lives
-
-
-def die_with_parent(parent: int, kernel_signal: bool = True) -> None:
-    """End this process when process ``parent`` ends (call first thing in a child of ``parent``).
-
-    ``kernel_signal``: ask Linux for SIGKILL at the parent's death (prctl; the kernel sends it when the
-    *thread* that started this process ends, so only for a child started by the parent's main thread). A
-    watchdog thread polls the parent id in every case, and the parent id is checked once after the prctl, in
-    case the parent died before it."""
-    if kernel_signal and sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):  # no prctl: the watchdog alone
-            pass
-    if os.getppid() != parent:
-        os._exit(1)
-
-    def watch() -> None:
-        while True:
-            time.sleep(PARENT_POLL_S)
-            if os.getppid() != parent:
-                os._exit(1)
-
-    threading.Thread(target=watch, name="daptq-parent-watchdog", daemon=True).start()
-
-
-def _thread_lock_for_tqdm() -> None:
-    """Give tqdm a threading lock: its default also creates a multiprocessing lock, a named semaphore that a
-    worker terminated mid-group never releases (the resource tracker then warns of a "leaked semaphore").
-    Bars of different workers need no shared lock: each writes its own lines."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return
-    tqdm.set_lock(threading.RLock())
-
-
-def _start_worker(parent: int, kernel_signal: bool, initializer: Callable | None, initargs: tuple) -> None:
-    die_with_parent(parent, kernel_signal)
-    _thread_lock_for_tqdm()
-    if initializer is not None:
-        initializer(*initargs)
 
 
 class LocalPool:
@@ -95,8 +46,8 @@ class LocalPool:
         self._executor = ProcessPoolExecutor(
             self.processes,
             mp_context=self.ctx,
-            initializer=_start_worker,
-            initargs=(os.getpid(), main, self.initializer, self.initargs),
+            initializer=start_worker,  # imports self.initializer's module only after its own set-up
+            initargs=(os.getpid(), main, function_name(self.initializer), self.initargs),
         )
         self._futures: set[Future] = set()
         for _ in range(self.processes):
