@@ -16,7 +16,10 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 
 python3.11 -m venv .venv 2>/dev/null || python3 -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+# LIBERO (the libero extra) is installed too unless DAPTQ_LIBERO=0: ~0.7 GB download and ~1.5 minutes
+# (docs/benchmark.md, "LIBERO"); without it the libero suite and its tests are skipped with that reason.
+extras="dev"; [ "${DAPTQ_LIBERO:-1}" = "0" ] || extras="dev,libero"
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[$extras]"
 # torchao was a test dependency of older versions; `import transformers` imports it when present, and every
 # process then prints its native-library failures and torch deprecation warnings.
 if .venv/bin/python -m pip show -q torchao >/dev/null 2>&1; then
