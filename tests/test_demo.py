@@ -29,6 +29,7 @@ TOY = DemoSettings(
     calib_trajectories=4,
     sensitivity_batches=1,
     paper_overrides={"float_dit_blocks": 0},  # the toy policy has no DiT blocks
+    context_w4a8=True,
     budget_bits=3.0,  # 2.5 is infeasible on the toy's three small layers (scales dominate)
 )
 
@@ -120,9 +121,7 @@ def test_demo_report_holds_plots_of_all_methods(demo_out):
     for name in ("drift_over_time.png", "ee_paths_compare.png", "actions_compare.png"):
         assert (out / "report" / name).stat().st_size > 1000
         assert f"({name})" in report  # linked from report.md
-    assert report.index("| DA-PTQ budget 3 bits |") < report.index(
-        "# Evaluation report"
-    )  # the table on top
+    assert report.index("| DA-PTQ budget 3 bits |") < report.index("# Evaluation report")  # the table on top
 
 
 def test_demo_reruns_into_its_own_output_but_refuses_a_foreign_directory(tmp_path):

@@ -36,9 +36,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
         run_toy_demo(out_dir=args.out)
         return 0
+    import dataclasses
+
     from daptq.demo import FULL, QUICK, run_demo
 
-    run_demo(args.out, QUICK if args.quick else FULL, workers=args.workers)
+    settings = dataclasses.replace(QUICK if args.quick else FULL, context_w4a8=args.w4a8_context)
+    run_demo(args.out, settings, workers=args.workers)
     return 0
 
 
@@ -318,12 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser(
-        "demo", help="the main job: RTN vs DA-PTQ on the bundled VLA, paired closed-loop evaluation, report"
+        "demo",
+        help="the main job: RTN, GPTQ and DA-PTQ at 2.5 bits on the bundled VLA, paired closed loop, report",
     )
     demo.add_argument(
         "--quick", action="store_true", help="a smoke run: 3 tasks x 2 episodes, 1 worker (about 3 minutes)"
     )
     demo.add_argument("--out", default="runs/demo", help="quantized directories, runs, table and report")
+    demo.add_argument(
+        "--w4a8-context", action="store_true", help="add DA-PTQ paper at W4A8 as a context row (+25%% time)"
+    )
     demo.add_argument("--workers", type=workers_int, help="evaluation worker processes (default 2)")
     demo.add_argument(
         "--toy", action="store_true", help="the old toy-MLP quantization demo instead (seconds, no robot)"
