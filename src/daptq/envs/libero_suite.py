@@ -162,6 +162,7 @@ class LiberoEnv:
         self._raw: dict[str, Any] | None = None
         self._steps = 0
         self._observation_id = 0
+        self.reset_count = 0  # experts re-plan when it changes
         goal = self._env.env.parsed_problem["goal_state"]
         # The manipulated object: the first argument of the task's first goal predicate ("on bowl plate").
         self.target_object = str(goal[0][1])
@@ -218,6 +219,7 @@ class LiberoEnv:
             self._raw, _, _, _ = self._env.step(SETTLE_ACTION)
         self._raw = self._env.env._get_observations(force_update=True)
         self._steps = 0
+        self.reset_count += 1
         return self._observation(), self._info(False)
 
     def step(self, action):
