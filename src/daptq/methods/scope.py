@@ -209,6 +209,8 @@ def resolve_scope(
             act = requested.activation
             if act is not None and act.mode != "dynamic_per_token":
                 problems.append(f"{name}: a {kind} takes weight-only or dynamic_per_token activation specs")
+            elif requested.weight.is_float:
+                problems.append(f"{name}: a {kind} rounds its weight; keep it float with spec: null instead")
             elif fitted is None:
                 problems.append(f"{name} (fan-in {fan_in}): {note}")
             else:
