@@ -291,6 +291,27 @@ class Method(HooksMixin, ABC):
     def apply(self, adapter: VLAAdapter) -> None:
         """Change the model: swap in fake-quant layers, round, fold, compensate (per ``self.plan``)."""
 
+    # ---- block-by-block lifecycle (daptq.methods.sequential) ----------------------------------------------
+    def supports_sequential(self) -> bool:
+        """True when the method implements ``calibrate_modules`` / ``apply_modules``."""
+        return type(self).calibrate_modules is not Method.calibrate_modules
+
+    def sequential_propagation(self) -> str:
+        """What the next block is calibrated on: "float" outputs (as the whole-model pass) or "quantized"."""
+        return "float"
+
+    def calibrate_modules(self, adapter: VLAAdapter, names: Sequence[str], run: Callable[[], None]) -> None:
+        """Observe only the modules ``names`` while ``run()`` drives the forwards (the whole policy, or one
+        block replaying its recorded inputs); accumulates across calls. Hooks as in ``calibrate``."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-block calibration")
+
+    def apply_modules(self, adapter: VLAAdapter, names: Sequence[str]) -> None:
+        """Round the modules ``names`` from what ``calibrate_modules`` observed of them."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-block calibration")
+
+    def on_block_end(self, adapter: VLAAdapter, key: tuple[str, int]) -> None:  # noqa: B027
+        """The per-block event: block ``key`` is rounded (free per-block state here). Default: nothing."""
+
     def record(self) -> QuantRecord:
         """What was decided; ``quantize_policy`` adds calibration provenance, the base model and timings."""
         if self.plan is None:

@@ -21,7 +21,7 @@ Choices, as in the GPTQ reference code and llm-compressor:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -310,4 +310,64 @@ class GPTQ(Method):
             set_module(model, name, layer)
             layers[name] = info
         self.decisions["layers"] = layers
+        self.decisions["order"] = list(self._order)
+
+    # ---- block by block (daptq.methods.sequential) --------------------------------------------------------
+    def sequential_propagation(self) -> str:
+        """``sequential=True``: each block's Hessians are measured on the quantized previous block's outputs,
+        in one pass per block (not one whole-model pass per layer)."""
+        return "quantized" if self.config.sequential else "float"
+
+    def calibrate_modules(self, adapter: VLAAdapter, names: Sequence[str], run: Callable[[], None]) -> None:
+        plan = require_plan(self)
+        if not names:
+            return
+        model = adapter.model
+        static = set(static_activation_layers(plan.specs))
+        calls = _CallOrder()
+        sites: dict[str, Any] = {}
+        for n in names:
+            self.register_forward_pre_hook(model.get_submodule(n), calls.hook(n))
+            if not plan.modules[n].spec.weight.is_float:
+                self._hessians[n] = Hessian(_blocks(model.get_submodule(n)))
+            if n in static:
+                self._observers[n] = ActivationObserver(plan.modules[n].spec.activation, n)
+            parts = [r for r in (self._hessians.get(n), self._observers.get(n)) if r is not None]
+            if parts:
+                sites[n] = _Tee(*parts)
+        with capturing(model, inputs=sites, rows=fan_in_rows) if sites else contextlib.nullcontext():
+            run()
+        never = [n for n in names if n not in calls.order]
+        if never:
+            raise ValueError(f"GPTQ: calibration never ran these in-scope modules: {never}")
+        self._order.extend(calls.order)
+
+    def apply_modules(self, adapter: VLAAdapter, names: Sequence[str]) -> None:
+        plan = require_plan(self)
+        model, cfg = adapter.model, self.config
+        wanted = set(names)
+        layers = self.decisions.setdefault("layers", {})
+        for name in [n for n in self._order if n in wanted]:
+            spec = plan.modules[name].spec
+            hessian, observer = self._hessians.pop(name, None), self._observers.pop(name, None)
+            layer = quantized_module_for(model.get_submodule(name), spec, name, round_now=False)
+            info: dict[str, Any] = {"order": self._order.index(name)}
+            if hessian is None:
+                layer.requantize(name)
+            else:
+                h = hessian.hessian
+                gptq_quantize_layer_(layer, h, cfg.block_size, cfg.damp, cfg.act_order)
+                w2d = weight_as_matrix(layer.weight.detach())
+                info["rows_seen"] = hessian.count
+                info["rel_output_error"] = _relative_output_error(
+                    w2d, weight_as_matrix(layer.dequantized_weight()), h
+                )
+                info["rtn_rel_output_error"] = _relative_output_error(
+                    w2d, fake_quantize_weight(w2d, spec.weight), h
+                )
+            if observer is not None:
+                layer.set_activation_qparams(*observer.compute())
+                info["activation_scale"] = float(layer.act_scale)
+            set_module(model, name, layer)
+            layers[name] = info
         self.decisions["order"] = list(self._order)

@@ -7,7 +7,7 @@ installs the scales after swapping in the fake-quant layers.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,3 +93,27 @@ class RTN(Method):
         quantize_(adapter.model, plan.specs, activation_qparams=results)
         if results:
             self.decisions["activation_scales"] = {n: float(s) for n, (s, _) in results.items()}
+
+    # block by block (daptq.methods.sequential): the same observers and rounding, per subset of modules
+    def calibrate_modules(self, adapter: VLAAdapter, names: Sequence[str], run: Callable[[], None]) -> None:
+        plan = require_plan(self)
+        static = [n for n in _static_layers(plan.specs) if n in set(names)]
+        for name in static:
+            obs = self._observers.setdefault(
+                name, ActivationObserver(plan.modules[name].spec.activation, name)
+            )
+            self.register_forward_pre_hook(
+                module_of(adapter, name), lambda _m, args, _o=obs: _o.update(args[0])
+            )
+        if static:
+            run()
+
+    def apply_modules(self, adapter: VLAAdapter, names: Sequence[str]) -> None:
+        plan = require_plan(self)
+        specs = {n: plan.specs[n] for n in names if n in plan.specs}
+        results = {n: self._observers.pop(n).compute() for n in names if n in self._observers}
+        if specs:
+            quantize_(adapter.model, specs, activation_qparams=results)
+        if results:
+            scales = self.decisions.setdefault("activation_scales", {})
+            scales.update({n: float(s) for n, (s, _) in results.items()})

@@ -284,6 +284,31 @@ class VLAAdapter(ABC):
         """The backbone forward f: model inputs -> conditioning latent z (B, d_z) (capability "condition")."""
         raise NotImplementedError(f"{type(self).__name__} does not declare the 'condition' capability")
 
+    def block_modules(self) -> dict[tuple[str, int], str]:
+        """``{(stack, block): qualified name of the block's container}`` (sequential calibration runs and
+        streams these one at a time). Default: derived from ``quantizable_modules``: the common dotted
+        prefix of a block's modules, cut after the component equal to the block index (``blocks.3.attn.qkv``
+        and ``blocks.3.mlp.fc`` give ``blocks.3``); override where a container is not named so."""
+        names: dict[tuple[str, int], list[list[str]]] = {}
+        for m in self.quantizable_modules():
+            if m.block is not None and m.stack is not None:
+                names.setdefault((m.stack, m.block), []).append(m.name.split("."))
+        out: dict[tuple[str, int], str] = {}
+        for key, parts in names.items():
+            common: list[str] = []
+            for column in zip(*parts, strict=False):
+                if any(c != column[0] for c in column):
+                    break
+                common.append(column[0])
+            ends = [i for i, c in enumerate(common) if c == str(key[1])]
+            if not ends:
+                raise ValueError(
+                    f"{type(self).__name__}: block {key} has no container named by its index in "
+                    f"{['.'.join(p) for p in parts][:3]}; override block_modules()"
+                )
+            out[key] = ".".join(common[: ends[-1] + 1])
+        return out
+
     def module(self, name: str) -> nn.Module:
         """The module ``name`` of ``model``, with an error naming the adapter when it does not exist."""
         try:
