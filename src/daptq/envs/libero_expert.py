@@ -30,6 +30,7 @@ _MAX_OPENING = 0.075  # m: wider objects are grasped by the rim
 _ROUND = 0.85  # a footprint whose short/long extent ratio is above this is treated as round (no wrist turn)
 _CLOSE_STEPS = 14
 _RELEASE_STEPS = 10
+_STALL_STEPS = 5
 
 
 def _subtree_points(env: Any, name: str) -> np.ndarray:
@@ -61,6 +62,32 @@ def _footprint(points: np.ndarray) -> tuple[np.ndarray, float, float]:
     return short, extent(short), extent(vecs[:, 1])
 
 
+def _open_side(env: Any, centre: np.ndarray, radius: float, grasp_z: float) -> np.ndarray:
+    """Of the rim's four sides (+y, -y, +x, -x: the fingers close along world y or x), the one where the outer
+    finger has the most room below the grasp height, from a vertical ray just outside the rim (a bowl in a
+    drawer has walls on some sides)."""
+    import mujoco
+
+    model, data = env.sim.model._model, env.sim.data._data
+    best, best_room = None, -np.inf
+    geom = np.zeros(1, dtype=np.int32)
+    for side in ((0.0, 1.0), (0.0, -1.0), (1.0, 0.0), (-1.0, 0.0)):
+        direction = np.array(side)
+        across = np.array([-direction[1], direction[0]])
+        highest = -np.inf  # the highest obstacle under the outer finger (open: 4 cm out from the grasp point)
+        for out in (0.0, 0.015, 0.03):
+            for lateral in (-0.012, 0.0, 0.012):
+                xy = centre[:2] + direction * (radius + out) + across * lateral
+                start = np.array([*xy, grasp_z + 0.15])
+                distance = mujoco.mj_ray(model, data, start, np.array([0.0, 0.0, -1.0]), None, 1, -1, geom)
+                if distance >= 0:
+                    highest = max(highest, start[2] - distance)
+        room = grasp_z - highest
+        if room > best_room + 0.005:  # prefer the earlier (no wrist turn) side on a near tie
+            best, best_room = direction, room
+    return best
+
+
 def _wrap(angle: float) -> float:
     """An angle taken modulo pi into (-pi/2, pi/2]: a parallel gripper is symmetric under a half turn."""
     return float((angle + np.pi / 2) % np.pi - np.pi / 2)
@@ -86,11 +113,12 @@ class LiberoExpert:
         short, width, length = _footprint(points)
         self.height = float(hi[2] - lo[2])
         self.rim_grasp = width > _MAX_OPENING
-        if self.rim_grasp:  # a bowl: fingers (closing along world y) straddle the rim at the +y side
-            self.yaw = 0.0
+        if self.rim_grasp:  # a bowl: the fingers straddle the rim on its most open side
             radius = 0.5 * width
-            self.grasp_offset = np.array([0.0, radius - 0.012, 0.0])
             self.grasp_z = float(hi[2] - 0.02)
+            side = _open_side(env, centre, radius, self.grasp_z)
+            self.yaw = 0.0 if side[1] else -np.pi / 2  # close along the radius: world y at yaw 0, x at -pi/2
+            self.grasp_offset = np.array([*(side * (radius - 0.012)), 0.0])
         else:
             round_ = width / max(length, 1e-6) > _ROUND
             # closing axis (sin yaw, -cos yaw) along the short axis
@@ -115,6 +143,7 @@ class LiberoExpert:
         table_top = float(lo[2])
         self.carry_z = max(self.place_bottom + 0.08, table_top + 0.2) + self.hang
         self.phase, self.counter, self.retries = "approach", 0, 0
+        self._previous, self.stalled = None, 0
 
     # -- control ---------------------------------------------------------------------------------------------
     def _move(self, env: Any, goal: np.ndarray, grip: float, yaw: float | None = None) -> np.ndarray:
@@ -128,6 +157,10 @@ class LiberoExpert:
         action[3:6] = np.clip(error * _ROT_GAIN, -1.0, 1.0)
         action[6] = grip
         return action
+
+    def _reached(self, error: float, tolerance: float) -> bool:
+        """Within ``tolerance``, or as close as the controller gets: stalled within 3 cm."""
+        return error < tolerance or (self.stalled >= _STALL_STEPS and error < 0.03)
 
     def _error(self, env: Any, goal: np.ndarray) -> float:
         return float(np.linalg.norm(np.asarray(env.raw_observation["robot0_eef_pos"]) - goal))
@@ -144,15 +177,19 @@ class LiberoExpert:
     def _step(self, env: Any) -> np.ndarray:
         obj = env.body_pose(self.obj)[:3]
         eef = np.asarray(env.raw_observation["robot0_eef_pos"], dtype=np.float64)
+        # steps the hand has not moved (a heavy object or a contact leaves a P-controller short of its goal)
+        moved = self._previous is None or np.linalg.norm(eef - self._previous) > 0.001
+        self.stalled = 0 if moved else self.stalled + 1
+        self._previous = eef
         grasp = np.array([*self.grasp_xy, self.grasp_z])
         above = grasp + np.array([0.0, 0.0, 0.10])
         phase = self.phase
         if phase == "approach":
-            if self._error(env, above) < 0.015:
+            if self._reached(self._error(env, above), 0.015):
                 self.phase = "descend"
             return self._move(env, above, -1.0)
         if phase == "descend":
-            if self._error(env, grasp) < 0.008:
+            if self._reached(self._error(env, grasp), 0.008):
                 self.phase, self.counter = "close", 0
             return self._move(env, grasp, -1.0)
         if phase == "close":
@@ -176,11 +213,11 @@ class LiberoExpert:
             return self._move(env, lift, 1.0)
         if phase == "carry":
             carry = np.array([place[0], place[1], self.carry_z])
-            if np.linalg.norm((eef - carry)[:2]) < 0.01:
+            if self._reached(float(np.linalg.norm((eef - carry)[:2])), 0.01):
                 self.phase = "lower"
             return self._move(env, carry, 1.0)
         if phase == "lower":
-            if self._error(env, place) < 0.01:
+            if self._reached(self._error(env, place), 0.01):
                 self.phase, self.counter = "release", 0
             return self._move(env, place, 1.0)
         if phase == "release":
