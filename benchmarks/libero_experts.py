@@ -115,7 +115,8 @@ def summarize(rows: list[dict], args: argparse.Namespace, command: str) -> tuple
         "",
         f"`{command}`",
         "",
-        f"Official init states 0..{args.init_states - 1} per task, DART noise std {args.noise_std} on the "
+        f"Official init states from 0 (up to {args.init_states} per task; the episodes column says how many "
+        f"ran), DART noise std {args.noise_std} on the "
         f"executed action (the clean action is the label); LIBERO's step limits. Overall: {total}/{n} "
         f"({100 * total / max(n, 1):.1f}%).",
         "",
@@ -148,6 +149,9 @@ def main() -> None:
     p.add_argument("--noise-std", type=float, default=0.1)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--out", default="results/libero_experts")
+    p.add_argument(
+        "--summarize", action="store_true", help="write OUT.json/.md from OUT.jsonl's episodes only"
+    )
     args = p.parse_args()
     os.environ.setdefault("MUJOCO_GL", "egl")
     from daptq.envs.libero_expert import LiberoExpert
@@ -165,7 +169,7 @@ def main() -> None:
     progress = out.with_suffix(".jsonl")
     rows = [json.loads(line) for line in progress.read_text().splitlines()] if progress.exists() else []
     done = {(r["task"], r["episode_id"]) for r in rows}
-    for task in tasks:
+    for task in [] if args.summarize else tasks:
         ids = [i for i in suite.episode_ids("eval", args.init_states) if (task, i) not in done]
         if not ids:
             continue
@@ -179,6 +183,8 @@ def main() -> None:
             index = episode_id - EVAL_START
             print(f"{task} {index}: success={row['success']} steps={row['steps']}", flush=True)
         env.close()
+    last = EVAL_START + args.init_states
+    rows = [r for r in rows if r["task"] in tasks and r["episode_id"] < last]
     result, markdown = summarize(rows, args, command)
     atomic_write_json(out.with_suffix(".json"), result)
     atomic_write_text(out.with_suffix(".md"), markdown)
