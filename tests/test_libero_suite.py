@@ -26,6 +26,9 @@ def test_libero_suite_declarations():
     assert suite.check_tasks("libero_object") == [f"object-{i}" for i in range(10)]
     assert suite.action_space.names == ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "grip")
     assert suite.action_space.kinds == ("translation",) * 3 + ("rotation",) * 3 + ("gripper",)
+    from daptq.models.adapter import ActionSpace
+
+    assert ActionSpace.from_dict(suite.action_space.to_dict()).dim == 7  # what the model layer rebuilds
     assert {suite.max_steps[t] for t in suite.check_tasks("libero_spatial")} == {220}
     assert {suite.max_steps[t] for t in suite.check_tasks("libero_object")} == {280}
     assert list(suite.episode_ids("eval", 2)) == [EVAL_START, EVAL_START + 1]

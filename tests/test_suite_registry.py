@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from daptq.envs.suite import (
+    Actions,
     Observations,
     Split,
     Suite,
@@ -56,7 +57,7 @@ def make_toy_suite(name: str = "toy-line") -> Suite:
         name=name,
         version=1,
         tasks=TOY_TASKS,
-        action_space=ActionSpace(("dx",), ("translation",)),
+        action_space=Actions(("dx",), ("translation",)),
         max_steps={"right": 5, "far-right": 9},
         observations=Observations(
             cameras=("top",), default_camera="top", default_image_size=8, state=("x", "y", "z")
@@ -125,6 +126,8 @@ def test_suites_validate_what_they_declare():
         Suite(**{**kwargs, "max_steps": {"right": 5}})
     with pytest.raises(ValueError, match="no 'eval' split"):
         Suite(**{**kwargs, "splits": {"train": Split(0)}})
+    with pytest.raises(ValueError, match="unknown kinds \\['yaw'\\]"):
+        Actions(("dyaw",), ("yaw",))
     with pytest.raises(ValueError, match="default camera 'side'"):
         Observations(cameras=("top",), default_camera="side", default_image_size=8, state=())
     missing = Suite(
@@ -151,7 +154,7 @@ def test_metaworld_suite_declares_todays_tables():
 
     suite = get_suite("metaworld")
     assert dict(suite.tasks) == TASKS and dict(suite.max_steps) == DEFAULT_MAX_STEPS
-    assert suite.action_space == METAWORLD_ACTION_SPACE
+    assert ActionSpace.from_dict(suite.action_space.to_dict()) == METAWORLD_ACTION_SPACE
     assert {s: suite.splits[s].start for s in suite.splits} == SEED_SPLITS
     assert list(suite.episode_ids("eval", 2)) == [SEED_SPLITS["eval"], SEED_SPLITS["eval"] + 1]
     assert suite.check_tasks("mt10") == list(TASKS)

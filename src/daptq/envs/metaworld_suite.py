@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from daptq.envs.suite import Observations, Split, Suite, register_suite
+from daptq.envs.suite import Actions, Observations, Split, Suite, register_suite
 from daptq.envs.tasks import DEFAULT_MAX_STEPS, ENV_VERSION, SCENE_VERSION, SEED_SPLITS, TASKS
-from daptq.models.adapter import METAWORLD_ACTION_SPACE
 
 
 def _make_env(task: str, **options: Any) -> Any:
@@ -40,7 +39,10 @@ METAWORLD = register_suite(
         # camera sees) combined, so bumping either invalidates cached reference rollouts.
         version=ENV_VERSION * 1000 + SCENE_VERSION,
         tasks=dict(TASKS),
-        action_space=METAWORLD_ACTION_SPACE,
+        # daptq.models.adapter.METAWORLD_ACTION_SPACE (tested equal)
+        action_space=Actions(
+            ("dx", "dy", "dz", "grip"), ("translation", "translation", "translation", "gripper")
+        ),
         max_steps=dict(DEFAULT_MAX_STEPS),
         observations=Observations(
             cameras=("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV"),
