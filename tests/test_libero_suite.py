@@ -81,6 +81,7 @@ def test_reset_to_an_official_init_state_then_step(spatial_env):
     np.testing.assert_array_equal(np.random.get_state()[1], before)  # noqa: NPY002 (caller's stream untouched)
     np.testing.assert_allclose(env.sim.get_state().flatten(), env.init_states[3])
     assert obs["state"].shape == (8,) and obs["state"].dtype == np.float32
+    assert env.action_space.shape == (7,)
     np.testing.assert_allclose(obs["state"][:3], info["ee_pos"])
     assert info["object_pose"].shape == (7,) and not info["success"]
     image = obs["image"]

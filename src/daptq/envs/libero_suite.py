@@ -157,6 +157,10 @@ class LiberoEnv:
             hard_reset=False,
             ignore_done=True,
         )
+        from gymnasium import spaces
+
+        # what the evaluator checks a policy's action width against (as on Meta-World)
+        self.action_space = spaces.Box(-1.0, 1.0, (LIBERO_ACTION_SPACE.dim,), dtype=np.float32)
         self._renderer = None
         self._raw: dict[str, Any] | None = None
         self._steps = 0
