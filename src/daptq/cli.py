@@ -20,9 +20,9 @@ from daptq.cli_args import (
     nonnegative_int,
     positive_int,
     seed_int,
-    task_name,
     workers_int,
 )
+from daptq.envs.tasks import task_name
 from daptq.paths import check_input_dir, check_input_file, check_output_dir
 
 MAX_TRAJECTORIES = 10_000  # calibration trajectories: the paper uses 512

@@ -114,17 +114,6 @@ def cameras(text: str) -> str:
     return text
 
 
-def task_name(text: str) -> str:
-    """An MT10 task name."""
-    from daptq.envs.tasks import check_task
-
-    try:
-        check_task(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
 positive_int = int_in(1)
 workers_int = int_in(1, MAX_WORKERS)
 nonnegative_int = int_in(0)

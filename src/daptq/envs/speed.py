@@ -61,7 +61,8 @@ def measure(task: str, image_size: int, camera: str, steps: int, seed: int = 0) 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="daptq data speed", description=__doc__.split("\n")[0])
-    from daptq.cli_args import cameras, image_size_int, int_in, task_name
+    from daptq.cli_args import cameras, image_size_int, int_in
+    from daptq.envs.tasks import task_name
 
     p.add_argument("--task", type=task_name, default="pick-place")
     p.add_argument("--image-size", type=image_size_int, default=96)

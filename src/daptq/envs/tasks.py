@@ -5,6 +5,8 @@ Kept free of mujoco imports so it can be read (e.g. by the CLI or docs tooling) 
 
 from __future__ import annotations
 
+import argparse
+
 # Task name (Meta-World name without "-v3") -> natural-language instruction. Reach, push and pick-place share
 # one scene (a puck and a goal marker): only the instruction tells the policy which task it is doing.
 TASKS: dict[str, str] = {
@@ -60,6 +62,16 @@ def check_task(task: str) -> str:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid tasks are: {', '.join(MT10)}")
     return task
+
+
+def task_name(text: str) -> str:
+    """An MT10 task name, as an argparse ``type`` (lives beside the task list: ``daptq.cli_args`` stays a
+    leaf that imports no suite)."""
+    try:
+        check_task(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def check_tasks(tasks) -> list[str]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from daptq.cli_args import cameras, float_in, int_in, nonnegative_int, positive_int, seed_int, task_name
+from daptq.cli_args import cameras, float_in, int_in, nonnegative_int, positive_int, seed_int
+from daptq.envs.tasks import task_name
 from daptq.paths import check_input_dir, check_output_dir
 from daptq.train.trainer import TrainConfig, train
 
