@@ -317,7 +317,17 @@ class Method(HooksMixin, ABC):
         if self.plan is None:
             raise RuntimeError(f"{type(self).__name__}.record(): prepare() has not run")
         modules = {
-            n: ModuleRecord(m.role, m.kind, m.weight_shape, m.spec, m.requested if m.note else None, m.note)
+            n: ModuleRecord(
+                m.role,
+                m.kind,
+                m.weight_shape,
+                m.spec,
+                m.requested if m.note else None,
+                m.note,
+                m.block,
+                m.stack,
+                m.stream,
+            )
             for n, m in self.plan.modules.items()
         }
         decisions = {"kept_float": dict(self.plan.kept_float), **self.decisions}

@@ -116,6 +116,10 @@ class PlannedModule:
     spec: QuantSpec
     requested: QuantSpec
     note: str = ""  # why ``spec`` differs from ``requested`` (group-size resolution), else empty
+    # where it sits (the adapter's QuantizableModule): block index, stack, stream; None where not in one
+    block: int | None = None
+    stack: str | None = None
+    stream: str | None = None
 
     @property
     def fan_in(self) -> int:
@@ -214,7 +218,9 @@ def resolve_scope(
             elif fitted is None:
                 problems.append(f"{name} (fan-in {fan_in}): {note}")
             else:
-                planned[name] = PlannedModule(name, roles[name], kind, shape, fitted, requested, note)
+                planned[name] = PlannedModule(
+                    name, roles[name], kind, shape, fitted, requested, note, *_place(by_name[name])
+                )
             continue
         if not isinstance(module, nn.Linear | nn.Conv2d):
             problems.append(
@@ -238,12 +244,18 @@ def resolve_scope(
             fitted,
             requested,
             note,
+            *_place(by_name[name]),
         )
     if problems:
         raise ValueError(
             f"the scope cannot be served ({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
         )
     return ScopePlan(planned, kept)
+
+
+def _place(module: Any) -> tuple[int | None, str | None, str | None]:
+    """(block, stack, stream) of an adapter's QuantizableModule (None for what does not declare them)."""
+    return (getattr(module, "block", None), getattr(module, "stack", None), getattr(module, "stream", None))
 
 
 def with_weight_bits(spec: QuantSpec, bits: int) -> QuantSpec:

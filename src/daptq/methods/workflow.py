@@ -196,10 +196,11 @@ def inspect_text(directory: str | Path) -> str:
             spec = m.spec.short()
         fp_total, ideal_total, stored_total = fp_total + fp, ideal_total + ideal, stored_total + stored
         rows.append(
-            [name, m.role, "x".join(map(str, m.weight_shape)), spec, format_bytes(fp)]
-            + [format_bytes(ideal), format_bytes(stored), m.note]
+            [name, m.role, "x".join(map(str, m.weight_shape)), spec]
+            + ["-" if v is None else str(v) for v in (m.stack, m.block, m.stream)]
+            + [format_bytes(fp), format_bytes(ideal), format_bytes(stored), m.note]
         )
-    rows.append(["**total**", "", "", "", format_bytes(fp_total), format_bytes(ideal_total)])
+    rows.append(["**total**", "", "", "", "", "", "", format_bytes(fp_total), format_bytes(ideal_total)])
     rows[-1] += [format_bytes(stored_total), ""]
     base = config["base_model"]
     head = [
@@ -211,8 +212,12 @@ def inspect_text(directory: str | Path) -> str:
         "",
         "## Modules",
         "",
+        "stack / block / stream: where the adapter places the module (- outside a block stack or stream, and "
+        "in directories written before these were recorded).",
+        "",
     ]
-    header = ["module", "role", "shape", "spec", "bf16 bytes", "ideal bytes", "stored bytes", "note"]
+    header = ["module", "role", "shape", "spec", "stack", "block", "stream"]
+    header += ["bf16 bytes", "ideal bytes", "stored bytes", "note"]
     body = [_table(header, rows)]
     if mixed_rows:
         widths = [f"{b}-bit rows" for b in row_bits_histogram([])]

@@ -404,6 +404,7 @@ class GenericPolicy(ChunkedPolicy):
         return PolicyInfo(
             digest=state_digest(self.model, self.config),
             image_size=getattr(self, "image_size", None),
+            recipe=self.recorded_recipe(),
         )
 
 

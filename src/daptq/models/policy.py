@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ class ChunkedPolicy(ABC):
     action_space: ActionSpace
     adapter: VLAAdapter | None = None
     keep_generator_on_none_seed = False
+    # What quantized it (its QuantRecord's summary): set by ``load_quantized_policy``; ``info`` reports it
+    # through ``recorded_recipe`` so every family carries it into eval runs the same way.
+    recipe: Mapping[str, Any] | None = None
 
     def __init__(self, action_space: ActionSpace, n_action_steps: int, seed: int | None = None) -> None:
         if n_action_steps < 1:
@@ -74,6 +78,14 @@ class ChunkedPolicy(ABC):
     @abstractmethod
     def info(self) -> PolicyInfo:
         """What the evaluator needs to know about this policy (observation settings, digest, recipe)."""
+
+    def recorded_recipe(self) -> Mapping[str, Any] | None:
+        """The recipe ``info`` reports: ``self.recipe`` (set by the quantized-directory loader), else a
+        ``meta["recipe"]`` mapping the policy was built with, else None."""
+        if isinstance(self.recipe, Mapping):
+            return self.recipe
+        recipe = (getattr(self, "meta", None) or {}).get("recipe")
+        return recipe if isinstance(recipe, Mapping) else None
 
     def invalidate_caches(self) -> None:  # noqa: B027 (optional hook, nothing cached by default)
         """Drop whatever the policy caches from its weights (called after quantization changed them)."""

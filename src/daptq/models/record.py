@@ -57,9 +57,14 @@ class ModuleRecord:
     spec: QuantSpec
     requested: QuantSpec | None = None  # set when the scope adjusted the spec (see ``note``)
     note: str = ""
+    # where the module sits, from the adapter's QuantizableModule at quantize time (``daptq inspect`` shows
+    # them); None outside a block stack / stream, and in records written before they were recorded
+    block: int | None = None
+    stack: str | None = None
+    stream: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "role": self.role,
             "kind": self.kind,
             "weight_shape": list(self.weight_shape),
@@ -67,10 +72,24 @@ class ModuleRecord:
             "requested": None if self.requested is None else self.requested.to_dict(),
             "note": self.note,
         }
+        # written only when set: a record without them reads as before (and older readers read it)
+        d.update(
+            {
+                k: v
+                for k, v in (("block", self.block), ("stack", self.stack), ("stream", self.stream))
+                if v is not None
+            }
+        )
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModuleRecord:
-        _expect_keys("ModuleRecord", d, {"role", "kind", "weight_shape", "spec"}, {"requested", "note"})
+        _expect_keys(
+            "ModuleRecord",
+            d,
+            {"role", "kind", "weight_shape", "spec"},
+            {"requested", "note", "block", "stack", "stream"},
+        )
         shape = d["weight_shape"]
         if not isinstance(shape, list) or not all(
             isinstance(s, int) and not isinstance(s, bool) for s in shape
@@ -84,6 +103,9 @@ class ModuleRecord:
             QuantSpec.from_dict(d["spec"]),
             None if req is None else QuantSpec.from_dict(req),
             _str("ModuleRecord.note", d.get("note", "")),
+            _optional_int("ModuleRecord.block", d.get("block")),
+            None if d.get("stack") is None else _str("ModuleRecord.stack", d["stack"]),
+            None if d.get("stream") is None else _str("ModuleRecord.stream", d["stream"]),
         )
 
 
@@ -212,4 +234,10 @@ def _expect_keys(owner: str, d: Any, required: set[str], optional: set[str]) -> 
 def _str(owner: str, value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{owner} must be a string, got {value!r}")
+    return value
+
+
+def _optional_int(owner: str, value: Any) -> int | None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise ValueError(f"{owner} must be a non-negative int or null, got {value!r}")
     return value

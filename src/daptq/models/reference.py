@@ -462,16 +462,15 @@ class ReferencePolicy(ChunkedPolicy):
 
     def info(self) -> PolicyInfo:
         """What the evaluator renders for this policy and the digest of its weights (frozen encoders included)
-        and configuration; ``meta["recipe"]`` (a quantized model's) is passed on."""
+        and configuration; a quantized model's recipe (``recorded_recipe``) is passed on."""
         config = {"model": self.config.to_dict(), "action_space": self.action_space.to_dict()}
-        recipe = self.meta.get("recipe")
         return PolicyInfo(
             digest=state_digest(self.model, config),
             image_size=self.config.image_size,
             camera=self.config.camera,
             scene_version=self.scene_version,
             demo_version=self.demo_version,
-            recipe=recipe if isinstance(recipe, Mapping) else None,
+            recipe=self.recorded_recipe(),
         )
 
     # ---- Policy -------------------------------------------------------------------------------------------

@@ -35,8 +35,6 @@ from daptq.models.policy import ChunkedPolicy
 class CogACTPolicy(ChunkedPolicy):
     """A CogACT model, its tokenizer and its dataset's action statistics as a closed-loop policy."""
 
-    recipe: Mapping[str, Any] | None = None  # set by the quantized-directory loader (reported by ``info``)
-
     def __init__(
         self,
         model: CogACT,
@@ -98,11 +96,10 @@ class CogACTPolicy(ChunkedPolicy):
             "cfg_scale": self.adapter.cfg_scale,
             "action_space": self.action_space.to_dict(),
         }
-        recipe = self.recipe if self.recipe is not None else self.meta.get("recipe")
         return PolicyInfo(
             digest=state_digest(self.model, config),
             image_size=self.config.image_size,
-            recipe=recipe if isinstance(recipe, Mapping) else None,
+            recipe=self.recorded_recipe(),
         )
 
 

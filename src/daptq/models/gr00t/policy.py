@@ -74,11 +74,10 @@ class Gr00tPolicy(ChunkedPolicy):
 
     def info(self) -> PolicyInfo:
         config = {"model": self.config.to_dict(), "embodiment": self.embodiment.to_dict()}
-        recipe = self.meta.get("recipe")
         return PolicyInfo(
             digest=state_digest(self.model, config),
             image_size=self.config.image_size,
-            recipe=recipe if isinstance(recipe, Mapping) else None,
+            recipe=self.recorded_recipe(),
         )
 
 

@@ -85,11 +85,10 @@ class LeRobotVLAPolicy(ChunkedPolicy):
             "statistics": self.statistics.to_dict(),
             "action_space": self.action_space.to_dict(),
         }
-        recipe = self.meta.get("recipe")
         return PolicyInfo(
             digest=state_digest(self.model, config),
             image_size=self.config.image_size,
-            recipe=recipe if isinstance(recipe, Mapping) else None,
+            recipe=self.recorded_recipe(),
         )
 
 

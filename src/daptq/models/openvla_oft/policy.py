@@ -80,11 +80,10 @@ class OFTPolicy(ChunkedPolicy):
 
     def info(self) -> PolicyInfo:
         config = {"model": self.config.to_dict(), "statistics": self.statistics.to_dict()}
-        recipe = self.meta.get("recipe")
         return PolicyInfo(
             digest=state_digest(self.model, config),
             image_size=self.config.image_size,
-            recipe=recipe if isinstance(recipe, Mapping) else None,
+            recipe=self.recorded_recipe(),
         )
 
 
