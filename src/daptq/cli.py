@@ -202,7 +202,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.config is not None:
         check_input_file(args.config, "--config")
     check_output_dir(args.out, "--out")
-    from daptq.methods.workflow import quantize_from_args
+    from daptq.methods.workflow import parse_size, quantize_from_args, stage_table
+    from daptq.models.streaming import resolve_device
+
+    resolve_device(args.device)  # --device cuda without CUDA: a clear error before any work
+    if args.max_memory is not None:
+        parse_size(args.max_memory, "--max-memory")
 
     try:
         out = quantize_from_args(args)
@@ -218,6 +223,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                 "directory, or give --calibration)"
             ) from None
         raise
+    print(stage_table(out))
     print(f"wrote {out} (inspect: daptq inspect {out}; evaluate: daptq eval {out})")
     return 0
 
@@ -301,6 +307,17 @@ def _add_quantize_parser(sub) -> None:
         action="store_true",
         help="store every tensor in --out, so loading needs no base checkpoint (default: only what changed)",
     )
+    q.add_argument(
+        "--sequential",
+        action="store_true",
+        help="calibrate and round block by block (daptq.methods.sequential; rtn and gptq)",
+    )
+    q.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="refuse to start when the memory estimate exceeds SIZE (bytes, or with K/M/G suffix)",
+    )
+    q.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where calibration runs")
     q.set_defaults(func=_cmd_quantize)
     ins = sub.add_parser(
         "inspect", help="what a quantized policy directory holds (per module role, spec, bytes)"

@@ -154,12 +154,17 @@ def quantize_policy(
         if not isinstance(calibration, CalibrationSet):
             raise ValueError(f"calibration must be a CalibrationSet, got {type(calibration).__name__}")
         calibration.check(adapter.action_space)
+    from daptq.methods.sequential import peak_rss_bytes, reset_peak_rss
+
     timings: dict[str, float] = {}
     with restored_on_failure(adapter.model):
+        reset_peak_rss()
         t0 = time.perf_counter()
         method.prepare(adapter)
         held = hold_registered(method, adapter)  # registered module types: RTN after the method (recorded)
         timings["prepare_s"] = time.perf_counter() - t0
+        timings["prepare_peak_rss_mb"] = peak_rss_bytes() / 2**20
+        reset_peak_rss()
         t0 = time.perf_counter()
         batches = [] if calibration is None else list(adapter.calibration_batches(iter(calibration.batches)))
         try:
@@ -167,6 +172,8 @@ def quantize_policy(
         finally:
             method.remove_hooks()
         timings["calibrate_s"] = time.perf_counter() - t0
+        timings["calibrate_peak_rss_mb"] = peak_rss_bytes() / 2**20
+        reset_peak_rss()
         t0 = time.perf_counter()
         try:
             method.apply(adapter)
@@ -174,6 +181,7 @@ def quantize_policy(
             method.remove_hooks()
         release_registered(method, adapter, held)
         timings["apply_s"] = time.perf_counter() - t0
+        timings["apply_peak_rss_mb"] = peak_rss_bytes() / 2**20
     if isinstance(policy, ChunkedPolicy):
         policy.invalidate_caches()
     record = method.record()

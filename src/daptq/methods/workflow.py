@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ from daptq.quant.bytes import (
 )
 from daptq.quant.spec import spec_from_bits
 from daptq.strict_parse import load_yaml_strict
+
+# The save stage's time and peak per written directory (it cannot be in the record it writes).
+_SAVE_TIMINGS: dict[str, dict[str, float]] = {}
 
 
 def config_from_options(
@@ -94,11 +98,22 @@ def quantize_to_directory(
     out: str | Path,
     calibration: Any = None,
     self_contained: bool = False,
+    *,
+    sequential: bool = False,
+    max_memory: int | None = None,
+    device: str = "cpu",
 ) -> Path:
     """Quantize the model ``model`` names with ``config`` and write the policy directory ``out``.
 
     ``calibration`` is a CalibrationSet, a callable building one from the loaded policy, or None.
-    ``self_contained``: store every tensor (loading then needs no base checkpoint)."""
+    ``self_contained``: store every tensor (loading then needs no base checkpoint). ``sequential``: block by
+    block (``daptq.methods.sequential``). ``max_memory``: bytes; refused before calibration when the
+    estimate (``memory_estimate``) exceeds it. ``device``: "cpu", or "cuda" (an error without CUDA; the
+    in-memory methods calibrate on the CPU today)."""
+    from daptq.models.streaming import resolve_device
+
+    if resolve_device(device).type != "cpu":
+        raise ValueError(f"--device {device}: calibration on an accelerator is not implemented yet")
     from daptq.models.quantized import check_policy_out, model_digest, save_quantized_policy
     from daptq.models.registry import load_policy
 
@@ -108,11 +123,35 @@ def quantize_to_directory(
         raise ValueError(f"{model} is already a directory; quantize its float base model instead")
     check_policy_out(out, [model])  # before any work: only an empty or daptq-written directory is replaced
     policy = load_policy(model)
+    if max_memory is not None:
+        est = memory_estimate(policy, sequential)
+        if est["estimate_bytes"] > max_memory:
+            raise ValueError(
+                f"--max-memory {format_bytes(max_memory)}: {model} needs about "
+                f"{format_bytes(est['estimate_bytes'])} (weights {format_bytes(est['total_weight_bytes'])}, "
+                f"largest block {format_bytes(est['largest_block_bytes'])}, this process already "
+                f"{format_bytes(est['process_bytes'])}"
+                + ("" if sequential else "; --sequential holds one block at a time")
+                + ")"
+            )
     digest = model_digest(policy.model)
     if callable(calibration):
         calibration = calibration(policy)
-    record = quantize_policy(policy, config, calibration, base_model={"spec": model, "digest": digest})
-    return save_quantized_policy(policy, record, out, model, self_contained=self_contained)
+    base = {"spec": model, "digest": digest}
+    if sequential:
+        from daptq.methods.sequential import quantize_policy_sequential
+
+        record = quantize_policy_sequential(policy, config, calibration, base_model=base)
+    else:
+        record = quantize_policy(policy, config, calibration, base_model=base)
+    from daptq.methods.sequential import peak_rss_bytes, reset_peak_rss
+
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    path = save_quantized_policy(policy, record, out, model, self_contained=self_contained)
+    save = {"save_s": time.perf_counter() - t0, "save_peak_rss_mb": peak_rss_bytes() / 2**20}
+    _SAVE_TIMINGS[str(Path(path))] = save
+    return path
 
 
 def quantize_from_args(args: argparse.Namespace) -> Path:
@@ -141,9 +180,66 @@ def quantize_from_args(args: argparse.Namespace) -> Path:
                 policy, args.calibration, args.trajectories, args.calib_tasks, args.calib_seed, keys
             )
 
+    max_memory = getattr(args, "max_memory", None)
     return quantize_to_directory(
-        args.model, config, args.out, calibration, getattr(args, "self_contained", False)
+        args.model,
+        config,
+        args.out,
+        calibration,
+        getattr(args, "self_contained", False),
+        sequential=getattr(args, "sequential", False),
+        max_memory=None if max_memory is None else parse_size(max_memory, "--max-memory"),
+        device=getattr(args, "device", "cpu"),
     )
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """``"8G"``, ``"512M"``, ``"1048576"`` -> bytes (binary units), or a ValueError naming ``what``."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    scale = units.get(t[-1:], 1)
+    number = t[:-1] if t[-1:] in units else t
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"{what}: {text!r} is not a size (e.g. 8G, 512M, or bytes)") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"{what}: {text!r} must be a positive size")
+    return int(value * scale)
+
+
+def memory_estimate(policy: Any, sequential: bool) -> dict[str, Any]:
+    """What the run will hold, before it starts: the weights (all of them, or outside the blocks plus the
+    largest block twice when sequential) plus a fake-quant copy's codes; calibration activations are not
+    known before the first forward and are not counted (the sequential loop spills them past a limit)."""
+    from daptq.methods.sequential import peak_rss_bytes
+    from daptq.models.streaming import estimate_memory
+
+    adapter = policy.adapter if hasattr(policy, "adapter") else policy
+    blocks = list(adapter.block_modules().values()) if sequential else []
+    est = estimate_memory(adapter.model, blocks)
+    if not sequential:
+        est["estimate_bytes"] = est["total_weight_bytes"] * 5 // 4  # + int8 codes of every weight
+    est["process_bytes"] = peak_rss_bytes()  # the interpreter and the loaded model already
+    est["estimate_bytes"] = max(est["estimate_bytes"], est["process_bytes"])
+    return est
+
+
+def stage_table(directory: str | Path) -> str:
+    """Time and peak resident memory per stage of the run that wrote ``directory`` (from its record)."""
+    from daptq.models.quantized import read_quantized_policy_config
+
+    _, qconfig = read_quantized_policy_config(directory)
+    timings = {
+        **((qconfig.get("record") or {}).get("timings") or {}),
+        **_SAVE_TIMINGS.get(str(Path(directory)), {}),
+    }
+    rows = []
+    for stage in ("prepare", "calibrate", "apply", "save"):
+        if f"{stage}_s" in timings:
+            peak = timings.get(f"{stage}_peak_rss_mb")
+            rows.append([stage, f"{timings[f'{stage}_s']:.2f}", "" if peak is None else f"{peak:.0f}"])
+    return _table(["stage", "time s", "peak RSS MB"], rows)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
