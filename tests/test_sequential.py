@@ -111,3 +111,13 @@ def test_a_method_without_per_block_calibration_is_refused():
         quantize_policy_sequential(policy, AWQConfig(), reference_calibration())
     after = policy.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before) and n_hooks(policy.model) == 0
+
+
+def test_a_block_without_a_container_named_by_its_index_is_refused(monkeypatch):
+    adapter = tiny_reference_policy().adapter
+    modules = adapter.quantizable_modules()
+    lone = next(m for m in modules if m.name == "head.action_out")
+    lone.block, lone.stack = 7, "dit"
+    monkeypatch.setattr(type(adapter), "quantizable_modules", lambda self: modules)
+    with pytest.raises(ValueError, match=r"block \('dit', 7\).*override block_modules"):
+        adapter.block_modules()
