@@ -145,6 +145,29 @@ def test_budget_is_met_exactly(avg):
     assert all(set(b.tolist()) <= set(QVLA_BITS) for b in bits.values())
 
 
+def _uneven(fans, outs, seed, zero_frac):
+    """Increasing per-step sensitivities spanning decades, some steps free: greedy demotion plus one exchange
+    ended 1-3 bits per row of the fan-in-7 layer off the budget on these (the tiny CogACT's x_embedder)."""
+    gen = torch.Generator().manual_seed(seed)
+    sens = {}
+    for k, (f, o) in enumerate(zip(fans, outs, strict=True)):
+        scale = 10.0 ** torch.randint(-3, 3, (o, 1), generator=gen)
+        steps = torch.rand(o, 4, generator=gen, dtype=torch.float64) * torch.tensor([1, 4, 16, 256.0]) * scale
+        steps[torch.rand(o, 4, generator=gen) < zero_frac] = 0
+        used = torch.cat([torch.zeros(o, 1, dtype=torch.float64), steps.cumsum(1)], 1)
+        sens[f"l{k}"] = LayerSensitivity(f"l{k}", f, used[:, 0], used, used, used.clone())
+    return sens
+
+
+@pytest.mark.parametrize(("seed", "zero_frac", "avg"), [(0, 0.0, 4.0), (0, 0.3, 8.0), (1, 0.0, 4.0)])
+def test_budget_is_met_exactly_beside_a_fan_in_7_layer(seed, zero_frac, avg):
+    sens = _uneven([7, 64], [64, 7], seed, zero_frac)
+    bits = allocate_bits(sens, avg)
+    fan = {n: s.fan_in for n, s in sens.items()}
+    assert sum(int(b.long().sum()) * fan[n] for n, b in bits.items()) == avg * (64 * 7 + 7 * 64)
+    assert all(set(b.tolist()) <= set(QVLA_BITS) for b in bits.values())
+
+
 def test_less_sensitive_channels_are_demoted_first():
     sens = synthetic([16], [8])
     sens["l0"].used[0] *= 1e6  # one channel is far more sensitive than the rest

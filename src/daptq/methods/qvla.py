@@ -15,8 +15,10 @@ quantized uniformly (one spec for the whole layer).
   on the checked set is recorded.
 - **Allocation**: global greedy demotion 16 -> 8 -> 4 -> 2 -> 0: the next step of every channel is ordered by
   sensitivity increase per bit saved (bits saved = level drop x fan-in); a step that would undershoot the
-  budget retires its channel; if a gap remains, one exchange (undo a step, take another) closes it. The budget
-  (average bits per weight over the scope) is met exactly or it is a clear error.
+  budget retires its channel; if a gap remains, one exchange (undo a step, take another) closes it, else a
+  small knapsack re-levels the cheapest candidate channels (layers of unrelated fan-ins, e.g. a DiT's 7-wide
+  action embedder). The budget (average bits per weight over the scope) is met exactly or, when no
+  allocation can meet it, it is a clear error.
 
 Storage (``mixed_state`` / ``load_mixed_state``): per layer a uint8 ``row_bits`` map, then channel groups by
 bit width in row order: 2-, 4- and 8-bit codes packed 4, 2 and 1 per byte, one bfloat16 scale per row,
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -475,6 +478,8 @@ def allocate_bits(sensitivities: Mapping[str, LayerSensitivity], avg_bits: float
             heapq.heappush(heap, (delta / saved, next(tie), n, c))
     if gap > 0:
         gap = _close_gap(level, gap, step)
+    if gap > 0:  # layers whose step sizes share no small multiple (a fan-in 7 beside fan-in 32 rows)
+        gap = _repair_gap(level, gap, sensitivities, fan)
     if gap != 0:
         achieved = (round(target) + gap) / n_weights
         raise ValueError(
@@ -511,6 +516,77 @@ def _close_gap(level: dict[str, list[int]], gap: int, step) -> int:
     _, n, c, un, uc = best
     level[n][c] += 1
     level[un][uc] -= 1
+    return 0
+
+
+def _repair_gap(
+    level: dict[str, list[int]],
+    gap: int,
+    sensitivities: Mapping[str, LayerSensitivity],
+    fan: Mapping[str, int],
+    per_move: int = 8,
+    max_states: int = 1 << 20,
+) -> int:
+    """Re-level a few channels so exactly ``gap`` more bits go, at the least added sensitivity; returns the
+    gap left (0 on success, unchanged when no re-levelling of the candidates reaches it).
+
+    Greedy steps and one exchange can miss when the layers' step sizes (bits saved = level drop x fan-in)
+    have no small common combination. Candidates: for every (fan-in, current width, new width), the
+    ``per_move`` channels for which that move adds the least sensitivity; a group knapsack over them (one
+    new width per channel; a move may give bits back) over net bits saved in ``[-16 F, gap + 16 F]``
+    (F the largest candidate fan-in), in units of the step sizes' common divisor."""
+    cand: dict[tuple[int, int, int], list[tuple[float, str, int]]] = {}
+    for n, levels in level.items():
+        used = sensitivities[n].used.double()
+        lv = torch.tensor(levels)
+        for j in range(len(QVLA_BITS)):
+            rows = torch.nonzero(lv == j).flatten()
+            if rows.numel() == 0:
+                continue
+            for j2 in range(len(QVLA_BITS)):
+                if j2 == j:
+                    continue
+                cost = used[rows, j2] - used[rows, j]
+                k = min(per_move, rows.numel())
+                top = torch.topk(cost, k, largest=False)
+                moves = cand.setdefault((fan[n], j, j2), [])
+                moves += [(float(v), n, int(rows[i])) for v, i in zip(top.values, top.indices, strict=True)]
+    channels: dict[tuple[str, int], list[tuple[int, int, float]]] = {}  # -> [(new level, bits saved, cost)]
+    for (f, j, j2), moves in cand.items():
+        for cost, n, c in heapq.nsmallest(per_move, moves):
+            channels.setdefault((n, c), []).append((j2, (QVLA_BITS[j] - QVLA_BITS[j2]) * f, cost))
+    unit = math.gcd(gap, *(v for opts in channels.values() for _, v, _ in opts))
+    if not channels or gap % unit:
+        return gap
+    span = 16 * max(fan[n] for n, _ in channels)
+    size = (gap + 2 * span) // unit + 1
+    if size > max_states:
+        return gap
+    origin = span // unit  # index of "0 bits saved"
+    best = np.full(size, np.inf)
+    best[origin] = 0.0
+    picks = []
+    for opts in channels.values():
+        new, pick = best.copy(), np.zeros(size, dtype=np.int8)
+        for k, (_, saved, cost) in enumerate(opts, 1):
+            v = saved // unit
+            moved = np.full(size, np.inf)
+            if v > 0:
+                moved[v:] = best[:-v] + cost
+            else:
+                moved[:v] = best[-v:] + cost
+            better = moved < new
+            new[better], pick[better] = moved[better], k
+        best = new
+        picks.append(pick)
+    at = origin + gap // unit
+    if not np.isfinite(best[at]):
+        return gap
+    for (n, c), opts, pick in reversed(list(zip(channels, channels.values(), picks, strict=True))):
+        if pick[at]:
+            j2, saved, _ = opts[pick[at] - 1]
+            level[n][c] = j2
+            at -= saved // unit
     return 0
 
 
