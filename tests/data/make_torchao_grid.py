@@ -26,7 +26,12 @@ def main() -> None:
     save_file(
         {"weight": w, "scale": scale.contiguous(), "codes": codes.contiguous()},
         str(out),
-        metadata={"torchao": torchao.__version__, "mapping": "SYMMETRIC", "block": "(1, 32)", "range": "-8..7"},
+        metadata={
+            "torchao": torchao.__version__,
+            "mapping": "SYMMETRIC",
+            "block": "(1, 32)",
+            "range": "-8..7",
+        },
     )
     print(f"wrote {out}")
 
