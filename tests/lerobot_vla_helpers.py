@@ -121,7 +121,7 @@ def prefix_matches_transformers_layers(kind: str) -> list[float]:
         a = layer.self_attn
         k = a.k_proj(layer.input_layernorm(h)).view(b, n, -1, a.head_dim).transpose(1, 2)
         k = apply_rotary_pos_emb(k, k, *pe)[1].transpose(1, 2)
-        errs.append(float((k - cache[i][0]).abs().max()))
+        errs.append(float((k - cache[i][0]).abs().max().detach()))
         out = layer(h, attention_mask=additive, position_ids=pos, position_embeddings=pe)
         h = out[0] if isinstance(out, tuple) else out
     return errs

@@ -48,7 +48,11 @@ def test_registered_source_gets_the_spec_and_its_options(clean_registry):
 
 
 def test_unknown_prefix_lists_the_registered_ones(clean_registry, tmp_path):
-    with pytest.raises(ValueError, match=r"unknown source 'hub'; registered: cogact, onnx, ref, toy"):
+    registered = ", ".join(sorted(sources.BUILTIN_SOURCES))
+    assert {"cogact", "gr00t", "lerobot", "onnx", "openvla-oft", "ref", "torch", "toy"} <= set(
+        sources.BUILTIN_SOURCES
+    )
+    with pytest.raises(ValueError, match=rf"unknown source 'hub'; registered: {registered}$"):
         sources.load_policy("hub:org/model")
     with pytest.raises(FileNotFoundError, match="nor an existing directory"):
         sources.load_policy(str(tmp_path / "missing"))
