@@ -252,8 +252,9 @@ def test_rewrites_make_small_settings():
 # ---- running them -----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_doc_examples_run_in_reading_order_from_a_clean_cache(tmp_path):
-    """About 40 commands; `daptq demo --quick` from a fresh cache is the largest. Measured 2026-12-07 on the
-    shared 2-core machine under load 10-13: over 45 minutes (each command passed); prints each one's time."""
+    """About 30 commands; `daptq demo --quick` from a fresh cache is the largest (79 s). Measured
+    2026-12-07 on the 2-core machine at load 1.4-3: 7 min 13 s (under load 10-13 it took over 45 minutes);
+    prints each command's time."""
     work, home = tmp_path / "work", tmp_path / "home"
     work.mkdir()
     home.mkdir()
