@@ -12,7 +12,6 @@ meta device and the tensors are assigned.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from daptq.atomic import atomic_write_json
+from daptq.integrity import sha256_file
 from daptq.models.gr00t.config import Gr00tConfig
 from daptq.models.gr00t.model import Gr00tN1
 from daptq.models.openvla_oft.checkpoint import (
@@ -54,14 +54,7 @@ class Gr00tFiles:
         return files
 
     def sha256(self) -> dict[str, str]:
-        out = {}
-        for f in self.paths():
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-            out[str(f)] = h.hexdigest()
-        return out
+        return {str(f): sha256_file(f) for f in self.paths()}
 
 
 def resolve_files(path: str | Path, tokenizer: str | Path | None = None) -> Gr00tFiles:

@@ -18,7 +18,6 @@ on the meta device and the tensors are assigned into it.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections.abc import Mapping
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from daptq.atomic import atomic_write_bytes, atomic_write_json
+from daptq.integrity import sha256_file
 from daptq.models.openvla_oft.config import OFTConfig
 from daptq.models.openvla_oft.model import OpenVLAOFT
 
@@ -59,14 +59,7 @@ class OFTFiles:
         return files
 
     def sha256(self) -> dict[str, str]:
-        out = {}
-        for f in self.paths():
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-            out[str(f)] = h.hexdigest()
-        return out
+        return {str(f): sha256_file(f) for f in self.paths()}
 
 
 def _one(directory: Path, prefix: str, step: str | None, required: bool) -> Path | None:
