@@ -4,7 +4,8 @@ A method's algorithm is written for ``[out, in]`` Linear / Conv2d weights (GPTQ'
 SmoothQuant's folds, QVLA's per-row widths, DA-PTQ's allocation). The driver holds registered-type modules
 out of the method's plan while it calibrates and applies, then rounds each with its type's RTN at the spec
 the scope gave it, puts it back into the plan (so the record lists it with its role and spec) and records
-what it did under ``decisions["registered_types"]``: never skipped, never silently.
+what it did under ``decisions["registered_types"]``: never skipped, never silently. A method whose
+``sees_registered_types`` is true (DA-PTQ's budget preset) keeps them in its plan and serves them itself.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from daptq.quant.category import quantize_registered, registered_type
 def hold_registered(method: Method, adapter: VLAAdapter) -> dict[str, PlannedModule]:
     """Take the registered-type modules out of ``method.plan`` (in place); returns them."""
     plan = method.plan
-    if plan is None:
+    if plan is None or getattr(method, "sees_registered_types", False):  # e.g. DA-PTQ budget allocates them
         return {}
     held = {n: m for n, m in plan.modules.items() if registered_type(adapter.module(n)) is not None}
     for n in held:

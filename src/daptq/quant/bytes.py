@@ -4,6 +4,7 @@ Rule (per Linear/Conv2d layer, weights only; the bias is reported separately and
 - ``fp16``: 2 bytes per weight, the reference everything is compared with.
 - ``ideal``: ceil(n_weights * bits / 8) for the codes + one scale per group in the spec's ``scale_dtype``
   + (if asymmetric) one ``bits``-bit zero point per group. 16-bit (float) layers count 2 bytes per weight.
+  Ternary codes count ceil(n / 5) bytes (base 3, 1.6 bits), binary ceil(n / 8), both stored that way too.
 - mixed-width layers (per-row widths in {16, 8, 4, 2, 0}, QVLA): see ``mixed_weight_bytes``; a module
   declares itself one with ``row_widths() -> per-row widths``.
 - ``stored``: what daptq really keeps: for fake-quant layers the checkpoint form (codes in 2/4/8-bit
@@ -29,11 +30,22 @@ def container_bits(bits: int) -> int:
     return {2: 2, 3: 4, 4: 4, 8: 8}[bits]
 
 
+# Codes per byte of the sub-2-bit codebooks (WeightSpec.codebook): ternary in base 3 (3^5 = 243 <= 256).
+CODES_PER_BYTE = {"ternary": 5, "binary": 8}
+
+
+def codebook_code_bytes(n_codes: int, spec: WeightSpec) -> int:
+    """Bytes of ``n_codes`` ternary (5 per byte) or binary (8 per byte) codes, ideal and stored alike."""
+    return math.ceil(n_codes / CODES_PER_BYTE[spec.codebook])
+
+
 def ideal_weight_bytes(out_features: int, fan_in: int, spec: WeightSpec) -> int:
     if spec.is_float:
         return out_features * fan_in * 2
     rows, groups, _ = group_layout(out_features, fan_in, spec)
     n_groups = rows * groups
+    if spec.codebook != "uniform":  # symmetric: codes and one scale per group, no zero points
+        return codebook_code_bytes(out_features * fan_in, spec) + n_groups * spec.scale_bytes
     codes = math.ceil(out_features * fan_in * spec.bits / 8)
     zero_points = 0 if spec.symmetric else math.ceil(n_groups * spec.bits / 8)
     return codes + n_groups * spec.scale_bytes + zero_points
@@ -45,6 +57,8 @@ def checkpoint_weight_bytes(out_features: int, fan_in: int, spec: WeightSpec) ->
         return out_features * fan_in * 2
     rows, groups, _ = group_layout(out_features, fan_in, spec)
     n_groups = rows * groups
+    if spec.codebook != "uniform":
+        return codebook_code_bytes(out_features * fan_in, spec) + n_groups * spec.scale_bytes
     codes = math.ceil(out_features * fan_in * container_bits(spec.bits) / 8)
     return codes + n_groups * spec.scale_bytes + (0 if spec.symmetric else n_groups)
 

@@ -52,9 +52,39 @@ def quantize_weight(
         groups = _grouped(w2d, spec)
     except ValueError as e:
         raise ValueError(f"{name} with shape {tuple(weight.shape)}: {e}") from None
+    if spec.codebook != "uniform":
+        scale, codes = codebook_round(groups, spec)
+        return codes.reshape(w2d.shape).to(code_dtype(spec)), scale, None
     scale, zero_point = weight_qparams(groups, spec)
     codes = quantize_grouped(groups, scale, zero_point, spec.qmin, spec.qmax)
     return codes.reshape(w2d.shape).to(code_dtype(spec)), scale, zero_point
+
+
+TERNARY_THRESHOLD = 0.7  # Ternary Weight Networks (Li et al. 2016): Delta = 0.7 * mean|w| per group
+
+
+def codebook_round(groups: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Below two bits, ``groups [R, G, S]`` -> (scale [R, G] in the spec's dtype, float codes [R, G, S]).
+
+    ternary: codes ``sign(w) * (|w| > 0.7 mean|w|)``, scale the mean |w| over the kept weights (TWN's
+    closed form); binary: codes ``sign(w)`` (0 -> +1), scale ``mean |w|`` (minimizes ||w - s sign(w)||^2).
+    An all-zero group gets scale 1 (its codes are 0 for ternary; binary's dequantize to +-1, so the scale is
+    the dtype's smallest normal there instead)."""
+    a = groups.float().abs()
+    if spec.codebook == "ternary":
+        keep = a > TERNARY_THRESHOLD * a.mean(dim=-1, keepdim=True)
+        n = keep.sum(dim=-1)
+        scale = torch.where(n > 0, (a * keep).sum(dim=-1) / n.clamp(min=1), torch.ones_like(n, dtype=a.dtype))
+        codes = torch.sign(groups.float()) * keep
+    elif spec.codebook == "binary":
+        scale = a.mean(dim=-1)
+        codes = torch.where(groups.float() >= 0, 1.0, -1.0)
+    else:
+        raise ValueError(f"codebook_round: not a codebook spec ({spec.codebook!r})")
+    sdt = scale_torch_dtype(spec)
+    scale = scale.to(sdt)
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, torch.finfo(sdt).tiny))
+    return scale, codes
 
 
 def quantize_weight_with_qparams(
@@ -187,6 +217,8 @@ class _QuantWeightMixin:
             raise ValueError(f"{self._label}: qweight must be an integer tensor, got {qweight.dtype}")
         if int(qweight.min()) < ws.qmin or int(qweight.max()) > ws.qmax:
             raise ValueError(f"{self._label}: codes outside [{ws.qmin}, {ws.qmax}] for {ws.bits}-bit")
+        if ws.codebook == "binary" and bool((qweight == 0).any()):
+            raise ValueError(f"{self._label}: binary codes are -1 or +1, got 0 (a rounding that is not sign)")
         if scale.dtype != scale_torch_dtype(ws):
             raise ValueError(
                 f"{self._label}: scale dtype {scale.dtype} != spec scale_dtype {ws.scale_dtype}; "

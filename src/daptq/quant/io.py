@@ -30,7 +30,7 @@ from daptq.versioned_json import read_versioned_json
 
 from ._util import atomic_write_bytes, get_module, set_module
 from .api import quantized_modules, restored_on_failure
-from .bytes import container_bits
+from .bytes import CODES_PER_BYTE, container_bits
 from .fake import QuantConv2d, QuantLinear, code_dtype, dequantize_weight, quantized_module_for
 from .kernels import DEPLOYABLE_TYPES
 from .recipe import Recipe
@@ -43,8 +43,43 @@ CONFIG_FILE = "quantization_config.json"
 _QUANT_STATE = ("weight", "qweight", "weight_scale", "weight_zero_point", "act_scale", "act_zero_point")
 
 
+def _pack_codebook(codes: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    """Ternary codes {-1, 0, 1} -> base-3 digits, 5 per byte; binary {-1, +1} -> bits, 8 per byte."""
+    per_byte = CODES_PER_BYTE[spec.codebook]
+    flat = codes.reshape(-1).to(torch.int16)
+    u = (flat + 1) if spec.codebook == "ternary" else (flat > 0).to(torch.int16)
+    pad = (-u.numel()) % per_byte
+    u = torch.cat([u, u.new_zeros(pad)]).reshape(-1, per_byte)
+    base = 3 if spec.codebook == "ternary" else 2
+    weights = torch.tensor([base**j for j in range(per_byte)], dtype=torch.int16)
+    return (u * weights).sum(dim=1).to(torch.uint8)
+
+
+def _unpack_codebook(packed: torch.Tensor, spec: WeightSpec, shape: tuple[int, int]) -> torch.Tensor:
+    per_byte = CODES_PER_BYTE[spec.codebook]
+    n = shape[0] * shape[1]
+    if packed.dtype != torch.uint8 or packed.numel() != math.ceil(n / per_byte):
+        raise ValueError(
+            f"packed {spec.codebook} codes: expected {math.ceil(n / per_byte)} uint8, got {packed.numel()} "
+            f"{packed.dtype} (the layout's format does not match the stored codes)"
+        )
+    base = 3 if spec.codebook == "ternary" else 2
+    v = packed.to(torch.int16)
+    digits = []
+    for _ in range(per_byte):
+        digits.append(v % base)
+        v = v // base
+    if bool((v != 0).any()):
+        raise ValueError(f"packed {spec.codebook} codes: a byte holds a value no {per_byte} digits encode")
+    u = torch.stack(digits, dim=1).reshape(-1)[:n]
+    codes = (u - 1) if spec.codebook == "ternary" else (2 * u - 1)
+    return codes.reshape(shape).to(code_dtype(spec))
+
+
 def pack_codes(codes: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
     """Integer codes -> flat uint8 (8-bit codes are stored as they are, in int8/uint8)."""
+    if spec.codebook != "uniform":
+        return _pack_codebook(codes, spec)
     if spec.bits == 8:
         return codes.contiguous()
     c = container_bits(spec.bits)
@@ -59,6 +94,8 @@ def pack_codes(codes: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, spec: WeightSpec, shape: tuple[int, int]) -> torch.Tensor:
+    if spec.codebook != "uniform":
+        return _unpack_codebook(packed, spec, shape)
     if spec.bits == 8:
         if packed.numel() != shape[0] * shape[1] or packed.dtype not in (torch.int8, torch.uint8):
             raise ValueError(

@@ -21,12 +21,15 @@ ACTIVATION_MODES = ("static_per_tensor", "dynamic_per_token")
 SCALE_DTYPES = ("float32", "bfloat16", "float16")
 # Symmetric grids (see WeightSpec.symmetric_range): which of the 2^b codes the scale lets the range use.
 SYMMETRIC_RANGES = ("restricted", "full", "full_exact")
+# Below two bits (see WeightSpec.codebook): codes on the signed 2-bit grid restricted to these levels.
+CODEBOOKS = ("uniform", "ternary", "binary")
 
 Observer = Literal["minmax", "percentile", "mse"]
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
 ActivationMode = Literal["static_per_tensor", "dynamic_per_token"]
 ScaleDType = Literal["float32", "bfloat16", "float16"]
 SymmetricRange = Literal["restricted", "full", "full_exact"]
+Codebook = Literal["uniform", "ternary", "binary"]
 
 _SCALE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -78,6 +81,13 @@ class WeightSpec:
     Granularity refers to the weight viewed as a 2-D matrix ``[out_features, in_features]`` (a Conv2d weight
     is flattened to ``[out_channels, in_channels/groups * kh * kw]``): per-channel means one scale per output
     row, per-group one scale per ``group_size`` consecutive input elements of each row.
+
+    ``codebook`` (below two bits; needs ``bits=2``, symmetric, min-max observer): ``"ternary"`` codes
+    {-1, 0, +1} times a scale per group, the scale and threshold of Ternary Weight Networks (threshold
+    0.7 mean|w|, scale the mean |w| above it), stored five codes per byte (1.6 bits); ``"binary"`` codes
+    {-1, +1} (sign) times the group's mean |w| (the L2-optimal scale for sign codes), 1 bit per weight.
+    ``"uniform"`` (default) is the integer grid above; it is left out of ``to_dict`` so files written before
+    the field existed stay byte-identical.
     """
 
     bits: int = 8
@@ -88,12 +98,14 @@ class WeightSpec:
     percentile: float = 99.9
     scale_dtype: ScaleDType = "bfloat16"
     symmetric_range: SymmetricRange = "restricted"
+    codebook: Codebook = "uniform"
 
     def __post_init__(self) -> None:
         _check_field_types(
             "WeightSpec",
             self,
             {
+                "codebook": (str,),
                 "symmetric": (bool,),
                 "granularity": (str,),
                 "group_size": (int, type(None)),
@@ -133,6 +145,17 @@ class WeightSpec:
             raise ValueError(
                 f"WeightSpec: scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}"
             )
+        if self.codebook not in CODEBOOKS:
+            raise ValueError(f"WeightSpec: codebook must be one of {CODEBOOKS}, got {self.codebook!r}")
+        if self.codebook != "uniform":
+            if self.bits != 2 or not self.symmetric or self.observer != "minmax":
+                raise ValueError(
+                    f"WeightSpec: codebook={self.codebook!r} needs bits=2, symmetric=True, observer='minmax' "
+                    f"(its scale is closed-form), got bits={self.bits}, symmetric={self.symmetric}, "
+                    f"observer={self.observer!r}"
+                )
+            if self.symmetric_range != "restricted":
+                raise ValueError(f"WeightSpec: codebook={self.codebook!r} has no symmetric_range choice")
 
     @property
     def is_float(self) -> bool:
@@ -141,26 +164,40 @@ class WeightSpec:
 
     @property
     def qmin(self) -> int:
+        if self.codebook != "uniform":
+            return -1
         return -(2 ** (self.bits - 1)) if self.symmetric else 0
 
     @property
     def qmax(self) -> int:
+        if self.codebook != "uniform":
+            return 1
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def code_bits(self) -> float:
+        """Storage bits per code: ``bits``, or 1.6 (ternary, 5 codes per byte) / 1 (binary)."""
+        return {"uniform": float(self.bits), "ternary": 1.6, "binary": 1.0}[self.codebook]
 
     @property
     def scale_bytes(self) -> int:
         return _SCALE_BYTES[self.scale_dtype]
 
     def short(self) -> str:
-        """A compact label such as ``W4g128-sym-mse``."""
+        """A compact label such as ``W4g128-sym-mse`` (``Wtern-g64``, ``Wbin-g128`` below two bits)."""
         if self.is_float:
             return "W16(float)"
         gran = {"per_tensor": "t", "per_channel": "c"}.get(self.granularity, f"g{self.group_size}")
+        if self.codebook != "uniform":
+            return f"W{'bin' if self.codebook == 'binary' else 'tern'}-{gran}"
         grid = {"restricted": "sym", "full": "symfull", "full_exact": "symfullx"}[self.symmetric_range]
         return f"W{self.bits}{gran}-{grid if self.symmetric else 'asym'}-{self.observer}"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["codebook"] == "uniform":  # written only when set: older files and digests stay unchanged
+            del d["codebook"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> WeightSpec:

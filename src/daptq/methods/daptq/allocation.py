@@ -82,13 +82,18 @@ def paper_bit_map(
 
 @dataclass(frozen=True, order=True)
 class WeightFormat:
-    """One allocator choice: a bit width and a group size (None: one scale per output channel; 16: bf16).
+    """One allocator choice: a bit width and a group size (None: one scale per output channel; 16: bf16),
+    or a sub-2-bit codebook (``daptq.quant.WeightSpec.codebook``: ternary or binary codes with a scale per
+    group).
 
-    Written ``"2g32"`` (2-bit codes, groups of 32), ``"8pc"`` (8-bit per channel) or ``"16"`` (float). The
-    other grid properties (symmetry, observer, scale dtype) come from the base spec."""
+    Written ``"2g32"`` (2-bit codes, groups of 32), ``"8pc"`` (8-bit per channel), ``"16"`` (float),
+    ``"terng64"`` (ternary, groups of 64: 1.6 + 16/64 bits per weight) or ``"bing128"`` (binary, groups of
+    128: 1 + 16/128). The other grid properties (symmetry, observer, scale dtype) come from the base spec;
+    a codebook format is symmetric with the min-max observer whatever the base spec says."""
 
     bits: int
     group_size: int | None = None
+    codebook: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 8, FLOAT_BITS):
@@ -97,35 +102,60 @@ class WeightFormat:
             raise ValueError("WeightFormat: a float (16-bit) format has no group size")
         if self.group_size is not None and (type(self.group_size) is not int or self.group_size < 2):
             raise ValueError(f"WeightFormat: group_size must be an integer >= 2, got {self.group_size!r}")
+        if self.codebook not in _CODEBOOK_PREFIX:
+            raise ValueError(f"WeightFormat: codebook must be one of {tuple(_CODEBOOK_PREFIX)}")
+        if self.codebook != "uniform" and self.bits != 2:
+            raise ValueError(f"WeightFormat: a {self.codebook} format has bits=2 (its signed code grid)")
 
     @property
     def label(self) -> str:
         if self.bits == FLOAT_BITS:
             return "16"
-        return f"{self.bits}pc" if self.group_size is None else f"{self.bits}g{self.group_size}"
+        head = _CODEBOOK_PREFIX[self.codebook] or str(self.bits)
+        return f"{head}pc" if self.group_size is None else f"{head}g{self.group_size}"
+
+    @property
+    def code_bits(self) -> float:
+        """Bits per code (ternary 1.6, binary 1), for ordering."""
+        return {"uniform": float(self.bits), "ternary": 1.6, "binary": 1.0}[self.codebook]
 
     @classmethod
     def parse(cls, text: str) -> WeightFormat:
-        m = re.fullmatch(r"(\d+)(?:g(\d+)|pc)?", str(text).strip())
-        if m is None or (m.group(1) != "16" and not re.search(r"(g\d+|pc)$", str(text).strip())):
+        t = str(text).strip()
+        m = re.fullmatch(r"(\d+|tern|bin)(?:g(\d+)|pc)?", t)
+        if m is None or (m.group(1) != "16" and not re.search(r"(g\d+|pc)$", t)):
             raise ValueError(
-                f"weight format {text!r}: expected '<bits>g<group>' (e.g. '2g32'), '<bits>pc' (per channel) "
-                "or '16' (float)"
+                f"weight format {text!r}: expected '<bits>g<group>' (e.g. '2g32'), '<bits>pc' (per channel), "
+                "'terng<group>' / 'bing<group>' (ternary / binary, e.g. 'terng64') or '16' (float)"
             )
         group = int(m.group(2)) if m.group(2) else None
-        return cls(int(m.group(1)), group)
+        codebook = {v: k for k, v in _CODEBOOK_PREFIX.items() if v}.get(m.group(1), "uniform")
+        bits = 2 if codebook != "uniform" else int(m.group(1))
+        return cls(bits, group, codebook)
 
     def weight_spec(self, base: WeightSpec) -> WeightSpec:
         """``base`` with this format's bits and grouping (a float format keeps only bits=16)."""
         if self.bits == FLOAT_BITS:
             return dataclasses.replace(base, bits=FLOAT_BITS)
         granularity = "per_channel" if self.group_size is None else "per_group"
-        return dataclasses.replace(base, bits=self.bits, granularity=granularity, group_size=self.group_size)
+        spec = dataclasses.replace(base, bits=self.bits, granularity=granularity, group_size=self.group_size)
+        if self.codebook != "uniform":
+            spec = dataclasses.replace(
+                spec, symmetric=True, observer="minmax", symmetric_range="restricted", codebook=self.codebook
+            )
+        return spec
+
+
+_CODEBOOK_PREFIX = {"uniform": "", "ternary": "tern", "binary": "bin"}
 
 
 # Candidates reaching below 2.5 bits per weight once scales and zero points are counted (asymmetric codes,
 # bf16 scales: 2g128 = 2.14, 2g32 = 2.56, 3g128 = 3.16, 4g128 = 4.16, 8pc ~ 8, 16 = bf16).
 GROUPED_FORMATS: tuple[str, ...] = ("2g32", "2g128", "3g32", "3g128", "4g32", "4g128", "8pc", "16")
+# Below two bits (bf16 scales): bing128 = 1.125, bing64 = 1.25, terng128 = 1.725, terng64 = 1.85, then the
+# grouped grid: an average of 1.5 bits is feasible.
+SUB2_FORMATS: tuple[str, ...] = ("bing128", "bing64", "terng128", "terng64", *GROUPED_FORMATS)
+FORMAT_SETS = {"grouped": GROUPED_FORMATS, "sub2": SUB2_FORMATS}
 
 
 @dataclass(frozen=True)
@@ -243,8 +273,11 @@ def allocate_bits(
     return Allocation(bits, objective, total, budget_bytes, n_weights)
 
 
-def _order(choice: Hashable) -> tuple[int, int]:
-    """Sort key of a choice: by bits, then group size (per channel last)."""
+def _order(choice: Hashable) -> tuple:
+    """Sort key of a choice: by code bits, then group size (per channel last); a (weight, activation bits)
+    pair by its weight choice, then its activation bits."""
+    if isinstance(choice, tuple):
+        return (*_order(choice[0]), int(choice[1]))
     if isinstance(choice, WeightFormat):
-        return choice.bits, choice.group_size or 1 << 30
-    return int(choice), 0  # type: ignore[call-overload]
+        return choice.code_bits, choice.group_size or 1 << 30
+    return float(choice), 0  # type: ignore[arg-type]

@@ -22,12 +22,13 @@ from daptq.methods.base import MethodConfig
 from daptq.methods.scope import DEFAULT_ROLES, Scope
 from daptq.quant.spec import ActivationSpec, QuantSpec, WeightSpec, w4a8
 
-from .allocation import FLOAT_BITS, WeightFormat
+from .allocation import FLOAT_BITS, FORMAT_SETS, WeightFormat
 from .compensation import CSRCOptions
 from .drift import DriftConfig
 
 PAPER_ROLES = DEFAULT_ROLES  # backbone, interface, action head; the frozen encoders by flag
 Estimator = Literal["drift_fisher", "drift_taylor", "unweighted_fisher", "action_deviation"]
+ACTIVATION_CHOICES = (4, 8, FLOAT_BITS)
 
 
 def budget_spec(activation_bits: int | None = None, group_size: int = 32) -> QuantSpec:
@@ -74,6 +75,15 @@ class DAPTQConfig(MethodConfig):
     budget_bytes: int | None = None  # or a budget in bytes of the in-scope layers' weights
     estimator: Estimator = "drift_fisher"  # per-(layer, bits) damage estimate driving the allocation
     latency_weight: float = 0.0  # objective += latency_weight * MiB read per forward (memory-bound model)
+    # activation-aware allocation: per layer also an activation width from these ({4, 8, 16}; 16 = float),
+    # priced by activation_costs (drift-weighted Fisher of the output perturbation); empty: every layer takes
+    # the spec's activation (as before)
+    activation_choices: tuple[int, ...] = ()
+    activation_mode: Literal["dynamic_per_token", "static_per_tensor"] = "dynamic_per_token"
+    activation_cost_weight: float = 1.0  # activation cost multiplier beside the weight term
+    # with activation_choices and latency_weight > 0: latency += latency_compute * MiB of weights read at the
+    # activation width (compute of an A4 layer costs a quarter of an A16 one)
+    latency_compute: float = 1.0
     rounding: Literal["rtn", "gptq"] = "rtn"  # how in-scope weights are rounded
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
@@ -125,6 +135,22 @@ class DAPTQConfig(MethodConfig):
             raise ValueError("DAPTQConfig: average_bits/budget_bytes apply to preset='budget' only")
         if self.latency_weight < 0:
             raise ValueError(f"DAPTQConfig.latency_weight must be >= 0, got {self.latency_weight}")
+        if self.activation_choices:
+            bad = [a for a in self.activation_choices if a not in ACTIVATION_CHOICES]
+            if bad or len(set(self.activation_choices)) != len(self.activation_choices):
+                raise ValueError(
+                    f"DAPTQConfig.activation_choices must be distinct values from {ACTIVATION_CHOICES}, "
+                    f"got {self.activation_choices}"
+                )
+            if self.preset != "budget":
+                raise ValueError("DAPTQConfig.activation_choices (per-layer widths) needs preset='budget'")
+            if self.estimator == "action_deviation":
+                raise ValueError(
+                    "DAPTQConfig.activation_choices are priced from gradients; use a gradient estimator, "
+                    "not estimator='action_deviation'"
+                )
+        if self.activation_cost_weight < 0 or self.latency_compute < 0:
+            raise ValueError("DAPTQConfig: activation_cost_weight and latency_compute must be >= 0")
         if not 0 <= self.gptq_damp < 1 or self.gptq_block_size < 1:
             raise ValueError("DAPTQConfig: need 0 <= gptq_damp < 1 and gptq_block_size >= 1")
 
@@ -155,20 +181,45 @@ class DAPTQConfig(MethodConfig):
         }
         return cls(**{**base, **overrides})
 
-    def with_average_bits(self, average_bits: float) -> DAPTQConfig:
-        """``--avg-bits``: the ``budget`` preset at that average (a bit budget is what selects it)."""
+    def with_average_bits(
+        self,
+        average_bits: float,
+        a_bits: int | None = None,
+        group_size: int | None = None,
+        **options: Any,
+    ) -> DAPTQConfig:
+        """``--avg-bits``: the ``budget`` preset at that average (a bit budget is what selects it).
+
+        ``a_bits`` (``--a-bits``): every layer's activations at that width (dynamic per token); ``group_size``
+        (``--group-size``): the base grid's group; ``options``: other fields (``--a-bits-choices`` ...)."""
         if self.preset != "budget" and self != DAPTQConfig():
             raise ValueError(
                 "--avg-bits selects the budget preset; give the other options in a --config file"
             )
         if self.preset == "budget":
-            return replace(self, average_bits=average_bits, budget_bytes=None)
-        return DAPTQConfig.budget(average_bits=average_bits)
+            spec = self.spec
+            if a_bits is not None or group_size is not None:
+                base = budget_spec(a_bits, group_size or self.spec.weight.group_size or 32)
+                spec = QuantSpec(base.weight, base.activation if a_bits is not None else spec.activation)
+            return replace(self, average_bits=average_bits, budget_bytes=None, spec=spec, **options)
+        return DAPTQConfig.budget(
+            average_bits=average_bits, activation_bits=a_bits, group_size=group_size or 32, **options
+        )
+
+    def with_options(self, **options: Any) -> DAPTQConfig:
+        """The CLI's method options (``daptq quantize --a-bits-choices ...``) as fields of this config."""
+        return replace(self, **options)
 
     # --- views as the modules' own option objects -------------------------------------------------------
     def weight_formats(self) -> tuple[WeightFormat, ...]:
-        """The parsed ``formats`` (empty: the candidates are ``bits`` on the spec's own grid)."""
-        return tuple(WeightFormat.parse(f) for f in self.formats)
+        """The parsed ``formats`` (empty: the candidates are ``bits`` on the spec's own grid); a set name
+        (``"sub2"``: binary and ternary formats plus the grouped grid; ``"grouped"``) stands for its list."""
+        names = [n for f in self.formats for n in FORMAT_SETS.get(f, (f,))]
+        return tuple(WeightFormat.parse(f) for f in names)
+
+    def activation_spec(self, bits: int) -> ActivationSpec | None:
+        """The activation spec of one ``activation_choices`` entry (None for 16: float activations)."""
+        return None if bits == FLOAT_BITS else ActivationSpec(bits, mode=self.activation_mode)
 
     def drift_config(self) -> DriftConfig:
         return DriftConfig(

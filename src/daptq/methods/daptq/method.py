@@ -25,7 +25,9 @@ from daptq.methods.gptq import gptq_quantize_layer_
 from daptq.methods.scope import ScopePlan, fit_group_size, with_weight_bits
 from daptq.models.adapter import VLAAdapter
 from daptq.quant import QuantSpec, quantize_
+from daptq.quant._util import set_module
 from daptq.quant.capture import Covariance, Hessian, capture, channel_rows, fan_in_rows
+from daptq.quant.category import quantize_registered, registered_type
 
 from .allocation import (
     FLOAT_BITS,
@@ -39,7 +41,14 @@ from .allocation import (
 from .compensation import Stats, compensate, fold_compensation, output_stats
 from .config import DAPTQConfig
 from .drift import drift_scores
-from .sensitivity import GradientStats, action_deviation, bit_sensitivities, gradient_stats, sampled_chunks
+from .sensitivity import (
+    GradientStats,
+    action_deviation,
+    activation_costs,
+    bit_sensitivities,
+    gradient_stats,
+    sampled_chunks,
+)
 
 Batches = Sequence[Mapping[str, torch.Tensor]]
 
@@ -98,6 +107,15 @@ class DAPTQ(Method):
         self._hessians: dict[str, torch.Tensor] = {}
         self._interfaces: list[str] = []
         self._pairs: dict[str, torch.Tensor] = {}
+        self._act_costs: dict[str, dict[int, float]] = {}
+        self._registered: set[str] = set()
+
+    @property
+    def sees_registered_types(self) -> bool:
+        """The budget preset allocates registered-type layers (GR00T's category-specific projections) itself,
+        their bytes and sensitivities counted, so the driver does not hold them out (``methods.registered``).
+        """
+        return self.config.preset == "budget"
 
     # --- 1. the float pass ------------------------------------------------------------------------------
     def calibrate(self, adapter: VLAAdapter, batches: Batches) -> None:
@@ -123,6 +141,16 @@ class DAPTQ(Method):
             )
             self.decisions["phi"] = self._grads.phi
             self.decisions["sensitivity_batches"] = self._grads.n_batches
+        self._registered = {n for n in plan.modules if registered_type(adapter.module(n)) is not None}
+        if cfg.activation_choices:
+            self._act_costs = activation_costs(
+                adapter,
+                self._batches[: cfg.sensitivity_batches],
+                list(plan.modules),
+                {a: cfg.activation_spec(a) for a in cfg.activation_choices},
+                dim_weights=self._weights if cfg.drift_weighted else None,
+                seed=cfg.sensitivity_seed,
+            )
         self._interfaces = self._interface_layers(adapter) if cfg.use_csrc else []
         self._capture_float_stats(adapter, plan)
 
@@ -170,8 +198,12 @@ class DAPTQ(Method):
         (CSRC's targets) and, for GPTQ rounding, every in-scope layer's input Hessian (one per conv group)."""
         model = adapter.model
         hessians = {}
-        if self.config.rounding == "gptq":
-            hessians = {n: Hessian(getattr(model.get_submodule(n), "groups", 1)) for n in plan.modules}
+        if self.config.rounding == "gptq":  # registered types have no GPTQ: their own RTN (recorded)
+            hessians = {
+                n: Hessian(getattr(model.get_submodule(n), "groups", 1))
+                for n in plan.modules
+                if n not in self._registered
+            }
         covariances = {n: Covariance() for n in self._interfaces}
         if not hessians and not covariances:
             return
@@ -191,15 +223,39 @@ class DAPTQ(Method):
         else:
             chosen = self._budget_specs(adapter, plan)
             bits = {n: q.weight.bits for n, q in chosen.items()}
-        specs = {n: q for n, q in chosen.items() if q.weight.bits != FLOAT_BITS}
+        if self.config.activation_choices:  # a float-weight layer may still round its input
+            specs = {
+                n: q for n, q in chosen.items() if q.weight.bits != FLOAT_BITS or q.activation is not None
+            }
+        else:
+            specs = {n: q for n, q in chosen.items() if q.weight.bits != FLOAT_BITS}
         self.decisions["bit_map"] = bits
         self._finalize_plan(plan, specs)
         model = adapter.model
-        quantize_(model, specs, calibration=_run_all(adapter, self._batches))
+        registered = {n: q for n, q in specs.items() if n in self._registered}
+        quantize_(
+            model,
+            {n: q for n, q in specs.items() if n not in registered},
+            calibration=_run_all(adapter, self._batches),
+        )
+        for name, spec in registered.items():
+            set_module(model, name, quantize_registered(adapter.module(name), spec, name))
+        if self._registered:
+            self.decisions["registered_types"] = {
+                n: (
+                    f"{type(adapter.module(n)).__name__}: allocated by DA-PTQ budget (bytes and sensitivity "
+                    f"counted), rounded by its registered type's RTN"
+                    + (f" at {specs[n].short()}" if n in specs else "; kept float")
+                )
+                for n in sorted(self._registered)
+            }
         self.decisions["rounding"] = self.config.rounding
         if self.config.rounding == "gptq":
             for name in specs:
-                if name in self._hessians:
+                if name in self._hessians and not specs[name].weight.is_float:
+                    if specs[name].weight.codebook != "uniform":  # GPTQ's grid search has no codebook
+                        self.decisions.setdefault("rtn_codebook_layers", []).append(name)
+                        continue
                     self._gptq(model, name)
         if self._interfaces:
             self._compensate(adapter)
@@ -249,12 +305,36 @@ class DAPTQ(Method):
             out[n] = row
         return out
 
+    def _with_activations(
+        self, candidates: dict[str, dict[Any, QuantSpec]], costs: dict[str, dict[Any, float]]
+    ) -> tuple[dict[str, dict[Any, QuantSpec]], dict[str, dict[Any, float]]]:
+        """Each weight choice paired with each activation width: ``(weight choice, a)`` candidates, cost the
+        weight term plus ``activation_cost_weight`` x the activation term (additive per layer). A registered
+        type takes per-token activations only, and no float weight with a rounded input."""
+        cfg = self.config
+        out_c: dict[str, dict[Any, QuantSpec]] = {}
+        out_k: dict[str, dict[Any, float]] = {}
+        for n, row in candidates.items():
+            out_c[n], out_k[n] = {}, {}
+            for c, q in row.items():
+                for a in cfg.activation_choices:
+                    act = cfg.activation_spec(a)
+                    if n in self._registered and act is not None:
+                        if q.weight.is_float:
+                            continue
+                        act = dataclasses.replace(act, mode="dynamic_per_token", observer="minmax")
+                    out_c[n][(c, a)] = QuantSpec(q.weight, act, q.version)
+                    out_k[n][(c, a)] = costs[n][c] + cfg.activation_cost_weight * self._act_costs[n][a]
+        return out_c, out_k
+
     def _budget_specs(self, adapter: VLAAdapter, plan: ScopePlan) -> dict[str, QuantSpec]:
         cfg = self.config
         candidates = self._candidates(plan)
+        costs = self._costs(adapter, plan, candidates)
+        if cfg.activation_choices:
+            candidates, costs = self._with_activations(candidates, costs)
         per_layer = {n: {c: q.weight for c, q in row.items()} for n, row in candidates.items()}
         shapes = {n: LayerShape(m.weight_shape[0], m.fan_in) for n, m in plan.modules.items()}
-        costs = self._costs(adapter, plan, candidates)
         budget = (
             cfg.budget_bytes
             if cfg.budget_bytes is not None
@@ -265,6 +345,10 @@ class DAPTQ(Method):
             latency = {
                 n: {c: layer_bytes(shapes[n], c, per_layer[n]) / 2**20 for c in per_layer[n]} for n in shapes
             }
+            if cfg.activation_choices:  # + compute: the weights "read" at the activation width
+                for n, row in latency.items():
+                    for c in row:
+                        row[c] += cfg.latency_compute * shapes[n].n_weights * c[1] / 8 / 2**20
         alloc = allocate_bits(costs, shapes, per_layer, budget, latency, cfg.latency_weight)
         fp16 = sum(s.n_weights for s in shapes.values()) * 2
         self.decisions["allocation"] = {
@@ -276,7 +360,16 @@ class DAPTQ(Method):
             "estimator": cfg.estimator,
             "costs": {n: {_choice_label(c): v for c, v in row.items()} for n, row in costs.items()},
         }
-        if cfg.formats:
+        if cfg.activation_choices:
+            self.decisions["allocation"]["activation_costs"] = {
+                n: {f"a{a}": v for a, v in row.items()} for n, row in self._act_costs.items()
+            }
+            self.decisions["allocation"]["activation_mode"] = cfg.activation_mode
+            self.decisions["activation_map"] = {n: c[1] for n, c in alloc.bits.items()}
+            self.decisions["wa_map"] = {n: _wa_label(c) for n, c in alloc.bits.items()}
+            if cfg.formats:
+                self.decisions["format_map"] = {n: c[0].label for n, c in alloc.bits.items()}
+        elif cfg.formats:
             self.decisions["format_map"] = {n: c.label for n, c in alloc.bits.items()}
         return {n: candidates[n][c] for n, c in alloc.bits.items()}
 
@@ -291,6 +384,11 @@ class DAPTQ(Method):
                 for c, spec in candidates[n].items():
                     if spec.weight.is_float:
                         out[n][c] = 0.0
+                        continue
+                    if n in self._registered:
+                        out[n][c] = _registered_deviation(
+                            adapter, batches, n, spec, cfg.sensitivity_seed, reference
+                        )
                         continue
                     out[n][c] = action_deviation(
                         adapter, batches, [n], spec, seed=cfg.sensitivity_seed, reference=reference
@@ -334,7 +432,29 @@ class DAPTQ(Method):
 
 
 def _choice_label(choice: Any) -> str:
+    if isinstance(choice, tuple):  # (weight choice, activation bits)
+        return f"{_choice_label(choice[0])}/a{choice[1]}"
     return choice.label if isinstance(choice, WeightFormat) else str(choice)
+
+
+def _wa_label(choice: tuple) -> str:
+    """``"w4g32a8"``-style label of a (weight, activation) choice; ``"w16a16"`` when nothing is rounded."""
+    return f"w{_choice_label(choice[0])}a{choice[1]}"
+
+
+def _registered_deviation(
+    adapter: VLAAdapter, batches: Batches, name: str, spec: QuantSpec, seed: int, reference
+) -> float:
+    """``action_deviation`` for a registered-type layer: swapped for its quantized type, then put back."""
+    model = adapter.model
+    original = adapter.module(name)
+    set_module(model, name, quantize_registered(original, spec, name))
+    try:
+        quantized = sampled_chunks(adapter, batches, seed)
+    finally:
+        set_module(model, name, original)
+    errs = [float(((q - r) ** 2).mean()) for q, r in zip(quantized, reference, strict=True)]
+    return sum(errs) / len(errs)
 
 
 def _only(stats: GradientStats, name: str) -> GradientStats:

@@ -11,6 +11,11 @@
   (unweighted sensitivity), and :func:`action_deviation`, a QVLA-style proxy that quantizes one layer at a
   time and measures the (optionally drift-weighted) squared change of the sampled action chunks, with the
   sampling noise shared between the float and the quantized pass.
+- Per (layer, activation bits) cost for activation-aware allocation: :func:`activation_costs`, the same
+  diagonal-Fisher estimate in the layer's *output*: ``0.5 * sum_t,j (g_tj * dy_tj)^2`` with ``g`` the gradient
+  of the drift-weighted loss w.r.t. the output and ``dy = f(Q_a(x)) - f(x)`` the output's change when only
+  the input is rounded at ``a`` bits (exact for a linear layer), averaged over the R batches. Registered
+  types (GR00T's category-specific layers) are priced like Linear layers on their ``[C*out, in]`` grid.
 """
 
 from __future__ import annotations
@@ -24,6 +29,12 @@ from torch import nn
 
 from daptq.models.adapter import VLAAdapter
 from daptq.quant import QuantSpec, WeightSpec, fake_quantize_weight, temporarily_quantized
+from daptq.quant.category import from_weight_matrix as category_from_matrix
+from daptq.quant.category import registered_type
+from daptq.quant.category import weight_matrix as category_weight_matrix
+from daptq.quant.fake import fake_quantize_activation
+from daptq.quant.observers import ActivationObserver
+from daptq.quant.spec import ActivationSpec
 
 Batch = Mapping[str, torch.Tensor]
 Proxy = Literal["fisher", "taylor"]
@@ -39,6 +50,22 @@ class GradientStats:
     n_batches: int
 
 
+def layer_weight(module: nn.Module) -> nn.Parameter | None:
+    """The parameter a layer's quantizer rounds: ``weight``, or a registered type's own (GR00T's
+    ``CategorySpecificLinear.W``, ``[C, in, out]``; see :func:`as_matrix`)."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, nn.Parameter):
+        return weight
+    if registered_type(module) is not None and isinstance(getattr(module, "W", None), nn.Parameter):
+        return module.W
+    return None
+
+
+def as_matrix(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in the ``[rows, fan_in]`` layout the quantizer's grid is defined on."""
+    return category_weight_matrix(weight) if registered_type(module) is not None else weight
+
+
 def _weights(model: nn.Module, names: Sequence[str]) -> list[nn.Parameter]:
     if not names:
         raise ValueError("sensitivity: no layers given")
@@ -48,8 +75,8 @@ def _weights(model: nn.Module, names: Sequence[str]) -> list[nn.Parameter]:
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"sensitivity: {name!r} is not a module of the model") from None
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, nn.Parameter):
+        weight = layer_weight(module)
+        if weight is None:
             raise ValueError(f"sensitivity: {name!r} ({type(module).__name__}) has no weight parameter")
         out.append(weight)
     return out
@@ -125,10 +152,14 @@ def bit_sensitivities(
         raise ValueError(f"bit_sensitivities: proxy must be 'fisher' or 'taylor', got {proxy!r}")
     out: dict[str, dict[int, float]] = {}
     for name, fisher in stats.grad_sq_mean.items():
-        weight = model.get_submodule(name).weight
+        module = model.get_submodule(name)
+        weight = layer_weight(module)
+        assert weight is not None, name
         row = {}
         for bits, spec in specs.items():
-            dw = rtn_error(weight, spec)
+            dw = rtn_error(as_matrix(module, weight), spec)
+            if registered_type(module) is not None:
+                dw = category_from_matrix(dw, weight.shape)
             cost = 0.5 * float((fisher * dw * dw).sum())
             if proxy == "taylor":
                 cost += float((stats.grad_mean[name] * dw).sum())
@@ -181,3 +212,102 @@ def action_deviation(
             errs.append(float((sq if weights is None else sq * weights).mean()))
         out[name] = sum(errs) / len(errs)
     return out
+
+
+def _feature_dim(module: nn.Module) -> int:
+    return 1 if isinstance(module, nn.Conv2d) else -1
+
+
+@torch.no_grad()
+def _static_qparams(
+    adapter: VLAAdapter, batches: Sequence[Batch], names: Sequence[str], specs: Mapping[int, ActivationSpec]
+) -> dict[str, dict[int, tuple[torch.Tensor, torch.Tensor | None]]]:
+    """Static per-tensor scales each layer's input would calibrate to (min-max over ``batches``)."""
+    model = adapter.model
+    observers = {n: {b: ActivationObserver(s, n) for b, s in specs.items()} for n in names}
+    handles = []
+    for n in names:
+
+        def hook(_m, args, kwargs, n=n):
+            for obs in observers[n].values():
+                obs.update(_input_of(n, args, kwargs))
+
+        handles.append(model.get_submodule(n).register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        from daptq.methods.base import forward_batch
+
+        for i, batch in enumerate(batches):
+            forward_batch(adapter, batch, seed=i)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: {b: obs.compute() for b, obs in row.items()} for n, row in observers.items()}
+
+
+def _input_of(name: str, args: tuple, kwargs: Mapping) -> torch.Tensor:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    raise ValueError(f"activation_costs: {name!r} was called without a positional input tensor")
+
+
+def activation_costs(
+    adapter: VLAAdapter,
+    batches: Sequence[Batch],
+    names: Sequence[str],
+    specs: Mapping[int, ActivationSpec | None],
+    dim_weights: torch.Tensor | None = None,
+    seed: int = 0,
+) -> dict[str, dict[int, float]]:
+    """Estimated loss increase ``{layer: {bits: cost}}`` if that layer's input alone is rounded with
+    ``specs[bits]`` (None: float input, cost 0); see the module docstring for the estimate.
+
+    Static per-tensor specs are priced with the min-max scale the calibration batches give. The diffusion
+    timesteps and noise come from a generator seeded with ``seed`` (as :func:`gradient_stats`)."""
+    if not batches:
+        raise ValueError("activation_costs: no calibration batches")
+    model = adapter.model
+    weights = _weights(model, names)
+    quantized = {b: s for b, s in specs.items() if s is not None}
+    static = {b: s for b, s in quantized.items() if s.mode == "static_per_tensor"}
+    qparams = _static_qparams(adapter, batches, names, static) if static else {}
+    totals = {n: dict.fromkeys(specs, 0.0) for n in names}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    handles = []
+
+    def forward_hook(name: str):
+        def hook(module, args, kwargs, out):
+            if not isinstance(out, torch.Tensor) or not out.requires_grad:
+                return None
+            x = _input_of(name, args, kwargs).detach()
+            deltas = {}
+            with torch.no_grad():
+                for b, a in quantized.items():
+                    scale, zp = qparams[name][b] if b in static else (None, None)
+                    xq = fake_quantize_activation(x, a, scale, zp, _feature_dim(module))
+                    deltas[b] = module.forward(xq, *args[1:], **kwargs).double() - out.detach().double()
+
+            def on_grad(g: torch.Tensor) -> None:
+                gd = g.detach().double()
+                for b, dy in deltas.items():
+                    totals[name][b] += 0.5 * float(((gd * dy) ** 2).sum())
+
+            out.register_hook(on_grad)
+            return None
+
+        return hook
+
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        for n, p in zip(names, weights, strict=True):
+            p.requires_grad_(True)
+            handles.append(model.get_submodule(n).register_forward_hook(forward_hook(n), with_kwargs=True))
+        for batch in batches:
+            loss = adapter.objective(batch, dim_weights=dim_weights, generator=generator)
+            torch.autograd.grad(loss, weights, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    r = len(batches)
+    return {n: {b: v / r for b, v in row.items()} for n, row in totals.items()}
