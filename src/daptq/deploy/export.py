@@ -424,13 +424,24 @@ def export_policy(
     """``daptq export``: load a model spec (``ref:<name>`` or a quantized policy directory) and export it."""
     if fmt != "onnx":
         raise ValueError(f"export format must be 'onnx', got {fmt!r}")
+    from daptq.deploy import flow_export  # pi0 / pi0.5 (lerobot:, or their quantized directories)
     from daptq.models.reference import ReferencePolicy
     from daptq.models.registry import load_policy
 
-    check_export_out(out, overwrite, [spec])  # before loading: never replace the source or a foreign dir
+    if flow_export.is_flow_export(out):
+        flow_export.check_flow_out(out, overwrite, [spec])
+    else:
+        check_export_out(out, overwrite, [spec])  # before loading: never replace the source or a foreign dir
     policy = load_policy(spec)
+    if flow_export.is_flow_policy(policy):
+        return flow_export.export_flow_policy(
+            policy, out, w4a8_kernel=w4a8_kernel, source=spec, overwrite=overwrite, float_convs=float_convs
+        )
     if not isinstance(policy, ReferencePolicy):
-        raise ValueError(f"{spec}: only reference-VLA policies export to ONNX, got {type(policy).__name__}")
+        raise ValueError(
+            f"{spec}: only reference-VLA and lerobot pi0 / pi0.5 policies export to ONNX, got "
+            f"{type(policy).__name__}"
+        )
     return export_reference_policy(
         policy, out, w4a8_kernel, source=spec, overwrite=overwrite, float_convs=float_convs
     )
