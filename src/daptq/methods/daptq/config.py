@@ -57,6 +57,8 @@ class DAPTQConfig(MethodConfig):
     gripper: Literal["chain", "separate"] = "chain"  # the gripper is the chain's last joint (paper's formula)
     gripper_weight: float = 1.0  # gripper="separate": its score relative to the chain's mean
     action_scale: float = 1.0  # action units -> virtual joint increments (rad)
+    # "chain": paper's virtual chain; "fingertip": rigid-body Jacobian to the fingertips; "fixed": 1.8/0.15
+    drift_jacobian: Literal["chain", "fingertip", "fixed"] = "chain"  # (drift.py's docstring)
     drift_weighted: bool = True  # False: sensitivities from the unweighted loss (ablation)
     # --- sensitivity (Eqs. 18-19) -----------------------------------------------------------------------
     sensitivity_batches: int = 8  # R: calibration batches whose gradients are averaged
@@ -229,6 +231,7 @@ class DAPTQConfig(MethodConfig):
             self.gripper,
             self.gripper_weight,
             self.action_scale,
+            jacobian=self.drift_jacobian,
         )
 
     def csrc_options(self) -> CSRCOptions:
