@@ -111,7 +111,7 @@ def test_registry_refuses_duplicates_and_names_unknown_suites(toy_suite):
 
 def test_suites_validate_what_they_declare():
     suite = make_toy_suite()
-    with pytest.raises(ValueError, match="unknown toy-line task 'left'.*right, far-right"):
+    with pytest.raises(ValueError, match="unknown task 'left' of suite toy-line.*right, far-right"):
         suite.check_tasks(["left"])
     with pytest.raises(ValueError, match="duplicate tasks"):
         suite.check_tasks(["right", "all"])

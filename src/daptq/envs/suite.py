@@ -23,6 +23,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+# The suite of every command that names none (and of runs, datasets and caches that predate suites).
+DEFAULT_SUITE = "metaworld"
+
 # Modules that register the built-in suites, imported on the first lookup (name -> module).
 _BUILTIN_MODULES: dict[str, str] = {
     "metaworld": "daptq.envs.metaworld_suite",
@@ -83,6 +88,18 @@ class Observations:
     ee_pose: str = "state[:3]"
     object_pose: str | None = None
 
+    def ee_position(self, obs: Mapping[str, Any], info: Mapping[str, Any]) -> np.ndarray:
+        """The end-effector position (3,) float32 of an observation and its ``info``, as declared."""
+        if self.ee_pose == "state[:3]":
+            return np.asarray(obs["state"][:3], np.float32)
+        return np.array(info["ee_pos"], np.float32)[:3]
+
+    def object_position(self, info: Mapping[str, Any]) -> np.ndarray | None:
+        """The manipulated object's position (3,) float32 from ``info``; None when the suite declares none."""
+        if self.object_pose is None:
+            return None
+        return np.array(info[self.object_pose], np.float32)[:3]
+
     def __post_init__(self) -> None:
         if self.default_camera not in self.cameras:
             raise ValueError(f"default camera {self.default_camera!r} is not one of {self.cameras}")
@@ -110,13 +127,21 @@ class Split:
             )
         return range(self.start + offset, self.start + offset + n)
 
+    def contains(self, episode_id: int) -> bool:
+        return self.start <= episode_id and (self.count is None or episode_id < self.start + self.count)
+
 
 @dataclass(frozen=True)
 class Suite:
     """One benchmark, as the rest of daptq sees it. ``make_env(task, **options)`` builds a gymnasium-style env
     whose ``reset(seed=episode_id)`` / ``step(action)`` return dict observations (``image``, ``state``,
     ``instruction``) and an ``info`` with ``success`` (the simulator's own success test) and ``ee_pos``.
-    ``make_expert(task)`` returns a callable ``expert(env) -> clean action`` (None: no scripted expert)."""
+    ``make_expert(task)`` returns a callable ``expert(env) -> clean action`` (None: no scripted expert).
+
+    ``scene_version`` is what policies declare they were trained on (a mismatch is warned about);
+    ``generation_max_steps`` the step limit of demonstration rollouts (None: the task's evaluation limit);
+    ``noise_std`` the default DART noise of demonstrations; ``packages`` the distributions whose versions key
+    cached reference rollouts and are recorded in datasets."""
 
     name: str
     version: int
@@ -131,6 +156,10 @@ class Suite:
     requires: tuple[str, ...] = ()  # importable modules the suite needs (an optional extra)
     install_hint: str = ""
     families: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # named task groups
+    scene_version: int = 1
+    generation_max_steps: int | None = None
+    noise_std: float = 0.2
+    packages: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -149,7 +178,9 @@ class Suite:
 
     def check_task(self, task: str) -> str:
         if task not in self.tasks:
-            raise ValueError(f"unknown {self.name} task {task!r}; valid tasks are: {', '.join(self.tasks)}")
+            raise ValueError(
+                f"unknown task {task!r} of suite {self.name}; valid tasks are: {', '.join(self.tasks)}"
+            )
         return task
 
     def check_tasks(self, tasks: Sequence[str] | str | None) -> list[str]:
@@ -172,6 +203,34 @@ class Suite:
             valid = ", ".join(self.splits)
             raise ValueError(f"unknown split {split!r} for suite {self.name}; valid splits: {valid}")
         return self.splits[split].ids(count, offset)
+
+    def is_eval_episode(self, episode_id: int) -> bool:
+        """Whether ``episode_id`` belongs to the evaluation split (calibration and training never read it)."""
+        return self.splits["eval"].contains(int(episode_id))
+
+    def split_room(self, split: str) -> int | None:
+        """How many ids ``split`` has before the next split starts (None: unbounded)."""
+        start = self.splits[split].start
+        later = [s.start for s in self.splits.values() if s.start > start]
+        room = min(later) - start if later else None
+        count = self.splits[split].count
+        return count if room is None else room if count is None else min(room, count)
+
+    def generation_steps(self, task: str) -> int:
+        """The step limit of a demonstration rollout of ``task``."""
+        return int(self.generation_max_steps or self.max_steps[self.check_task(task)])
+
+    def check_camera(self, camera: str) -> str:
+        """A camera setting (one name or several comma-separated), each a camera this suite declares."""
+        from daptq.cameras import parse_cameras
+
+        unknown = [c for c in parse_cameras(camera) if c not in self.observations.cameras]
+        if unknown:
+            raise ValueError(
+                f"unknown camera {unknown[0]!r} for suite {self.name}; "
+                f"it has: {', '.join(self.observations.cameras)}"
+            )
+        return camera
 
     def available(self) -> bool:
         """Whether the suite's simulator packages import (without importing them)."""
@@ -216,6 +275,11 @@ def get_suite(name: str) -> Suite:
     if name not in _REGISTRY:
         raise ValueError(f"unknown suite {name!r}; known suites are: {', '.join(suite_names())}")
     return _REGISTRY[name]
+
+
+def is_builtin(name: str) -> bool:
+    """Whether ``name`` is a built-in suite (importable by name in any process, e.g. evaluation workers)."""
+    return name in _BUILTIN_MODULES
 
 
 def suite_names() -> list[str]:

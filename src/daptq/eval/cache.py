@@ -15,9 +15,10 @@ can write the cache directory and knows this format can write an entry that pass
 only you can write (the default, under your home directory), or pass ``--no-reference-cache``.
 
 The key: the reference's digest (weights + config) and declared demo/scene versions, task, environment seed,
-sampling seed, step limit, image size, camera, scene version, daptq's environment version, the versions of
-the packages that compute a rollout (daptq, torch, numpy, mujoco, metaworld) and the thread count (1: float
-reductions depend on it).
+sampling seed, step limit, image size, camera, scene version, daptq's environment version, the suite (its
+name, version, action and state conventions: ``Suite.cache_identity``), the versions of the packages that
+compute a rollout (daptq, torch, numpy, mujoco, metaworld, and the suite's own) and the thread count (1:
+float reductions depend on it). An entry of a suite with a manipulated object also holds the object's path.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ def default_cache_dir() -> Path:
     return Path(base) / "daptq" / "reference-rollouts"
 
 
-def package_versions() -> dict[str, str | None]:
+def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
-    for name in _KEY_PACKAGES:
+    for name in dict.fromkeys((*_KEY_PACKAGES, *extra)):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -65,8 +66,10 @@ def base_key(run: dict[str, Any], reference: dict[str, Any], batch_slots: int = 
 
     ``batch_slots``: the fixed batch size of the policy calls (1: the one-env rollout). Kernels need not give
     bitwise-equal rows at other batch sizes, so rollouts computed at another size are other entries."""
+    from daptq.envs.suite import DEFAULT_SUITE, get_suite
     from daptq.envs.tasks import ENV_VERSION
 
+    suite = get_suite(run.get("suite", DEFAULT_SUITE))
     return {
         "cache_format": CACHE_FORMAT_VERSION,
         "reference_digest": reference["digest"],
@@ -75,7 +78,8 @@ def base_key(run: dict[str, Any], reference: dict[str, Any], batch_slots: int = 
         "camera": run["camera"],
         "scene_version": run["scene_version"],
         "env_version": ENV_VERSION,
-        "versions": package_versions(),
+        "suite": suite.cache_identity(),
+        "versions": package_versions(suite.packages),
         "torch_threads": 1,
         "batch_slots": int(batch_slots),
     }
@@ -103,7 +107,7 @@ class ReferenceCache:
             arrays = read_npz(read_file_bounded(path, "reference-cache entry"), str(path))
         except (OSError, ValueError):  # missing, a link, unreadable, damaged: a miss, recomputed
             return None
-        if set(arrays) != {"key", "ee", "actions", "success", "digest"}:
+        if set(arrays) - {"objects"} != {"key", "ee", "actions", "success", "digest"}:
             return None
         digest = arrays.pop("digest")
         if digest.dtype != np.uint8 or bytes(digest) != content_digest(arrays).encode("ascii"):
@@ -117,7 +121,17 @@ class ReferenceCache:
             return None
         if not (np.isfinite(ee).all() and np.isfinite(actions).all()):
             return None
-        return Rollout(success=bool(success), ee=ee.astype(np.float32), actions=actions.astype(np.float32))
+        objects = arrays.get("objects")
+        if objects is not None and (
+            objects.shape != ee.shape or objects.dtype.kind != "f" or not np.isfinite(objects).all()
+        ):
+            return None
+        return Rollout(
+            success=bool(success),
+            ee=ee.astype(np.float32),
+            actions=actions.astype(np.float32),
+            objects=None if objects is None else objects.astype(np.float32),
+        )
 
     def put(self, key: str, rollout: Rollout) -> None:
         arrays = {
@@ -126,6 +140,8 @@ class ReferenceCache:
             "actions": np.asarray(rollout.actions),
             "success": np.asarray(bool(rollout.success)),
         }
+        if rollout.objects is not None:
+            arrays["objects"] = np.asarray(rollout.objects)
         arrays["digest"] = np.frombuffer(content_digest(arrays).encode("ascii"), dtype=np.uint8)
         try:
             atomic_save_npz(self.path(key), arrays)

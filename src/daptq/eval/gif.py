@@ -27,7 +27,7 @@ def render_rollout_gif(
     """Re-run episode (task, seed) of ``run_dir`` with images and write a GIF (default: in the run dir)."""
     import imageio.v3 as iio
 
-    from daptq.envs import make_env
+    from daptq.eval.runner import run_suite
     from daptq.models.registry import load_policy
 
     config = store.read_config(run_dir)
@@ -38,7 +38,10 @@ def render_rollout_gif(
         raise ValueError(
             f"seed {seed} is outside run {run_dir}'s seeds {run['seed_start']}..+{run['episodes']}"
         )
-    env = make_env(task, image_size=run["image_size"], camera=run["camera"], max_steps=run["max_steps"][task])
+    suite = run_suite(run)  # the run's suite (Meta-World for runs from before suites)
+    env = suite.make_env(
+        task, image_size=run["image_size"], camera=run["camera"], max_steps=run["max_steps"][task]
+    )
     try:
         cand = run_episode(env, load_policy(run["candidate"]), seed, record_frames=True)
         videos = [cand.frames]

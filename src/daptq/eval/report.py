@@ -353,6 +353,19 @@ def _plot_actions(run: RunData, path: Path) -> None:
 # ------------------------------------------------------------------------------------------------- report
 
 
+def _suite_line(run: RunData) -> list[str]:
+    """The suite a run evaluated on, for runs on another suite than Meta-World (whose reports keep their
+    lines; runs written before suites existed are Meta-World runs)."""
+    suite = run.config["run"].get("suite")
+    if suite is None or suite == "metaworld":
+        return []
+    return [f"- suite: {suite} (version {run.config['run'].get('suite_version')})"]
+
+
+def _suite_of(run: RunData) -> str:
+    return str(run.config["run"].get("suite", "metaworld"))
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
@@ -383,6 +396,9 @@ def write_report(
 
     matplotlib.use("Agg")
     runs = [load_run(p) for p in run_dirs]
+    suites = sorted({_suite_of(r) for r in runs})
+    if len(suites) > 1:
+        raise ValueError(f"write_report: the runs are on different suites {suites}; report each suite apart")
     if labels is not None:
         if len(labels) != len(runs):
             raise ValueError(f"write_report: {len(labels)} labels for {len(runs)} runs")
@@ -427,6 +443,7 @@ def write_report(
         md += [f"## Run `{run.path.name}`: {run.label}", ""]
         md += [
             f"- candidate: `{run.config['run']['candidate']}`; reference: `{run.config['run']['reference']}`",
+            *_suite_line(run),
             f"- episodes: {len(run.records)} of {run.total}; seeds from {run.config['run']['seed_start']}",
             f"- git commit: {run.config['provenance'].get('git_commit')}; created "
             f"{run.config['provenance'].get('created')}",

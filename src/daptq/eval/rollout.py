@@ -5,6 +5,10 @@ Pairing: both rollouts start from ``env.reset(seed=seed)`` (identical initial st
 caused by the candidate's weights. A *shadow* reference, reset with the same seed, sees the candidate's
 observations during the candidate rollout: its actions are the reference's answer at the same observation, the
 basis of the action-error metrics.
+
+Where the end effector (and the grasped object, for suites that declare one) is read from is the suite's
+declaration (``daptq.envs.suite.Observations``), passed as ``observations``; None is Meta-World's convention
+(``obs["state"][:3]``, no object).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from daptq.envs.suite import Observations
 from daptq.eval import metrics
 from daptq.models.adapter import Policy
 from daptq.models.batching import SharesVisionFeatures
@@ -23,17 +28,41 @@ from daptq.models.batching import SharesVisionFeatures
 
 @dataclass
 class Rollout:
-    """What one episode leaves: outcome, the end-effector path (T + 1, 3) and the executed actions (T, D)."""
+    """What one episode leaves: outcome, the end-effector path (T + 1, 3), the executed actions (T, D) and,
+    where the suite declares a manipulated object, its path (T + 1, 3)."""
 
     success: bool
     ee: np.ndarray
     actions: np.ndarray
     shadow_actions: np.ndarray | None = None
     frames: list[np.ndarray] | None = None
+    objects: np.ndarray | None = None
 
     @property
     def steps(self) -> int:
         return int(self.actions.shape[0])
+
+
+class _Tracker:
+    """The end-effector (and object) positions of an episode, read as the suite declares them."""
+
+    def __init__(self, observations: Observations | None) -> None:
+        self.observations = observations
+        self.ee: list[np.ndarray] = []
+        self.objects: list[np.ndarray] | None = (
+            [] if observations is not None and observations.object_pose is not None else None
+        )
+
+    def add(self, obs: Any, info: Any) -> None:
+        if self.observations is None:
+            self.ee.append(np.asarray(obs["state"][:3], np.float32))
+            return
+        self.ee.append(self.observations.ee_position(obs, info))
+        if self.objects is not None:
+            self.objects.append(self.observations.object_position(info))
+
+    def paths(self) -> tuple[np.ndarray, np.ndarray | None]:
+        return np.stack(self.ee), None if self.objects is None else np.stack(self.objects)
 
 
 def _checked_action(action: Any, dim: int, who: str, step: int) -> np.ndarray:
@@ -52,19 +81,23 @@ def run_episode(
     shadow: Policy | None = None,
     record_frames: bool = False,
     policy_seed: int | None = None,
+    observations: Observations | None = None,
 ) -> Rollout:
     """Roll ``policy`` out until success (terminated) or the step limit (truncated).
 
     The environment is reset with ``seed``, the policy's (and shadow's) sampling noise with ``policy_seed``
     (default: ``seed``, which is what pairing needs; another value samples the same episode differently).
+    ``observations``: the suite's observation conventions (where the end effector and object are).
     """
-    obs, _ = env.reset(seed=seed)
+    obs, info = env.reset(seed=seed)
     policy_seed = seed if policy_seed is None else policy_seed
     policy.reset(seed=policy_seed)
     if shadow is not None:
         shadow.reset(seed=policy_seed)
     dim = policy.action_space.dim
-    ee, actions, shadow_actions = [np.asarray(obs["state"][:3], np.float32)], [], []
+    track = _Tracker(observations)
+    track.add(obs, info)
+    actions, shadow_actions = [], []
     frames = [obs["image"]] if record_frames else None
     success = False
     done = False
@@ -75,17 +108,19 @@ def run_episode(
             shadow_actions.append(_checked_action(shadow.select_action(obs), dim, "shadow reference", step))
         obs, _, terminated, truncated, info = env.step(action)
         actions.append(action)
-        ee.append(np.asarray(obs["state"][:3], np.float32))
+        track.add(obs, info)
         if frames is not None:
             frames.append(obs["image"])
         success = success or bool(info["success"])
         done = bool(terminated or truncated)
+    ee, objects = track.paths()
     return Rollout(
         success=success,
-        ee=np.stack(ee),
+        ee=ee,
         actions=np.stack(actions) if actions else np.zeros((0, dim), np.float32),
         shadow_actions=np.stack(shadow_actions) if shadow is not None and shadow_actions else None,
         frames=frames,
+        objects=objects,
     )
 
 
@@ -130,6 +165,7 @@ def run_episodes(
     shadow: Any | None = None,
     policy_seeds: Sequence[int] | None = None,
     slots: int | None = None,
+    observations: Observations | None = None,
 ) -> list[Rollout]:
     """``run_episode`` for several episodes stepped in lockstep on ``envs``, the policy (and the shadow)
     called once per step on the batch of episodes that need a new chunk (``predict_chunks``).
@@ -167,7 +203,7 @@ def run_episodes(
     env_of: dict[int, Any] = {}
     free = list(reversed(envs[:n_envs]))
     waiting = deque(range(n))
-    ee: list[list[np.ndarray]] = [[] for _ in range(n)]
+    tracks = [_Tracker(observations) for _ in range(n)]
     actions: list[list[np.ndarray]] = [[] for _ in range(n)]
     shadow_actions: list[list[np.ndarray]] = [[] for _ in range(n)]
     success = [False] * n
@@ -176,8 +212,8 @@ def run_episodes(
             while free and waiting:
                 i, env = waiting.popleft(), free.pop()
                 env_of[i] = env
-                obs[i] = env.reset(seed=int(seeds[i]))[0]
-                ee[i].append(np.asarray(obs[i]["state"][:3], np.float32))
+                obs[i], info = env.reset(seed=int(seeds[i]))
+                tracks[i].add(obs[i], info)
         active = sorted(env_of)
         features = None
         if share_vision and (need := players[0].needing(active)) and need == players[1].needing(active):
@@ -191,20 +227,24 @@ def run_episodes(
                 shadow_actions[i].append(_checked_action(shadowed[i], dim, "shadow reference", step))
             obs[i], _, terminated, truncated, info = env_of[i].step(action)
             actions[i].append(action)
-            ee[i].append(np.asarray(obs[i]["state"][:3], np.float32))
+            tracks[i].add(obs[i], info)
             success[i] = success[i] or bool(info["success"])
             if terminated or truncated:
                 free.append(env_of.pop(i))
                 del obs[i]
-    return [
-        Rollout(
-            success=success[i],
-            ee=np.stack(ee[i]),
-            actions=np.stack(actions[i]),
-            shadow_actions=np.stack(shadow_actions[i]) if shadow is not None else None,
+    rollouts = []
+    for i in range(n):
+        ee, objects = tracks[i].paths()
+        rollouts.append(
+            Rollout(
+                success=success[i],
+                ee=ee,
+                actions=np.stack(actions[i]),
+                shadow_actions=np.stack(shadow_actions[i]) if shadow is not None else None,
+                objects=objects,
+            )
         )
-        for i in range(n)
-    ]
+    return rollouts
 
 
 def episode_record(
@@ -220,6 +260,9 @@ def episode_record(
 
     ``floor`` is the reference re-sampled with another noise seed: its drift from the reference (``floor_*``)
     is how far the policy's own sampling noise alone moves a trajectory, the floor for the candidate's drift.
+    Where the suite declares a manipulated object, its paths are kept (``objects``, ``ref_objects``,
+    ``floor_objects``) and its drift from the reference's is recorded as ``object_drift_*`` (and
+    ``floor_object_drift_*``).
     """
     arrays = {"ee": candidate.ee, "actions": candidate.actions}
     record: dict[str, Any] = {
@@ -240,4 +283,14 @@ def episode_record(
             record["floor_success"] = floor.success
             arrays["floor_ee"] = floor.ee
     record.update(metrics.episode_metrics(arrays, divergence_threshold, hf_cutoff))
+    if candidate.objects is not None:
+        arrays["objects"] = candidate.objects
+        if reference is not None and reference.objects is not None:
+            arrays["ref_objects"] = reference.objects
+            drift = metrics.drift_metrics(candidate.objects, reference.objects, divergence_threshold)
+            record.update({f"object_{k}": v for k, v in drift.items()})
+            if floor is not None and floor.objects is not None:
+                arrays["floor_objects"] = floor.objects
+                drift = metrics.drift_metrics(floor.objects, reference.objects, divergence_threshold)
+                record.update({f"floor_object_{k}": v for k, v in drift.items()})
     return record, arrays

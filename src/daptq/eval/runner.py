@@ -5,6 +5,10 @@ is the single writer of the run directory (see ``daptq.eval.store`` for why a cr
 an episode). The parent is also one of the ``workers``: it has loaded the policies to validate the request
 anyway, so M workers start M - 1 processes, and those start (import, load the policies) while the parent
 validates. With ``workers=1`` every episode runs in the parent.
+
+Everything about the benchmark comes from its suite (``daptq.envs.suite``, ``run["suite"]``): tasks, step
+limits, the evaluation split, what to render by default, the environments and where the end effector and the
+manipulated object are read for drift. A run written before suites existed is a Meta-World run.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from daptq.envs.suite import DEFAULT_SUITE, Suite, get_suite, is_builtin
 from daptq.eval import store
 from daptq.eval.cache import ReferenceCache, base_key
 from daptq.eval.local_pool import LocalPool, pool_results
@@ -90,6 +95,7 @@ class EpisodeRunner:
         self.cache = None
         if execution.get("reference_cache") and self.reference is not None:
             self.cache = ReferenceCache(execution["reference_cache"], execution["cache_key"])
+        self.suite = run_suite(run)
         self._task: str | None = None
         self._envs: list[Any] = []
 
@@ -97,10 +103,8 @@ class EpisodeRunner:
         if task != self._task:
             self.close()
             self._task = task
-        from daptq.envs import make_env
-
         while len(self._envs) < n:
-            env = make_env(
+            env = self.suite.make_env(
                 task,
                 image_size=self.run["image_size"],
                 camera=self.run["camera"],
@@ -119,13 +123,17 @@ class EpisodeRunner:
     def _rollouts(self, policy: Any, task: str, seeds: list[int], offset: int, shadow: Any = None) -> list:
         envs = self.envs(task, min(len(seeds), self.slots))
         policy_seeds = [s + offset for s in seeds]
+        observations = self.suite.observations
         if self.slots == 1:
             env = envs[0]
             return [
-                run_episode(env, policy, s, shadow=shadow, policy_seed=p)
+                run_episode(env, policy, s, shadow=shadow, policy_seed=p, observations=observations)
                 for s, p in zip(seeds, policy_seeds, strict=True)
             ]
-        return run_episodes(envs, policy, seeds, shadow=shadow, policy_seeds=policy_seeds, slots=self.slots)
+        return run_episodes(
+            envs, policy, seeds, shadow=shadow, policy_seeds=policy_seeds, slots=self.slots,
+            observations=observations,
+        )  # fmt: skip
 
     def reference_rollouts(self, task: str, seeds: list[int], offset: int) -> list[tuple[Rollout, bool]]:
         """The reference's rollouts of (task, seed) with sampling seeds ``seed + offset``; True if cached."""
@@ -187,6 +195,11 @@ class EpisodeRunner:
         self._envs, self._task = [], None
 
 
+def run_suite(run: dict[str, Any]) -> Suite:
+    """The suite a run evaluates on (runs written before suites existed are Meta-World runs)."""
+    return get_suite(run.get("suite", DEFAULT_SUITE))
+
+
 def _load(spec: str) -> Any:
     from daptq.models.registry import load_policy
 
@@ -209,9 +222,10 @@ def set_process_defaults() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report from `--backend ray`
 
 
-def _init_worker(specs: Mapping[str, str]) -> None:
+def _init_worker(specs: Mapping[str, str], suite: str = DEFAULT_SUITE) -> None:
     """Start a pool worker from the model specs alone (role -> spec, known before the parent's validation
-    ends): load the policies and import the simulator, so the first job only builds its envs."""
+    ends) and the suite's name: load the policies and import the simulator, so the first job only builds
+    its envs."""
     global _WORKER_INIT_ERROR
     set_process_defaults()
     import torch
@@ -220,7 +234,10 @@ def _init_worker(specs: Mapping[str, str]) -> None:
     try:
         for role, spec in specs.items():
             _WORKER_POLICIES[role] = _load(spec)  # one instance per role, also for equal specs
-        import daptq.envs.metaworld_env  # noqa: F401  (MuJoCo, Meta-World: the first job's envs)
+        if suite == DEFAULT_SUITE:
+            import daptq.envs.metaworld_env  # noqa: F401  (MuJoCo, Meta-World: the first job's envs)
+        else:
+            get_suite(suite).require()
     except (
         Exception
     ) as exc:  # re-raised from _run_job: a Pool would respawn a worker whose init raised, forever
@@ -345,42 +362,51 @@ def _run_spec(
     divergence_threshold: float,
     hf_cutoff: float,
     reseed_floor: bool = True,
+    suite: str = DEFAULT_SUITE,
 ) -> dict[str, Any]:
-    """Validate the request and resolve its defaults: the identity of a run (what --resume must match)."""
-    from daptq.envs import DEFAULT_MAX_STEPS, MT10, SCENE_VERSION, SEED_SPLITS, check_tasks, parse_cameras
-
+    """Validate the request and resolve its defaults from the suite: the identity of a run (what --resume
+    must match)."""
+    if not isinstance(suite, str) or not suite:
+        raise ValueError(f"suite must be a suite name, got {suite!r}")
+    bench = get_suite(suite)
     if not isinstance(candidate, str) or not candidate:
         raise ValueError(f"candidate must be a model spec string, got {candidate!r}")
     if reference is not None and (not isinstance(reference, str) or not reference):
         raise ValueError(f"reference must be a model spec string or None, got {reference!r}")
-    tasks = check_tasks(MT10 if tasks is None else ([tasks] if isinstance(tasks, str) else tasks))
+    tasks = bench.check_tasks(tasks)
     _check_int("episodes", episodes, 1)
-    seed_start = SEED_SPLITS["eval"] if seed_start is None else _check_int("seed_start", seed_start, 0)
+    eval_split = bench.splits["eval"]
+    seed_start = eval_split.start if seed_start is None else _check_int("seed_start", seed_start, 0)
     if seed_start + episodes > 2**32:
         raise ValueError(f"seeds {seed_start}..{seed_start + episodes - 1} exceed the 32-bit seed range")
+    if eval_split.contains(seed_start) and not eval_split.contains(seed_start + episodes - 1):
+        bench.episode_ids("eval", episodes, seed_start - eval_split.start)  # says how many there are
     if max_steps is not None:
         _check_int("max_steps", max_steps, 1)
     if image_size is not None:
         _check_int("image_size", image_size, 1)
     if camera is not None:
-        parse_cameras(camera)
+        bench.check_camera(camera)
     if not isinstance(reseed_floor, bool):
         raise ValueError(f"reseed_floor must be True or False, got {reseed_floor!r}")
-    return {
+    run = {
         "candidate": candidate,
         "reference": reference,
         "tasks": tasks,
         "episodes": episodes,
         "seed_start": seed_start,
-        "max_steps": {t: int(max_steps or DEFAULT_MAX_STEPS[t]) for t in tasks},
+        "max_steps": {t: int(max_steps or bench.max_steps[t]) for t in tasks},
         "image_size": image_size,
         "camera": camera,
         "divergence_threshold": _check_float("divergence_threshold (metres)", divergence_threshold, 0.0),
         "hf_cutoff": _check_float("hf_cutoff (cycles/step)", hf_cutoff, 0.0, 0.5),
-        "scene_version": SCENE_VERSION,
+        "scene_version": bench.scene_version,
         "reseed_floor": bool(reseed_floor) and reference is not None,
         "floor_seed_offset": FLOOR_SEED_OFFSET,
+        "suite": bench.name,
+        "suite_version": bench.version,
     }
+    return run
 
 
 def _warn_on_scene_mismatch(infos: list[PolicyInfo], scene_version: int) -> None:
@@ -395,11 +421,17 @@ def _warn_on_scene_mismatch(infos: list[PolicyInfo], scene_version: int) -> None
 
 
 def _observation_settings(
-    infos: list[PolicyInfo], image_size: int | None, camera: str | None
+    infos: list[PolicyInfo], image_size: int | None, camera: str | None, suite: Suite | None = None
 ) -> tuple[int, str]:
-    """Render what the policies declare (``PolicyInfo.image_size`` / ``camera``), else 96 px, "corner3"."""
+    """Render what the policies declare (``PolicyInfo.image_size`` / ``camera``), else the suite's defaults
+    (Meta-World: 96 px, "corner3")."""
+    suite = suite or get_suite(DEFAULT_SUITE)
     resolved: dict[str, Any] = {"image_size": image_size, "camera": camera}
-    for name, default in (("image_size", 96), ("camera", "corner3")):
+    defaults = (
+        ("image_size", suite.observations.default_image_size),
+        ("camera", suite.observations.default_camera),
+    )
+    for name, default in defaults:
         declared = {getattr(i, name) for i in infos if getattr(i, name) is not None}
         if len(declared) > 1:
             raise ValueError(f"candidate and reference expect different {name}: {sorted(declared)}")
@@ -417,10 +449,10 @@ def _observation_settings(
 def _check_environment(run: dict[str, Any], action_dim: int) -> None:
     """Build (and close) one environment as the workers will, so an unknown camera or an action-dimension
     mismatch fails before anything is written."""
-    from daptq.envs import make_env
-
     task = run["tasks"][0]
-    env = make_env(task, image_size=run["image_size"], camera=run["camera"], max_steps=run["max_steps"][task])
+    env = run_suite(run).make_env(
+        task, image_size=run["image_size"], camera=run["camera"], max_steps=run["max_steps"][task]
+    )
     try:
         env_dim = int(env.action_space.shape[0])
     finally:
@@ -450,7 +482,9 @@ def _run_config(run: dict[str, Any], execution: dict[str, Any]) -> tuple[dict[st
     if ref_policy is not None:
         ref_info = cand_info if ref_policy is cand_policy else ref_policy.info()
     infos = [i for i in (cand_info, ref_info) if i is not None]
-    run["image_size"], run["camera"] = _observation_settings(infos, run["image_size"], run["camera"])
+    suite = run_suite(run)
+    suite.require()
+    run["image_size"], run["camera"] = _observation_settings(infos, run["image_size"], run["camera"], suite)
     _warn_on_scene_mismatch(infos, run["scene_version"])
     _check_environment(run, cand_policy.action_space.dim)
     policies = {"candidate": cand_policy}
@@ -478,6 +512,9 @@ def _run_config(run: dict[str, Any], execution: dict[str, Any]) -> tuple[dict[st
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
     """What must match for a resume: the run settings and what the models resolved to (digests included)."""
     ident = {**config["run"], "candidate_model": config["candidate"], "reference_model": config["reference"]}
+    if "suite" not in ident:  # written before suites existed: a Meta-World run
+        meta = get_suite(DEFAULT_SUITE)
+        ident.update(suite=meta.name, suite_version=meta.version)
     return json.loads(json.dumps(ident))  # compare in JSON form (tuples become lists, as on disk)
 
 
@@ -603,6 +640,7 @@ def evaluate(
     envs_per_worker: int = 1,
     backend: str = "local",
     ray_address: str | None = None,
+    suite: str = DEFAULT_SUITE,
 ) -> dict[str, Any]:
     """Evaluate ``candidate`` on ``episodes`` seeds per task; paired against ``reference`` when one is given.
 
@@ -620,7 +658,9 @@ def evaluate(
     episode ended with the next seed); N = 1 is the one-env rollout. ``backend`` "local" runs
     ``workers`` processes, this one included (the others start while this one validates); "ray" runs
     ``workers`` Ray actors (``daptq.eval.ray_backend``; ``ray_address`` joins an existing cluster); either
-    way this process is the run directory's only writer.
+    way this process is the run directory's only writer. ``suite`` names the benchmark (a registered
+    ``daptq.envs.suite`` suite: "metaworld", "libero", or one registered in this process, which then runs
+    in this process only: ``workers=1``).
     Everything is validated before the first write; the run directory is locked while this call writes it.
     """
     workers = _check_int("workers", workers, 1)
@@ -635,8 +675,13 @@ def evaluate(
         _import_ray()  # a clear error before anything is written
     run = _run_spec(
         candidate, reference, tasks, episodes, seed_start, max_steps, image_size, camera,
-        divergence_threshold, hf_cutoff, reseed_floor,
+        divergence_threshold, hf_cutoff, reseed_floor, suite,
     )  # fmt: skip
+    if not is_builtin(run["suite"]) and (workers > 1 or backend == "ray"):
+        raise ValueError(
+            f"suite {run['suite']!r} is registered in this process only (not a built-in suite), so worker "
+            "processes cannot build its environments; run it with workers=1 and the local backend"
+        )
     if reference_cache is not None and Path(reference_cache).exists() and not Path(reference_cache).is_dir():
         raise ValueError(f"reference_cache {reference_cache}: exists and is not a directory")
     set_process_defaults()
@@ -657,7 +702,12 @@ def evaluate(
             if run["reference"] is not None:
                 specs["reference"] = run["reference"]
             pool = stack.enter_context(
-                LocalPool(mp.get_context("spawn"), processes, initializer=_init_worker, initargs=(specs,))
+                LocalPool(
+                    mp.get_context("spawn"),
+                    processes,
+                    initializer=_init_worker,
+                    initargs=(specs, run["suite"]),
+                )
             )  # leaving the with-block (normally or by an exception) terminates the workers
         config, policies = _run_config(run, execution)
         context = {**execution}

@@ -59,6 +59,21 @@ def _group(records: list[dict[str, Any]], paired: bool) -> dict[str, Any]:
         }
     )
     out.update(_floor(records, out["drift_mean"]))
+    out.update(_objects(records))
+    return out
+
+
+def _objects(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Drift of the manipulated object from its path under FP (suites that declare an object, e.g. LIBERO);
+    nothing for suites without one, so their summaries keep their keys."""
+    if not records or not all("object_drift_mean" in r for r in records):
+        return {}
+    out = {
+        "object_drift_mean": _mean([r["object_drift_mean"] for r in records]),
+        "object_drift_final_mean": _mean([r["object_drift_final"] for r in records]),
+    }
+    if all("floor_object_drift_mean" in r for r in records):
+        out["floor_object_drift_mean"] = _mean([r["floor_object_drift_mean"] for r in records])
     return out
 
 
@@ -105,10 +120,13 @@ def summarize(
 def format_summary(summary: dict[str, Any]) -> str:
     """A plain-text table of a summary (per task and overall), for the command line."""
     paired = summary["paired"]
+    objects = paired and "object_drift_mean" in summary["overall"]
     head = f"{'task':<22} {'n':>4} {'success % [95% CI]':>22}"
     if paired:
         head += f" {'FP %':>6} {'McNemar p':>9} {'drift cm':>8} {'final cm':>8} {'diverged':>8}"
         head += f" {'floor cm':>8} {'drift/floor':>11}"
+    if objects:
+        head += f" {'object cm':>9}"
     lines = [head, "-" * len(head)]
     rows = [*summary["per_task"].items(), ("overall", summary["overall"])]
     for task, s in rows:
@@ -127,5 +145,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             floor, ratio = s.get("floor_drift_mean"), s.get("drift_to_floor_ratio")
             line += f" {'-' if floor is None else f'{100 * floor:.2f}':>8}"
             line += f" {'-' if ratio is None else f'{ratio:.2f}':>11}"
+        if objects:
+            obj = s.get("object_drift_mean")
+            line += f" {'-' if obj is None else f'{100 * obj:.2f}':>9}"
         lines.append(line)
     return "\n".join(lines)
