@@ -288,20 +288,33 @@ class DAPTQ(Method):
 
     def _candidates(self, plan: ScopePlan) -> dict[str, dict[Any, QuantSpec]]:
         """Per layer, each allocator choice and the spec it means on that layer: ``bits`` on the layer's own
-        (fitted) grid, or ``formats`` with their group sizes fitted to the fan-in by the scope's rule."""
+        (fitted) grid, or ``formats`` with their group sizes fitted to the fan-in by the scope's rule.
+
+        A registered-type layer (GR00T's category-specific projections) takes the integer choices only: its
+        quantized type has no float-weight mode (a scope rule with ``spec: null`` keeps one float)."""
         cfg = self.config
         formats = cfg.weight_formats()
-        if not formats:
-            return {n: {b: with_weight_bits(m.spec, b) for b in cfg.bits} for n, m in plan.modules.items()}
         out: dict[str, dict[Any, QuantSpec]] = {}
         for n, m in plan.modules.items():
-            row = {}
-            for f in formats:
-                asked = QuantSpec(f.weight_spec(m.spec.weight), m.spec.activation, m.spec.version)
-                fitted, note = fit_group_size(asked, m.fan_in, cfg.scope.group_fallback)
-                if fitted is None:
-                    raise ValueError(f"DA-PTQ: format {f.label} cannot serve {n} (fan-in {m.fan_in}): {note}")
-                row[f] = fitted
+            if not formats:
+                row = {b: with_weight_bits(m.spec, b) for b in cfg.bits}
+            else:
+                row = {}
+                for f in formats:
+                    asked = QuantSpec(f.weight_spec(m.spec.weight), m.spec.activation, m.spec.version)
+                    fitted, note = fit_group_size(asked, m.fan_in, cfg.scope.group_fallback)
+                    if fitted is None:
+                        raise ValueError(
+                            f"DA-PTQ: format {f.label} cannot serve {n} (fan-in {m.fan_in}): {note}"
+                        )
+                    row[f] = fitted
+            if n in self._registered:
+                row = {c: q for c, q in row.items() if not q.weight.is_float}
+                if not row:
+                    raise ValueError(
+                        f"DA-PTQ: {n} ({m.kind}) rounds its weight, but every candidate keeps it float; "
+                        "add an integer bit width or format"
+                    )
             out[n] = row
         return out
 
