@@ -262,6 +262,63 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _comma_list(convert, what: str):
+    """``4,8,16`` -> a tuple, each item through ``convert`` (argparse names ``what`` in the error)."""
+
+    def parse(text: str) -> tuple:
+        items = [t.strip() for t in text.split(",")]
+        if not all(items):
+            raise argparse.ArgumentTypeError(f"{what}: an empty item in {text!r}")
+        return tuple(convert(t) for t in items)
+
+    parse.__name__ = "list"
+    return parse
+
+
+def _add_daptq_budget_options(q) -> None:
+    """DA-PTQ ``budget`` options (dest ``method_<DAPTQConfig field>``; docs/methods.md, "Budget options")."""
+    q.add_argument(
+        "--a-bits-choices",
+        dest="method_activation_choices",
+        type=_comma_list(int_choice((4, 8, 16), "activation bits"), "--a-bits-choices"),
+        metavar="4,8,16",
+        help="daptq --avg-bits: choose each layer's activation width from these (16: float), priced by the "
+        "drift-weighted Fisher of the output perturbation",
+    )
+    q.add_argument(
+        "--a-mode",
+        dest="method_activation_mode",
+        choices=["dynamic_per_token", "static_per_tensor"],
+        help="daptq --a-bits-choices: per-token dynamic (default) or calibrated static activation scales",
+    )
+    q.add_argument(
+        "--formats",
+        dest="method_formats",
+        type=_comma_list(str, "--formats"),
+        metavar="F,...",
+        help="daptq --avg-bits: candidate weight formats, e.g. 2g32,4g128,8pc,16; terng64/bing128 "
+        "(ternary/binary); 'sub2' (below 2 bits: avg 1.5 feasible) or 'grouped'",
+    )
+    q.add_argument(
+        "--latency-weight",
+        dest="method_latency_weight",
+        type=float_in(0),
+        help="daptq --avg-bits: objective += this x latency (MiB read, + compute at the activation width)",
+    )
+    q.add_argument(
+        "--latency-compute",
+        dest="method_latency_compute",
+        type=float_in(0),
+        help="daptq: weight of the compute term in the latency model (default 1: A4 costs 1/4 of A16)",
+    )
+    q.add_argument(
+        "--act-cost-weight",
+        dest="method_activation_cost_weight",
+        type=float_in(0),
+        help="daptq --a-bits-choices: multiplier of the activation cost beside the weight cost (default 1)",
+    )
+
+
 def _add_quantize_parser(sub) -> None:
     from daptq.quant.spec import ACTIVATION_BITS, WEIGHT_BITS
 
@@ -291,6 +348,7 @@ def _add_quantize_parser(sub) -> None:
         type=float_in(0, 16, lo_open=True, hi_open=True),
         help="average bits per weight in (0, 16), scales counted (qvla; daptq: its budget preset)",
     )
+    _add_daptq_budget_options(q)
     q.add_argument(
         "--symmetric-range",
         choices=["restricted", "full", "full_exact"],

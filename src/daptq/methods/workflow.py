@@ -44,16 +44,26 @@ def config_from_options(
     include_encoders: bool = False,
     symmetric_range: str | None = None,
     avg_bits: float | None = None,
+    method_options: dict[str, Any] | None = None,
 ) -> MethodConfig:
     """A method config from a YAML/JSON file or from the bit-width options (not both).
 
     With bit widths only, symmetric weights use the method's measured grid convention for that bit width
-    (``MethodConfig.default_symmetric_range``) unless ``symmetric_range`` is given."""
+    (``MethodConfig.default_symmetric_range``) unless ``symmetric_range`` is given. ``method_options``: other
+    fields of the method's config by name (``daptq quantize --a-bits-choices/--formats/...``). A method whose
+    budget is a preset of its own (daptq) takes ``--avg-bits`` with ``--a-bits``/``--group-size`` alone."""
     config_type = config_type_for(method)
+    method_options = dict(method_options or {})
+    budget_grid = avg_bits is not None and w_bits is None and hasattr(config_type, "with_average_bits")
+    if budget_grid and (asymmetric or observer or symmetric_range is not None):
+        raise ValueError(
+            f"--avg-bits: {method}'s budget grid is asymmetric min-max; --asymmetric/--observer/"
+            "--symmetric-range do not apply (give a --config file for other grids)"
+        )
     flags = w_bits is not None or a_bits is not None or group_size is not None or asymmetric or observer
     flags = flags or symmetric_range is not None
     if config_path is not None:
-        if flags:
+        if flags or method_options:
             raise ValueError("give either --config or the --w-bits/--a-bits/... options, not both")
         path = Path(config_path)
         if not path.is_file():
@@ -76,17 +86,26 @@ def config_from_options(
             grid = symmetric_range or config_type.default_symmetric_range(w_bits)
             spec = spec_from_bits(w_bits, a_bits, group_size, not asymmetric, observer or "minmax", grid)
             config = dataclasses.replace(config, spec=spec)
-        elif flags:
+        elif flags and not budget_grid:
             raise ValueError("--a-bits/--group-size/--asymmetric/--observer/--symmetric-range need --w-bits")
     if avg_bits is not None:  # a bit budget (average bits per weight, scales and zero points counted)
         if config_path is not None:
             raise ValueError("give avg_bits in the --config file or as --avg-bits, not both")
         if hasattr(config, "with_average_bits"):  # methods whose budget is a preset of their own (daptq)
-            config = config.with_average_bits(avg_bits)
+            grid = {"a_bits": a_bits, "group_size": group_size} if budget_grid else {}
+            options = {k: v for k, v in grid.items() if v is not None}
+            config = config.with_average_bits(avg_bits, **options, **method_options)
+            method_options = {}
         elif "avg_bits" in {f.name for f in dataclasses.fields(config)}:
             config = dataclasses.replace(config, avg_bits=avg_bits)
         else:
             raise ValueError(f"--avg-bits: method {method!r} has no bit budget")
+    if method_options:
+        fields = {f.name for f in dataclasses.fields(config)}
+        unknown = sorted(set(method_options) - fields)
+        if unknown:
+            raise ValueError(f"method {method!r} has no option {unknown[0]!r} (options: `daptq methods`)")
+        config = dataclasses.replace(config, **method_options)
     if include_encoders:
         config = dataclasses.replace(config, scope=dataclasses.replace(config.scope, include_encoders=True))
     return config
@@ -166,6 +185,11 @@ def quantize_from_args(args: argparse.Namespace) -> Path:
         include_encoders=args.include_encoders,
         symmetric_range=args.symmetric_range,
         avg_bits=args.avg_bits,
+        method_options={  # the method-specific options: dest "method_<config field>"
+            k.removeprefix("method_"): v
+            for k, v in vars(args).items()
+            if k.startswith("method_") and v is not None
+        },
     )
     from daptq.methods import get_method
 
