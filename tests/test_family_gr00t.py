@@ -81,8 +81,7 @@ def test_checkpoint_has_the_original_layout(ckpt):
     e = "backbone.eagle_model."
     assert f"{e}vision_model.vision_model.encoder.layers.1.self_attn.q_proj.weight" in index
     assert {
-        f"{e}mlp1.1.weight",
-        f"{e}mlp1.3.bias",
+        f"{e}mlp1.0.weight",  # N1.5's one-Linear connector (N1: LayerNorm, Linear, GELU, Linear)
         f"{e}language_model.model.layers.1.self_attn.q_norm.weight",
     } <= set(index)
     assert not any("lm_head" in k for k in index)  # GR00T drops the LLM head
@@ -185,7 +184,7 @@ def test_adapter_declarations():
     assert all(mods[n].role == "interface" and mods[n].stack == "dit" for n in ifaces)
     assert mods["action_head.model.transformer_blocks.1.attn1.to_k"].role == "action_head"
     assert mods["action_head.model.transformer_blocks.3.ff.net.2"].block == 3
-    assert mods["backbone.eagle_model.mlp1.1"].role == "backbone"
+    assert mods["backbone.eagle_model.mlp1.0"].role == "backbone"
     assert mods["backbone.eagle_model.language_model.model.layers.1.mlp.up_proj"].stack == "backbone"
     assert mods["backbone.eagle_model.vision_model.vision_model.encoder.layers.0.mlp.fc1"].role == "vision"
     assert adapter.objective_kind == "flow_matching"
@@ -344,3 +343,86 @@ def test_category_linear_groups_and_static_activations():
         ValueError, match=r"action_head\.state_encoder\.layer1: a CategorySpecificLinear takes"
     ):
         quantize_policy(_adapter(), RTNConfig(spec=static), CalibrationSet([_raw(1)], {"source": "test"}))
+
+
+def _released_config(model_type: str) -> dict:
+    """A released checkpoint's ``config.json`` fields the loader reads (GR00T-N1.5-3B's action head)."""
+    head = {
+        "action_dim": 32,
+        "action_horizon": 16,
+        "max_state_dim": 64,
+        "hidden_size": 1024,
+        "input_embedding_dim": 1536,
+        "backbone_embedding_dim": 2048,
+        "diffusion_model_cfg": {
+            "num_attention_heads": 32,
+            "attention_head_dim": 48,
+            "output_dim": 1024,
+            "num_layers": 16,
+            "interleave_self_attention": True,
+            "cross_attention_dim": 2048,
+            "positional_embeddings": None,
+        },
+        "vl_self_attention_cfg": {"num_attention_heads": 32, "attention_head_dim": 64, "num_layers": 4},
+    }
+    backbone = {"select_layer": 12, "project_to_dim": None}
+    if model_type == "gr00t_n1_5":
+        backbone["eagle_path"] = "NVEagle/eagle_er-qwen3_1_7B-Siglip2_400M_stage1_5_128gpu_er_v7_1mlp_nops"
+    return {"model_type": model_type, "backbone_cfg": backbone, "action_head_cfg": head}
+
+
+@pytest.mark.parametrize(
+    ("model_type", "tokens", "connector"),
+    [
+        # N1.5 (Eagle 2.5, "1mlp_nops"): 256 patch tokens, mlp1 = (Linear 1152 -> 2048,)
+        ("gr00t_n1_5", 256, {"mlp1.0.weight": (2048, 1152), "mlp1.0.bias": (2048,)}),
+        # N1 (Eagle 2): pixel shuffle 0.5 -> 64 tokens of 4 x 1152, mlp1 = (LayerNorm, Linear, GELU, Linear)
+        (
+            "gr00t_n1",
+            64,
+            {"mlp1.0.weight": (4608,), "mlp1.1.weight": (2048, 4608), "mlp1.3.weight": (2048, 2048)},
+        ),
+    ],
+)
+def test_released_configs_give_the_checkpoint_shapes(model_type, tokens, connector):
+    """The layout is detected from ``config.json``'s ``model_type``; the shapes are the released checkpoints'
+    (N1.5: Conv2d patch embedding [1152, 3, 14, 14], positions [256, 1152], mlp1.0 [2048, 1152])."""
+    from daptq.models.gr00t.config import Gr00tConfig
+    from daptq.models.gr00t.model import Gr00tN1
+
+    c = Gr00tConfig.from_checkpoint_config(_released_config(model_type))
+    assert c.tokens_per_image == tokens
+    with torch.device("meta"):
+        model = Gr00tN1(c)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    e = f"backbone.{'eagle_model' if model_type == 'gr00t_n1_5' else 'model'}."
+    v = f"{e}vision_model.vision_model.embeddings."
+    assert shapes[f"{v}patch_embedding.weight"] == (1152, 3, 14, 14)
+    assert shapes[f"{v}position_embedding.weight"] == (256, 1152)
+    assert {k: s for k, s in shapes.items() if k.startswith(f"{e}mlp1.")} == {
+        f"{e}{k}": s
+        for k, s in {
+            **connector,
+            **{k.replace("weight", "bias"): s[:1] for k, s in connector.items()},
+        }.items()
+    }
+
+
+def test_n15_connector_round_trips_and_an_n1_connector_is_refused(tmp_path):
+    """A tiny N1.5 directory reads back tensor for tensor, its image tokens are the SigLIP patches; an
+    N1-style connector (``mlp1.1``) or a pixel-shuffled input width in an N1.5 directory is refused."""
+    d = write_tiny_checkpoint(tmp_path / "a")
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["backbone_cfg"]["eagle_path"].endswith("_1mlp_nops")
+    policy = load_gr00t(d)
+    assert policy.config.tokens_per_image == 16  # 28 px / 7 px patches, no pixel shuffle
+    for k, v in _base().state_dict().items():
+        assert torch.equal(policy.model.state_dict()[k], v), k
+    e = "backbone.eagle_model.mlp1."
+    _rewrite(d, lambda t: {k.replace(f"{e}0.", f"{e}1."): v for k, v in t.items()})
+    with pytest.raises(ValueError, match=rf"2 missing: {e}0\.weight; {e}0\.bias \| 2 unexpected: {e}1\."):
+        load_gr00t(d)
+    d = write_tiny_checkpoint(tmp_path / "b")
+    _rewrite(d, lambda t: {k: (v.repeat(1, 4) if k == f"{e}0.weight" else v) for k, v in t.items()})
+    with pytest.raises(ValueError, match=rf"mis-shaped: {e}0\.weight: file \(64, 128\), model \(64, 32\)"):
+        load_gr00t(d)

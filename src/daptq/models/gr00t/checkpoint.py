@@ -36,6 +36,8 @@ from daptq.models.openvla_oft.checkpoint import (
 )
 
 METADATA = Path("experiment_cfg") / "metadata.json"
+# Released N1.5 checkpoints' backbone_cfg.eagle_path: SigLIP-2 400M, one-Linear connector, no pixel shuffle.
+N15_EAGLE_PATH = "NVEagle/eagle_er-qwen3_1_7B-Siglip2_400M_stage1_5_128gpu_er_v7_1mlp_nops"
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,11 @@ def save_gr00t_checkpoint(
         "model_type": c.model_type,
         "action_dim": c.action_dim,
         "action_horizon": c.action_horizon,
-        "backbone_cfg": {"select_layer": c.select_layer, "project_to_dim": c.project_to_dim},
+        "backbone_cfg": {
+            "select_layer": c.select_layer,
+            "project_to_dim": c.project_to_dim,
+            **({"eagle_path": N15_EAGLE_PATH} if c.model_type == "gr00t_n1_5" else {}),
+        },
         "action_head_cfg": {
             "action_dim": c.action_dim,
             "action_horizon": c.action_horizon,

@@ -4,9 +4,12 @@ A checkpoint directory's ``config.json`` (``model_type`` ``gr00t_n1_5`` or ``gr0
 ``backbone_cfg`` (``select_layer``: how many LLM layers are kept; ``project_to_dim``) and ``action_head_cfg``
 (the DiT, the VL self-attention, the embodiment-specific encoders, flow-matching settings) as the original's
 ``FlowmatchingActionHeadConfig``. The Eagle VLM's own sizes live in the gr00t package, not in the checkpoint:
-the defaults here are N1.5's (SigLIP 400M at 224 px with pixel shuffle 0.5 -> 64 tokens per image, Qwen3-1.7B
-truncated to 12 layers). Directories written by daptq's test writer record the exact (tiny) sizes under
-``"daptq_gr00t"``.
+the defaults here are N1.5's Eagle 2.5 (``backbone_cfg.eagle_path`` ``...Siglip2_400M..._1mlp_nops``:
+SigLIP-2 400M weights in transformers' ``SiglipVisionModel`` layout, Conv2d patch embedding, at 224 px -> 256
+patch tokens per image, no pixel shuffle, a one-Linear connector ``mlp1.0`` (1152 -> 2048), Qwen3-1.7B
+truncated to 12 layers). N1's Eagle 2 pixel-shuffles 0.5 (64 tokens per image) into a LayerNorm +
+two-Linear ``mlp1``; the layout follows ``model_type``. Directories written by daptq's test writer record
+the exact (tiny) sizes under ``"daptq_gr00t"``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class Gr00tConfig:
     vision_heads: int = 16
     vision_intermediate: int = 4304
     downsample_ratio: float = 0.5
+    use_pixel_shuffle: bool = False  # Eagle 2.5 (N1.5): patch tokens go to mlp1 as they are; N1: True
+    mlp_connector_layers: int = 1  # 1: mlp1 = (Linear,); 2 (N1): (LayerNorm, Linear, GELU, Linear)
     num_views: int = 1
     # LLM (transformers Qwen3 or Llama), truncated to select_layer layers
     llm_type: str = "qwen3"
@@ -93,8 +98,16 @@ class Gr00tConfig:
                 "(every released GR00T uses 1.0)"
             )
         grid = self.image_size // self.patch_size
-        if self.image_size % self.patch_size or (grid * self.downsample_ratio) % 1:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.use_pixel_shuffle and (grid * self.downsample_ratio) % 1:
             raise ValueError("image_size / patch_size must give a grid the pixel shuffle can halve")
+        if self.mlp_connector_layers not in (1, 2):
+            raise ValueError(f"mlp_connector_layers must be 1 or 2, got {self.mlp_connector_layers}")
+        if self.mlp_connector_layers == 2 and not self.use_pixel_shuffle:
+            raise ValueError("a two-layer mlp1 reads pixel-shuffled tokens (use_pixel_shuffle=True)")
         d = self.dit
         if d.get("positional_embeddings"):
             raise ValueError("DiT positional_embeddings are not supported (released GR00T N1.5: null)")
@@ -107,7 +120,13 @@ class Gr00tConfig:
 
     @property
     def tokens_per_image(self) -> int:
-        return int((self.image_size // self.patch_size) ** 2 * self.downsample_ratio**2)
+        patches = (self.image_size // self.patch_size) ** 2
+        return int(patches * self.downsample_ratio**2) if self.use_pixel_shuffle else patches
+
+    @property
+    def connector_in_dim(self) -> int:
+        """mlp1's input width: a patch token, or 1 / ratio^2 of them after the pixel shuffle."""
+        return self.vision_hidden * (int(1 / self.downsample_ratio) ** 2 if self.use_pixel_shuffle else 1)
 
     @property
     def backbone_out_dim(self) -> int:
@@ -127,9 +146,10 @@ class Gr00tConfig:
 
     @classmethod
     def tiny(cls, **overrides: Any) -> Gr00tConfig:
-        """Toy sizes: 28 px images (16 patches -> 4 tokens), a 2-layer SigLIP of width 32, a 2-layer Qwen3 of
-        width 64 (4 heads, 2 KV heads), a 4-block DiT of width 64 interleaving cross- and self-attention, a
-        1-block VL self-attention, 8-D padded actions over 4 steps, 10-D padded state."""
+        """Toy sizes: 28 px images (16 patch tokens; 4 after N1's pixel shuffle), a 2-layer SigLIP of width
+        32, a 2-layer Qwen3 of width 64 (4 heads, 2 KV heads), a 4-block DiT of width 64 interleaving cross-
+        and self-attention, a 1-block VL self-attention, 8-D padded actions over 4 steps, 10-D padded
+        state."""
         base = cls(
             image_size=28,
             patch_size=7,
@@ -167,6 +187,8 @@ class Gr00tConfig:
             max_seq_len=32,
             num_target_vision_tokens=2,
         )
+        if overrides.get("model_type") == "gr00t_n1":  # N1's Eagle 2 connector unless named
+            overrides = {"use_pixel_shuffle": True, "mlp_connector_layers": 2, **overrides}
         return replace(base, **overrides) if overrides else base
 
     @classmethod
@@ -225,12 +247,19 @@ class Gr00tConfig:
             raise ValueError(f"{source}: action_head_cfg is incomplete or malformed ({e!r})") from e
         if model_type == "gr00t_n1":  # Eagle 2 with SmolLM2-1.7B (Llama), 1536-wide DiT input
             kw.update(
+                use_pixel_shuffle=True,
+                mlp_connector_layers=2,
                 llm_type="llama",
                 num_key_value_heads=32,
                 num_attention_heads=32,
                 head_dim=64,
                 intermediate_size=8192,
-                vocab_size=49152,
+                vocab_size=49164,  # SmolLM2's 49152 + Eagle's 12 added tokens (<img> 49152 ...)
+                pad_token_id=2,
+                img_start_token_id=49152,
+                img_end_token_id=49153,
+                img_context_token_id=49154,
+                max_position_embeddings=8192,
                 rope_theta=130000.0,
                 rms_norm_eps=1e-5,
             )

@@ -1,7 +1,9 @@
 """GR00T N1.x with the checkpoint's names (N1.5: ``backbone.eagle_model.*``; N1: ``backbone.model.*``).
 
-    image -> SigLIP (transformers SiglipVisionModel, ``vision_model.vision_model.*``) -> pixel shuffle 0.5
-      -> mlp1 (LayerNorm, Linear, GELU, Linear) -> image tokens scattered into the prompt's IMG_CONTEXT slots
+    image -> SigLIP (transformers SiglipVisionModel, ``vision_model.vision_model.*``; Conv2d patch embedding)
+      -> N1.5: mlp1 (one Linear) per patch token; N1: pixel shuffle 0.5 -> mlp1 (LayerNorm, Linear, GELU,
+      Linear)
+      -> image tokens scattered into the prompt's IMG_CONTEXT slots
       -> LLM (transformers Qwen3 / Llama under ``language_model``, truncated to ``select_layer`` layers)
       -> final-norm hidden states = backbone tokens (B, T, 2048)
     action_head: vlln (LayerNorm) -> vl_self_attention (self-attention blocks) over the backbone tokens;
@@ -54,22 +56,28 @@ class EagleModel(nn.Module):
         )
         vcfg._attn_implementation = "sdpa"
         self.vision_model = _Holder(vision_model=SiglipVisionModel(vcfg))  # keys vision_model.vision_model.*
-        d_in = c.vision_hidden * int(1 / c.downsample_ratio) ** 2
-        self.mlp1 = nn.Sequential(
-            nn.LayerNorm(d_in),
-            nn.Linear(d_in, c.hidden_size),
-            nn.GELU(),
-            nn.Linear(c.hidden_size, c.hidden_size),
-        )
+        d_in = c.connector_in_dim
+        if c.mlp_connector_layers == 2:  # N1 (Eagle 2): keys mlp1.0 (norm), mlp1.1, mlp1.3
+            self.mlp1 = nn.Sequential(
+                nn.LayerNorm(d_in),
+                nn.Linear(d_in, c.hidden_size),
+                nn.GELU(),
+                nn.Linear(c.hidden_size, c.hidden_size),
+            )
+        else:  # N1.5 (Eagle 2.5, "1mlp"): one Linear, key mlp1.0
+            self.mlp1 = nn.Sequential(nn.Linear(d_in, c.hidden_size))
         self.language_model = _llm(c)
         self.downsample_ratio = c.downsample_ratio
+        self.use_pixel_shuffle = c.use_pixel_shuffle
 
     def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> (N, tokens_per_image, hidden)."""
         x = self.vision_model.vision_model(pixel_values=pixel_values).last_hidden_state
-        side = int(math.isqrt(x.shape[1]))
-        x = pixel_shuffle(x.reshape(x.shape[0], side, side, -1), self.downsample_ratio)
-        return self.mlp1(x.reshape(x.shape[0], -1, x.shape[-1]))
+        if self.use_pixel_shuffle:
+            side = int(math.isqrt(x.shape[1]))
+            x = pixel_shuffle(x.reshape(x.shape[0], side, side, -1), self.downsample_ratio)
+            x = x.reshape(x.shape[0], -1, x.shape[-1])
+        return self.mlp1(x)
 
 
 class _Holder(nn.Module):
