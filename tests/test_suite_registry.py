@@ -155,6 +155,7 @@ def test_metaworld_suite_declares_todays_tables():
     suite = get_suite("metaworld")
     assert dict(suite.tasks) == TASKS and dict(suite.max_steps) == DEFAULT_MAX_STEPS
     assert ActionSpace.from_dict(suite.action_space.to_dict()) == METAWORLD_ACTION_SPACE
+    assert suite.action_space == METAWORLD_ACTION_SPACE and Actions is ActionSpace  # one type, in a leaf
     assert {s: suite.splits[s].start for s in suite.splits} == SEED_SPLITS
     assert list(suite.episode_ids("eval", 2)) == [SEED_SPLITS["eval"], SEED_SPLITS["eval"] + 1]
     assert suite.check_tasks("mt10") == list(TASKS)

@@ -28,11 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from daptq.envs.suite import Actions, Observations, Split, Suite, register_suite
+from daptq.envs.actions import ActionSpace
+from daptq.envs.suite import Observations, Split, Suite, register_suite
 
 # 7-D OSC_POSE deltas: robosuite scales [-1, 1] to +-5 cm and +-0.5 rad per step (at 20 Hz); grip -1 opens,
 # +1 closes.
-LIBERO_ACTION_SPACE = Actions(
+LIBERO_ACTION_SPACE = ActionSpace(
     names=("dx", "dy", "dz", "droll", "dpitch", "dyaw", "grip"),
     kinds=("translation", "translation", "translation", "rotation", "rotation", "rotation", "gripper"),
 )

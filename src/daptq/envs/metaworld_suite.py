@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from daptq.envs.suite import Actions, Observations, Split, Suite, register_suite
+from daptq.envs.actions import ActionSpace
+from daptq.envs.suite import Observations, Split, Suite, register_suite
 from daptq.envs.tasks import (
     DEFAULT_MAX_STEPS,
     ENV_VERSION,
@@ -47,7 +48,7 @@ METAWORLD = register_suite(
         version=ENV_VERSION * 1000 + SCENE_VERSION,
         tasks=dict(TASKS),
         # daptq.models.adapter.METAWORLD_ACTION_SPACE (tested equal)
-        action_space=Actions(
+        action_space=ActionSpace(
             ("dx", "dy", "dz", "grip"), ("translation", "translation", "translation", "gripper")
         ),
         max_steps=dict(DEFAULT_MAX_STEPS),

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from daptq.envs.actions import ActionSpace
+
 # The suite of every command that names none (and of runs, datasets and caches that predate suites).
 DEFAULT_SUITE = "metaworld"
 
@@ -37,38 +39,8 @@ _BUILTIN_MODULES: dict[str, str] = {
 _REGISTRY: dict[str, Suite] = {}
 
 
-@dataclass(frozen=True)
-class Actions:
-    """What each action dimension means, in ``daptq.models.adapter.ActionSpace``'s serialized form (same
-    fields, same ``to_dict``), so that the model layer rebuilds it with ``ActionSpace.from_dict`` and DA-PTQ's
-    drift weights come from it. Declared here rather than imported because envs sit below models in the
-    design's layers (models -> data -> envs)."""
-
-    names: tuple[str, ...]
-    kinds: tuple[str, ...]  # translation | rotation | gripper | joint
-    control: str = "delta-eef"
-    low: float = -1.0
-    high: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.names or len(self.names) != len(self.kinds):
-            raise ValueError(f"Actions: {len(self.names)} names but {len(self.kinds)} kinds (at least one)")
-        unknown = sorted(set(self.kinds) - {"translation", "rotation", "gripper", "joint"})
-        if unknown:
-            raise ValueError(f"Actions: unknown kinds {unknown}; use translation, rotation, gripper or joint")
-
-    @property
-    def dim(self) -> int:
-        return len(self.names)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "names": list(self.names),
-            "kinds": list(self.kinds),
-            "control": self.control,
-            "low": self.low,
-            "high": self.high,
-        }
+# The action-space type suites declare (the model layer's ``ActionSpace``: one type, in a leaf module).
+Actions = ActionSpace
 
 
 @dataclass(frozen=True)
@@ -146,7 +118,7 @@ class Suite:
     name: str
     version: int
     tasks: Mapping[str, str]  # task -> instruction
-    action_space: Actions
+    action_space: ActionSpace
     max_steps: Mapping[str, int]
     observations: Observations
     splits: Mapping[str, Split]

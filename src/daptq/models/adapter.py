@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from daptq.envs.actions import ActionSpace, DimKind  # noqa: F401  (re-exported: one type for suites and models)
 from daptq.quant.smoothing import SmoothingGroup
 
 Role = Literal["vision", "language", "backbone", "interface", "action_head", "other"]
@@ -37,47 +38,12 @@ OBJECTIVE_KINDS: tuple[str, ...] = get_args(ObjectiveKind)
 INTERFACE_KINDS: tuple[str, ...] = get_args(InterfaceKind)
 FOLD_EXACTNESS: tuple[str, ...] = get_args(FoldExactness)
 CAPABILITIES: tuple[str, ...] = get_args(Capability)
-DimKind = Literal["translation", "rotation", "gripper", "joint"]
 
 # An observation as produced by daptq.envs and consumed by policies.
 #   "image":       uint8 array (H, W, 3), upright RGB
 #   "state":       float32 array (4,): end-effector xyz (m) and gripper opening
 #   "instruction": str, natural-language task instruction
 Observation = Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class ActionSpace:
-    """What each action dimension means; DA-PTQ's drift weights are derived from it."""
-
-    names: tuple[str, ...]
-    kinds: tuple[DimKind, ...]
-    control: Literal["delta-eef", "joint"] = "delta-eef"
-    low: float = -1.0
-    high: float = 1.0
-
-    def __post_init__(self) -> None:
-        if len(self.names) != len(self.kinds):
-            raise ValueError(f"ActionSpace: {len(self.names)} names but {len(self.kinds)} kinds")
-        if not self.names:
-            raise ValueError("ActionSpace: at least one action dimension is required")
-
-    @property
-    def dim(self) -> int:
-        return len(self.names)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "names": list(self.names),
-            "kinds": list(self.kinds),
-            "control": self.control,
-            "low": self.low,
-            "high": self.high,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ActionSpace:
-        return cls(tuple(d["names"]), tuple(d["kinds"]), d.get("control", "delta-eef"), d["low"], d["high"])
 
 
 # Meta-World: end-effector position deltas plus a gripper command, all in [-1, 1].
