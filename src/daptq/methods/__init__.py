@@ -154,6 +154,7 @@ def quantize_policy(
         if not isinstance(calibration, CalibrationSet):
             raise ValueError(f"calibration must be a CalibrationSet, got {type(calibration).__name__}")
         calibration.check(adapter.action_space)
+    from daptq.methods.rotation import rotate_for_method
     from daptq.methods.sequential import peak_rss_bytes, reset_peak_rss
 
     timings: dict[str, float] = {}
@@ -161,6 +162,7 @@ def quantize_policy(
         reset_peak_rss()
         t0 = time.perf_counter()
         method.prepare(adapter)
+        rotate_for_method(method, adapter)  # the config's rotation option (daptq.methods.rotation)
         held = hold_registered(method, adapter)  # registered module types: RTN after the method (recorded)
         timings["prepare_s"] = time.perf_counter() - t0
         timings["prepare_peak_rss_mb"] = peak_rss_bytes() / 2**20

@@ -21,7 +21,7 @@ Choices, as in the GPTQ reference code and llm-compressor:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +30,11 @@ from torch import nn
 
 from daptq.methods import register_method
 from daptq.methods.base import Method, MethodConfig, require_plan
+from daptq.methods.rotation import check_rotation
 from daptq.methods.smoothquant import calibration_run, static_activation_layers
 from daptq.models.adapter import VLAAdapter
 from daptq.quant._util import set_module
-from daptq.quant.capture import Hessian, capture, capturing, fan_in_rows
+from daptq.quant.capture import Hessian, capturing, fan_in_rows
 from daptq.quant.fake import (
     QuantConv2d,
     QuantLinear,
@@ -115,6 +116,22 @@ def gptq_quantize(
     return codes.to(code_dtype(spec)), scale, zero_point
 
 
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """The column loop is thousands of element-wise ops on one column: on CPU, intra-op threads only add
+    a barrier per op, which on a busy 2-core machine made the solve 8x slower (92 s vs 12 s for a
+    1024x2816 layer; ``benchmarks/scale.py``). Element-wise results do not depend on the thread count."""
+    if device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _solve(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -127,14 +144,23 @@ def _solve(
 ) -> torch.Tensor:
     """The column loop for rows ``W`` sharing the Hessian ``H``, on the fixed grid ``S, Z``: float codes."""
     cols = W.shape[1]
-    H, W = H.clone(), W.clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols)
+    # At most two [cols, cols] float64 matrices besides the caller's H live at once (at fan-in 11008 each
+    # is 970 MB): the permuted copy is the working one, each factor frees its input.
+    diag = H.diagonal().clone()
+    dead = diag == 0
+    diag[dead] = 1.0
+    perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(cols)
     W, H, S, Z = W[:, perm], H[perm][:, perm], S[:, perm], Z[:, perm]
-    H += damp * H.diagonal().mean() * torch.eye(cols, dtype=H.dtype)
+    dead = dead[perm]
+    H[dead, dead] = 1.0
+    H.diagonal().add_(damp * H.diagonal().mean())
     try:
-        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        L = torch.linalg.cholesky(H)
+        del H
+        H_inv = torch.cholesky_inverse(L)
+        del L
+        U = torch.linalg.cholesky(H_inv, upper=True)
+        del H_inv
     except torch.linalg.LinAlgError:
         raise ValueError(
             f"gptq_quantize: the Hessian is not positive definite after damp={damp}; "
@@ -146,13 +172,14 @@ def _solve(
         i2 = min(i1 + block_size, cols)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            w, s, z = W1[:, i], S[:, i1 + i], Z[:, i1 + i]
-            q = torch.clamp(torch.round(w / s) + z, qmin, qmax)
-            codes[:, i1 + i] = q
-            err = (w - (q - z) * s) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            err1[:, i] = err
+        with _one_cpu_thread(W.device):
+            for i in range(i2 - i1):
+                w, s, z = W1[:, i], S[:, i1 + i], Z[:, i1 + i]
+                q = torch.clamp(torch.round(w / s) + z, qmin, qmax)
+                codes[:, i1 + i] = q
+                err = (w - (q - z) * s) / U1[i, i]
+                W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+                err1[:, i] = err
         W[:, i2:] -= err1 @ U[i1:i2, i2:]  # the lazy update of every later block
     return codes[:, torch.argsort(perm)]
 
@@ -184,16 +211,20 @@ class GPTQConfig(MethodConfig):
     calibration trajectories, held-out chunk error, ``python benchmarks/baseline_chunk_error.py --spec
     w4a8``): one pass 0.0171 in 13 s, sequential 0.0167 in 108 s (RTN 0.0280), the same accuracy for 8x
     the time (on an earlier calibration sample sequential was worse, 0.059 vs 0.020).
-    ``block_size``, ``damp``, ``act_order``: see ``gptq_quantize``."""
+    ``block_size``, ``damp``, ``act_order``: see ``gptq_quantize``. ``rotation``: "hadamard" folds
+    randomized Hadamard rotations into the weights before the Hessians are measured
+    (``daptq.methods.rotation``)."""
 
     VERSION = 1
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = True
     sequential: bool = False
+    rotation: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_rotation(self.rotation, "GPTQConfig.rotation")
         if self.block_size < 1:
             raise ValueError(f"GPTQConfig.block_size must be >= 1, got {self.block_size}")
         if not 0.0 <= self.damp < 1.0:
@@ -228,13 +259,20 @@ def _blocks(module: nn.Module) -> int:
     return module.groups if isinstance(module, nn.Conv2d) else 1
 
 
-def _relative_output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
-    """``tr(dW H dW^T) / tr(W H W^T)``: the layer's relative squared output error on calibration inputs
-    (``h`` ``[fan_in, fan_in]`` or one per row group, ``[g, fan_in, fan_in]``)."""
-    h = h if h.dim() == 3 else h[None]
-    w, d = (t.double().reshape(h.shape[0], -1, h.shape[-1]) for t in (w, w - wq))
-    den = float(torch.einsum("gij,gjk,gik->", w, h, w))
-    return float(torch.einsum("gij,gjk,gik->", d, h, d)) / den if den > 0 else 0.0
+def _relative_output_errors(w: torch.Tensor, wqs: Sequence[torch.Tensor], h: torch.Tensor) -> list[float]:
+    """``tr(dW H dW^T) / tr(W H W^T)`` for each ``wq`` in ``wqs`` (``dW = W - wq``): the layer's relative
+    squared output error on calibration inputs (``h`` ``[fan_in, fan_in]`` or one per row group, ``[g,
+    fan_in, fan_in]``). A diagnostic: each form costs a matmul as large as GPTQ's own updates (at fan-in
+    11008, three of them cost more than the solve in float64), so it runs in float32 (sums of
+    non-negative quadratic forms: relative error ~1e-6) with the denominator computed once."""
+    h = (h if h.dim() == 3 else h[None]).float()
+
+    def form(t: torch.Tensor) -> float:
+        t = t.float().reshape(h.shape[0], -1, h.shape[-1])
+        return float(torch.einsum("gij,gjk,gik->", t, h, t).double())
+
+    den = form(w)
+    return [form(w.float() - wq.float()) / den if den > 0 else 0.0 for wq in wqs]
 
 
 @register_method(GPTQConfig, name="gptq")
@@ -252,65 +290,39 @@ class GPTQ(Method):
         plan = require_plan(self)
         if not batches:
             raise ValueError("GPTQ needs calibration batches")
+        self._batches = batches
+        if self.config.sequential:
+            return  # one pass block by block in apply (daptq.methods.sequential.run_sequential)
         model = adapter.model
         weights = [n for n, m in plan.modules.items() if not m.spec.weight.is_float]
         calls = _CallOrder()
         for name in plan.modules:
             self.register_forward_pre_hook(model.get_submodule(name), calls.hook(name))
+        self._hessians = {n: Hessian(_blocks(model.get_submodule(n))) for n in weights}
+        self._observers = {
+            n: ActivationObserver(plan.modules[n].spec.activation, n)
+            for n in static_activation_layers(plan.specs)
+        }
         sites: dict[str, Any] = {}
-        if not self.config.sequential:
-            self._hessians = {n: Hessian(_blocks(model.get_submodule(n))) for n in weights}
-            self._observers = {
-                n: ActivationObserver(plan.modules[n].spec.activation, n)
-                for n in static_activation_layers(plan.specs)
-            }
-            for n in plan.modules:
-                parts = [r for r in (self._hessians.get(n), self._observers.get(n)) if r is not None]
-                if parts:
-                    sites[n] = _Tee(*parts)
+        for n in plan.modules:
+            parts = [r for r in (self._hessians.get(n), self._observers.get(n)) if r is not None]
+            if parts:
+                sites[n] = _Tee(*parts)
         with capturing(model, inputs=sites, rows=fan_in_rows) if sites else contextlib.nullcontext():
             calibration_run(adapter, batches)(model)
         never = [n for n in plan.modules if n not in calls.order]
         if never:
             raise ValueError(f"GPTQ: calibration never ran these in-scope modules: {never}")
-        self._order, self._batches = calls.order, batches
+        self._order = calls.order
 
     def apply(self, adapter: VLAAdapter) -> None:
-        plan = require_plan(self)
-        model, cfg = adapter.model, self.config
-        layers: dict[str, dict[str, Any]] = {}
-        static = set(static_activation_layers(plan.specs))
-        for index, name in enumerate(self._order):
-            spec = plan.modules[name].spec
-            hessian, observer = self._hessians.get(name), self._observers.get(name)
-            if cfg.sequential:
-                hessian = None if spec.weight.is_float else Hessian(_blocks(model.get_submodule(name)))
-                observer = ActivationObserver(spec.activation, name) if name in static else None
-                parts = [r for r in (hessian, observer) if r is not None]
-                if parts:
-                    run = calibration_run(adapter, self._batches)
-                    capture(model, run, {name: _Tee(*parts)}, rows=fan_in_rows)
-            layer = quantized_module_for(model.get_submodule(name), spec, name, round_now=False)
-            info: dict[str, Any] = {"order": index}
-            if hessian is None:
-                layer.requantize(name)  # float weight (bits=16) with quantized activations
-            else:
-                h = hessian.hessian
-                gptq_quantize_layer_(layer, h, cfg.block_size, cfg.damp, cfg.act_order)
-                w2d = weight_as_matrix(layer.weight.detach())
-                rtn = fake_quantize_weight(w2d, spec.weight)
-                info["rows_seen"] = hessian.count
-                info["rel_output_error"] = _relative_output_error(
-                    w2d, weight_as_matrix(layer.dequantized_weight()), h
-                )
-                info["rtn_rel_output_error"] = _relative_output_error(w2d, rtn, h)
-            if observer is not None:
-                layer.set_activation_qparams(*observer.compute())
-                info["activation_scale"] = float(layer.act_scale)
-            set_module(model, name, layer)
-            layers[name] = info
-        self.decisions["layers"] = layers
-        self.decisions["order"] = list(self._order)
+        if self.config.sequential:
+            from daptq.methods.sequential import run_sequential
+
+            self.decisions["sequential"] = run_sequential(self, adapter, self._batches)
+            return
+        self.decisions["layers"] = {}
+        self.apply_modules(adapter, list(self._order))
 
     # ---- block by block (daptq.methods.sequential) --------------------------------------------------------
     def sequential_propagation(self) -> str:
@@ -353,18 +365,18 @@ class GPTQ(Method):
             layer = quantized_module_for(model.get_submodule(name), spec, name, round_now=False)
             info: dict[str, Any] = {"order": self._order.index(name)}
             if hessian is None:
-                layer.requantize(name)
+                layer.requantize(name)  # float weight (bits=16) with quantized activations
             else:
                 h = hessian.hessian
                 gptq_quantize_layer_(layer, h, cfg.block_size, cfg.damp, cfg.act_order)
                 w2d = weight_as_matrix(layer.weight.detach())
                 info["rows_seen"] = hessian.count
-                info["rel_output_error"] = _relative_output_error(
-                    w2d, weight_as_matrix(layer.dequantized_weight()), h
+                info["rel_output_error"], info["rtn_rel_output_error"] = _relative_output_errors(
+                    w2d,
+                    [weight_as_matrix(layer.dequantized_weight()), fake_quantize_weight(w2d, spec.weight)],
+                    h,
                 )
-                info["rtn_rel_output_error"] = _relative_output_error(
-                    w2d, fake_quantize_weight(w2d, spec.weight), h
-                )
+                del h
             if observer is not None:
                 layer.set_activation_qparams(*observer.compute())
                 info["activation_scale"] = float(layer.act_scale)

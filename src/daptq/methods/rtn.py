@@ -15,6 +15,7 @@ import torch
 
 from daptq.methods import register_method
 from daptq.methods.base import Method, MethodConfig, forward_batch, module_of, require_plan
+from daptq.methods.rotation import check_rotation
 from daptq.models.adapter import VLAAdapter
 from daptq.quant.api import quantize_
 from daptq.quant.observers import ActivationObserver
@@ -35,10 +36,18 @@ def _rtn_default_spec() -> QuantSpec:
 
 @dataclass(frozen=True)
 class RTNConfig(MethodConfig):
-    """Round-to-nearest with the spec's observer (min-max, percentile or MSE clipping); no extra fields."""
+    """Round-to-nearest with the spec's observer (min-max, percentile or MSE clipping).
+
+    ``rotation``: "hadamard" folds randomized Hadamard rotations into the weights first
+    (``daptq.methods.rotation``), None (default) rounds the weights as they are."""
 
     VERSION = 1
     spec: QuantSpec = field(default_factory=_rtn_default_spec)
+    rotation: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_rotation(self.rotation, "RTNConfig.rotation")
 
     @classmethod
     def default_symmetric_range(cls, bits: int) -> str:

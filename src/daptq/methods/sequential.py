@@ -390,6 +390,7 @@ def quantize_policy_sequential(
     from daptq.data.calibration import CalibrationSet
     from daptq.methods import _daptq_version, as_adapter, get_method
     from daptq.methods.registered import hold_registered, release_registered
+    from daptq.methods.rotation import rotate_for_method
     from daptq.models.policy import ChunkedPolicy
     from daptq.quant.api import restored_on_failure
 
@@ -408,6 +409,7 @@ def quantize_policy_sequential(
     with guard:
         with meter.stage("prepare"):
             method.prepare(adapter)
+            rotate_for_method(method, adapter, streamed=loader is not None)  # daptq.methods.rotation
             held = hold_registered(method, adapter)  # registered module types: rounded after, as there
             batches = (
                 [] if calibration is None else list(adapter.calibration_batches(iter(calibration.batches)))

@@ -32,7 +32,7 @@ InterfaceKind = Literal["vector", "tokens", "prefix_kv"]
 # Can a per-output-channel affine be folded into the interface's W, b? "tied_pairs": only with gains tied
 # across each RoPE pair of channels; "none": not at all (CSRC refuses).
 FoldExactness = Literal["exact", "tied_pairs", "none"]
-Capability = Literal["attention", "smoothing", "condition", "batched_eval"]
+Capability = Literal["attention", "smoothing", "condition", "batched_eval", "rotation", "denoising_steps"]
 ROLES: tuple[str, ...] = get_args(Role)
 OBJECTIVE_KINDS: tuple[str, ...] = get_args(ObjectiveKind)
 INTERFACE_KINDS: tuple[str, ...] = get_args(InterfaceKind)
@@ -188,12 +188,50 @@ class InterfaceModule:
         return torch.stack([first, first + hd // 2], dim=1)
 
 
+@dataclass(frozen=True)
+class NormReaders:
+    """A norm reading a residual stream (a LayerNorm, or an RMSNorm computing ``weight * x / rms(x)``, over
+    the stream's width) and the Linears that read its output and nothing else: a rotation fuses the norm's
+    elementwise ``weight`` (and ``bias``) into them. A norm of another form (Gemma's ``1 + weight``) is
+    not rotatable this way."""
+
+    norm: str
+    readers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ResidualStream:
+    """A residual stream an orthogonal rotation Q may turn exactly (capability "rotation", QuaRot-style).
+
+    ``writers``: Linears whose output rows are added into the stream; ``embeddings``: parameters (qualified
+    names) added into it, last dim = ``width``; ``norms``: every place the stream is read. Nothing else may
+    read or write it (and no per-channel op may act on it), else the rotation is not exact."""
+
+    name: str
+    width: int
+    writers: tuple[str, ...]
+    norms: tuple[NormReaders, ...]
+    embeddings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RotationLayout:
+    """What rotations fold exactly (capability "rotation"): the residual ``streams`` and ``value_output``,
+    the names of attention layouts whose value rows reach ``out``'s columns with nothing channel-wise in
+    between (per-head rotation of V/O). ``not_rotated``: what cannot be folded and why (recorded)."""
+
+    streams: tuple[ResidualStream, ...]
+    value_output: tuple[str, ...] = ()
+    not_rotated: tuple[str, ...] = ()
+
+
 class VLAAdapter(ABC):
     """What a quantization method needs to know about a VLA: pi(a | V, p) = Psi(f(V, p)).
 
     Methods take this, never ``Any``; ``check_adapter`` validates one once. Optional capabilities are declared
     in ``capabilities`` (no ``hasattr`` probes): "attention" (``attention_layouts``), "smoothing"
-    (``smoothing_groups``), "condition" (``condition``), "batched_eval" (the policy batches episodes).
+    (``smoothing_groups``), "condition" (``condition``), "batched_eval" (the policy batches episodes),
+    "rotation" (``rotation_layout``), "denoising_steps" (``denoising_steps``, ``denoising_step_hook``).
     """
 
     model: nn.Module
@@ -249,6 +287,26 @@ class VLAAdapter(ABC):
     def condition(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The backbone forward f: model inputs -> conditioning latent z (B, d_z) (capability "condition")."""
         raise NotImplementedError(f"{type(self).__name__} does not declare the 'condition' capability")
+
+    def rotation_layout(self) -> RotationLayout:
+        """Residual streams and V/O pairs a rotation folds into weights exactly (capability "rotation")."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not declare the 'rotation' capability (rotation_layout(): its "
+            "residual streams' writers, norms and readers, and its rotatable V/O pairs); rotation needs it"
+        )
+
+    def denoising_steps(self) -> int:
+        """Denoising steps per sampled chunk (capability "denoising_steps")."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not declare the 'denoising_steps' capability; per-step "
+            "activation scales need denoising_steps() and denoising_step_hook()"
+        )
+
+    def denoising_step_hook(self, callback: Any) -> Any:
+        """Call ``callback(step)`` before every action-head evaluation: ``step`` in ``[0, denoising_steps())``
+        during sampling, None outside it (e.g. the training objective at random noise levels). Returns a
+        handle with ``remove()`` (capability "denoising_steps")."""
+        raise NotImplementedError(f"{type(self).__name__} does not declare the 'denoising_steps' capability")
 
     def block_modules(self) -> dict[tuple[str, int], str]:
         """``{(stack, block): qualified name of the block's container}`` (sequential calibration runs and
@@ -384,9 +442,48 @@ def check_adapter(adapter: Any) -> VLAAdapter:
         resolve("smoothing group source", g.source)
         for name in g.layers:
             resolve(f"smoothing group ({g.source}) layer", name)
+    if "rotation" in caps and not problems:
+        problems += _rotation_problems(adapter, named)
     if problems:
         raise ValueError(f"{who} does not honour the VLAAdapter contract:\n  - " + "\n  - ".join(problems))
     return adapter
+
+
+def _rotation_problems(adapter: VLAAdapter, named: Mapping[str, nn.Module]) -> list[str]:
+    """What is wrong with a declared ``rotation_layout()`` (names, widths, norm types)."""
+    problems: list[str] = []
+    layout = adapter.rotation_layout()
+    if not isinstance(layout, RotationLayout):
+        return [f"rotation_layout() returned a {type(layout).__name__}, not a RotationLayout"]
+    params = dict(adapter.model.named_parameters())
+    for s in layout.streams:
+        for w in s.writers:
+            m = named.get(w)
+            if not isinstance(m, nn.Linear) or m.out_features != s.width:
+                problems.append(
+                    f"stream {s.name!r}: writer {w!r} must be an nn.Linear with {s.width} outputs"
+                )
+        for e in s.embeddings:
+            if e not in params or params[e].shape[-1] != s.width:
+                problems.append(
+                    f"stream {s.name!r}: embedding {e!r} must be a parameter of last dim {s.width}"
+                )
+        for n in s.norms:
+            norm = named.get(n.norm)
+            affine = [getattr(norm, a, None) for a in ("weight", "bias")]
+            if norm is None or any(t is not None and tuple(t.shape) != (s.width,) for t in affine):
+                problems.append(f"stream {s.name!r}: norm {n.norm!r} must be a norm over {s.width} channels")
+            for r in n.readers:
+                m = named.get(r)
+                if not isinstance(m, nn.Linear) or m.in_features != s.width:
+                    problems.append(
+                        f"stream {s.name!r}: reader {r!r} must be an nn.Linear with {s.width} inputs"
+                    )
+    layouts = {a.name for a in adapter.attention_layouts()}
+    for name in layout.value_output:
+        if name not in layouts:
+            problems.append(f"rotation_layout().value_output names {name!r}, not one of attention_layouts()")
+    return problems
 
 
 @runtime_checkable

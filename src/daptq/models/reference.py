@@ -38,9 +38,12 @@ from daptq.models.adapter import (
     ActionSpace,
     AttentionLayout,
     InterfaceModule,
+    NormReaders,
     Observation,
     PolicyInfo,
     QuantizableModule,
+    ResidualStream,
+    RotationLayout,
     VLAAdapter,
     state_digest,
 )
@@ -249,7 +252,9 @@ class ReferenceAdapter(VLAAdapter):
     """
 
     objective_kind = "diffusion"
-    capabilities = frozenset({"attention", "smoothing", "condition", "batched_eval"})
+    capabilities = frozenset(
+        {"attention", "smoothing", "condition", "batched_eval", "rotation", "denoising_steps"}
+    )
 
     def __init__(self, model: ReferenceVLA, action_space: ActionSpace = METAWORLD_ACTION_SPACE) -> None:
         self.model = model
@@ -393,6 +398,55 @@ class ReferenceAdapter(VLAAdapter):
             ]
         groups.append(SmoothingGroup("head.final_adaLN", ("head.action_out",), "adaln", 0, scale_offset=e))
         return groups
+
+    def rotation_layout(self) -> RotationLayout:
+        """The backbone's residual stream (pre-norm LayerNorm blocks; ``ln_f`` feeds the interface) and every
+        attention's V/O pair. The DiT stream is not rotatable: adaLN's per-sample shift/scale acts channel by
+        channel on the normalized stream, and no fixed rotation commutes with it."""
+        c = self.config
+        blocks = [f"blocks.{i}" for i in range(c.n_layer)]
+        stream = ResidualStream(
+            "backbone",
+            c.d_model,
+            writers=(
+                "vision_proj",
+                "language_proj",
+                "state_proj",
+                *(f"{b}.{m}" for b in blocks for m in ("attn.proj", "mlp.proj")),
+            ),
+            norms=(
+                *(NormReaders(f"{b}.ln_1", (f"{b}.attn.qkv",)) for b in blocks),
+                *(NormReaders(f"{b}.ln_2", (f"{b}.mlp.fc",)) for b in blocks),
+                NormReaders("ln_f", ("head.z_proj",)),
+            ),
+            embeddings=("cognition_token", "pos_emb"),
+        )
+        return RotationLayout(
+            (stream,),
+            tuple(a.name for a in self.attention_layouts()),
+            (
+                "dit residual stream: adaLN's per-sample shift/scale is channel-wise after the norm",
+                "mlp.proj inputs (after GELU): would need an online Hadamard per token",
+                "attn.proj inputs across heads: only the per-head part folds into V",
+            ),
+        )
+
+    def denoising_steps(self) -> int:
+        return self.config.num_inference_steps
+
+    def denoising_step_hook(self, callback: Any) -> Any:
+        """A forward pre-hook on the DiT head mapping its timestep to the DDIM step index (None for a batch
+        of mixed or non-DDIM timesteps, as the training objective draws them)."""
+        steps = self.model.schedule.ddim_timesteps(self.config.num_inference_steps)
+        index = {t: i for i, t in enumerate(steps)}
+
+        def hook(_module: nn.Module, args: tuple) -> None:
+            t = args[1]
+            first = int(t.reshape(-1)[0])
+            same = bool((t == first).all())
+            callback(index.get(first) if same else None)
+
+        return self.model.head.register_forward_pre_hook(hook)
 
     def calibration_batches(self, batches: Iterator[Mapping[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:
         """Dataset batches (``image`` uint8 (B,H,W,3), ``state`` (B,4), ``instruction`` list[str], optional
