@@ -16,7 +16,7 @@ import daptq
 ROOT = Path(daptq.__file__).resolve().parent
 LAYERS = {
     # entry points
-    "cli": 4, "demo": 4, "demo_toy": 4, "__main__": 4,
+    "cli": 4, "demo": 4, "demo_toy": 4, "__main__": 4, "sweep": 4,
     # what works on models
     "eval": 3, "methods": 3, "deploy": 3, "train": 3,
     # models, suites and their data

@@ -406,6 +406,85 @@ def _add_quantize_parser(sub) -> None:
     me.set_defaults(func=_cmd_methods)
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    if args.config is not None:
+        check_input_file(args.config, "--config")
+    from daptq.methods.workflow import config_from_options
+    from daptq.sweep import run_sweep
+
+    config = config_from_options(
+        args.method,
+        config_path=args.config,
+        w_bits=args.w_bits,
+        a_bits=args.a_bits,
+        group_size=args.group_size,
+        asymmetric=args.asymmetric,
+        include_encoders=args.include_encoders,
+    )
+    calibration = None
+    if args.calibration is not None:
+        from daptq.data.episodes import policy_calibration
+
+        def calibration(policy):
+            return policy_calibration(policy, args.calibration, args.trajectories)
+
+    from daptq.eval.cache import default_cache_dir
+
+    cache = None if args.no_reference_cache else (args.reference_cache or default_cache_dir())
+    payload = run_sweep(
+        args.model, config, args.out, by=args.by, groups=args.groups, tasks=args.tasks,
+        episodes=args.episodes, split=args.split, workers=args.workers or default_workers(),
+        envs_per_worker=args.envs_per_worker, max_steps=args.max_steps, reference_cache=cache,
+        calibration=calibration, estimates=args.estimates, progress=not args.no_progress,
+    )  # fmt: skip
+    from daptq.sweep import sweep_table
+
+    print(sweep_table(payload))
+    print(f"wrote {args.out}/sweep.json, sweep.md, sweep.png")
+    return 0
+
+
+def _add_sweep_parser(sub) -> None:
+    from daptq.quant.spec import ACTIVATION_BITS, WEIGHT_BITS
+    from daptq.sweep import GROUPINGS
+
+    sw = sub.add_parser(
+        "sweep",
+        help="quantize one component/block/part at a time (and unions a+b), evaluate each paired against FP",
+    )
+    sw.add_argument("model", type=nonempty, help="float model spec (ref:..., cogact:..., torch:...)")
+    sw.add_argument("--method", required=True, help="a registered method with one spec (rtn, gptq, ...)")
+    sw.add_argument("--config", help="YAML/JSON method config (instead of the bit-width options)")
+    sw.add_argument("--w-bits", type=int_choice(WEIGHT_BITS, "weight bits"), help="weight bits")
+    sw.add_argument(
+        "--a-bits", type=int_choice((*ACTIVATION_BITS, 16), "activation bits"), help="activation bits"
+    )
+    sw.add_argument("--group-size", type=int_in(2), help="per-group weights with this group size")
+    sw.add_argument("--asymmetric", action="store_true", help="affine (asymmetric) weight grid")
+    sw.add_argument("--include-encoders", action="store_true", help="sweep the vision/language encoders too")
+    sw.add_argument(
+        "--by", choices=GROUPINGS, default="component", help="group granularity (default component)"
+    )
+    sw.add_argument(
+        "--groups", nargs="+", type=nonempty, help="groups to sweep; a+b is a union (default: all)"
+    )
+    sw.add_argument("--tasks", nargs="+", type=task_name, help="task names (default: all)")
+    sw.add_argument("--episodes", type=positive_int, default=10, help="paired episodes (seeds) per task")
+    sw.add_argument("--split", default="val", help="seed split (default val; eval is for reports)")
+    sw.add_argument("--workers", type=workers_int, help="worker processes (default: one per usable core)")
+    sw.add_argument("--envs-per-worker", type=workers_int, default=DEFAULT_ENVS_PER_WORKER)
+    sw.add_argument("--max-steps", type=int_in(1, MAX_STEPS), help="step limit per episode")
+    sw.add_argument("--estimates", action="store_true", help="also DA-PTQ's estimate per group")
+    sw.add_argument("--calibration", metavar="PATH", help="calibration data (as for daptq quantize)")
+    sw.add_argument("--trajectories", type=int_in(1, MAX_TRAJECTORIES), default=64)
+    cache = sw.add_mutually_exclusive_group()
+    cache.add_argument("--reference-cache", metavar="DIR", help="cached reference rollouts")
+    cache.add_argument("--no-reference-cache", action="store_true")
+    sw.add_argument("--out", required=True, help="sweep directory (resumable)")
+    sw.add_argument("--no-progress", action="store_true")
+    sw.set_defaults(func=_cmd_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from daptq import __version__
 
@@ -562,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="write OUT.json and OUT.md")
     bench.set_defaults(func=_cmd_bench)
     _add_quantize_parser(sub)
+    _add_sweep_parser(sub)
 
     # `data` and `train` hand their arguments to the modules' own parsers (`daptq train --help` lists them).
     data = sub.add_parser(
