@@ -265,15 +265,15 @@ def summarize(rows: list[dict], builds: dict, args: argparse.Namespace, command:
         f"{fd['psnr']['mean']:.1f} dB.",
         "",
         "| task | episodes | expert success original / decimated | SSIM mean (min) | render ms original -> "
-        "decimated | mesh vertices original -> decimated |",
+        "decimated | mesh vertices drawn, original -> decimated |",
         "|---|---|---|---|---|---|",
     ]
     for task, t in per_task.items():
         lines.append(
             f"| {task} | {t['episodes']} | {t['success_original']} / {t['success_decimated']} | "
             f"{t['ssim_mean']:.4f} ({t['ssim_min']:.4f}) | {t['render_cpu_ms_original']:.1f} -> "
-            f"{t['render_cpu_ms_decimated']:.1f} | {t.get('scene_vertices', 0):,} -> "
-            f"{t.get('render_scene_vertices', 0):,} |"
+            f"{t['render_cpu_ms_decimated']:.1f} | {t.get('drawn_vertices', 0):,} -> "
+            f"{t.get('render_drawn_vertices', 0):,} |"
         )
     if policy_ms is not None:
         lines += [

@@ -5,6 +5,7 @@ the model as robosuite does. LIBERO itself is measured by benchmarks/libero_thro
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 
 import numpy as np
 import pytest
@@ -204,3 +205,34 @@ def test_mode_selection(monkeypatch):
         rm.render_mesh_mode(Env())
     with pytest.raises(ValueError, match="max_faces"):
         rm.DecimationOptions(max_faces=0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("libero") is None or importlib.util.find_spec("robosuite") is None,
+    reason="LIBERO is not installed (the libero extra: ./setup.sh, or pip install -e '.[libero]')",
+)
+def test_libero_env_renders_through_the_decimated_meshes_when_asked(tmp_path, monkeypatch):
+    from daptq.envs.render import OffscreenRenderer
+    from daptq.envs.suite import get_suite
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    suite = get_suite("libero")
+    env = suite.make_env("object-0", image_size=64, lazy_images=True, settle_steps=0)
+    try:
+        env.render_meshes = "decimated"
+        env.reset(seed=suite.episode_ids("eval", 1)[0])
+        qpos = env.sim.data._data.qpos.copy()
+        image = env.render()
+        assert isinstance(env._renderer, rm.DecimatedRenderer)
+        assert env._renderer.summary["scene_vertices"] > 4 * env._renderer.summary["render_scene_vertices"]
+        np.testing.assert_array_equal(env.sim.data._data.qpos, qpos)  # rendering leaves physics alone
+        original = OffscreenRenderer(env.sim.model._model, 64, env.camera)
+        try:
+            reference = np.ascontiguousarray(original.render(env.sim.data._data)[::-1, ::-1])
+        finally:
+            original.close()
+        assert image.shape == reference.shape == (64, 64, 3)
+        assert np.abs(image.astype(float) - reference).mean() < 6  # of 255
+    finally:
+        env.close()

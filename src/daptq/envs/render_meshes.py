@@ -257,6 +257,11 @@ def render_model(
     return _compile_render_model(xml, model, options, cache)
 
 
+def _drawn_vertices(model: Any) -> int:
+    mesh = np.asarray(model.geom_type) == _mujoco().mjtGeom.mjGEOM_MESH
+    return int(np.asarray(model.mesh_vertnum)[np.asarray(model.geom_dataid)[mesh]].sum())
+
+
 def _check_structure(out: Any, model: Any) -> None:
     fields = ("nq", "nbody", "ngeom", "nmocap", "ncam", "nsite", "nlight")
     if any(getattr(out, f) != getattr(model, f) for f in fields):
@@ -304,6 +309,9 @@ def _compile_render_model(
         "faces_after": after[1],
         "scene_vertices": int(model.nmeshvert),
         "render_scene_vertices": int(out.nmeshvert),
+        # what a frame draws: mesh vertices summed over the mesh geoms (unused mesh assets are uploaded only)
+        "drawn_vertices": _drawn_vertices(model),
+        "render_drawn_vertices": _drawn_vertices(out),
         "options": {"max_faces": options.max_faces, "agg": options.agg, "version": VERSION},
     }
     return out, summary
