@@ -24,7 +24,7 @@ def ref():
 
 def test_groups_partition_the_scope_at_every_granularity(ref):
     scoped = [m.name for m in ref.adapter.quantizable_modules() if m.role in DEFAULT_ROLES]
-    for by in ("component", "block", "part"):
+    for by in ("component", "block", "part", "type"):
         groups = module_groups(ref.adapter, by, DEFAULT_ROLES)
         flat = [n for layers in groups.values() for n in layers]
         assert sorted(flat) == sorted(scoped) and len(flat) == len(set(flat)), by
@@ -33,6 +33,9 @@ def test_groups_partition_the_scope_at_every_granularity(ref):
     assert parts["backbone.0.attention"] == ["blocks.0.attn.qkv", "blocks.0.attn.proj"]
     assert parts["dit.2.modulation"] == ["head.blocks.2.adaLN"]
     assert "head.z_proj" in parts["interface.other"]
+    types = module_groups(ref.adapter, "type", DEFAULT_ROLES)
+    assert types["dit.modulation"] == [f"head.blocks.{i}.adaLN" for i in range(3)]
+    assert len(types["backbone.mlp"]) == 12
     with pytest.raises(ValueError, match="--by must be one of"):
         module_groups(ref.adapter, "layer", DEFAULT_ROLES)
 

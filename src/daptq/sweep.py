@@ -31,7 +31,7 @@ import numpy as np
 
 from daptq.atomic import atomic_write_text
 
-GROUPINGS = ("component", "block", "part")
+GROUPINGS = ("component", "block", "part", "type")
 SWEEP_FORMAT = 1
 
 
@@ -42,6 +42,8 @@ def _group_key(module: Any, by: str) -> str:
         return module.role
     if module.block is None:
         return f"{where}.other"
+    if by == "type":  # one kind of layer across every block of a stack, e.g. "dit.attention"
+        return f"{where}.{module.meta.get('part', 'other')}"
     if by == "block":
         return f"{where}.{module.block}"
     return f"{where}.{module.block}.{module.meta.get('part', 'other')}"
