@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -20,6 +21,9 @@ needs_libero = pytest.mark.skipif(
     importlib.util.find_spec("libero") is None or importlib.util.find_spec("robosuite") is None,
     reason="LIBERO is not installed (the libero extra: ./setup.sh, or pip install -e '.[libero]')",
 )
+
+# What dependencies print when they are noisy (as tests/test_quiet_output.py), and LIBERO's own notices.
+NOISE = re.compile(r"Warning|WARNING|macro file|\[info\]|Failed to load|leaked semaphore", re.MULTILINE)
 
 RANDOM_7D_POLICY = """
 import torch
@@ -110,14 +114,20 @@ def test_data_generate_suite_libero_makes_demonstrations_in_the_dataset_format(t
 
 @needs_libero
 @pytest.mark.slow
-def test_eval_suite_libero_runs_any_7d_policy_paired_at_zero_drift(tmp_path, capsys):
+def test_eval_suite_libero_runs_any_7d_policy_paired_at_zero_drift_and_quietly(tmp_path):
+    """As a user runs it (a subprocess, default warning filters): exit 0, nothing from LIBERO or robosuite on
+    stderr, and the FP policy against itself at exactly zero drift of the end effector and of the object."""
     module = tmp_path / "random7.py"
     module.write_text(RANDOM_7D_POLICY)
     spec = f"torch:{module}:build"
     argv = ["eval", spec, "--reference", spec, "--suite", "libero", "--tasks", "object-1", "--episodes", "1"]
     argv += ["--max-steps", "6", "--workers", "1", "--envs-per-worker", "1", "--no-progress"]
     argv += ["--no-reference-cache", "--out", str(tmp_path / "run")]
-    assert main(argv) == 0, capsys.readouterr().err
+    proc = subprocess.run([sys.executable, "-m", "daptq.cli", *argv], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    noise = [line for line in proc.stderr.splitlines() if NOISE.search(line)]
+    assert noise == [], "\n".join(noise)
+    assert "object cm" in proc.stdout
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     run, overall = summary["run"], summary["overall"]
     assert run["suite"] == "libero" and run["seed_start"] == 1_000_000  # LIBERO's official init state 0

@@ -92,6 +92,13 @@ def test_suite_options_are_checked_against_the_suite_before_any_work(fake, tmp_p
     assert "workers=1" in capsys.readouterr().err
     assert main([*base, "--episodes", "21", "--workers", "1"]) == 2  # the eval split has 20 fixed starts
     assert "20 episodes per task" in capsys.readouterr().err
+    assert (
+        main(
+            ["eval", "toy:action_dim=7", "--suite", "fake", "--out", str(tmp_path / "run"), "--workers", "1"]
+        )
+        == 2
+    )
+    assert "acts in 7 dimensions, the fake suite in 4 (dx, dy, dz, grip)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
@@ -165,3 +172,20 @@ def test_suite_lookup_is_lazy_and_the_fake_suite_is_not_registered_by_import():
     importlib.reload(fake_suite)
     with pytest.raises(ValueError, match="unknown suite 'fake'"):
         get_suite("fake")
+
+
+def test_calibration_picks_the_suite_acting_in_the_policys_kinds_of_dimensions(fake):
+    from types import SimpleNamespace
+
+    from daptq.data.calibration import _suite_for
+    from daptq.envs.actions import ActionSpace
+
+    libero_like = ActionSpace(
+        ("x", "y", "z", "roll", "pitch", "yaw", "gripper"),
+        ("translation",) * 3 + ("rotation",) * 3 + ("gripper",),
+    )
+    assert _suite_for(SimpleNamespace(action_space=libero_like), None).name == "libero"
+    four = get_suite("metaworld").action_space  # the fake suite acts in the same kinds: ambiguous -> default
+    assert _suite_for(SimpleNamespace(action_space=four), None).name == "metaworld"
+    assert _suite_for(SimpleNamespace(action_space=four), "fake").name == "fake"
+    assert _suite_for(object(), None).name == "metaworld"

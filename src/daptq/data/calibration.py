@@ -353,10 +353,10 @@ def calibration_for_policy(
     """Calibration batches shaped for ``policy`` (its camera, image size, chunk size) from ``dataset``, or
     from the cached calibration split of ``suite`` (default Meta-World; generated or extended on first use;
     sampled from its first ``per_task`` episodes of each task, so the set does not depend on what else
-    extended the cache)."""
-    from daptq.envs.suite import DEFAULT_SUITE, get_suite
-
-    bench = get_suite(suite or DEFAULT_SUITE)
+    extended the cache). Without ``suite``, the suite whose declared action space has the policy's dimension
+    kinds and control (when exactly one does: a 7-D delta-eef policy with rotations is LIBERO's), else
+    Meta-World."""
+    bench = _suite_for(policy, suite)
     image_size = int(getattr(policy, "image_size", bench.observations.default_image_size))
     camera = str(getattr(policy, "camera", bench.observations.default_camera))
     from daptq.data.episodes import chunk_size_of  # the policy's, its adapter's or its config's
@@ -377,3 +377,22 @@ def calibration_for_policy(
         with_images=hasattr(policy, "image_size"),
         episodes_per_task=per_task,
     )
+
+
+def _suite_for(policy: Any, suite: str | None) -> Any:
+    """``suite``, else the one registered suite with the kinds of the policy's dimensions, else Meta-World."""
+    from daptq.envs.suite import DEFAULT_SUITE, get_suite, suite_names
+
+    if suite is not None:
+        return get_suite(suite)
+    space = getattr(policy, "action_space", None)
+    if space is not None:
+        same = [
+            get_suite(name)
+            for name in suite_names()
+            if (get_suite(name).action_space.kinds, get_suite(name).action_space.control)
+            == (tuple(space.kinds), space.control)
+        ]
+        if len(same) == 1:
+            return same[0]
+    return get_suite(DEFAULT_SUITE)

@@ -1,5 +1,6 @@
-"""Expert demonstrations for a suite's tasks (Meta-World MT10 by default, LIBERO, ...), DART-style, written as
-a sharded dataset.
+"""Expert demonstrations for a suite's tasks, DART-style, written as a sharded dataset.
+
+The suite is Meta-World MT10 by default (LIBERO, or any registered suite with a scripted expert).
 
 Each step executes the scripted expert's action plus Gaussian noise, but records the *clean* expert action as
 the label, so the data shows how to recover from small deviations (DART, Laskey et al. 2017). Only successful

@@ -448,9 +448,19 @@ def _observation_settings(
 
 def _check_environment(run: dict[str, Any], action_dim: int) -> None:
     """Build (and close) one environment as the workers will, so an unknown camera or an action-dimension
-    mismatch fails before anything is written."""
+    mismatch fails before anything is written. Other suites than Meta-World are checked against what they
+    declare (cameras in ``_run_spec``, the action width here) without building an environment: a LIBERO env
+    takes 10-20 s to build, and the workers build their own (and check the width again)."""
+    suite = run_suite(run)
+    if suite.name != DEFAULT_SUITE:
+        if action_dim != suite.action_space.dim:
+            raise ValueError(
+                f"{run['candidate']} acts in {action_dim} dimensions, the {suite.name} suite in "
+                f"{suite.action_space.dim} ({', '.join(suite.action_space.names)})"
+            )
+        return
     task = run["tasks"][0]
-    env = run_suite(run).make_env(
+    env = suite.make_env(
         task, image_size=run["image_size"], camera=run["camera"], max_steps=run["max_steps"][task]
     )
     try:
