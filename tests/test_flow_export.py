@@ -13,11 +13,17 @@ Tolerances:
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from lerobot_vla_helpers import adapter_of, raw_batch, sqnr_db
 
-from daptq.deploy.flow_export import FlowOnnxSampler, export_flow_policy, read_flow_manifest
+from daptq.deploy.flow_export import (
+    FlowOnnxPolicy,
+    FlowOnnxSampler,
+    export_flow_policy,
+    read_flow_manifest,
+)
 from daptq.methods import quantize_policy
 from daptq.methods.rtn import RTNConfig
 from daptq.models.lerobot_vla.testing import tiny_model
@@ -94,6 +100,8 @@ def test_bad_inputs_are_clear_errors(pi0_quantized, tmp_path):
         chunk(runner, {**batch, "state": batch["state"][:, :4]})
     with pytest.raises(ValueError, match="'images' holds NaN"):
         chunk(runner, {**batch, "images": batch["images"] * float("nan")})
+    with pytest.raises(ValueError, match="bare network"):
+        FlowOnnxPolicy(out)
     with pytest.raises(ValueError, match="loop must be one of"):
         export_flow_policy(fp.model, tmp_path / "x", loop="scan")
     with pytest.raises(FileExistsError, match="overwrite"):
@@ -146,5 +154,16 @@ def test_daptq_export_of_a_quantized_pi0_directory(tmp_path):
     policy = load_policy(str(q))
     batch = batch_of(policy.adapter)
     assert rel_err(chunk(FlowOnnxSampler(out), batch), chunk(policy.adapter, batch)) < 1e-4
+    # closed loop: `onnx:OUT` is the same policy (preprocessing, noise from the seed, un-normalized actions)
+    deployed = load_policy(f"onnx:{out}")
+    assert isinstance(deployed, FlowOnnxPolicy) and deployed.n_action_steps == policy.n_action_steps
+    obs = {k: v[0] for k, v in raw_batch(5, 1).items() if k != "actions"}
+    obs["instruction"] = "open the drawer"
+    for p in (policy, deployed):
+        p.reset(seed=3)
+    twin = np.stack([policy.select_action(obs) for _ in range(policy.n_action_steps + 1)])
+    got = np.stack([deployed.select_action(obs) for _ in range(policy.n_action_steps + 1)])
+    assert np.abs(got - twin).max() <= 1e-4 * np.abs(twin).max()
+    assert deployed.info().image_size == policy.info().image_size
     assert main(["export", str(q), "--format", "onnx", "--out", str(out), "--overwrite"]) == 0
     assert read_flow_manifest(out)["w4a8_kernel"] == "int8"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,7 +40,9 @@ from daptq.atomic import atomic_write_bytes, atomic_write_json, recover_director
 from daptq.deploy.export import IR_VERSION, OPSET, check_convs, export_onnx
 from daptq.deploy.lowering import LayerPlan, W4A8Kernel, lower_model_
 from daptq.integrity import check_daptq_directory, check_signed, signed
+from daptq.models.adapter import PolicyInfo
 from daptq.models.lerobot_vla import export_graph as eg
+from daptq.models.policy import ChunkedPolicy
 from daptq.strict_parse import loads_json_strict
 
 MANIFEST = "manifest.json"
@@ -47,7 +50,8 @@ FLOW_FORMAT = "daptq-onnx-flow"
 FLOW_VERSION = 1
 LOOPS = ("steps", "unrolled")
 LOOP_GRAPH = {"steps": "step", "unrolled": "sampler"}
-FLOW_FILES = (MANIFEST, "prefix.onnx", "step.onnx", "sampler.onnx")
+TOKENIZER_DIR = "tokenizer"  # the prompt tokenizer's files (closed loop: FlowOnnxPolicy)
+FLOW_FILES = (MANIFEST, "prefix.onnx", "step.onnx", "sampler.onnx", TOKENIZER_DIR)
 PREFIX_MODULE = "paligemma_with_expert.paligemma."  # layers under it run in prefix.onnx, the rest per step
 
 
@@ -155,12 +159,23 @@ def export_flow_policy(
     graphs, plans = export_flow_graphs(model, loop, w4a8_kernel, float_convs)
     from daptq.deploy.export import quantized_convs
 
+    adapter = getattr(policy, "adapter", None)
+    closed_loop = adapter is not None and adapter.tokenizer is not None and adapter.statistics is not None
+
     def build(tmp: Path) -> None:
         digests = {}
         for name, graph in graphs.items():
             data = graph.SerializeToString()
             atomic_write_bytes(tmp / f"{name}.onnx", data)
             digests[f"{name}.onnx"] = hashlib.sha256(data).hexdigest()
+        extra: dict[str, Any] = {}
+        if closed_loop:  # what FlowOnnxPolicy needs besides the graphs: prompt tokenizer, statistics
+            adapter.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            extra["policy"] = {
+                "n_action_steps": int(getattr(policy, "n_action_steps", model.config.n_action_steps)),
+                "statistics": adapter.statistics.to_dict(),
+                "tokenizer_sha256": _tree_digests(tmp / TOKENIZER_DIR),
+            }
         manifest = {
             "version": FLOW_VERSION,
             "format": FLOW_FORMAT,
@@ -173,6 +188,7 @@ def export_flow_policy(
             "sha256": digests,
             "opset": OPSET,
             "ir_version": IR_VERSION,
+            **extra,
         }
         validate_flow_manifest(manifest, tmp / MANIFEST)
         atomic_write_json(tmp / MANIFEST, signed(manifest))  # last
@@ -180,6 +196,15 @@ def export_flow_policy(
     return write_directory(
         out, build, lambda t: check_flow_out(t, overwrite, [] if source is None else [source])
     )
+
+
+def _tree_digests(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``, by relative path."""
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def is_flow_export(directory: str | Path) -> bool:
@@ -242,11 +267,32 @@ def validate_flow_manifest(manifest: Mapping[str, Any], path: str | Path) -> Non
         raise bad("opset/ir_version", f"must be {OPSET}/{IR_VERSION}")
     known = {
         "version", "format", "source", "model", "loop", "w4a8_kernel", "float_convs", "layers", "sha256",
-        "opset", "ir_version", "content_sha256",
+        "opset", "ir_version", "content_sha256", "policy",
     }  # fmt: skip
     unknown = set(manifest) - known
     if unknown:
         raise bad("(top level)", f"has unknown keys {sorted(unknown)}")
+    policy = manifest.get("policy")
+    if policy is not None:
+        if not isinstance(policy, dict) or set(policy) != {
+            "n_action_steps",
+            "statistics",
+            "tokenizer_sha256",
+        }:
+            raise bad("policy", "must hold n_action_steps, statistics and tokenizer_sha256")
+        steps = policy["n_action_steps"]
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= config.chunk_size:
+            raise bad(
+                "policy.n_action_steps", f"must be an integer in [1, {config.chunk_size}], got {steps!r}"
+            )
+        stats = policy["statistics"]
+        if not isinstance(stats, dict) or not isinstance(stats.get("stats"), dict):
+            raise bad("policy.statistics", "must be an object with 'modes' and 'stats'")
+        if not isinstance(stats.get("modes"), dict):
+            raise bad("policy.statistics.modes", "must be an object")
+        tok = policy["tokenizer_sha256"]
+        if not isinstance(tok, dict) or not tok or not all(isinstance(v, str) for v in tok.values()):
+            raise bad("policy.tokenizer_sha256", "must map the tokenizer's files to their sha256")
 
 
 class FlowOnnxSampler:
@@ -357,3 +403,81 @@ def is_flow_policy(policy: Any) -> bool:
     from daptq.models.lerobot_vla.policy import LeRobotVLAPolicy
 
     return isinstance(policy, LeRobotVLAPolicy)
+
+
+class FlowOnnxPolicy(ChunkedPolicy):
+    """A flow export as a closed-loop policy (``onnx:DIR``): the prompt, image and state preprocessing of
+    ``LeRobotVLAPolicy`` (same tokenizer, statistics and resizing), the chunk from ``FlowOnnxSampler`` with
+    the noise the PyTorch policy draws from the same generator, un-normalized with the same statistics."""
+
+    def __init__(self, directory: str | Path, threads: int = 1) -> None:
+        from daptq.models.lerobot_vla.adapter import LeRobotVLAAdapter, action_space_for
+        from daptq.models.lerobot_vla.checkpoint import Statistics
+        from daptq.models.lerobot_vla.policy import load_tokenizer
+
+        self.sampler = FlowOnnxSampler(directory, threads)
+        self.directory, self.manifest, self.config = (
+            self.sampler.directory,
+            self.sampler.manifest,
+            self.sampler.config,
+        )
+        block = self.manifest.get("policy")
+        if block is None:
+            raise ValueError(
+                f"{self.directory}: exported from a bare network (no tokenizer or statistics); export the "
+                "policy (`daptq export lerobot:PATH` or its quantized directory) to run it in closed loop"
+            )
+        tok_dir = self.directory / TOKENIZER_DIR
+        if _tree_digests(tok_dir) != block["tokenizer_sha256"]:
+            raise ValueError(f"{tok_dir}: tokenizer files do not match the manifest; the export is edited")
+        raw = block["statistics"]
+        self.statistics = Statistics(
+            {f: {k: torch.tensor(v) for k, v in s.items()} for f, s in raw["stats"].items()},
+            dict(raw["modes"]),
+            str(self.directory / MANIFEST),
+        )
+        # preprocessing only: the adapter's model_inputs reads the config, tokenizer and statistics
+        self._inputs = LeRobotVLAAdapter(_ConfigOnly(self.config), load_tokenizer(tok_dir), self.statistics)
+        super().__init__(action_space_for(self.config), block["n_action_steps"])
+        self.threads = self.sampler.threads
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def chunk_size(self) -> int:
+        return self.config.chunk_size
+
+    def predict_chunk(
+        self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        return self.sampler.predict_chunk(batch, generator)
+
+    def chunk_for_observation(self, observation: Mapping[str, Any], generator: torch.Generator) -> np.ndarray:
+        for key in ("image", "instruction", "state"):
+            if key not in observation:
+                raise ValueError(f"observation is missing {key!r} (has {sorted(observation)})")
+        batch = self._inputs.model_inputs(
+            np.asarray(observation["image"])[None],
+            [observation["instruction"]],
+            np.asarray(observation["state"])[None],
+        )
+        chunk = self.sampler.predict_chunk(batch, generator)[0]
+        return self.statistics.unnormalize(chunk.float(), "action", "ACTION").numpy()
+
+    def info(self) -> PolicyInfo:
+        """Its digest covers the manifest, which holds the sha256 of every graph and tokenizer file."""
+        manifest = json.dumps(self.manifest, sort_keys=True, default=repr).encode()
+        return PolicyInfo(
+            digest=hashlib.sha256(manifest).hexdigest(),
+            image_size=self.config.image_size,
+            recipe={"deployment": "onnx", "loop": self.sampler.loop, "threads": self.threads},
+        )
+
+
+class _ConfigOnly:
+    """Stands in for the network where only its ``config`` is read (preprocessing)."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config

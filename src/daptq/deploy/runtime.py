@@ -234,5 +234,10 @@ def _np(value: Any, dtype: Any = None) -> np.ndarray:
 
 
 def load_onnx_source(spec: str, onnx_threads: int = 1) -> OnnxPolicy:
-    """The ``onnx:DIR`` policy source (named in ``daptq.sources.BUILTIN_SOURCES``)."""
+    """The ``onnx:DIR`` policy source (named in ``daptq.sources.BUILTIN_SOURCES``); a pi0 / pi0.5 export
+    (``daptq.deploy.flow_export``) loads as a ``FlowOnnxPolicy``."""
+    from daptq.deploy.flow_export import FlowOnnxPolicy, is_flow_export
+
+    if is_flow_export(spec.removeprefix("onnx:")):
+        return FlowOnnxPolicy(spec.removeprefix("onnx:"), threads=onnx_threads)
     return OnnxPolicy(spec.removeprefix("onnx:"), threads=onnx_threads)
