@@ -35,6 +35,7 @@ CHILD = textwrap.dedent(
     from daptq.models.streaming import save_block_state
     from daptq.quant.spec import w4a8
     ckpt, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    torch.set_num_threads(int(sys.argv[4]))
     words = ["pick the coke can", "open the drawer", "move the red block left", "put spoon on towel"]
     r = np.random.default_rng(0)
     raws = [{"image": r.integers(0, 256, (2, 36, 44, 3), dtype=np.uint8), "instruction": words[i % 2::2][:2],
@@ -44,7 +45,10 @@ CHILD = textwrap.dedent(
     load_s = time.perf_counter() - t0
     hwm = lambda: int([l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]) * 1024
     load_peak = hwm()
-    done = lambda b, m: save_block_state(m, f"{out}/{b.name}.safetensors")
+    t_start = time.perf_counter()
+    def done(b, m):
+        save_block_state(m, f"{out}/{b.name}.safetensors")
+        print(f"block {b.name} written at {time.perf_counter() - t_start:.1f} s", file=sys.stderr, flush=True)
     cal = CalibrationSet(raws, {"source": "benchmarks/scale.py"})
     rec = quantize_policy_sequential(adapter, GPTQConfig(spec=w4a8()), cal, loader=loader, on_block_done=done)
     stages = {k: v for k, v in rec.timings.items()}
@@ -82,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--intermediate", type=int, default=2816)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--batches", type=int, default=2, help="calibration batches of 2 samples")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the quantizing process (1: on the shared 2-core machine, 2 intra-op threads "
+        "made GPTQ's solve 8x slower)",
+    )
     p.add_argument("--out", default="results/scale")
     p.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp dir)")
     args = p.parse_args(argv)
@@ -94,12 +105,12 @@ def main(argv: list[str] | None = None) -> int:
             nbytes = write_checkpoint(ckpt, layers, args.hidden, args.intermediate, args.heads)
             write_s = time.perf_counter() - t0
             proc = subprocess.run(
-                [sys.executable, "-c", CHILD, str(ckpt), str(out), str(args.batches)],
-                capture_output=True,
+                [sys.executable, "-c", CHILD, str(ckpt), str(out), str(args.batches), str(args.threads)],
+                stdout=subprocess.PIPE,  # progress (a line per block) goes to stderr as it happens
                 text=True,
             )
             if proc.returncode:
-                raise SystemExit(f"scale: {layers} layers failed:\n{proc.stderr[-3000:]}")
+                raise SystemExit(f"scale: {layers} layers failed (its stderr is above)")
             row = {"layers": layers, "backbone_fp32_mb": nbytes / 2**20, "write_s": write_s}
             row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
             rows.append(row)
@@ -117,6 +128,7 @@ def write_results(args: argparse.Namespace, argv: list[str] | None, rows: list[d
     result = {
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "shape": {"hidden": args.hidden, "intermediate": args.intermediate, "heads": args.heads},
+        "threads": args.threads,
         "method": "gptq w4a8 (g128), sequential, weights streamed, quantized blocks written to disk",
         "rows": rows,
         "peak_rss_slope_mb_per_layer": slope,
@@ -132,7 +144,7 @@ def write_results(args: argparse.Namespace, argv: list[str] | None, rows: list[d
         f"# Scale: {result['method']}",
         "",
         f"`{result['command']}`; Llama layers of width {args.hidden} (MLP {args.intermediate}), tiny vision "
-        "towers and DiT, 2-core CPU.",
+        f"towers and DiT, 2-core CPU, {args.threads} torch thread(s).",
         "",
         "| layers | backbone fp32 MB | peak RSS MB | "
         + " | ".join(f"{s} s / peak MB" for s in stages)

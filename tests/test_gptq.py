@@ -152,32 +152,67 @@ def test_bad_input_is_a_clear_error():
 W4G16 = QuantSpec(WeightSpec(4, granularity="per_group", group_size=16))
 
 
+def _two_layer_reference_policy():
+    import dataclasses
+
+    from baseline_helpers import TINY
+
+    from daptq.models.reference import ReferencePolicy, ReferenceVLA
+
+    torch.manual_seed(0)
+    model = ReferenceVLA(dataclasses.replace(TINY, n_layer=2, dit_n_layer=2))
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.normal_(0, 0.2)
+    return ReferencePolicy(model)
+
+
 def test_method_on_the_reference_vla_sequential_and_not():
-    from baseline_helpers import chunk_error, n_hooks, reference_calibration, tiny_reference_policy
+    from baseline_helpers import chunk_error, n_hooks, reference_calibration
 
     from daptq.methods import quantize_policy
     from daptq.methods.gptq import GPTQConfig
     from daptq.methods.rtn import RTNConfig
+    from daptq.methods.sequential import quantize_policy_sequential
 
-    cal = reference_calibration(n_batches=1)
-    fp, seq, par, rtn = (tiny_reference_policy() for _ in range(4))
-    record = quantize_policy(seq, GPTQConfig(spec=W4G16, block_size=8, sequential=True), cal)
-    r_par = quantize_policy(par, GPTQConfig(spec=W4G16, sequential=False), cal)
+    cal = reference_calibration(n_batches=2)
+    fp, seq, par, rtn, blockwise = (_two_layer_reference_policy() for _ in range(5))
+    passes = {"n": 0}
+    original = seq.adapter.predict_chunk
+
+    def counted(batch, generator=None):
+        passes["n"] += 1
+        return original(batch, generator=generator)
+
+    seq.adapter.predict_chunk = counted
+    config = GPTQConfig(spec=W4G16, block_size=8, sequential=True)
+    record = quantize_policy(seq, config, cal)
+    del seq.adapter.predict_chunk
+    # one pass of the policy over the calibration set, not one per layer (the per-block event does the rest)
+    assert passes["n"] == 2
+    r_par = quantize_policy(par, GPTQConfig(spec=W4G16, block_size=8), cal)
     quantize_policy(rtn, RTNConfig(spec=W4G16), cal)
     assert n_hooks(seq.model) == 0 and n_hooks(par.model) == 0 and record.method == "gptq"
+    assert record.decisions["sequential"]["propagation"] == "quantized"
     layers = record.decisions["layers"]
-    assert set(layers) == set(record.modules) and record.decisions["order"][0] == "vision_proj"
+    assert set(layers) == set(record.modules) == set(r_par.decisions["order"])
     for name, info in layers.items():
         assert isinstance(seq.model.get_submodule(name), QuantLinear)
         assert info["rel_output_error"] <= info["rtn_rel_output_error"] * 1.001, name
     rtn_error = chunk_error(rtn, fp, cal)
     assert chunk_error(seq, fp, cal) < 0.7 * rtn_error and chunk_error(par, fp, cal) < 0.7 * rtn_error
     assert type(record).from_json(record.to_json()) == record
-    # sequential: layer k's Hessian comes from inputs produced by the already-rounded layers before it
-    first, later = record.decisions["order"][0], "blocks.0.mlp.proj"
-    assert torch.equal(seq.model.get_submodule(first).qweight, par.model.get_submodule(first).qweight)
-    assert not torch.equal(seq.model.get_submodule(later).qweight, par.model.get_submodule(later).qweight)
-    assert r_par.decisions["order"] == record.decisions["order"]
+    # the whole-model option is the block loop: the same model as quantize_policy_sequential's
+    quantize_policy_sequential(blockwise, config, cal)
+    a, b, c = seq.model.state_dict(), blockwise.model.state_dict(), par.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # modules outside blocks and each stack's first block see float inputs (as without `sequential`);
+    # later blocks see the quantized outputs of the block before
+    outside = ("vision_proj", "blocks.0.", "head.blocks.0.")
+    first = [k for k in a if k.endswith("qweight") and k.startswith(outside)]
+    later = [k for k in a if k.endswith("qweight") and k.startswith(("blocks.1.", "head.blocks.1."))]
+    assert first and all(torch.equal(a[k], c[k]) for k in first)
+    assert later and any(not torch.equal(a[k], c[k]) for k in later)
 
 
 def test_method_on_the_toy_and_hooks_gone_after_failure():
@@ -196,10 +231,27 @@ def test_method_on_the_toy_and_hooks_gone_after_failure():
     toy = ToyPolicy()
     record = quantize_policy(toy, GPTQConfig(spec=QuantSpec(WeightSpec(4))), toy_calibration())
     assert set(record.decisions["layers"]) == {"net.0", "net.2", "net.4"} and n_hooks(toy.model) == 0
-    cal = reference_calibration(n_batches=1)
-    for fail_on_call in (1, 4):  # during calibrate; during apply's per-layer passes
+    cal = reference_calibration(n_batches=2)
+    for fail_on_call in (1, 2):  # the block loop's one calibration pass
         config = GPTQConfig(spec=W4G16, sequential=True)
         assert_clean_after_failure(tiny_reference_policy(), config, cal, fail_on_call)
+    # a failure in the per-block phase (block 1 replaying its recorded inputs) restores the model too
+    policy = _two_layer_reference_policy()
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    calls = {"n": 0}
+
+    def fail_on_replay(_module, _args):
+        calls["n"] += 1
+        if calls["n"] > len(cal.batches) * 4:  # 4 denoising steps per batch in the pass, then the replay
+            raise RuntimeError("block failed")
+
+    handle = policy.model.get_submodule("head.blocks.1").register_forward_pre_hook(fail_on_replay)
+    with pytest.raises(RuntimeError, match="block failed"):
+        quantize_policy(policy, GPTQConfig(spec=W4G16, sequential=True), cal)
+    handle.remove()
+    assert n_hooks(policy.model) == 0
+    assert not any(isinstance(m, QuantLinear) for m in policy.model.modules())
+    assert all(torch.equal(before[k], v) for k, v in policy.model.state_dict().items())
 
 
 @pytest.mark.slow  # ~25 s on a loaded 2-core machine: every encoder layer, depthwise convs per channel
