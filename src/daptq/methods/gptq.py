@@ -32,6 +32,8 @@ from daptq.methods import register_method
 from daptq.methods.base import Method, MethodConfig, require_plan
 from daptq.methods.rotation import check_rotation
 from daptq.methods.smoothquant import calibration_run, static_activation_layers
+from daptq.methods.step_scales import DECISION_KEY as STEP_SCALES
+from daptq.methods.step_scales import StepObservers, install_observed_step_scales
 from daptq.models.adapter import VLAAdapter
 from daptq.quant._util import set_module
 from daptq.quant.capture import Hessian, capturing, fan_in_rows
@@ -213,7 +215,8 @@ class GPTQConfig(MethodConfig):
     the time (on an earlier calibration sample sequential was worse, 0.059 vs 0.020).
     ``block_size``, ``damp``, ``act_order``: see ``gptq_quantize``. ``rotation``: "hadamard" folds
     randomized Hadamard rotations into the weights before the Hessians are measured
-    (``daptq.methods.rotation``)."""
+    (``daptq.methods.rotation``). ``step_scales``: static activation scales per denoising step for the
+    action head (``daptq.methods.step_scales``; not with ``sequential``)."""
 
     VERSION = 1
     block_size: int = 128
@@ -221,10 +224,13 @@ class GPTQConfig(MethodConfig):
     act_order: bool = True
     sequential: bool = False
     rotation: str | None = None
+    step_scales: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_rotation(self.rotation, "GPTQConfig.rotation")
+        if self.step_scales and self.sequential:
+            raise ValueError("GPTQConfig: step_scales is not available with sequential=True")
         if self.block_size < 1:
             raise ValueError(f"GPTQConfig.block_size must be >= 1, got {self.block_size}")
         if not 0.0 <= self.damp < 1.0:
@@ -285,6 +291,7 @@ class GPTQ(Method):
         self._hessians: dict[str, Hessian] = {}
         self._observers: dict[str, ActivationObserver] = {}
         self._batches: Sequence[Mapping[str, torch.Tensor]] = ()
+        self._steps: StepObservers | None = None
 
     def calibrate(self, adapter: VLAAdapter, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
         plan = require_plan(self)
@@ -308,6 +315,9 @@ class GPTQ(Method):
             parts = [r for r in (self._hessians.get(n), self._observers.get(n)) if r is not None]
             if parts:
                 sites[n] = _Tee(*parts)
+        if self.config.step_scales:  # per-denoising-step ranges of the static layers (method-owned hooks)
+            self._steps = StepObservers(adapter, {n: o.spec for n, o in self._observers.items()}, "GPTQ")
+            self._steps.attach(self, adapter)
         with capturing(model, inputs=sites, rows=fan_in_rows) if sites else contextlib.nullcontext():
             calibration_run(adapter, batches)(model)
         never = [n for n in plan.modules if n not in calls.order]
@@ -323,6 +333,8 @@ class GPTQ(Method):
             return
         self.decisions["layers"] = {}
         self.apply_modules(adapter, list(self._order))
+        if self._steps is not None:
+            self.decisions[STEP_SCALES] = install_observed_step_scales(adapter, self._steps)
 
     # ---- block by block (daptq.methods.sequential) --------------------------------------------------------
     def sequential_propagation(self) -> str:

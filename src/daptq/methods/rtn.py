@@ -16,6 +16,8 @@ import torch
 from daptq.methods import register_method
 from daptq.methods.base import Method, MethodConfig, forward_batch, module_of, require_plan
 from daptq.methods.rotation import check_rotation
+from daptq.methods.step_scales import DECISION_KEY as STEP_SCALES
+from daptq.methods.step_scales import StepObservers, install_observed_step_scales
 from daptq.models.adapter import VLAAdapter
 from daptq.quant.api import quantize_
 from daptq.quant.observers import ActivationObserver
@@ -39,11 +41,13 @@ class RTNConfig(MethodConfig):
     """Round-to-nearest with the spec's observer (min-max, percentile or MSE clipping).
 
     ``rotation``: "hadamard" folds randomized Hadamard rotations into the weights first
-    (``daptq.methods.rotation``), None (default) rounds the weights as they are."""
+    (``daptq.methods.rotation``), None (default) rounds the weights as they are. ``step_scales``: static
+    activation scales per denoising step for the action head's layers (``daptq.methods.step_scales``)."""
 
     VERSION = 1
     spec: QuantSpec = field(default_factory=_rtn_default_spec)
     rotation: str | None = None
+    step_scales: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,6 +71,7 @@ class RTN(Method):
     def __init__(self, config: RTNConfig) -> None:
         super().__init__(config)
         self._observers: dict[str, ActivationObserver] = {}
+        self._steps: StepObservers | None = None
 
     def requires_calibration(self) -> bool:
         """Only static activation scales need data; weight rounding is data-free."""
@@ -84,6 +89,8 @@ class RTN(Method):
         plan = require_plan(self)
         static = _static_layers(plan.specs)
         if not static:
+            if self.config.step_scales:
+                StepObservers(adapter, {}, "RTN")  # raises: nothing has static scales
             return
         if not batches:
             raise ValueError(f"RTN: static activation scales need calibration batches ({len(static)} layers)")
@@ -92,6 +99,9 @@ class RTN(Method):
             self.register_forward_pre_hook(
                 module_of(adapter, name), lambda _m, args, _o=obs: _o.update(args[0])
             )
+        if self.config.step_scales:
+            self._steps = StepObservers(adapter, {n: plan.modules[n].spec.activation for n in static}, "RTN")
+            self._steps.attach(self, adapter)
         for i, batch in enumerate(batches):
             forward_batch(adapter, batch, seed=i)
         self._observers = observers
@@ -102,10 +112,14 @@ class RTN(Method):
         quantize_(adapter.model, plan.specs, activation_qparams=results)
         if results:
             self.decisions["activation_scales"] = {n: float(s) for n, (s, _) in results.items()}
+        if self._steps is not None:
+            self.decisions[STEP_SCALES] = install_observed_step_scales(adapter, self._steps)
 
     # block by block (daptq.methods.sequential): the same observers and rounding, per subset of modules
     def calibrate_modules(self, adapter: VLAAdapter, names: Sequence[str], run: Callable[[], None]) -> None:
         plan = require_plan(self)
+        if self.config.step_scales:
+            raise ValueError("RTN: step_scales is not available block by block (sequential calibration)")
         static = [n for n in _static_layers(plan.specs) if n in set(names)]
         for name in static:
             obs = self._observers.setdefault(

@@ -435,18 +435,21 @@ class ReferenceAdapter(VLAAdapter):
         return self.config.num_inference_steps
 
     def denoising_step_hook(self, callback: Any) -> Any:
-        """A forward pre-hook on the DiT head mapping its timestep to the DDIM step index (None for a batch
-        of mixed or non-DDIM timesteps, as the training objective draws them)."""
+        """Hooks on the DiT head: before it, ``callback`` gets the DDIM step index of its timestep (None for
+        a batch of mixed or non-DDIM timesteps, as the training objective draws them); after it, None."""
         steps = self.model.schedule.ddim_timesteps(self.config.num_inference_steps)
         index = {t: i for i, t in enumerate(steps)}
 
-        def hook(_module: nn.Module, args: tuple) -> None:
+        def before(_module: nn.Module, args: tuple) -> None:
             t = args[1]
             first = int(t.reshape(-1)[0])
-            same = bool((t == first).all())
-            callback(index.get(first) if same else None)
+            callback(index.get(first) if bool((t == first).all()) else None)
 
-        return self.model.head.register_forward_pre_hook(hook)
+        head = self.model.head
+        return _Handles(
+            head.register_forward_pre_hook(before),
+            head.register_forward_hook(lambda _m, _a, _o: callback(None)),
+        )
 
     def calibration_batches(self, batches: Iterator[Mapping[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:
         """Dataset batches (``image`` uint8 (B,H,W,3), ``state`` (B,4), ``instruction`` list[str], optional
@@ -638,6 +641,17 @@ class ReferencePolicy(ChunkedPolicy):
             features = self.model.language(tokens["input_ids"], tokens["attention_mask"])
             self._language_cache[instruction] = (features, tokens["attention_mask"].bool())
         return self._language_cache[instruction]
+
+
+class _Handles:
+    """Several hook handles removed as one."""
+
+    def __init__(self, *handles: Any) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
