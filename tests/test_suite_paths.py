@@ -189,3 +189,22 @@ def test_calibration_picks_the_suite_acting_in_the_policys_kinds_of_dimensions(f
     assert _suite_for(SimpleNamespace(action_space=four), None).name == "metaworld"
     assert _suite_for(SimpleNamespace(action_space=four), "fake").name == "fake"
     assert _suite_for(object(), None).name == "metaworld"
+
+
+def test_reports_and_gifs_of_a_suite_run_name_the_suite_and_refuse_mixing_suites(fake, tmp_path):
+    import shutil
+
+    from daptq.eval import render_rollout_gif, write_report
+
+    _eval(tmp_path / "run", tmp_path / "cache", "--envs-per-worker", "1")
+    report = write_report(tmp_path / "run").read_text()
+    assert "- suite: fake (version 3)" in report
+    gif = render_rollout_gif(tmp_path / "run", "reach-ball", 1_000_000)  # re-run on the suite's env
+    assert gif.is_file() and gif.stat().st_size > 0
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "run", other)
+    config = json.loads((other / "config.json").read_text())
+    config["run"]["suite"] = "metaworld"
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"different suites \['fake', 'metaworld'\]"):
+        write_report([tmp_path / "run", other], out=tmp_path / "both")
