@@ -121,3 +121,18 @@ def test_a_saved_rotated_policy_reloads_bit_exact(tmp_path, single_thread):  # n
     loaded = load_quantized_policy(out, base_factory=lambda: tiny_reference_policy(seed=1))
     assert torch.equal(_chunks(loaded, calibration), _chunks(policy, calibration))
     assert loaded.quant_record.decisions["rotation"]["kind"] == "hadamard"
+
+
+def test_cli_rotate_and_step_scales_options():
+    from daptq.cli import build_parser
+    from daptq.methods.workflow import config_from_options
+
+    args = build_parser().parse_args(
+        ["quantize", "toy", "--method", "gptq", "--w-bits", "4", "--rotate", "--step-scales", "--out", "x"]
+    )
+    assert (args.method_rotation, args.method_step_scales) == ("hadamard", True)
+    options = {"rotation": "hadamard", "step_scales": True}
+    config = config_from_options("gptq", w_bits=4, method_options=options)
+    assert config.rotation == "hadamard" and config.step_scales is True
+    with pytest.raises(ValueError, match="has no option 'rotation'"):
+        config_from_options("smoothquant", w_bits=4, method_options={"rotation": "hadamard"})

@@ -358,6 +358,22 @@ def _add_quantize_parser(sub) -> None:
         "--include-encoders", action="store_true", help="also quantize the vision/language encoders"
     )
     q.add_argument(
+        "--rotate",
+        dest="method_rotation",
+        action="store_const",
+        const="hadamard",
+        help="fold randomized Hadamard rotations into the weights before rounding, where the adapter "
+        "declares them exact (rtn, gptq; docs/methods.md, 'Rotations')",
+    )
+    q.add_argument(
+        "--step-scales",
+        dest="method_step_scales",
+        action="store_const",
+        const=True,
+        help="static activation scales per denoising step for the action head (rtn, gptq; needs static "
+        "activations: a --config with mode static_per_tensor; docs/methods.md)",
+    )
+    q.add_argument(
         "--calibration",
         metavar="PATH",
         help="calibration data: a LeRobotDataset (v2.1/v3.0), a directory of .npz/.safetensors episodes "
