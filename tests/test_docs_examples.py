@@ -95,6 +95,14 @@ SKIPPED: dict[tuple[str, str], str] = {
         "~/data/my_lerobot_dataset --trajectories 64 --out out/my-daptq",
     ): "needs the reader's own model file and LeRobot dataset",
     ("docs/models.md", "daptq inspect out/my-daptq"): "inspects the reader's directory made just before it",
+    (
+        "docs/deployment.md",
+        "daptq quantize lerobot:PATH --method rtn --w-bits 4 --a-bits 8 --group-size 128 --out runs/pi0-w4a8",
+    ): "needs the reader's own lerobot pi0 checkpoint (tests/test_flow_export.py runs both on a tiny one)",
+    (
+        "docs/deployment.md",
+        "daptq export runs/pi0-w4a8 --format onnx --out runs/pi0-w4a8-onnx",
+    ): "exports the reader's pi0 directory made just before it",
 }
 # The RESULTS.md recipe of the deployed-vs-twin closed-loop row: its quantize and export are deployment.md's
 # commands again (run there) and its two evaluations and benchmark script take minutes even at one short
