@@ -4,6 +4,8 @@ a failing worker stops the run with its own message. No timing thresholds: rows,
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from daptq.cli import main
@@ -40,7 +42,8 @@ def test_bench_measures_the_users_own_quantized_directory_beside_fp(quantized, t
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "| toy | fp |" in printed and f"| {w8} | as-evaluated |" in printed
-    assert f"| {w8} | packed |" in printed and "3/3 layers packed" in printed
+    assert f"| {w8} | packed |" in printed
+    assert re.search(r"[0-3]/3 \(cost model\) layers packed", printed)  # per layer: does packing pay here?
     import json
 
     report = json.loads(out.with_suffix(".json").read_text())

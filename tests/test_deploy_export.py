@@ -324,3 +324,58 @@ def test_language_graph_runs_once_per_instruction(exported):
     assert len(calls) == 1
     deployed.select_action({**observation(8), "instruction": "open the drawer"})
     assert len(calls) == 2
+
+
+def test_auto_threads_are_chosen_by_measurement_and_recorded(exported):
+    deployed = OnnxPolicy(exported["int8"], threads="auto")
+    assert set(deployed.thread_timings_ms) <= {1, 2} and 1 in deployed.thread_timings_ms
+    assert deployed.threads == min(deployed.thread_timings_ms, key=deployed.thread_timings_ms.get)
+    recipe = deployed.info().recipe
+    assert (
+        recipe["threads"] == deployed.threads and recipe["threads_measured_ms"] == deployed.thread_timings_ms
+    )
+    for session in deployed.sessions.values():
+        assert session.get_session_options().intra_op_num_threads == deployed.threads
+
+
+@pytest.mark.parametrize("level", ["disable", "basic", "extended"])
+def test_every_optimization_level_computes_the_same_policy(exported, level):
+    """The graph optimization level is a speed setting only: the same chunk as the default ("all")."""
+    base, other = OnnxPolicy(exported["int8"]), OnnxPolicy(exported["int8"], optimization=level)
+    batch = base.observation_to_batch(observation(3))
+    a = base.predict_chunk(batch, torch.Generator().manual_seed(0))
+    b = other.predict_chunk(other.observation_to_batch(observation(3)), torch.Generator().manual_seed(0))
+    assert rel_err(b, a) < 1e-4
+    assert other.info().recipe["optimization"] == level
+    with pytest.raises(ValueError, match="optimization must be one of"):
+        OnnxPolicy(exported["int8"], optimization="max")
+
+
+def test_export_cost_model_keeps_fp32_where_the_integer_kernel_loses(toy_policies, tmp_path):
+    """A synthetic cost table: the backbone's first qkv measured slower as MatMulNBits than fp32 is exported
+    as the fp32 MatMul on its dequantized weight (rounding emulated), every measured layer's plan says why,
+    and the policy stays within the int8 export's agreement with its fake-quant twin."""
+    from daptq.deploy.export import measure_policy_costs
+    from daptq.quant.kernels import LayerCost
+
+    _, quant = toy_policies
+    names = list(quantized_modules(quant.model))
+    table = {n: LayerCost(packed_s=1e-4, float_s=2e-4) for n in names}
+    table["blocks.0.attn.qkv"] = LayerCost(packed_s=3e-4, float_s=2e-4)
+    out = export_reference_policy(quant, tmp_path / "cost", cost_model=table)
+    deployed = OnnxPolicy(out)
+    plans = {p["name"]: p for g in deployed.manifest["layers"].values() for p in g}
+    slow = plans["blocks.0.attn.qkv"]
+    assert slow["kernel"] == "dequantized_fp32" and "does not pay" in slow["decision"]
+    assert slow["activation"].endswith("(emulated)")
+    fast = plans["blocks.0.mlp.fc"]
+    assert fast["kernel"] == "matmul_nbits" and "matmul_nbits 0.100 ms vs fp32 0.200 ms" in fast["decision"]
+    obs = observation(5)
+    z_q = quant.model.condition(quant.observation_to_batch(obs))
+    z_d = torch.from_numpy(deployed.condition(deployed.observation_to_batch(obs)))
+    assert sqnr_db(z_q, z_d) > 20  # the int8 export's bound (test_int8_export_is_bounded...)
+    measured = measure_policy_costs(quant, threads=1)
+    assert set(measured) == {
+        n for n, p in plans.items() if p["kernel"] in ("matmul_nbits", "dequantized_fp32")
+    }
+    assert all(c.packed_s > 0 and c.float_s > 0 for c in measured.values())

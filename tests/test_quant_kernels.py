@@ -135,3 +135,51 @@ def test_conv_and_odd_out_features_are_kept():
 def test_bad_compute_dtype():
     with pytest.raises(ValueError, match="compute_dtype"):
         to_deployable_(toy(), compute_dtype="float16")
+
+
+def test_cost_model_keeps_float_where_the_packed_kernel_loses():
+    """A synthetic cost table: layer 0's packed kernel pays, layer 2's does not (fp32 on its dequantized
+    weight, the fake-quant numbers); each decision is reported with both times; an unmeasured shape is an
+    error naming the layer."""
+    from daptq.quant.kernels import FloatWeightLinear, LayerCost, cost_key, record_layer_rows
+
+    model = toy()
+    quantize_(model, weight_only(4, "per_group", 32))
+    x = torch.randn(5, 128)
+    rows = record_layer_rows(model, lambda: model(x))
+    assert rows == {"0": 5, "2": 5}
+    with torch.no_grad():
+        ref = model(x)
+    table = {
+        cost_key("int4_weight_only", 5, model[0], "float32"): LayerCost(packed_s=1e-4, float_s=2e-4),
+        cost_key("int4_weight_only", 5, model[2], "float32"): LayerCost(packed_s=3e-4, float_s=2e-4),
+    }
+    with pytest.raises(ValueError, match="^2: no measured cost"):
+        to_deployable_(_copy(model), compute_dtype="float32", cost_model=table, rows={"0": 5})
+    report = to_deployable_(model, compute_dtype="float32", cost_model=table, rows=rows)
+    assert isinstance(model[0], Int4WeightOnlyLinear) and isinstance(model[2], FloatWeightLinear)
+    assert report.packed == ["0"] and report.converted == ["0", "2"]
+    why = {r.name: r.reason for r in report.rows}
+    assert "packed 0.100 ms vs float 0.200 ms at 5 rows" in why["0"]
+    assert "packed 0.300 ms" in why["2"] and "does not pay" in why["2"]
+    assert {r.name: r.kernel for r in report.rows}["2"] == "float_dequantized"
+    with torch.no_grad():
+        assert rel_err(model(x), ref) < 1e-5
+
+
+def test_measured_cost_model_covers_every_weight_only_shape():
+    from daptq.quant.kernels import measure_cost_model
+
+    model = toy()
+    quantize_(model, weight_only(4, "per_group", 32))
+    table = measure_cost_model(model, {"0": 3, "2": 3}, "bfloat16", repeats=1)
+    assert {k[:4] for k in table} == {("int4_weight_only", 3, 128, 64), ("int4_weight_only", 3, 64, 32)}
+    assert all(c.packed_s > 0 and c.float_s > 0 for c in table.values())
+    report = to_deployable_(model, cost_model=table, rows={"0": 3, "2": 3})
+    assert all("cost model: packed" in r.reason for r in report.rows)
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)

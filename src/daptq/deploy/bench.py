@@ -161,11 +161,14 @@ def plan_rows(models: Sequence[str], variants: Sequence[str] | None) -> list[tup
 def check_options(
     rounds: int, calls_per_round: int, warmup: int, threads: int, group_size: int, cache
 ) -> None:
+    thread_counts = [threads] if isinstance(threads, int) else list(threads)
+    if not thread_counts or len(set(thread_counts)) != len(thread_counts):
+        raise BenchError(f"--threads must name distinct counts, got {threads!r}")
     for name, value, low in (
         ("--rounds", rounds, 1),
         ("--calls", calls_per_round, 1),
         ("--warmup", warmup, 0),
-        ("--threads", threads, 1),
+        *(("--threads", t, 1) for t in thread_counts),
         ("--group-size", group_size, 1),
     ):
         if type(value) is not int or value < low:
@@ -278,6 +281,12 @@ def _onnx_info(directory: Path) -> dict[str, Any]:
         "w4_ideal_bytes": sum(p["ideal_bytes"] for p in nbits),
         "w4_bf16_bytes": sum(p["out_features"] * p["fan_in"] * 2 for p in nbits),
         "accuracy_levels": sorted({p["accuracy_level"] for p in nbits}),
+        "deploy_decisions": [
+            {"layer": p["name"], "kernel": p["kernel"], "reason": p["decision"]}
+            for g in manifest["layers"].values()
+            for p in g
+            if p.get("decision")
+        ],
     }
 
 
@@ -298,8 +307,55 @@ def export_dir(cache: Path, model: str, variant: str) -> Path:
     return cache / f"{model.replace(':', '_').replace('/', '_')}-{variant}"
 
 
-def prepare_exports(model: str, cache: Path, group_size: int) -> dict[str, Path]:
-    """Export the ORT variants of a base model (in this process; run it in a subprocess)."""
+def roofline_path(cache: Path, model: str) -> Path:
+    return export_dir(cache, model, "roofline").with_suffix(".json")
+
+
+def analyse_exports(
+    model: str, cache: Path, thread_counts: Sequence[int], cost: bool, profile: bool
+) -> dict[str, Any]:
+    """For each ORT variant of a base model: what one call executes (``roofline.policy_call_cost``) and, with
+    ``profile``, where its time goes at each thread count and how the graph optimization levels compare
+    (``roofline.profile_breakdown``, ``roofline.compare_optimization_levels``). Written beside the exports."""
+    import torch
+
+    from daptq.deploy import roofline
+    from daptq.deploy.runtime import OnnxPolicy
+
+    out: dict[str, Any] = {}
+    for variant in ("ort-fp32", "ort-w4a8"):
+        directory = export_dir(cache, model, variant)
+        entry: dict[str, Any] = {}
+        policy = OnnxPolicy(directory, threads=thread_counts[0])
+        batch = policy.observation_to_batch(_observation(policy))
+
+        def call(policy=policy, batch=batch) -> None:
+            policy.predict_chunk(batch, generator=torch.Generator().manual_seed(0))
+
+        if cost:
+            entry["cost"] = roofline.policy_call_cost(policy, call).to_json()
+        if profile:
+            entry["profile"] = {}
+            for t in thread_counts:
+                policy.threads = t
+                policy.sessions = policy._sessions(t)
+                entry["profile"][str(t)] = roofline.profile_breakdown(policy, call)
+            if variant == "ort-w4a8":
+                entry["optimization_levels_ms"] = roofline.compare_optimization_levels(
+                    directory, thread_counts[0], _observation(policy)
+                )
+        del policy
+        out[variant] = entry
+    from daptq.atomic import atomic_write_json
+
+    atomic_write_json(roofline_path(cache, model), out)
+    return out
+
+
+def prepare_exports(model: str, cache: Path, group_size: int, threads: int = 1) -> dict[str, Path]:
+    """Export the ORT variants of a base model (in this process; run it in a subprocess). ``ort-w4a8`` keeps
+    each layer's integer kernel only where it measured faster than fp32 at ``threads`` (the manifest says
+    why, per layer)."""
     from daptq.deploy.export import export_reference_policy
     from daptq.quant import quantize_
 
@@ -309,7 +365,12 @@ def prepare_exports(model: str, cache: Path, group_size: int) -> dict[str, Path]
         if variant == "ort-w4a8":
             quantize_(policy.model, reference_w4a8_recipe(policy.model, group_size))
         out[variant] = export_reference_policy(
-            policy, export_dir(cache, model, variant), source=model, overwrite=True
+            policy,
+            export_dir(cache, model, variant),
+            source=model,
+            overwrite=True,
+            cost_model="measure" if variant == "ort-w4a8" else None,  # integer kernels where they pay
+            threads=threads,
         )
         del policy
     return out
@@ -332,14 +393,23 @@ def build_spec_row(spec: str, variant: str, threads: int):
         quantized = [m for m in net.modules() if hasattr(m, "spec") and hasattr(m, "qweight")]
         if variant == "packed":
             from daptq.quant import to_deployable_
+            from daptq.quant.kernels import measure_cost_model, record_layer_rows
 
-            report = to_deployable_(net, compute_dtype="bfloat16")
+            obs = _observation(policy)
+            rows = record_layer_rows(
+                net, lambda: policy.predict_chunks([obs], [torch.Generator().manual_seed(0)])
+            )
+            costs = measure_cost_model(net, rows, "bfloat16")  # does each packed kernel pay, here?
+            report = to_deployable_(net, compute_dtype="bfloat16", cost_model=costs, rows=rows)
+            info["deploy_decisions"] = [
+                {"layer": r.name, "kernel": r.kernel, "reason": r.reason} for r in report.rows
+            ]
             if not report.converted:
                 raise NothingToMeasure(
                     f"none of its {len(report.rows)} quantized layers has a packed PyTorch CPU kernel "
                     "(int4/int8 weight-only or W8A8; W4A8 has none: its onnx export runs W4A8 kernels)"
                 )
-            info["packed_layers"] = f"{len(report.converted)}/{len(report.rows)}"
+            info["packed_layers"] = f"{len(report.packed)}/{len(report.rows)} (cost model)"
             for m in net.modules():  # the float weight is no longer needed once packed
                 if hasattr(m, "qweight") and hasattr(m, "packed_weight"):
                     m.qweight = None
@@ -379,9 +449,17 @@ def build_variant(model: str, variant: str, cache: Path, group_size: int, thread
         if variant == "torch-w4a8-fake":
             quantize_(net, reference_w4a8_recipe(net, group_size))
         elif variant.startswith("torch-w4-packed"):
+            from daptq.quant.kernels import measure_cost_model, record_layer_rows
+
             quantize_(net, weight_only_w4(reference_w4a8_recipe(net, group_size)))
-            report = to_deployable_(net, compute_dtype="bfloat16")
-            info["packed_layers"] = len(report.converted)
+            batch = policy.observation_to_batch(_observation(policy))
+            rows = record_layer_rows(net, lambda: policy.predict_chunk(batch, torch.Generator()))
+            costs = measure_cost_model(net, rows, "bfloat16")  # does each packed kernel pay, here?
+            report = to_deployable_(net, compute_dtype="bfloat16", cost_model=costs, rows=rows)
+            info["packed_layers"] = f"{len(report.packed)}/{len(report.rows)} (cost model)"
+            info["deploy_decisions"] = [
+                {"layer": r.name, "kernel": r.kernel, "reason": r.reason} for r in report.rows
+            ]
             for m in net.modules():  # the float weight is no longer needed once packed
                 if hasattr(m, "qweight") and hasattr(m, "packed_weight"):
                     m.qweight = None
@@ -524,45 +602,53 @@ class Worker:
         self.stderr.close()
 
 
-def _prepare(model: str, cache: Path, group_size: int, threads: int) -> None:
-    """Export the ORT variants of a base model in a subprocess (its memory is not a worker's)."""
+def _subprocess(args: list[str], threads: int, what: str) -> str:
+    """Run ``python -m daptq.deploy.bench ARGS`` (its memory is not a worker's); its stdout, or a BenchError
+    with the end of its stderr."""
     with tempfile.TemporaryFile() as err:
         proc = subprocess.run(
-            [sys.executable, "-m", "daptq.deploy.bench", "--prepare", "--model", model]
-            + ["--cache", str(cache), "--group-size", str(group_size), "--threads", str(threads)],
+            [sys.executable, "-m", "daptq.deploy.bench", *args],
             stderr=err,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
             env=_worker_env(threads),
             check=False,
         )
         if proc.returncode != 0:
-            raise BenchError(
-                f"exporting the ort- variants of {model} into {cache} failed (rc={proc.returncode}); its "
-                f"stderr ends with:\n{_tail(err)}"
-            )
+            raise BenchError(f"{what} failed (rc={proc.returncode}); its stderr ends with:\n{_tail(err)}")
+        return proc.stdout
 
 
-def run_bench(
-    models: Sequence[str],
-    variants: Sequence[str] | None = None,
-    rounds: int = 5,
-    calls_per_round: int = 2,
-    warmup: int = 2,
-    threads: int = 1,
-    group_size: int = 128,
-    cache: Path = Path("runs/bench_cache"),
-) -> dict[str, Any]:
-    """Measure every row (``plan_rows``) round-robin in one run; ratios to the first row (``variants``:
-    to each model's first variant). Raises BenchError before any work for bad options or specs, and for
-    a worker that fails (the others are stopped)."""
-    check_options(rounds, calls_per_round, warmup, threads, group_size, cache)
-    rows = plan_rows(models, variants)
-    cache = Path(cache)
+def _prepare(model: str, cache: Path, group_size: int, threads: int) -> None:
+    """Export the ORT variants of a base model in a subprocess (its memory is not a worker's)."""
+    _subprocess(
+        ["--prepare", "--model", model, "--cache", str(cache), "--group-size", str(group_size)]
+        + ["--threads", str(threads)],
+        threads,
+        f"exporting the ort- variants of {model} into {cache}",
+    )
+
+
+def _analyse(model: str, cache: Path, thread_counts: Sequence[int], cost: bool, profile: bool) -> dict:
+    args = ["--analyse", "--model", model, "--cache", str(cache), "--threads", str(thread_counts[0])]
+    args += ["--thread-counts", ",".join(map(str, thread_counts))]
+    args += (["--cost"] if cost else []) + (["--profile"] if profile else [])
+    _subprocess(args, thread_counts[0], f"counting and profiling the ort- variants of {model}")
+    return json.loads(roofline_path(cache, model).read_text())
+
+
+def _rates(threads: int) -> dict[str, Any]:
+    out = _subprocess(["--rates", "--model", "-", "--threads", str(threads)], threads, "measuring rates")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _measure(
+    rows: Sequence[tuple[str, str]], cache: Path, group_size: int, threads: int, warmup: int, rounds: int,
+    calls_per_round: int, notes: list[str],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Every row at ``threads``, round-robin, each in its own worker process."""
     workers: list[Worker] = []
-    notes: list[str] = []
     try:
-        for model in dict.fromkeys(m for m, v in rows if v.startswith("ort-")):
-            _prepare(model, cache, group_size, threads)
         for model, variant in rows:  # started one at a time so their building does not overlap
             w = Worker(model, variant, cache, group_size, threads, warmup)
             workers.append(w)
@@ -578,20 +664,114 @@ def run_bench(
     finally:
         for w in workers:
             w.kill()
-    results = [_summarize(w) for w in measured]
+    return [{**_summarize(w), "threads": threads} for w in measured]
+
+
+# the cost each variant's roofline is counted on, and whether its int8 operations run at the fp32 rate
+ROOFLINE_OF = {
+    "torch-fp32": ("ort-fp32", False),
+    "torch-bf16": ("ort-fp32", False),
+    "torch-w4a8-fake": ("ort-fp32", False),
+    "torch-w4-packed": ("ort-w4a8", True),
+    "torch-w4-packed-compile": ("ort-w4a8", True),
+    "ort-fp32": ("ort-fp32", False),
+    "ort-w4a8": ("ort-w4a8", False),
+}
+
+
+def attach_roofline(row: dict[str, Any], costs: dict[str, Any], rates: dict[str, Any]) -> None:
+    """Add the row's roofline (``roofline.roofline_row``) from its model's counted costs and the rates at its
+    thread count; for the W4A8 kernel also the bound at that kernel's own large-GEMM rate."""
+    from daptq.deploy.roofline import Cost, Rates, roofline_row
+
+    source, int8_as_fp32 = ROOFLINE_OF.get(row["variant"], (None, False))
+    if source is None or "cost" not in costs.get(source, {}):
+        return
+    cost, r = Cost.from_json(costs[source]["cost"]), Rates.from_dict(rates)
+    row["roofline"] = roofline_row(row["call_p50_ms"] / 1e3, cost, r, int8_as_fp32)
+    if row["variant"] == "ort-w4a8":
+        kernel = Rates(r.fp32_flops, r.w4a8_kernel_ops, r.w4a8_kernel_ops, r.bandwidth_bytes, r.threads)
+        row["roofline"]["bound_at_kernel_rate_ms"] = roofline_row(1.0, cost, kernel)["bound_ms"]
+
+
+def run_bench(
+    models: Sequence[str],
+    variants: Sequence[str] | None = None,
+    rounds: int = 5,
+    calls_per_round: int = 2,
+    warmup: int = 2,
+    threads: int | Sequence[int] = 1,
+    group_size: int = 128,
+    cache: Path = Path("runs/bench_cache"),
+    roofline: bool = False,
+    profile: bool = False,
+) -> dict[str, Any]:
+    """Measure every row (``plan_rows``) round-robin in one run; ratios to the first row (``variants``:
+    to each model's first variant) at the same thread count. Several ``threads``: all rows at each count in
+    turn. ``roofline`` (``--variants`` only): this machine's rates measured in the same run and each row's
+    bound (``daptq.deploy.roofline``); ``profile``: where each ORT variant's call goes, per op type. Raises
+    BenchError before any work for bad options or specs, and for a worker that fails (the others are
+    stopped)."""
+    check_options(rounds, calls_per_round, warmup, threads, group_size, cache)
+    thread_counts = [threads] if isinstance(threads, int) else list(threads)
+    rows = plan_rows(models, variants)
+    if (roofline or profile) and variants is None:
+        raise BenchError("--roofline and --profile need --variants (daptq's own recipes of a base model)")
+    cache = Path(cache)
+    notes: list[str] = []
+    analysed: dict[str, Any] = {}
+    exported = dict.fromkeys(m for m, v in rows if v.startswith("ort-") or roofline or profile)
+    for model in exported:
+        _prepare(model, cache, group_size, thread_counts[0])
+        if roofline or profile:
+            analysed[model] = _analyse(model, cache, thread_counts, roofline, profile)
+    rates = {t: _rates(t) for t in thread_counts} if roofline else {}
+    results = []
+    for t in thread_counts:
+        results += _measure(rows, cache, group_size, t, warmup, rounds, calls_per_round, notes)
     baseline = "per-model" if variants is not None else "first"
     _add_ratios(results, baseline)
-    return {
-        "threads": threads,
+    for row in results:
+        if roofline:
+            attach_roofline(row, analysed.get(row["model"], {}), rates[row["threads"]])
+    report = {
+        "threads": thread_counts[0] if len(thread_counts) == 1 else thread_counts,
         "rounds": rounds,
         "calls_per_round": calls_per_round,
         "group_size": group_size,
         "baseline": baseline,
         "notes": notes,
-        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "host": _host(),
         "versions": _versions(),
         "results": results,
     }
+    if roofline:
+        report["rates"] = {str(t): r for t, r in rates.items()}
+    if profile:
+        report["profiles"] = {
+            m: {v: {k: e[k] for k in ("profile", "optimization_levels_ms") if k in e} for v, e in a.items()}
+            for m, a in analysed.items()
+        }
+    return report
+
+
+def _host() -> dict[str, Any]:
+    """The machine and how loaded it was when the report was written (1/5/15-minute load averages)."""
+    host = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    try:
+        host["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # not on every platform
+        pass
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            host["cpu"] = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            host["simd"] = sorted(
+                flags & {"avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"}
+            )
+            break
+    return host
 
 
 def _summarize(w: Worker) -> dict[str, Any]:
@@ -609,9 +789,11 @@ def _summarize(w: Worker) -> dict[str, Any]:
 
 
 def _add_ratios(rows: list[dict[str, Any]], baseline: str = "first") -> None:
-    """Each row against the run's first row (``first``) or its model's first row (``per-model``)."""
+    """Each row against the run's first row (``first``) or its model's first row (``per-model``), at the
+    row's own thread count."""
     for row in rows:
-        ref = rows[0] if baseline == "first" else next(r for r in rows if r["model"] == row["model"])
+        same = [r for r in rows if r.get("threads") == row.get("threads")]
+        ref = same[0] if baseline == "first" else next(r for r in same if r["model"] == row["model"])
         row["baseline"] = f"{ref['model']} {ref['variant']}"
         row["call_p50_vs_baseline"] = row["call_p50_ms"] / ref["call_p50_ms"]
         if row.get("peak_rss_bytes") and ref.get("peak_rss_bytes"):
@@ -633,14 +815,15 @@ def to_markdown(report: dict[str, Any]) -> str:
     rows = report["results"]
     base = "its model's first row" if report.get("baseline") == "per-model" else "the first row"
     lines = [
-        f"Threads: {report['threads']} (torch and ONNX Runtime intra-op); {report['rounds']} rounds x "
+        f"Threads: {report['threads']} (torch and ONNX Runtime intra-op); load average "
+        f"{report.get('host', {}).get('loadavg', 'n/a')}; {report['rounds']} rounds x "
         f"{report['calls_per_round']} calls per row, round-robin, each row in its own process; ratios "
         f"to {base}"
         + (f" ({rows[0]['baseline']})." if rows and report.get("baseline") != "per-model" else "."),
         "",
-        "| model | variant | call p50 ms | call p90 ms | action p50 ms | call vs base | peak RSS MiB "
-        "| RSS vs base | weights stored MiB | W4 deployed / bf16 | notes |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| model | variant | threads | call p50 ms | call p90 ms | action p50 ms | call vs base | peak RSS "
+        "MiB | RSS vs base | weights stored MiB | W4 deployed / bf16 | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         w4 = f"{r['w4_deployed_vs_bf16']:.3f}" if "w4_deployed_vs_bf16" in r else ""
@@ -653,13 +836,95 @@ def to_markdown(report: dict[str, Any]) -> str:
         elif "w4_layers" in r:
             note = f"{r['w4_layers']} MatMulNBits layers"
         lines.append(
-            f"| {r['model']} | {r['variant']} | {r['call_p50_ms']:.1f} | {r['call_p90_ms']:.1f} | "
+            f"| {r['model']} | {r['variant']} | {r.get('threads', report['threads'])} | "
+            f"{r['call_p50_ms']:.1f} | {r['call_p90_ms']:.1f} | "
             f"{r['action_p50_ms']:.2f} | {r.get('call_p50_vs_baseline', float('nan')):.2f}x | "
             f"{rss / mib:.0f} | {r.get('peak_rss_vs_baseline', float('nan')):.2f}x | "
             f"{r['weights_stored_bytes'] / mib:.1f} | {w4} | {note} |"
         )
     lines += [""] + [f"Note: {n}" for n in report.get("notes", [])] if report.get("notes") else []
+    lines += roofline_markdown(report) + profile_markdown(report) + decisions_markdown(report)
     return "\n".join(lines) + "\n"
+
+
+def decisions_markdown(report: dict[str, Any]) -> list[str]:
+    """Per layer, whether the packed kernel paid (the cost model's decision, measured in the worker)."""
+    lines: list[str] = []
+    seen = set()
+    for r in report["results"]:
+        if not r.get("deploy_decisions") or (r["model"], r["variant"]) in seen:
+            continue
+        seen.add((r["model"], r["variant"]))
+        lines += [
+            "",
+            f"Per-layer decisions of {r['model']} {r['variant']} ({r.get('threads')} thread(s)):",
+            "",
+        ]
+        lines += ["| layer | kernel | why |", "|---|---|---|"]
+        lines += [
+            f"| {d['layer']} | {d['kernel'] or 'fake-quant'} | {d['reason']} |" for d in r["deploy_decisions"]
+        ]
+    return lines
+
+
+def roofline_markdown(report: dict[str, Any]) -> list[str]:
+    """The rates measured in the run and each row's time beside its bound."""
+    if not report.get("rates"):
+        return []
+    lines = ["", "Rates measured in this run (best of 5; GEMM 128x2048x2048):", ""]
+    lines += [
+        "| threads | fp32 GFLOP/s | int8 GOP/s (MatMulInteger u8s8) | W4A8 MatMulNBits GOP/s | copy GB/s |"
+    ]
+    lines += ["|---:|---:|---:|---:|---:|"]
+    for t, r in report["rates"].items():
+        lines.append(
+            f"| {t} | {r['fp32_flops'] / 1e9:.1f} | {r['int8_ops'] / 1e9:.1f} | "
+            f"{r['w4a8_kernel_ops'] / 1e9:.1f} | {r['bandwidth_bytes'] / 1e9:.1f} |"
+        )
+    lines += [
+        "",
+        "Roofline per call: sum over executed nodes of max(ops / rate, weight bytes / bandwidth); "
+        "% of bound = bound / measured (100%: what this CPU allows).",
+        "",
+        "| model | variant | threads | call p50 ms | GFLOP fp32 | GOP int8 | weight MB read | bound ms "
+        "(compute / memory) | % of bound | bound at MatMulNBits' rate ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        f = r.get("roofline")
+        if not f:
+            continue
+        kernel = f"{f['bound_at_kernel_rate_ms']:.1f}" if "bound_at_kernel_rate_ms" in f else ""
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['threads']} | {r['call_p50_ms']:.1f} | "
+            f"{f['cost_fp32_flops'] / 1e9:.2f} | {f['cost_int8_ops'] / 1e9:.2f} | "
+            f"{f['cost_weight_bytes'] / 1e6:.1f} | {f['bound_ms']:.1f} ({f['bound_compute_ms']:.1f} / "
+            f"{f['bound_memory_ms']:.1f}) | {100 * f['of_bound']:.0f}% | {kernel} |"
+        )
+    return lines
+
+
+def profile_markdown(report: dict[str, Any], top: int = 8) -> list[str]:
+    """Where each profiled ORT call goes: its largest op types, the sessions' own overhead and Python."""
+    lines: list[str] = []
+    for model, variants in report.get("profiles", {}).items():
+        for variant, entry in variants.items():
+            for threads, prof in entry.get("profile", {}).items():
+                call = prof["call_ms"]
+                ops = sorted(prof["by_op_ms"].items(), key=lambda kv: -kv[1])
+                rest = sum(v for _, v in ops[top:])
+                parts = [f"{k} {v:.1f} ({100 * v / call:.0f}%)" for k, v in ops[:top]]
+                parts.append(f"other ops {rest:.1f} ({100 * rest / call:.0f}%)")
+                overhead = sum(prof["session_overhead_ms"].values())
+                parts.append(f"session overhead outside nodes {overhead:.1f} ({100 * overhead / call:.0f}%)")
+                parts.append(f"Python (DDIM loop, conversions) {prof['python_ms']:.1f}")
+                head = f"Profile of {model} {variant}, {threads} thread(s), {call:.1f} ms per profiled call"
+                lines += ["", head + " (ms per call): " + "; ".join(parts) + "."]
+            levels = entry.get("optimization_levels_ms")
+            if levels:
+                shown = ", ".join(f"{k} {v:.1f}" for k, v in levels.items())
+                lines += ["", f"{model} {variant} ms per call by ORT graph optimization level: {shown}."]
+    return lines
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
@@ -679,12 +944,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--analyse", action="store_true")
+    p.add_argument("--thread-counts", default="1")
+    p.add_argument("--cost", action="store_true")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--rates", action="store_true")
     args = p.parse_args(argv)
-    if args.prepare:
+    if args.prepare or args.analyse or args.rates:
         import torch
 
         torch.set_num_threads(args.threads)
-        prepare_exports(args.model, Path(args.cache), args.group_size)
+    if args.prepare:
+        prepare_exports(args.model, Path(args.cache), args.group_size, args.threads)
+        return 0
+    if args.analyse:
+        counts = [int(t) for t in args.thread_counts.split(",")]
+        analyse_exports(args.model, Path(args.cache), counts, args.cost, args.profile)
+        return 0
+    if args.rates:
+        from daptq.deploy.roofline import measure_rates
+
+        print(json.dumps(measure_rates(args.threads).to_dict()), flush=True)
         return 0
     return worker_main(args)
 

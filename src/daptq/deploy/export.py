@@ -143,14 +143,18 @@ def check_convs(model: nn.Module, float_convs: bool) -> list[str]:
 
 
 def export_graphs(
-    model: nn.Module, w4a8_kernel: W4A8Kernel = "int8", float_convs: bool = False
+    model: nn.Module,
+    w4a8_kernel: W4A8Kernel = "int8",
+    float_convs: bool = False,
+    cost_model: dict[str, Any] | None = None,
 ) -> tuple[dict[str, onnx.ModelProto], list]:
     """The three graphs of a ReferenceVLA (left untouched: a lowered copy is exported) and the layer plans.
 
-    ``float_convs``: see ``check_convs`` (quantized convs are an error unless allowed)."""
+    ``float_convs``: see ``check_convs`` (quantized convs are an error unless allowed). ``cost_model``: see
+    ``lowering.lower_model_`` (per layer, the integer kernel only where it measured faster than fp32)."""
     check_convs(model, float_convs)
     lowered = copy.deepcopy(model).eval()
-    plans = lower_model_(lowered, w4a8_kernel)
+    plans = lower_model_(lowered, w4a8_kernel, cost_model)
     ex = _example_inputs(lowered)
     batch = {0: "batch"}
     graphs = {
@@ -184,6 +188,26 @@ def export_graphs(
     return graphs, plans
 
 
+def measure_policy_costs(policy: Any, w4a8_kernel: W4A8Kernel = "int8", threads: int = 1) -> dict[str, Any]:
+    """``measure_lowered_costs`` at the rows each layer sees in one ``predict_chunk`` of the policy."""
+    import numpy as np
+
+    from daptq.deploy.lowering import measure_lowered_costs
+    from daptq.quant.kernels import record_layer_rows
+
+    model = policy.model
+    c = model.config
+    ex = _example_inputs(model)
+    batch = {
+        "image": torch.zeros((1, *c.image_shape), dtype=torch.uint8),
+        "state": torch.from_numpy(np.zeros((1, c.state_dim), np.float32)),
+        "language_features": ex["language_features"],
+        "language_mask": ex["language_mask"],
+    }
+    rows = record_layer_rows(model, lambda: policy.predict_chunk(batch, generator=torch.Generator()))
+    return measure_lowered_costs(model, rows, w4a8_kernel, threads)
+
+
 def graph_layer_plans(plans: Sequence[LayerPlan]) -> dict[str, list[dict[str, Any]]]:
     by_graph: dict[str, list[dict[str, Any]]] = {g: [] for g in GRAPHS}
     for p in plans:
@@ -205,16 +229,23 @@ def export_reference_policy(
     source: str | None = None,
     overwrite: bool = False,
     float_convs: bool = False,
+    cost_model: dict[str, Any] | str | None = None,
+    threads: int = 1,
 ) -> Path:
     """Write ``OUT/{language,condition,denoiser}.onnx`` + ``manifest.json`` for a ReferencePolicy.
 
     The directory is assembled in a temporary sibling and renamed into place, so ``OUT`` is either absent
     or complete. Load it with ``daptq.deploy.OnnxPolicy(OUT)`` or the model spec ``onnx:OUT``.
+    ``cost_model="measure"``: time each integer-kernel layer against fp32 on this machine at ``threads``
+    (``lowering.measure_lowered_costs``, rows from one policy call) and keep the integer kernel only where it
+    pays; a dict of ``LayerCost`` by layer name gives the table instead. Decisions are in the manifest.
     """
     out = Path(out)
     check_export_out(out, overwrite, [] if source is None else [source])
     model = policy.model
-    graphs, plans = export_graphs(model, w4a8_kernel, float_convs)
+    if cost_model == "measure":
+        cost_model = measure_policy_costs(policy, w4a8_kernel, threads)
+    graphs, plans = export_graphs(model, w4a8_kernel, float_convs, cost_model)
 
     def build(tmp: Path) -> None:
         digests = {}

@@ -22,7 +22,7 @@ and its ONNX form is emitted by ``torch.autograd.Function.symbolic`` during ``to
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -53,6 +53,7 @@ class LayerPlan:
     stored_bytes: int
     out_features: int
     fan_in: int
+    decision: str = ""  # the measured cost model's reason, where one chose the kernel
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -420,9 +421,64 @@ def lower_layer(
     return module, plan
 
 
-def lower_model_(model: nn.Module, w4a8_kernel: W4A8Kernel = "int8") -> list[LayerPlan]:
+INTEGER_KERNELS = ("matmul_nbits", "matmul_integer")  # what a cost model may replace by fp32
+
+
+def measure_lowered_costs(
+    model: nn.Module,
+    rows: dict[str, int],
+    w4a8_kernel: W4A8Kernel = "int8",
+    threads: int = 1,
+    repeats: int = 5,
+) -> dict[str, Any]:
+    """Per fake-quant linear with an integer kernel: ``LayerCost`` of that kernel and of the fp32 MatMul on
+    its dequantized weight (activation rounding emulated: the exact twin), each exported alone and run on
+    ONNX Runtime at the rows the layer sees per call (``record_layer_rows``; 1 where unseen), best of
+    ``repeats``. Layers of one shape and spec are measured once."""
+    import time
+
+    import numpy as np
+
+    from daptq.deploy.export import export_onnx
+    from daptq.deploy.runtime import make_session
+    from daptq.quant.kernels import LayerCost
+
+    def seconds(module: nn.Module, x: torch.Tensor) -> float:
+        graph = export_onnx(module, (x,), ["x"], ["y"], {"x": {0: "rows"}})
+        session = make_session(graph.SerializeToString(), threads)
+        feed = {"x": x.numpy()}
+        session.run(None, feed)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            session.run(None, feed)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    out: dict[str, Any] = {}
+    by_shape: dict[tuple, Any] = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QuantLinear) or layer.spec.weight.is_float or layer.qweight is None:
+            continue
+        module, plan = lower_layer(layer, name, w4a8_kernel)
+        if plan.kernel not in INTEGER_KERNELS:
+            continue
+        key = (rows.get(name, 1), layer.in_features, layer.out_features, plan.spec, plan.kernel)
+        if key not in by_shape:
+            x = torch.from_numpy(np.random.default_rng(0).standard_normal((key[0], key[1]), np.float32))
+            by_shape[key] = LayerCost(seconds(module, x), seconds(DequantizedLinear(layer), x))
+        out[name] = by_shape[key]
+    return out
+
+
+def lower_model_(
+    model: nn.Module, w4a8_kernel: W4A8Kernel = "int8", cost_model: dict[str, Any] | None = None
+) -> list[LayerPlan]:
     """Replace every fake-quant layer of ``model`` (in place; pass a copy) by its deployable module; a
-    mixed-width layer (QVLA, ``row_widths()``) becomes a ``MixedNBitsLinear``."""
+    mixed-width layer (QVLA, ``row_widths()``) becomes a ``MixedNBitsLinear``. ``cost_model``
+    (``measure_lowered_costs``, by layer name): a layer whose integer kernel is not faster than the fp32
+    MatMul on its dequantized weight is exported as that (its activation rounding emulated: the evaluated
+    numbers), and every measured layer's plan says why (``decision``)."""
     plans = []
     targets = [
         (n, m)
@@ -434,6 +490,22 @@ def lower_model_(model: nn.Module, w4a8_kernel: W4A8Kernel = "int8") -> list[Lay
             module, plan = lower_mixed_layer(layer, name)
         else:
             module, plan = lower_layer(layer, name, w4a8_kernel)
+            cost = (cost_model or {}).get(name)
+            if cost is not None and plan.kernel in INTEGER_KERNELS:
+                times = f"{plan.kernel} {cost.packed_s * 1e3:.3f} ms vs fp32 {cost.float_s * 1e3:.3f} ms"
+                if cost.packed_s < cost.float_s:
+                    plan = replace(plan, decision=f"cost model: {times}")
+                else:
+                    module = DequantizedLinear(layer)
+                    a = layer.spec.activation
+                    plan = replace(
+                        plan,
+                        kernel="dequantized_fp32",
+                        accuracy_level=None,
+                        activation="none" if a is None else f"{a.short()} (emulated)",
+                        stored_bytes=module.stored_bytes(),
+                        decision=f"cost model: {times}; the integer kernel does not pay, fp32",
+                    )
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
         plans.append(plan)

@@ -56,15 +56,33 @@ def check_threads(threads: Any) -> int:
     return threads
 
 
-def make_session(data: bytes, threads: int = 1) -> ort.InferenceSession:
-    """A CPU session with ``threads`` intra-op threads (no spin-waiting), sequential execution."""
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+AUTO_THREADS = (1, 2)  # what threads="auto" measures (capped at the machine's CPUs)
+
+
+def session_options(threads: int = 1, optimization: str = "all") -> ort.SessionOptions:
+    """CPU session options: ``threads`` intra-op threads (no spin-waiting), sequential execution, the graph
+    optimization level (ORT's default "all": measured fastest by ``daptq bench --profile``)."""
     ort = onnxruntime_module()
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise ValueError(f"optimization must be one of {OPTIMIZATION_LEVELS}, got {optimization!r}")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = check_threads(threads)
+    level = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED"}
+    opts.graph_optimization_level = getattr(
+        ort.GraphOptimizationLevel, level.get(optimization, "ORT_ENABLE_ALL")
+    )
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
+    return opts
+
+
+def make_session(data: bytes, threads: int = 1, optimization: str = "all") -> ort.InferenceSession:
+    """A CPU session on ``session_options(threads, optimization)``."""
+    ort = onnxruntime_module()
+    opts = session_options(threads, optimization)
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
 
@@ -80,19 +98,56 @@ def load_tokenizer():
 class OnnxPolicy(ChunkedPolicy):
     """A directory written by ``export_reference_policy`` as a closed-loop Policy on ONNX Runtime."""
 
-    def __init__(self, directory: str | Path, threads: int = 1) -> None:
+    def __init__(self, directory: str | Path, threads: int | str = 1, optimization: str = "all") -> None:
+        """``threads="auto"``: time one call at each of ``AUTO_THREADS`` (up to the CPU count) and keep the
+        fastest; the timings are recorded (``thread_timings_ms``, ``info().recipe``)."""
         from daptq.models.reference import ReferenceVLAConfig
 
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)  # checksummed and validated before any allocation
         self.config = ReferenceVLAConfig.from_dict(self.manifest["model"])
         super().__init__(ActionSpace.from_dict(self.manifest["action_space"]), self.config.n_action_steps)
-        self.threads = check_threads(threads)
-        self.sessions = {name: make_session(self._read_checked(name), self.threads) for name in GRAPHS}
+        self.optimization = optimization
         self.schedule = NoiseSchedule(self.config.num_train_timesteps)
         self._timesteps = self.schedule.ddim_timesteps(self.config.num_inference_steps)
         self._tokenizer = load_tokenizer()
         self._language_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.thread_timings_ms: dict[int, float] = {}
+        if threads == "auto":
+            threads = self._measure_threads()
+        self.threads = check_threads(threads)
+        self.sessions = self._sessions(self.threads)
+
+    def _sessions(self, threads: int) -> dict[str, Any]:
+        return {name: make_session(self._read_checked(name), threads, self.optimization) for name in GRAPHS}
+
+    def _measure_threads(self, repeats: int = 3) -> int:
+        """The thread count of ``AUTO_THREADS`` whose call (a blank observation) is fastest, best of
+        ``repeats`` after a warm-up; every timing kept in ``thread_timings_ms``."""
+        import time
+
+        observation = {
+            "image": np.zeros(self.config.image_shape, np.uint8),
+            "state": np.zeros(self.config.state_dim, np.float32),
+            "instruction": "pick up the object",
+        }
+        candidates = [t for t in AUTO_THREADS if t <= (os.cpu_count() or 1)] or [1]
+        for threads in candidates:
+            self.sessions = self._sessions(threads)
+            batch = self.observation_to_batch(observation)
+            self.predict_chunk(batch, torch.Generator().manual_seed(0))
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                self.predict_chunk(batch, torch.Generator().manual_seed(0))
+                best = min(best, time.perf_counter() - start)
+            self.thread_timings_ms[threads] = best * 1e3
+        self._language_cache.clear()
+        return min(self.thread_timings_ms, key=self.thread_timings_ms.get)
+
+    def session_options(self) -> Any:
+        """The options every session of this policy is built with (profiling copies them)."""
+        return session_options(self.threads, self.optimization)
 
     def _read_checked(self, name: str) -> bytes:
         path = self.directory / f"{name}.onnx"
@@ -120,7 +175,13 @@ class OnnxPolicy(ChunkedPolicy):
             digest=hashlib.sha256(manifest).hexdigest(),
             image_size=self.config.image_size,
             camera=self.config.camera,
-            recipe={"method": "onnx", "source": self.manifest.get("source"), "threads": self.threads},
+            recipe={
+                "method": "onnx",
+                "source": self.manifest.get("source"),
+                "threads": self.threads,
+                **({"threads_measured_ms": self.thread_timings_ms} if self.thread_timings_ms else {}),
+                **({"optimization": self.optimization} if self.optimization != "all" else {}),
+            },
         )
 
     # ---- Policy (reset / select_action / the queue: ChunkedPolicy) ----------------------------------------

@@ -9,13 +9,20 @@
   ``aten._weight_int4pack_mm_for_cpu``; activations in bf16 (default, the fast path) or fp32.
 
 ``to_deployable_`` converts what a kernel can run exactly and keeps every other fake-quant layer, listing the
-reason in the returned report (and the log); ``strict=True`` raises instead.
+reason in the returned report (and the log); ``strict=True`` raises instead. Given a measured cost model
+(``measure_cost_model``: each weight-only layer's packed kernel and its float twin timed at the rows it sees
+per call, on this machine), a layer whose packed kernel does not beat float runs as ``FloatWeightLinear``
+(the dequantized weight in fp32: the same numbers as the fake-quant layer) and the report says so with both
+times: on a CPU without bf16 or VNNI instructions the packed int4 kernel loses at small widths (issue #30).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -158,7 +165,27 @@ class Int4WeightOnlyLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
-DEPLOYABLE_TYPES = (Int8DynamicLinear, Int8WeightOnlyLinear, Int4WeightOnlyLinear)
+class FloatWeightLinear(nn.Module):
+    """A weight-only layer whose packed kernel does not pay here: fp32 linear on the dequantized weight
+    (what the fake-quant layer computes, without dequantizing at every call)."""
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.spec = layer.spec
+        self.register_buffer("weight", layer.dequantized_weight().detach().float().contiguous())
+        self.bias = _copy_bias(layer)
+
+    def weight_storage_bytes(self) -> int:
+        return self.weight.nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return nn.functional.linear(x.float(), self.weight, bias).to(x.dtype)
+
+
+DEPLOYABLE_TYPES = (Int8DynamicLinear, Int8WeightOnlyLinear, Int4WeightOnlyLinear, FloatWeightLinear)
+WEIGHT_ONLY_KINDS = ("int4_weight_only", "int8_weight_only")  # those a cost model may keep in float
 
 
 def deployable_kind(layer: nn.Module) -> tuple[str | None, str]:
@@ -212,6 +239,11 @@ class DeployReport:
         return [r.name for r in self.rows if r.kernel is not None]
 
     @property
+    def packed(self) -> list[str]:
+        """Layers running a packed low-bit kernel (not the cost model's fp32 ``float_dequantized``)."""
+        return [r.name for r in self.rows if r.kernel not in (None, "float_dequantized")]
+
+    @property
     def kept(self) -> list[str]:
         return [r.name for r in self.rows if r.kernel is None]
 
@@ -223,19 +255,123 @@ class DeployReport:
         return "\n".join(lines)
 
 
+# ---- the measured cost model: does a packed kernel pay for this layer on this machine? ---------------------
+@dataclass(frozen=True)
+class LayerCost:
+    """Seconds per forward of one layer shape: its packed kernel and the fp32 linear it would replace."""
+
+    packed_s: float
+    float_s: float
+
+
+CostKey = tuple[str, int, int, int, int, str]  # (kernel, rows M, K, N, group size, compute dtype)
+
+
+def cost_key(kind: str, rows: int, layer: QuantLinear, compute_dtype: str) -> CostKey:
+    ws = layer.spec.weight
+    group = ws.group_size if ws.granularity == "per_group" else 0
+    return (kind, int(rows), layer.in_features, layer.out_features, int(group or 0), compute_dtype)
+
+
+def decide_packed(name: str, key: CostKey, cost_model: Mapping[CostKey, LayerCost]) -> tuple[bool, str]:
+    """(use the packed kernel?, the reason with both times). A layer missing from the table is an error."""
+    if key not in cost_model:
+        raise ValueError(
+            f"{name}: no measured cost for {key} (kernel, rows, K, N, group, dtype) in the cost model; "
+            "measure it with measure_cost_model(model, rows) on this machine"
+        )
+    c = cost_model[key]
+    times = f"packed {c.packed_s * 1e3:.3f} ms vs float {c.float_s * 1e3:.3f} ms at {key[1]} rows"
+    if c.packed_s < c.float_s:
+        return True, f"cost model: {times}"
+    return False, f"cost model: {times}; packed does not pay, fp32 on the dequantized weight"
+
+
+def record_layer_rows(model: nn.Module, call: Callable[[], object]) -> dict[str, int]:
+    """Rows (tokens x batch) each fake-quant linear sees per forward during ``call()``, by name (the most
+    seen): what a layer's kernel is timed at."""
+    rows: dict[str, int] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+
+            def hook(mod, args, name=name):
+                x = args[0]
+                rows[name] = max(rows.get(name, 0), x.numel() // max(x.shape[-1], 1))
+
+            hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        for h in hooks:
+            h.remove()
+    return rows
+
+
+def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@torch.no_grad()
+def measure_cost_model(
+    model: nn.Module, rows: Mapping[str, int], compute_dtype: str = "bfloat16", repeats: int = 5
+) -> dict[CostKey, LayerCost]:
+    """Time each distinct weight-only layer shape's packed kernel and its fp32 twin on this machine (at the
+    rows ``record_layer_rows`` saw; 1 where unseen), best of ``repeats``, on torch's current threads."""
+    table: dict[CostKey, LayerCost] = {}
+    for name, layer in model.named_modules():
+        kind, _ = deployable_kind(layer)
+        if kind not in WEIGHT_ONLY_KINDS:
+            continue
+        key = cost_key(kind, rows.get(name, 1), layer, compute_dtype)
+        if key in table:
+            continue
+        packed_type = Int4WeightOnlyLinear if kind == "int4_weight_only" else Int8WeightOnlyLinear
+        packed = packed_type.from_quant(layer, compute_dtype)
+        dense = FloatWeightLinear(layer)
+        x = torch.randn(key[1], layer.in_features)
+        packed_s = _best_seconds(partial(packed, x), repeats)
+        table[key] = LayerCost(packed_s, _best_seconds(partial(dense, x), repeats))
+    return table
+
+
 @torch.no_grad()
 def to_deployable_(
-    model: nn.Module, *, strict: bool = False, compute_dtype: str = "bfloat16"
+    model: nn.Module,
+    *,
+    strict: bool = False,
+    compute_dtype: str = "bfloat16",
+    cost_model: Mapping[CostKey, LayerCost] | None = None,
+    rows: Mapping[str, int] | None = None,
 ) -> DeployReport:
     """Replace fake-quant layers by packed kernel modules in place; report every layer and why it was kept.
 
     ``strict=True`` raises ValueError if any fake-quant layer cannot be converted. The converted model no
     longer holds the float weights: save the fake-quant model (``save_quantized``) before converting.
+    ``cost_model`` (``measure_cost_model``) with ``rows`` (``record_layer_rows``): a weight-only layer whose
+    packed kernel is not faster than fp32 at its rows becomes a ``FloatWeightLinear``, reported as such.
     """
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {compute_dtype!r}")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear | QuantConv2d)]
     plan = [(n, m, *deployable_kind(m)) for n, m in layers]
+    if cost_model is not None:
+        decided = []
+        for n, m, kind, why in plan:
+            if kind in WEIGHT_ONLY_KINDS:
+                pays, why = decide_packed(
+                    n, cost_key(kind, (rows or {}).get(n, 1), m, compute_dtype), cost_model
+                )
+                kind = kind if pays else "float_dequantized"
+            decided.append((n, m, kind, why))
+        plan = decided
     if strict:
         bad = [f"{n}: {why}" for n, _, kind, why in plan if kind is None]
         if bad:
@@ -250,6 +386,8 @@ def to_deployable_(
             set_module(model, name, Int8DynamicLinear.from_quant(layer))
         elif kind == "int8_weight_only":
             set_module(model, name, Int8WeightOnlyLinear.from_quant(layer, compute_dtype))
+        elif kind == "float_dequantized":
+            set_module(model, name, FloatWeightLinear(layer))
         else:
             set_module(model, name, Int4WeightOnlyLinear.from_quant(layer, compute_dtype))
         rows.append(DeployRow(name, layer.spec.short(), kind, why))
