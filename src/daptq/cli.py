@@ -206,9 +206,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         calls_per_round=args.calls,
         warmup=args.warmup,
-        threads=args.threads,
+        threads=args.threads[0] if len(args.threads) == 1 else args.threads,
         group_size=args.group_size,
         cache=Path(args.cache),
+        roofline=args.roofline,
+        profile=args.profile,
     )
     print(to_markdown(report))
     if args.out:
@@ -651,7 +653,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=5)
     bench.add_argument("--calls", type=int, default=2, help="timed calls per variant per round")
     bench.add_argument("--warmup", type=int, default=2)
-    bench.add_argument("--threads", type=int, default=1)
+    bench.add_argument(
+        "--threads", type=int, nargs="+", default=[1], help="intra-op threads; several: all rows at each"
+    )
+    bench.add_argument(
+        "--roofline",
+        action="store_true",
+        help="with --variants: measure this machine's fp32/int8 GEMM rates and bandwidth in the same run and "
+        "report each row beside the time its operations and weight bytes allow",
+    )
+    bench.add_argument(
+        "--profile",
+        action="store_true",
+        help="with --variants: where each ORT variant's call goes (per op type, session overhead, Python) "
+        "and its time per graph optimization level",
+    )
     bench.add_argument("--group-size", type=int, default=128, help="largest W4 group")
     bench.add_argument("--cache", default="runs/bench_cache", help="where the exported variants are written")
     bench.add_argument("--out", help="write OUT.json and OUT.md")
