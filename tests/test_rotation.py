@@ -136,3 +136,71 @@ def test_cli_rotate_and_step_scales_options():
     assert config.rotation == "hadamard" and config.step_scales is True
     with pytest.raises(ValueError, match="has no option 'rotation'"):
         config_from_options("smoothquant", w_bits=4, method_options={"rotation": "hadamard"})
+
+
+def test_rotated_tiny_cogact_equals_the_original(tmp_path, single_thread):  # noqa: F811
+    """A second family: the Llama stream of a tiny CogACT (RMSNorm, GQA-capable separate q/k/v, an
+    embedding table, the projector writing patches in, the final norm read by the DiT's condition layer and
+    its classifier-free-guidance substitute). Declared here on a subclass of the family's adapter."""
+    import numpy as np
+
+    from daptq.models.adapter import NormReaders, ResidualStream, RotationLayout
+    from daptq.models.cogact import load_cogact
+    from daptq.models.cogact.adapter import CogACTAdapter
+    from daptq.models.cogact.testing import write_tiny_run
+
+    class RotatableCogACT(CogACTAdapter):
+        capabilities = CogACTAdapter.capabilities | {"rotation"}
+
+        def rotation_layout(self) -> RotationLayout:
+            llm = "llm_backbone.llm.model"
+            layers = [f"{llm}.layers.{i}" for i in range(len(self.model.llm_backbone.llm.model.layers))]
+            stream = ResidualStream(
+                "llm",
+                self.model.config.hidden_size,
+                writers=(
+                    "projector.projector.4",
+                    *(f"{b}.{m}" for b in layers for m in ("self_attn.o_proj", "mlp.down_proj")),
+                ),
+                norms=(
+                    *(
+                        NormReaders(f"{b}.input_layernorm", tuple(f"{b}.self_attn.{p}_proj" for p in "qkv"))
+                        for b in layers
+                    ),
+                    *(
+                        NormReaders(
+                            f"{b}.post_attention_layernorm", (f"{b}.mlp.gate_proj", f"{b}.mlp.up_proj")
+                        )
+                        for b in layers
+                    ),
+                    NormReaders(
+                        f"{llm}.norm",
+                        ("action_model.net.z_embedder.linear", "llm_backbone.llm.lm_head"),
+                        substitutes=("action_model.net.z_embedder.uncondition",),
+                    ),
+                ),
+                embeddings=(f"{llm}.embed_tokens.weight",),
+            )
+            return RotationLayout((stream,), tuple(a.name for a in self.attention_layouts()))
+
+    run = write_tiny_run(tmp_path / "run")
+    policy, reference = load_cogact(run), load_cogact(run)
+    policy.adapter.__class__ = RotatableCogACT  # the declaration under test, on the family's own adapter
+    check_adapter(policy.adapter)
+    r = np.random.default_rng(0)
+    raw = {
+        "image": r.integers(0, 256, (3, 36, 44, 3), dtype=np.uint8),
+        "state": np.zeros((3, 4), np.float32),
+        "instruction": ["pick the coke can", "open the drawer", "put spoon on towel"],
+    }
+    batch = next(reference.adapter.calibration_batches(iter([raw])))
+    before = reference.adapter.predict_chunk(batch, torch.Generator().manual_seed(7))
+    record = rotate_model(policy.adapter)
+    assert record["streams"]["llm"]["readers"] == 2 * (3 + 2) + 2  # q, k, v, gate, up per layer; 2 last
+    llm = policy.model.llm_backbone.llm.model
+    assert not torch.equal(
+        llm.layers[0].self_attn.q_proj.weight,
+        reference.model.llm_backbone.llm.model.layers[0].self_attn.q_proj.weight,
+    )
+    after = policy.adapter.predict_chunk(batch, torch.Generator().manual_seed(7))
+    assert (after - before).abs().max() < 1e-4 * max(1.0, float(before.abs().max()))

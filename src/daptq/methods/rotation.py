@@ -107,6 +107,13 @@ def rotate_stream(model: nn.Module, stream: ResidualStream, q: torch.Tensor) -> 
             if gain is not None:
                 w = w * gain[None, :]
             _set(lin.weight, w @ q)
+        for name in entry.substitutes:  # fed to the readers instead of the norm's output: keep their effect
+            if shift is not None or (gain is not None and bool((gain == 0).any())):
+                raise ValueError(
+                    f"rotation: {name} substitutes for {entry.norm}, which has a bias or a zero gain"
+                )
+            value = params[name].double()
+            _set(params[name], (value if gain is None else value / gain) @ q)
         if gain is not None:
             norm.weight.fill_(1.0)
         if shift is not None:

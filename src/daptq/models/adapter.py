@@ -193,10 +193,13 @@ class NormReaders:
     """A norm reading a residual stream (a LayerNorm, or an RMSNorm computing ``weight * x / rms(x)``, over
     the stream's width) and the Linears that read its output and nothing else: a rotation fuses the norm's
     elementwise ``weight`` (and ``bias``) into them. A norm of another form (Gemma's ``1 + weight``) is
-    not rotatable this way."""
+    not rotatable this way. ``substitutes``: parameters the readers take instead of the norm's output
+    (CogACT's learned unconditional embedding for classifier-free guidance): turned by ``Q^T diag(1/weight)``
+    so the readers see them unchanged (needs a bias-free norm with non-zero gains)."""
 
     norm: str
     readers: tuple[str, ...]
+    substitutes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -473,6 +476,13 @@ def _rotation_problems(adapter: VLAAdapter, named: Mapping[str, nn.Module]) -> l
             affine = [getattr(norm, a, None) for a in ("weight", "bias")]
             if norm is None or any(t is not None and tuple(t.shape) != (s.width,) for t in affine):
                 problems.append(f"stream {s.name!r}: norm {n.norm!r} must be a norm over {s.width} channels")
+            for p in n.substitutes:
+                if p not in params or params[p].shape[-1] != s.width:
+                    problems.append(
+                        f"stream {s.name!r}: substitute {p!r} must be a parameter of last dim {s.width}"
+                    )
+                elif getattr(norm, "bias", None) is not None:
+                    problems.append(f"stream {s.name!r}: norm {n.norm!r} has a bias; substitutes need none")
             for r in n.readers:
                 m = named.get(r)
                 if not isinstance(m, nn.Linear) or m.in_features != s.width:
