@@ -102,13 +102,37 @@ def test_gptq_true_sequential_propagates_quantized_outputs_in_one_pass_per_block
         assert later and any(not torch.equal(a[k], b[k]) for k in later)
 
 
-def test_a_method_without_per_block_calibration_is_refused():
+@pytest.mark.parametrize("method", ["smoothquant", "awq"])
+def test_smoothing_methods_sequential_equal_whole_model(method):
+    """Scales from the same block inputs (bitwise equal weights); static activation ranges observed on the
+    smoothed block's replay instead of the smoothed whole model (float tolerance)."""
     from daptq.methods.awq import AWQConfig
+    from daptq.methods.smoothquant import SmoothQuantConfig
+
+    config = SmoothQuantConfig(spec=STATIC) if method == "smoothquant" else AWQConfig(spec=STATIC, n_grid=5)
+    cal = reference_calibration()
+    whole_policy, seq = tiny_reference_policy(), tiny_reference_policy()
+    whole_record = quantize_policy(whole_policy, config, cal)
+    record = quantize_policy_sequential(seq, config, cal, max_in_memory_bytes=0)
+    whole, got = whole_policy.model.state_dict(), seq.model.state_dict()
+    assert got.keys() == whole.keys()
+    for k in whole:
+        if k.endswith(("qweight", "weight_scale")):
+            assert torch.equal(got[k], whole[k]), k
+        torch.testing.assert_close(got[k].double(), whole[k].double(), rtol=1e-5, atol=1e-6, msg=k)
+    key = "smoothing" if method == "smoothquant" else "scaling"
+    assert record.decisions[key].keys() == whole_record.decisions[key].keys() and record.decisions[key]
+    assert record.decisions["activation_scales"].keys() == whole_record.decisions["activation_scales"].keys()
+    assert n_hooks(seq.model) == 0
+
+
+def test_a_method_without_per_block_calibration_is_refused():
+    from daptq.methods.quantvla import QuantVLAConfig
 
     policy = tiny_reference_policy()
     before = {k: v.clone() for k, v in policy.model.state_dict().items()}
     with pytest.raises(ValueError, match="no per-block calibration"):
-        quantize_policy_sequential(policy, AWQConfig(), reference_calibration())
+        quantize_policy_sequential(policy, QuantVLAConfig(), reference_calibration())
     after = policy.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before) and n_hooks(policy.model) == 0
 

@@ -19,7 +19,7 @@ the weight is clamped to the chosen range, and RTN rounding of the clamped weigh
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,13 +30,16 @@ from daptq.methods.base import Method, MethodConfig, require_plan
 from daptq.methods.smoothquant import (
     calibration_run,
     group_key,
+    groups_within,
+    observe_after,
     observe_static_activations,
     scale_summary,
     smoothing_groups_in_plan,
+    static_activation_layers,
 )
 from daptq.models.adapter import VLAAdapter
 from daptq.quant.api import quantize_
-from daptq.quant.capture import Samples, capture, fan_in_rows
+from daptq.quant.capture import Samples, capture, capturing, fan_in_rows
 from daptq.quant.fake import (
     dequantize_weight,
     fake_quantize_activation,
@@ -227,6 +230,7 @@ class AWQ(Method):
         self._groups: list[SmoothingGroup] = []
         self._samples: dict[str, Samples] = {}
         self._batches: Sequence[Mapping[str, torch.Tensor]] = ()
+        self._replays: dict[str, Callable[[], None]] = {}  # block by block: static layer -> its forwards
 
     def calibrate(self, adapter: VLAAdapter, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
         plan = require_plan(self)
@@ -258,10 +262,69 @@ class AWQ(Method):
 
     def apply(self, adapter: VLAAdapter) -> None:
         plan = require_plan(self)
+        model = adapter.model
+        self._search(adapter, self._groups, list(self._samples))
+        qparams = observe_static_activations(adapter, plan.specs, self._batches)
+        quantize_(model, plan.specs, activation_qparams=qparams)
+        if qparams:
+            self.decisions["activation_scales"] = {n: float(s) for n, (s, _) in qparams.items()}
+
+    # ---- block by block (daptq.methods.sequential) --------------------------------------------------------
+    def calibrate_modules(self, adapter: VLAAdapter, names: Sequence[str], run: Callable[[], None]) -> None:
+        """Input samples of the smoothing groups and (``clip``) clippable layers among ``names``, each with
+        the seed the whole-model ``calibrate`` gives it, so float-propagated blocks sample the same rows."""
+        plan, model = require_plan(self), adapter.model
+        groups = groups_within(self, adapter, names, _quantizes_weights)
+        if not hasattr(self, "_seeds"):  # every sampled site of the plan, numbered as in calibrate
+            sites = {g.input_of for g in self._groups}
+            unclipped = {}
+            if self.config.clip:
+                for n, m in plan.modules.items():
+                    if m.spec.weight.is_float:
+                        continue
+                    if _clippable(model.get_submodule(n)):
+                        sites.add(n)
+                    else:
+                        unclipped[n] = (
+                            "grouped/depthwise Conv2d: no single weight matrix to clip against its input"
+                        )
+            self.decisions["unclipped"] = unclipped
+            self._seeds = {n: i for i, n in enumerate(sorted(sites))}
+        wanted = set(names)
+        local = {g.input_of for g in groups} | {n for n in self._seeds if n in wanted}
+        samples = {n: Samples(self.config.max_samples, seed=self._seeds[n]) for n in sorted(local)}
+        if samples:
+            with capturing(model, inputs=samples, rows=fan_in_rows):
+                run()
+        never = [n for n, smp in samples.items() if smp.count == 0]
+        if never:
+            raise ValueError(f"AWQ: calibration never ran these in-scope modules: {never}")
+        self._samples.update(samples)
+        for n in static_activation_layers({n: plan.specs[n] for n in names}):
+            self._replays[n] = run
+
+    def apply_modules(self, adapter: VLAAdapter, names: Sequence[str]) -> None:
+        plan = require_plan(self)
+        groups = groups_within(self, adapter, names, _quantizes_weights)
+        wanted = set(names)
+        self._search(adapter, groups, [n for n in sorted(self._samples) if n in wanted])
+        for n in [n for n in self._samples if n in wanted or any(n == g.input_of for g in groups)]:
+            del self._samples[n]
+        specs = {n: plan.specs[n] for n in names}
+        qparams = observe_after(self, adapter, specs)
+        quantize_(adapter.model, specs, activation_qparams=qparams)
+        if qparams:
+            scales = self.decisions.setdefault("activation_scales", {})
+            scales.update({n: float(s) for n, (s, _) in qparams.items()})
+
+    def _search(self, adapter: VLAAdapter, groups: Sequence[SmoothingGroup], clip: Sequence[str]) -> None:
+        """Search and fold the scales of ``groups``, then (``clip``) the clipping of the layers ``clip``
+        (from their samples, divided by the folded scales); decisions accumulate across calls."""
+        plan = require_plan(self)
         model, cfg = adapter.model, self.config
         input_scale: dict[str, torch.Tensor] = {}  # layer -> the factor its input was divided by
-        scaling = {}
-        for group in self._groups:
+        scaling = self.decisions.setdefault("scaling", {})
+        for group in groups:
             x = self._samples[group.input_of].value
             weights = [model.get_submodule(n).weight.detach() for n in group.layers]
             specs = [plan.modules[n].spec.weight for n in group.layers]
@@ -278,10 +341,10 @@ class AWQ(Method):
                     input_scale[n] = scales
                 entry.update(scale_summary(scales))
             scaling[group_key(group)] = entry
-        self.decisions["scaling"] = scaling
-        clipping = {}
+        clipping = self.decisions.setdefault("clipping", {})
         if cfg.clip:
-            for name, samples in self._samples.items():
+            for name in clip:
+                samples = self._samples[name]
                 if name not in plan.modules or name in self.decisions["unclipped"]:
                     continue
                 module = model.get_submodule(name)
@@ -298,8 +361,3 @@ class AWQ(Method):
                     "clipped_fraction": float((ratios < 1).float().mean()),
                     "mean_ratio": float(ratios.mean()),
                 }
-        self.decisions["clipping"] = clipping
-        qparams = observe_static_activations(adapter, plan.specs, self._batches)
-        quantize_(model, plan.specs, activation_qparams=qparams)
-        if qparams:
-            self.decisions["activation_scales"] = {n: float(s) for n, (s, _) in qparams.items()}

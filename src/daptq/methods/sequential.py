@@ -209,8 +209,10 @@ class StageMeter:
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
 
-    def stage(self, name: str):
+    def stage(self, name: str, accumulate: bool = False):
+        """``accumulate``: add to the stage's time and peak so far (a stage measured in two parts)."""
         meter = self
+        time_key, peak_key = f"{name}_s", f"{name}_peak_rss_mb"
 
         class _Stage:
             def __enter__(self):
@@ -218,8 +220,11 @@ class StageMeter:
                 self.t0 = time.perf_counter()
 
             def __exit__(self, *exc):
-                meter.timings[f"{name}_s"] = time.perf_counter() - self.t0
-                meter.timings[f"{name}_peak_rss_mb"] = peak_rss_bytes() / 2**20
+                elapsed, peak = time.perf_counter() - self.t0, peak_rss_bytes() / 2**20
+                if accumulate:
+                    elapsed += meter.timings.get(time_key, 0.0)
+                    peak = max(peak, meter.timings.get(peak_key, 0.0))
+                meter.timings[time_key], meter.timings[peak_key] = elapsed, peak
                 return False
 
         return _Stage()
@@ -269,10 +274,15 @@ def run_sequential(
         last_out: dict[BlockKey, torch.Tensor] = {}
         handles: list[Any] = []
 
+        recording = [True]  # phase A records block inputs; later whole-model runs (a method's second
+        # pass over modules outside blocks, e.g. static scales after smoothing) only stream the blocks
+
         def pre(key: BlockKey):
             def hook(module, args, kwargs):
                 if loader is not None:
                     loader.load_block(by_key[key].name, module)
+                if not recording[0]:
+                    return
                 first_call.setdefault(key, len(first_call))
                 prev = last_out.get((key[0], key[1] - 1))
                 x = _first_input(args, kwargs)
@@ -285,15 +295,16 @@ def run_sequential(
 
         def post(key: BlockKey):
             def hook(module, _args, _kwargs, output):
-                last_out[key] = _first_tensor(output).detach()
-                last_out.pop((key[0], key[1] - 1), None)
+                if recording[0]:
+                    last_out[key] = _first_tensor(output).detach()
+                    last_out.pop((key[0], key[1] - 1), None)
                 if loader is not None:
                     loader.free_block(by_key[key].name, module)
 
             return hook
 
-        with meter.stage("calibrate"):
-            try:
+        try:
+            with meter.stage("calibrate"):
                 for b in blocks:
                     module = model.get_submodule(b.name)
                     handles.append(module.register_forward_pre_hook(pre(b.key), with_kwargs=True))
@@ -308,18 +319,23 @@ def run_sequential(
                     method.calibrate_modules(adapter, rest, full_run if needs_data else _nothing)
                 finally:
                     method.remove_hooks()
-            finally:
-                for h in handles:
-                    h.remove()
-                last_out.clear()
-        order = sorted(blocks, key=lambda b: (first_call.get(b.key, len(first_call)), b.key))
-        never = [b.name for b in order if needs_data and b.members and b.key not in first_call]
-        if never:
-            raise ValueError(
-                f"sequential calibration: these blocks never ran on the calibration data: {never}"
-            )
-        with meter.stage("apply"):
-            method.apply_modules(adapter, rest)
+                    recording[0] = False
+                    last_out.clear()
+            order = sorted(blocks, key=lambda b: (first_call.get(b.key, len(first_call)), b.key))
+            never = [b.name for b in order if needs_data and b.members and b.key not in first_call]
+            if never:
+                raise ValueError(
+                    f"sequential calibration: these blocks never ran on the calibration data: {never}"
+                )
+            with meter.stage("apply"):
+                try:
+                    method.apply_modules(adapter, rest)
+                finally:
+                    method.remove_hooks()
+        finally:
+            for h in handles:
+                h.remove()
+        with meter.stage("apply", accumulate=True):
             for b in order:
                 if b.key not in keep and not b.members:
                     continue  # nothing to round, nothing to propagate

@@ -22,7 +22,7 @@ from daptq.methods.base import Method, MethodConfig, forward_batch, require_plan
 from daptq.methods.scope import ScopePlan
 from daptq.models.adapter import VLAAdapter
 from daptq.quant.api import quantize_
-from daptq.quant.capture import ChannelStats, capture
+from daptq.quant.capture import ChannelStats, capture, capturing
 from daptq.quant.observers import ActivationObserver
 from daptq.quant.smoothing import SmoothingGroup, check_groups, smooth_
 from daptq.quant.spec import QuantSpec
@@ -163,6 +163,7 @@ class SmoothQuant(Method):
         self._groups: list[SmoothingGroup] = []
         self._stats: dict[str, ChannelStats] = {}
         self._batches: Sequence[Mapping[str, torch.Tensor]] = ()
+        self._replays: dict[str, Callable[[], None]] = {}  # block by block: static layer -> its forwards
 
     def calibrate(self, adapter: VLAAdapter, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
         plan = require_plan(self)
@@ -191,3 +192,73 @@ class SmoothQuant(Method):
         quantize_(model, plan.specs, activation_qparams=qparams)
         if qparams:
             self.decisions["activation_scales"] = {n: float(s) for n, (s, _) in qparams.items()}
+
+    # ---- block by block (daptq.methods.sequential) --------------------------------------------------------
+    def calibrate_modules(self, adapter: VLAAdapter, names: Sequence[str], run: Callable[[], None]) -> None:
+        """Channel maxima at the inputs of the smoothing groups among ``names`` (a group must lie in one
+        block); ``run`` is kept to observe static activation ranges after smoothing, in ``apply_modules``."""
+        groups = groups_within(self, adapter, names, _quantizes_activations)
+        stats = {g.input_of: self._stats.setdefault(g.input_of, ChannelStats()) for g in groups}
+        if stats:
+            with capturing(adapter.model, inputs=stats):
+                run()
+        for n in static_activation_layers({n: require_plan(self).specs[n] for n in names}):
+            self._replays[n] = run
+
+    def apply_modules(self, adapter: VLAAdapter, names: Sequence[str]) -> None:
+        plan, model = require_plan(self), adapter.model
+        smoothed = self.decisions.setdefault("smoothing", {})
+        for group in groups_within(self, adapter, names, _quantizes_activations):
+            layers = [model.get_submodule(n) for n in group.layers]
+            stats = self._stats.pop(group.input_of)
+            s = smoothquant_scales(stats.absmax, weight_absmax_per_input(layers), self.config.alpha)
+            smooth_(model, group, s)
+            smoothed[group_key(group)] = {**group.to_dict(), **scale_summary(s)}
+        specs = {n: plan.specs[n] for n in names}
+        qparams = observe_after(self, adapter, specs)
+        quantize_(model, specs, activation_qparams=qparams)
+        if qparams:
+            self.decisions.setdefault("activation_scales", {}).update(
+                {n: float(s) for n, (s, _) in qparams.items()}
+            )
+
+
+def groups_within(
+    method: Any, adapter: VLAAdapter, names: Sequence[str], needs: Callable[[QuantSpec], bool]
+) -> list[SmoothingGroup]:
+    """The method's smoothing groups (chosen on first use, as ``calibrate`` does) whose layers are in
+    ``names``; a group split between ``names`` and other modules is refused (its scales need every layer)."""
+    if not getattr(method, "_groups_chosen", False):
+        method._groups, method.decisions["skipped_groups"] = smoothing_groups_in_plan(
+            adapter, require_plan(method), needs
+        )
+        method._groups_chosen = True
+    wanted = set(names)
+    groups = [g for g in method._groups if wanted & set(g.layers)]
+    split = [group_key(g) for g in groups if not set(g.layers) <= wanted]
+    if split:
+        raise ValueError(
+            f"{type(method).__name__} block by block: smoothing group(s) {split} span more than one block "
+            "(or a block and modules outside blocks); run this method on the whole model"
+        )
+    return groups
+
+
+def observe_after(
+    method: Any, adapter: VLAAdapter, specs: Mapping[str, QuantSpec]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Static activation ``(scale, zero_point)`` of the static layers in ``specs``, observed by re-running
+    the forwards ``calibrate_modules`` was given (the block's replay, or the whole policy) on the model
+    as the method left it (smoothed, not yet rounded), as ``observe_static_activations`` does."""
+    names = static_activation_layers(specs)
+    if not names:
+        return {}
+    observers = {n: ActivationObserver(specs[n].activation, n) for n in names}
+    runs: dict[int, Callable[[], None]] = {}
+    for n in names:
+        run = method._replays.pop(n)
+        runs[id(run)] = run
+    with capturing(adapter.model, inputs={n: ObserverReduction(o) for n, o in observers.items()}):
+        for run in runs.values():
+            run()
+    return {n: o.compute() for n, o in observers.items()}
