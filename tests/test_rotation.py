@@ -204,3 +204,14 @@ def test_rotated_tiny_cogact_equals_the_original(tmp_path, single_thread):  # no
     )
     after = policy.adapter.predict_chunk(batch, torch.Generator().manual_seed(7))
     assert (after - before).abs().max() < 1e-4 * max(1.0, float(before.abs().max()))
+
+
+def test_rotation_is_an_option_of_daptq_budget(single_thread):  # noqa: F811
+    from daptq.methods.daptq import DAPTQConfig
+
+    config = DAPTQConfig.budget(average_bits=6.0, sensitivity_batches=1, csrc_max_iter=5, rotation="hadamard")
+    assert DAPTQConfig.from_dict(config.to_dict()) == config
+    record = quantize_policy(tiny_reference_policy(), config, reference_calibration(n_batches=1))
+    assert record.decisions["rotation"]["streams"]["backbone"]["width"] == 32
+    with pytest.raises(ValueError, match="DAPTQConfig.rotation must be one of"):
+        DAPTQConfig(rotation="random")

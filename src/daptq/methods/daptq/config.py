@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from daptq.methods.base import MethodConfig
+from daptq.methods.rotation import check_rotation
 from daptq.methods.scope import DEFAULT_ROLES, Scope
 from daptq.quant.spec import ActivationSpec, QuantSpec, WeightSpec, w4a8
 
@@ -89,6 +90,8 @@ class DAPTQConfig(MethodConfig):
     rounding: Literal["rtn", "gptq"] = "rtn"  # how in-scope weights are rounded
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
+    # "hadamard": fold randomized Hadamard rotations into the weights first (daptq.methods.rotation)
+    rotation: str | None = None
     # --- CSRC (Eqs. 4-7) --------------------------------------------------------------------------------
     use_csrc: bool = True  # False: no compensation ("DA-MPA only" ablation)
     interface_layers: tuple[str, ...] = ()  # empty: the adapter's interface_modules()
@@ -104,6 +107,7 @@ class DAPTQConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_rotation(self.rotation, "DAPTQConfig.rotation")
         self.drift_config()  # validates the drift constants
         self.csrc_options()  # validates the CSRC constants
         if self.sensitivity_batches < 1:
