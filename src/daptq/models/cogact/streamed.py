@@ -29,9 +29,68 @@ CONFIG_FILE = "cogact_config.json"
 def write_streamed_cogact(model: CogACT, directory: str | Path, max_shard_bytes: int = 2 << 30) -> Path:
     """Shards + index of ``model``'s state dict and its config (the config last: its presence marks a
     complete directory)."""
+    return write_streamed_cogact_state(model.state_dict(), model.config, directory, max_shard_bytes)
+
+
+def convert_cogact_run(
+    run: str | Path,
+    directory: str | Path,
+    max_shard_bytes: int = 2 << 30,
+    tokenizer: str | Path | None = None,
+) -> Path:
+    """Convert a CogACT run (``RUN`` or ``RUN/checkpoints/NAME.pt``, the original's layout) once into a
+    streamed directory, for a checkpoint too large to hold whole: the ``.pt`` is read with
+    ``torch.load(weights_only=True, mmap=True)`` (tensors only: anything else is refused), checked key for
+    key against the architecture on the meta device, and written as shards one at a time in its own dtype
+    (each shard is the most held in memory), with the run's ``config.json`` and
+    ``dataset_statistics.json`` beside. All of it is written into a temporary sibling directory renamed
+    into place last, so ``directory`` is either absent or complete; an existing one is refused."""
+    import os
+    import shutil
+    import tempfile
+
+    from daptq.models.cogact.checkpoint import (
+        check_groups,
+        dit_type_of,
+        read_checkpoint,
+        resolve_run,
+    )
+    from daptq.models.cogact.model import CHECKPOINT_GROUPS
+    from daptq.models.family_common import read_json
+
     directory = Path(directory)
-    write_shards(model.state_dict(), directory, max_shard_bytes)
-    atomic_write_json(directory / CONFIG_FILE, model.config.to_dict())
+    if directory.exists():
+        raise FileExistsError(f"{directory} exists: convert_cogact_run writes a new directory")
+    files = resolve_run(run, tokenizer=tokenizer)
+    groups = read_checkpoint(files.checkpoint)
+    config = CogACTConfig.from_run_config(
+        read_json(files.config), str(files.config), dit_type_of(groups["action_model"])
+    )
+    with torch.device("meta"):
+        check_groups(CogACT(config), groups, str(files.checkpoint))
+    state = {f"{g}.{k}": v for g in CHECKPOINT_GROUPS for k, v in groups[g].items()}
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        write_streamed_cogact_state(state, config, tmp, max_shard_bytes)
+        shutil.copyfile(files.statistics, tmp / "dataset_statistics.json")
+        shutil.copyfile(files.config, tmp / "run_config.json")
+        if files.tokenizer is not None:
+            shutil.copytree(files.tokenizer, tmp / "tokenizer", ignore=shutil.ignore_patterns(".*"))
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def write_streamed_cogact_state(
+    state: dict[str, torch.Tensor], config: CogACTConfig, directory: str | Path, max_shard_bytes: int
+) -> Path:
+    """``write_streamed_cogact`` from a state dict and its config (the model need not exist)."""
+    directory = Path(directory)
+    write_shards(state, directory, max_shard_bytes)
+    atomic_write_json(directory / CONFIG_FILE, config.to_dict())
     return directory
 
 
@@ -65,4 +124,10 @@ def load_streamed_cogact(
     return adapter, StreamingLoader(checkpoint, dev, dtype)
 
 
-__all__ = ["CONFIG_FILE", "load_streamed_cogact", "write_streamed_cogact"]
+__all__ = [
+    "CONFIG_FILE",
+    "convert_cogact_run",
+    "load_streamed_cogact",
+    "write_streamed_cogact",
+    "write_streamed_cogact_state",
+]
