@@ -406,7 +406,7 @@ def _add_quantize_parser(sub) -> None:
     q.add_argument(
         "--sequential",
         action="store_true",
-        help="calibrate and round block by block (daptq.methods.sequential; rtn and gptq)",
+        help="calibrate and round block by block (daptq.methods.sequential; rtn, gptq, smoothquant, awq)",
     )
     q.add_argument(
         "--max-memory",
