@@ -31,11 +31,44 @@ from daptq.models.cogact.processing import (
     image_tensors,
     tokenize_prompts,
 )
+from daptq.models.family_common import require_inputs, stack_layouts, weight_modules
 from daptq.quant.smoothing import SmoothingGroup
 
 INTERFACE = "action_model.net.z_embedder.linear"
 MODEL_INPUTS = ("dino_pixels", "siglip_pixels", "input_ids", "attention_mask")
 TOWERS = (("dino_featurizer", "vision_dino"), ("siglip_featurizer", "vision_siglip"))
+
+
+def prismatic_vit_layouts(backbone: nn.Module, towers: Sequence[tuple[str, str]]) -> list[AttentionLayout]:
+    """The fused-qkv attention of every block of a Prismatic DINOv2 + SigLIP backbone (``towers``: (attribute,
+    stack) pairs) but the last, which never runs (Prismatic reads the second-to-last block's output)."""
+    out = []
+    for tower, stack in towers:
+        vit = getattr(backbone, tower)
+        for i in range(len(vit.blocks) - 1):
+            p = f"vision_backbone.{tower}.blocks.{i}.attn"
+            out.append(
+                AttentionLayout(
+                    p, vit.config.num_heads, "vision", f"{p}.proj", qkv=f"{p}.qkv", block=i, stack=stack
+                )
+            )
+    return out
+
+
+def prismatic_vit_groups(backbone: nn.Module, towers: Sequence[tuple[str, str]]) -> list[SmoothingGroup]:
+    """Per running ViT block: norm1 -> qkv, value rows of qkv -> proj, norm2 -> fc1."""
+    groups = []
+    for tower, _ in towers:
+        vit = getattr(backbone, tower)
+        d = vit.config.embed_dim
+        for i in range(len(vit.blocks) - 1):
+            p = f"vision_backbone.{tower}.blocks.{i}"
+            groups += [
+                SmoothingGroup(f"{p}.norm1", (f"{p}.attn.qkv",), "layernorm"),
+                SmoothingGroup(f"{p}.attn.qkv", (f"{p}.attn.proj",), "linear", offset=2 * d),
+                SmoothingGroup(f"{p}.norm2", (f"{p}.mlp.fc1",), "layernorm"),
+            ]
+    return groups
 
 
 class CogACTAdapter(VLAAdapter):
@@ -88,21 +121,10 @@ class CogACTAdapter(VLAAdapter):
             return "action_head", None, None
         return "other", None, None
 
-    def _unused(self, name: str) -> bool:
-        return any(name == u or name.startswith(u + ".") for u in self.model.unused_module_names())
-
     def quantizable_modules(self) -> list[QuantizableModule]:
         """Every Linear and Conv2d on CogACT's inference path with its role, block and stack."""
         out = []
-        for name, module in self.model.named_modules():
-            if isinstance(module, nn.Linear):
-                kind = "linear"
-            elif isinstance(module, nn.Conv2d):
-                kind = "conv2d"
-            else:
-                continue
-            if self._unused(name):
-                continue
+        for name, module, kind in weight_modules(self.model, skip=self.model.unused_module_names()):
             role, block, stack = self._where(name)
             out.append(QuantizableModule(name, module, role, {"kind": kind}, block=block, stack=stack))
         return out
@@ -122,34 +144,15 @@ class CogACTAdapter(VLAAdapter):
 
     def attention_layouts(self) -> list[AttentionLayout]:
         c = self.config
-        out = []
-        for tower, stack in TOWERS:
-            vit = getattr(self.model.vision_backbone, tower)
-            for i in range(len(vit.blocks) - 1):  # the last block never runs
-                p = f"vision_backbone.{tower}.blocks.{i}.attn"
-                out.append(
-                    AttentionLayout(
-                        p, vit.config.num_heads, "vision", f"{p}.proj", qkv=f"{p}.qkv", block=i, stack=stack
-                    )
-                )
-        for i in range(c.num_hidden_layers):
-            p = f"llm_backbone.llm.model.layers.{i}.self_attn"
-            out.append(
-                AttentionLayout(
-                    p,
-                    c.num_attention_heads,
-                    "backbone",
-                    f"{p}.o_proj",
-                    q=f"{p}.q_proj",
-                    k=f"{p}.k_proj",
-                    v=f"{p}.v_proj",
-                    kv_heads=c.num_key_value_heads
-                    if c.num_key_value_heads != c.num_attention_heads
-                    else None,
-                    block=i,
-                    stack="backbone",
-                )
-            )
+        out = prismatic_vit_layouts(self.model.vision_backbone, TOWERS)
+        out += stack_layouts(
+            "llm_backbone.llm.model.layers.",
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            "backbone",
+            "backbone",
+            kv_heads=c.num_key_value_heads,
+        )
         for i in range(c.dit_depth):
             p = f"action_model.net.blocks.{i}.attn"
             out.append(
@@ -164,17 +167,7 @@ class CogACTAdapter(VLAAdapter):
         value rows of v_proj -> o_proj (``quant.smoothing`` folds into nn.LayerNorm, not RMSNorm). DiT blocks:
         value rows of qkv -> proj (their LayerNorms have no affine to fold into)."""
         c = self.config
-        groups = []
-        for tower, _ in TOWERS:
-            vit = getattr(self.model.vision_backbone, tower)
-            d = vit.config.embed_dim
-            for i in range(len(vit.blocks) - 1):
-                p = f"vision_backbone.{tower}.blocks.{i}"
-                groups += [
-                    SmoothingGroup(f"{p}.norm1", (f"{p}.attn.qkv",), "layernorm"),
-                    SmoothingGroup(f"{p}.attn.qkv", (f"{p}.attn.proj",), "linear", offset=2 * d),
-                    SmoothingGroup(f"{p}.norm2", (f"{p}.mlp.fc1",), "layernorm"),
-                ]
+        groups = prismatic_vit_groups(self.model.vision_backbone, TOWERS)
         if c.num_key_value_heads == c.num_attention_heads:
             for i in range(c.num_hidden_layers):
                 p = f"llm_backbone.llm.model.layers.{i}.self_attn"
@@ -186,12 +179,9 @@ class CogACTAdapter(VLAAdapter):
 
     # ---- computation ---------------------------------------------------------------------------------------
     def _inputs(self, batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        missing = [k for k in MODEL_INPUTS if k not in batch]
-        if missing:
-            raise ValueError(
-                f"CogACT batch is missing {missing} (has {sorted(batch)}); build batches with "
-                "calibration_batches() or observation_batch()"
-            )
+        require_inputs(
+            batch, MODEL_INPUTS, "CogACT", "build batches with calibration_batches() or observation_batch()"
+        )
         device = next(self.model.parameters()).device
         return [batch[k].to(device) for k in MODEL_INPUTS]
 

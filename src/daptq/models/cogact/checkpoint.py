@@ -17,12 +17,7 @@ An ``ema_diffusion`` group (written with ``use_ema``) is ignored, as the origina
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +26,17 @@ from typing import Any
 import torch
 
 from daptq.atomic import atomic_write_bytes, atomic_write_json
+from daptq.integrity import sha256_file
 from daptq.models.cogact.config import DIT_SIZES, CogACTConfig
 from daptq.models.cogact.model import CHECKPOINT_GROUPS, CogACT
+from daptq.models.family_common import (
+    MismatchFormat,
+    assign_state,
+    check_materialized,
+    compare_keys,
+    read_json,
+    save_tokenizer_dir,
+)
 
 OPTIONAL_GROUPS = ("ema_diffusion",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -64,16 +68,8 @@ class RunFiles:
                 key = str(f.relative_to(self.run_dir))
             except ValueError:
                 key = str(f)
-            out[key] = file_sha256(f)
+            out[key] = sha256_file(f)
         return out
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_run(
@@ -177,30 +173,20 @@ def read_checkpoint(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {group: dict(model[group]) for group in CHECKPOINT_GROUPS}
 
 
+# The wording CogACT's loader has always used ("missing keys (1): ['...']").
+MISMATCH = MismatchFormat(
+    labels=("missing keys", "unexpected keys", "wrong shapes"),
+    counted=False,
+    part_sep="; ",
+    shape="{key}: checkpoint {got}, model {want}",
+)
+
+
 def check_groups(model: CogACT, groups: Mapping[str, Mapping[str, torch.Tensor]], source: str) -> None:
     """Key-for-key, shape-for-shape comparison of checkpoint groups against the model; one error lists all."""
-    missing, unexpected, shapes = [], [], []
-    for group in CHECKPOINT_GROUPS:
-        expected = getattr(model, group).state_dict()
-        got = groups[group]
-        missing += [f"{group}.{k}" for k in expected if k not in got]
-        unexpected += [f"{group}.{k}" for k in got if k not in expected]
-        shapes += [
-            f"{group}.{k}: checkpoint {tuple(got[k].shape)}, model {tuple(v.shape)}"
-            for k, v in expected.items()
-            if k in got and tuple(got[k].shape) != tuple(v.shape)
-        ]
-    if missing or unexpected or shapes:
-        parts = []
-        for what, items in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("wrong shapes", shapes),
-        ):
-            if items:
-                more = f" (+{len(items) - 20} more)" if len(items) > 20 else ""
-                parts.append(f"{what} ({len(items)}): {items[:20]}{more}")
-        raise ValueError(f"{source} does not match the CogACT architecture: " + "; ".join(parts))
+    expected = {f"{g}.{k}": v for g in CHECKPOINT_GROUPS for k, v in getattr(model, g).state_dict().items()}
+    got = {f"{g}.{k}": v for g in CHECKPOINT_GROUPS for k, v in groups[g].items()}
+    compare_keys(expected, got).raise_if_any(source, "CogACT", MISMATCH)
 
 
 def build_cogact(
@@ -216,21 +202,15 @@ def build_cogact(
         model = CogACT(config)
     check_groups(model, groups, source)
     for group in CHECKPOINT_GROUPS:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in groups[group].items()}
-        getattr(model, group).load_state_dict(state, strict=True, assign=True)
+        assign_state(getattr(model, group), groups[group], dtype)
     model.llm_backbone.reset_rotary()
-    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if left:
-        raise RuntimeError(f"{source}: tensors left unmaterialized after loading: {left[:10]}")
+    check_materialized(model, source)
     return model.eval()
 
 
 def model_from_run(files: RunFiles, dtype: torch.dtype = torch.float32) -> tuple[CogACT, dict[str, Any]]:
     """(model, the run's config.json) from a resolved run."""
-    try:
-        run_config = json.loads(files.config.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{files.config}: invalid JSON ({e})") from e
+    run_config = read_json(files.config)
     groups = read_checkpoint(files.checkpoint)
     config = CogACTConfig.from_run_config(run_config, str(files.config), dit_type_of(groups["action_model"]))
     model = build_cogact(config, groups, dtype, str(files.checkpoint))
@@ -286,14 +266,5 @@ def save_cogact_run(
     atomic_write_json(directory / "dataset_statistics.json", dict(dataset_statistics))
     atomic_write_json(directory / "config.json", run_config)
     if tokenizer is not None:
-        tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=directory))
-        try:
-            tokenizer.save_pretrained(str(tmp))
-            target = directory / "tokenizer"
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+        save_tokenizer_dir(tokenizer, directory / "tokenizer")
     return directory

@@ -15,6 +15,8 @@ strip that prefix), so ``model.<group>.state_dict()`` has the keys of ``checkpoi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -63,8 +65,9 @@ class FusedMLPProjector(nn.Module):
 PROJECTORS = {"linear": LinearProjector, "gelu-mlp": MLPProjector, "fused-gelu-mlp": FusedMLPProjector}
 
 
-def llama_config(c: CogACTConfig):
-    """The transformers ``LlamaConfig`` of the backbone (SDPA attention, no cache, untied lm_head)."""
+def llama_config(c: Any):
+    """The transformers ``LlamaConfig`` of a Prismatic Llama-2 backbone (SDPA attention, no cache, untied
+    lm_head) from a config with its sizes (CogACT's, OpenVLA-OFT's)."""
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(

@@ -13,12 +13,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 import numpy as np
 import torch
 
-from daptq.models.adapter import Observation, PolicyInfo, state_digest
+from daptq.models.adapter import Observation
 from daptq.models.cogact.adapter import CogACTAdapter
 from daptq.models.cogact.checkpoint import RunFiles, model_from_run, resolve_run
 from daptq.models.cogact.model import CogACT
@@ -29,10 +28,17 @@ from daptq.models.cogact.processing import (
     load_tokenizer,
     read_statistics,
 )
+from daptq.models.family_common import (
+    FamilyPolicyMixin,
+    parse_model_spec,
+    require_observation,
+    spec_dtype,
+    spec_number,
+)
 from daptq.models.policy import ChunkedPolicy
 
 
-class CogACTPolicy(ChunkedPolicy):
+class CogACTPolicy(FamilyPolicyMixin, ChunkedPolicy):
     """A CogACT model, its tokenizer and its dataset's action statistics as a closed-loop policy."""
 
     def __init__(
@@ -64,18 +70,11 @@ class CogACTPolicy(ChunkedPolicy):
         return self.run_files.paths() if self.run_files is not None else []
 
     @property
-    def image_size(self) -> int:
-        """The square size the towers see (observations of any size are resized to it)."""
-        return self.config.image_size
-
-    @property
     def chunk_size(self) -> int:
         return self.config.chunk_size
 
     def observation_batch(self, observation: Observation) -> dict[str, torch.Tensor]:
-        for key in ("image", "instruction"):
-            if key not in observation:
-                raise ValueError(f"observation is missing {key!r} (has {sorted(observation)})")
+        require_observation(observation, ("image", "instruction"))
         return self.adapter.model_inputs(np.asarray(observation["image"])[None], [observation["instruction"]])
 
     def unnormalize(self, chunk: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -89,18 +88,13 @@ class CogACTPolicy(ChunkedPolicy):
         chunk = self.adapter.predict_chunk(self.observation_batch(observation), generator)
         return self.unnormalize(chunk[0])
 
-    def info(self) -> PolicyInfo:
-        config = {
+    def info_config(self) -> dict[str, Any]:
+        return {
             "model": self.config.to_dict(),
             "statistics": self.statistics.to_dict(),
             "cfg_scale": self.adapter.cfg_scale,
             "action_space": self.action_space.to_dict(),
         }
-        return PolicyInfo(
-            digest=state_digest(self.model, config),
-            image_size=self.config.image_size,
-            recipe=self.recorded_recipe(),
-        )
 
 
 SPEC_OPTIONS = ("unnorm_key", "checkpoint", "tokenizer", "n_action_steps", "cfg_scale", "dtype")
@@ -108,18 +102,7 @@ SPEC_OPTIONS = ("unnorm_key", "checkpoint", "tokenizer", "n_action_steps", "cfg_
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     """``cogact:PATH[?key=value&...]`` -> (PATH, options); options are ``SPEC_OPTIONS``."""
-    body = spec.removeprefix("cogact:")
-    path, _, query = body.partition("?")
-    if not path:
-        raise ValueError(f"model spec {spec!r}: expected cogact:PATH[?unnorm_key=NAME&...]")
-    options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
-    unknown = sorted(set(options) - set(SPEC_OPTIONS))
-    if unknown:
-        raise ValueError(f"model spec {spec!r}: unknown options {unknown}; known: {list(SPEC_OPTIONS)}")
-    return path, options
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    return parse_model_spec(spec, "cogact:", SPEC_OPTIONS, "cogact:PATH[?unnorm_key=NAME&...]")
 
 
 def load_cogact(
@@ -159,13 +142,9 @@ def load_cogact_spec(spec: str) -> CogACTPolicy:
     """The policy a ``cogact:PATH[?unnorm_key=...&checkpoint=...&tokenizer=...&n_action_steps=...
     &cfg_scale=...&dtype=float32|bfloat16|float16]`` spec names."""
     path, o = parse_spec(spec)
-    if "dtype" in o and o["dtype"] not in DTYPES:
-        raise ValueError(f"model spec {spec!r}: dtype must be one of {sorted(DTYPES)}")
-    try:
-        steps = int(o.get("n_action_steps", 1))
-        cfg = float(o["cfg_scale"]) if "cfg_scale" in o else None
-    except ValueError as e:
-        raise ValueError(f"model spec {spec!r}: {e}") from e
+    dtype = spec_dtype(spec, o)
+    steps = spec_number(spec, o, "n_action_steps", int, 1)
+    cfg = spec_number(spec, o, "cfg_scale", float)
     return load_cogact(
         path,
         unnorm_key=o.get("unnorm_key"),
@@ -173,5 +152,5 @@ def load_cogact_spec(spec: str) -> CogACTPolicy:
         tokenizer=o.get("tokenizer"),
         n_action_steps=steps,
         cfg_scale=cfg,
-        dtype=DTYPES[o.get("dtype", "float32")],
+        dtype=dtype,
     )

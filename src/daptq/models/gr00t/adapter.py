@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from daptq.models.adapter import AttentionLayout, InterfaceModule, QuantizableModule, VLAAdapter
+from daptq.models.family_common import qkv_layout, require_inputs, stack_layouts, weight_modules
 from daptq.models.gr00t.model import Gr00tN1
 from daptq.models.gr00t.processing import Embodiment, image_tensors, tokenize
 from daptq.quant.category import CategorySpecificLinear
@@ -75,15 +75,9 @@ class Gr00tAdapter(VLAAdapter):
 
     def quantizable_modules(self) -> list[QuantizableModule]:
         out = []
-        for name, module in self.model.named_modules():
-            if isinstance(module, nn.Linear):
-                kind = "linear"
-            elif isinstance(module, nn.Conv2d):
-                kind = "conv2d"
-            elif isinstance(module, CategorySpecificLinear):
-                kind = "category_linear"
-            else:
-                continue
+        for name, module, kind in weight_modules(
+            self.model, extra={CategorySpecificLinear: "category_linear"}
+        ):
             role, block, stack = self._where(name)
             out.append(QuantizableModule(name, module, role, {"kind": kind}, block=block, stack=stack))
         return out
@@ -107,67 +101,39 @@ class Gr00tAdapter(VLAAdapter):
 
     def attention_layouts(self) -> list[AttentionLayout]:
         c = self.config
-        out = []
-        for i in range(c.vision_layers):
-            p = f"{self.vision}encoder.layers.{i}.self_attn"
-            out.append(
-                AttentionLayout(
-                    p,
-                    c.vision_heads,
-                    "vision",
-                    f"{p}.out_proj",
-                    q=f"{p}.q_proj",
-                    k=f"{p}.k_proj",
-                    v=f"{p}.v_proj",
-                    block=i,
-                    stack="vision",
-                )
+        out = stack_layouts(
+            f"{self.vision}encoder.layers.",
+            c.vision_layers,
+            c.vision_heads,
+            "vision",
+            "vision",
+            out="out_proj",
+        )
+        out += stack_layouts(
+            self.llm,
+            c.select_layer,
+            c.num_attention_heads,
+            "backbone",
+            "backbone",
+            kv_heads=c.num_key_value_heads,
+        )
+        diffusers = {"out": "to_out.0", "names": ("to_q", "to_k", "to_v")}
+        vlsa = c.vl_self_attention
+        out += [
+            qkv_layout(f"{VLSA}{i}.attn1", vlsa["num_attention_heads"], "action_head", **diffusers)
+            for i in range(vlsa["num_layers"])
+        ]
+        out += [
+            qkv_layout(
+                f"{DIT}{i}.attn1",
+                c.dit["num_attention_heads"],
+                "action_head",
+                block=i,
+                stack="dit",
+                **diffusers,
             )
-        kv = c.num_key_value_heads if c.num_key_value_heads != c.num_attention_heads else None
-        for i in range(c.select_layer):
-            p = f"{self.llm}{i}.self_attn"
-            out.append(
-                AttentionLayout(
-                    p,
-                    c.num_attention_heads,
-                    "backbone",
-                    f"{p}.o_proj",
-                    q=f"{p}.q_proj",
-                    k=f"{p}.k_proj",
-                    v=f"{p}.v_proj",
-                    kv_heads=kv,
-                    block=i,
-                    stack="backbone",
-                )
-            )
-        for i in range(c.vl_self_attention["num_layers"]):
-            p = f"{VLSA}{i}.attn1"
-            out.append(
-                AttentionLayout(
-                    p,
-                    c.vl_self_attention["num_attention_heads"],
-                    "action_head",
-                    f"{p}.to_out.0",
-                    q=f"{p}.to_q",
-                    k=f"{p}.to_k",
-                    v=f"{p}.to_v",
-                )
-            )
-        for i in range(c.dit["num_layers"]):
-            p = f"{DIT}{i}.attn1"
-            out.append(
-                AttentionLayout(
-                    p,
-                    c.dit["num_attention_heads"],
-                    "action_head",
-                    f"{p}.to_out.0",
-                    q=f"{p}.to_q",
-                    k=f"{p}.to_k",
-                    v=f"{p}.to_v",
-                    block=i,
-                    stack="dit",
-                )
-            )
+            for i in range(c.dit["num_layers"])
+        ]
         return out
 
     def smoothing_groups(self) -> list[SmoothingGroup]:
@@ -197,12 +163,7 @@ class Gr00tAdapter(VLAAdapter):
 
     # ---- computation ---------------------------------------------------------------------------------------
     def _prepare(self, batch: Mapping[str, torch.Tensor]):
-        missing = [k for k in MODEL_INPUTS if k not in batch]
-        if missing:
-            raise ValueError(
-                f"GR00T batch is missing {missing} (has {sorted(batch)}); build it with "
-                "calibration_batches() or model_inputs()"
-            )
+        require_inputs(batch, MODEL_INPUTS, "GR00T", "build it with calibration_batches() or model_inputs()")
         p = next(self.model.parameters())
         pix, ids, mask, state, emb = (batch[k].to(p.device) for k in MODEL_INPUTS)
         features = self.model.backbone(pix.to(p.dtype), ids, mask)

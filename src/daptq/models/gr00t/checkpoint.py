@@ -12,10 +12,6 @@ meta device and the tensors are assigned.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +21,18 @@ import torch
 
 from daptq.atomic import atomic_write_json
 from daptq.integrity import sha256_file
-from daptq.models.gr00t.config import Gr00tConfig
-from daptq.models.gr00t.model import Gr00tN1
-from daptq.models.openvla_oft.checkpoint import (
-    INDEX,
-    SINGLE,
-    check_state,
+from daptq.models.family_common import (
+    assign_state,
+    check_materialized,
+    compare_keys,
+    read_json,
     read_sharded_safetensors,
+    resolve_shards,
+    save_tokenizer_dir,
     write_sharded_safetensors,
 )
+from daptq.models.gr00t.config import Gr00tConfig
+from daptq.models.gr00t.model import Gr00tN1
 
 METADATA = Path("experiment_cfg") / "metadata.json"
 # Released N1.5 checkpoints' backbone_cfg.eagle_path: SigLIP-2 400M, one-Linear connector, no pixel shuffle.
@@ -66,20 +65,7 @@ def resolve_files(path: str | Path, tokenizer: str | Path | None = None) -> Gr00
     for f, what in ((d / "config.json", "config"), (d / METADATA, "embodiment metadata")):
         if not f.is_file():
             raise FileNotFoundError(f"{d}: missing {f.relative_to(d)} (the checkpoint's {what})")
-    index = d / INDEX
-    if index.is_file():
-        try:
-            shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{index}: not a safetensors index (needs 'weight_map'): {e}") from e
-        shards = tuple(d / s for s in shard_names)
-        missing = [s.name for s in shards if not s.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index} names shards that are missing: {missing}")
-    elif (d / SINGLE).is_file():
-        index, shards = None, (d / SINGLE,)
-    else:
-        raise FileNotFoundError(f"{d}: neither {INDEX} nor {SINGLE}")
+    shards, index = resolve_shards(d)
     tok = (
         Path(tokenizer)
         if tokenizer is not None
@@ -98,25 +84,15 @@ def build_gr00t(
         return Gr00tN1(config).to(dtype).eval()
     with torch.device("meta"):
         model = Gr00tN1(config)
-    try:
-        check_state(model, state, source)
-    except ValueError as e:
-        raise ValueError(str(e).replace("OpenVLA-OFT", "GR00T")) from None
-    model.load_state_dict(
-        {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=True, assign=True
-    )
+    compare_keys(model.state_dict(), state).raise_if_any(source, "GR00T")
+    assign_state(model, state, dtype)
     model.reset_rotary()
-    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if left:
-        raise RuntimeError(f"{source}: tensors left unmaterialized after loading: {left[:10]}")
+    check_materialized(model, source)
     return model.eval()
 
 
 def model_from_files(files: Gr00tFiles, dtype: torch.dtype = torch.float32) -> tuple[Gr00tN1, dict[str, Any]]:
-    try:
-        cfg = json.loads(files.config.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{files.config}: invalid JSON ({e})") from e
+    cfg = read_json(files.config)
     config = Gr00tConfig.from_checkpoint_config(cfg, str(files.config))
     state = read_sharded_safetensors(files.shards, files.index)
     return build_gr00t(config, state, dtype, str(files.directory)), cfg
@@ -132,16 +108,7 @@ def save_gr00t_checkpoint(
     write_sharded_safetensors(d, model.state_dict())
     atomic_write_json(d / METADATA, dict(metadata))
     if tokenizer is not None:
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=d))
-        try:
-            tokenizer.save_pretrained(str(tmp))
-            if (d / "tokenizer").exists():
-                shutil.rmtree(d / "tokenizer")
-            os.replace(tmp, d / "tokenizer")
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+        save_tokenizer_dir(tokenizer, d / "tokenizer")
     cfg = {
         "architectures": ["GR00T_N1_5" if c.model_type == "gr00t_n1_5" else "GR00T_N1"],
         "model_type": c.model_type,

@@ -7,16 +7,22 @@ steps of the DiT, and the embodiment's action dimensions un-normalized (min_max)
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 import numpy as np
 import torch
 
-from daptq.models.adapter import Observation, PolicyInfo, state_digest
+from daptq.models.adapter import Observation
+from daptq.models.family_common import (
+    FamilyPolicyMixin,
+    parse_model_spec,
+    read_json,
+    require_observation,
+    spec_dtype,
+    spec_number,
+)
 from daptq.models.gr00t.adapter import Gr00tAdapter
 from daptq.models.gr00t.checkpoint import Gr00tFiles, model_from_files, resolve_files
 from daptq.models.gr00t.model import Gr00tN1
@@ -24,7 +30,7 @@ from daptq.models.gr00t.processing import Embodiment, embodiment_from_metadata
 from daptq.models.policy import ChunkedPolicy
 
 
-class Gr00tPolicy(ChunkedPolicy):
+class Gr00tPolicy(FamilyPolicyMixin, ChunkedPolicy):
     def __init__(
         self,
         model: Gr00tN1,
@@ -49,18 +55,12 @@ class Gr00tPolicy(ChunkedPolicy):
         return self.files.paths() if self.files is not None else []
 
     @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
     def chunk_size(self) -> int:
         return self.config.action_horizon
 
     def observation_batch(self, observation: Observation) -> dict[str, torch.Tensor]:
         keys = ("image", *(f"image_{i}" for i in range(1, self.config.num_views)))
-        for k in (*keys, "instruction", "state"):
-            if k not in observation:
-                raise ValueError(f"observation is missing {k!r} (has {sorted(observation)})")
+        require_observation(observation, (*keys, "instruction", "state"))
         return self.adapter.model_inputs(
             [np.asarray(observation[k])[None] for k in keys],
             [observation["instruction"]],
@@ -72,17 +72,11 @@ class Gr00tPolicy(ChunkedPolicy):
         chunk = self.adapter.predict_chunk(self.observation_batch(observation), generator)
         return self.embodiment.action.unnormalize(chunk[0].float().cpu().numpy())
 
-    def info(self) -> PolicyInfo:
-        config = {"model": self.config.to_dict(), "embodiment": self.embodiment.to_dict()}
-        return PolicyInfo(
-            digest=state_digest(self.model, config),
-            image_size=self.config.image_size,
-            recipe=self.recorded_recipe(),
-        )
+    def info_config(self) -> dict[str, Any]:
+        return {"model": self.config.to_dict(), "embodiment": self.embodiment.to_dict()}
 
 
 SPEC_OPTIONS = ("embodiment", "tokenizer", "n_action_steps", "dtype")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_gr00t(
@@ -103,10 +97,7 @@ def load_gr00t(
             "the Eagle tokenizer ships with the gr00t package, not the checkpoint"
         )
     model, cfg = model_from_files(files, dtype)
-    try:
-        metadata = json.loads(files.metadata.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{files.metadata}: invalid JSON ({e})") from e
+    metadata = read_json(files.metadata)
     emb = embodiment_from_metadata(metadata, embodiment, str(files.metadata))
     tok = AutoTokenizer.from_pretrained(str(files.tokenizer), local_files_only=True)
     meta = {"source": {"kind": "gr00t", "path": str(path)}, "files": files.sha256()}
@@ -115,24 +106,12 @@ def load_gr00t(
 
 def load_gr00t_spec(spec: str) -> Gr00tPolicy:
     """``gr00t:DIR[?embodiment=TAG&tokenizer=DIR&n_action_steps=N&dtype=float32]``."""
-    body = spec.removeprefix("gr00t:")
-    path, _, query = body.partition("?")
-    if not path:
-        raise ValueError(f"model spec {spec!r}: expected gr00t:DIR[?embodiment=TAG&...]")
-    o = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
-    unknown = sorted(set(o) - set(SPEC_OPTIONS))
-    if unknown:
-        raise ValueError(f"model spec {spec!r}: unknown options {unknown}; known: {list(SPEC_OPTIONS)}")
-    if o.get("dtype", "float32") not in DTYPES:
-        raise ValueError(f"model spec {spec!r}: dtype must be one of {sorted(DTYPES)}")
-    try:
-        steps = int(o["n_action_steps"]) if "n_action_steps" in o else None
-    except ValueError as e:
-        raise ValueError(f"model spec {spec!r}: {e}") from e
+    path, o = parse_model_spec(spec, "gr00t:", SPEC_OPTIONS, "gr00t:DIR[?embodiment=TAG&...]")
+    dtype = spec_dtype(spec, o)
     return load_gr00t(
         path,
         embodiment=o.get("embodiment"),
         tokenizer=o.get("tokenizer"),
-        n_action_steps=steps,
-        dtype=DTYPES[o.get("dtype", "float32")],
+        n_action_steps=spec_number(spec, o, "n_action_steps"),
+        dtype=dtype,
     )

@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from torch import nn
 
 from daptq.models.adapter import ActionSpace, AttentionLayout, InterfaceModule, QuantizableModule, VLAAdapter
+from daptq.models.family_common import require_inputs, stack_layouts, weight_modules
 from daptq.models.lerobot_vla.checkpoint import Statistics
 from daptq.models.lerobot_vla.config import LeRobotVLAConfig
 from daptq.models.lerobot_vla.modeling import FlowMatchingVLA, pad_last
@@ -145,21 +145,10 @@ class LeRobotVLAAdapter(VLAAdapter):
             return "backbone", None, None, "prefix"
         return role or "action_head", None, None, "expert"
 
-    def _unused(self, name: str) -> bool:
-        return any(name == u or name.startswith(u + ".") for u in self.model.unused_module_names())
-
     def quantizable_modules(self) -> list[QuantizableModule]:
         """Every Linear and Conv2d on the inference path with its role, block, stack and stream."""
         out = []
-        for name, module in self.model.named_modules():
-            if isinstance(module, nn.Linear):
-                kind = "linear"
-            elif isinstance(module, nn.Conv2d):
-                kind = "conv2d"
-            else:
-                continue
-            if self._unused(name):
-                continue
+        for name, module, kind in weight_modules(self.model, skip=self.model.unused_module_names()):
             role, block, stack, stream = self._where(name)
             meta: dict[str, Any] = {"kind": kind}
             if ".mlp." in name:
@@ -206,58 +195,31 @@ class LeRobotVLAAdapter(VLAAdapter):
 
     def attention_layouts(self) -> list[AttentionLayout]:
         c, p = self.config, self._prefix_names
-        out = []
-        for i in range(c.vision.layers):
-            a = f"{p['vision']}encoder.layers.{i}.self_attn"
-            out.append(
-                AttentionLayout(
-                    a,
-                    c.vision.heads,
-                    "vision",
-                    f"{a}.out_proj",
-                    q=f"{a}.q_proj",
-                    k=f"{a}.k_proj",
-                    v=f"{a}.v_proj",
-                    block=i,
-                    stack="vision",
-                    stream="prefix",
-                )
-            )
-        for i in range(c.text.layers - 1):  # the last layer's attention output never reaches the expert
-            a = f"{p['lm']}{i}.self_attn"
-            out.append(
-                AttentionLayout(
-                    a,
-                    c.text.heads,
-                    "backbone",
-                    f"{a}.o_proj",
-                    q=f"{a}.q_proj",
-                    k=f"{a}.k_proj",
-                    v=f"{a}.v_proj",
-                    kv_heads=c.text.kv_heads if c.text.kv_heads != c.text.heads else None,
-                    block=i,
-                    stack="backbone",
-                    stream="prefix",
-                )
-            )
-        for j in range(c.expert.layers):
-            a = f"{p['expert']}{j}.self_attn"
-            out.append(
-                AttentionLayout(
-                    a,
-                    c.expert.heads,
-                    "action_head",
-                    f"{a}.o_proj",
-                    q=f"{a}.q_proj",
-                    k=f"{a}.k_proj",
-                    v=f"{a}.v_proj",
-                    kv_heads=c.expert.kv_heads if c.expert.kv_heads != c.expert.heads else None,
-                    block=j,
-                    stack="expert",
-                    stream="expert",
-                )
-            )
-        return out
+        vision = f"{p['vision']}encoder.layers."
+        return [
+            *stack_layouts(
+                vision, c.vision.layers, c.vision.heads, "vision", "vision", stream="prefix", out="out_proj"
+            ),
+            # the VLM's last layer's attention output never reaches the expert
+            *stack_layouts(
+                p["lm"],
+                c.text.layers - 1,
+                c.text.heads,
+                "backbone",
+                "backbone",
+                kv_heads=c.text.kv_heads,
+                stream="prefix",
+            ),
+            *stack_layouts(
+                p["expert"],
+                c.expert.layers,
+                c.expert.heads,
+                "action_head",
+                "expert",
+                kv_heads=c.expert.kv_heads,
+                stream="expert",
+            ),
+        ]
 
     def smoothing_groups(self) -> list[SmoothingGroup]:
         """SigLIP layers: layer_norm1 -> q/k/v, v_proj -> out_proj, layer_norm2 -> fc1. The Gemma / Llama
@@ -280,12 +242,8 @@ class LeRobotVLAAdapter(VLAAdapter):
 
     # ---- computation ---------------------------------------------------------------------------------------
     def _inputs(self, batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        missing = [k for k in MODEL_INPUTS if k not in batch]
-        if missing:
-            raise ValueError(
-                f"{self.config.type} batch is missing {missing} (has {sorted(batch)}); build batches with "
-                "calibration_batches() or model_inputs()"
-            )
+        hint = "build batches with calibration_batches() or model_inputs()"
+        require_inputs(batch, MODEL_INPUTS, self.config.type, hint)
         p = next(self.model.parameters())
         out = [batch[k].to(p.device) for k in MODEL_INPUTS]
         out[0] = out[0].to(p.dtype)

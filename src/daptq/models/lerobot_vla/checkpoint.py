@@ -21,7 +21,6 @@ safetensors and JSON are read: nothing is unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -32,10 +31,16 @@ from typing import Any
 import torch
 
 from daptq.atomic import atomic_write_bytes, atomic_write_json
+from daptq.integrity import sha256_file
+from daptq.models.family_common import MismatchFormat, compare_keys
 from daptq.models.lerobot_vla.config import LeRobotVLAConfig
 from daptq.models.lerobot_vla.modeling import FlowMatchingVLA, build_model
 
 PREFIX = "model."
+# The wording this loader has always used ("2 missing: a, b; 1 unexpected: c", sorted).
+MISMATCH = MismatchFormat(
+    part_sep="; ", item_sep=", ", shape="{key}: file {got} vs model {want}", more=" ...", sort=True
+)
 PRE, POST = "policy_preprocessor", "policy_postprocessor"
 ADARMS_STALE = re.compile(
     r"paligemma_with_expert\.gemma_expert\.model\.(layers\.\d+\.(input|post_attention)_layernorm|norm)\.weight"
@@ -61,14 +66,6 @@ def tie_names(config: LeRobotVLAConfig) -> tuple[str, str] | None:
 def optional_keys(config: LeRobotVLAConfig) -> set[str]:
     """Parameters a checkpoint may omit because nothing reads them (the pi0 expert's LM head)."""
     return {"paligemma_with_expert.gemma_expert.lm_head.weight"} if config.type != "smolvla" else set()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -256,21 +253,9 @@ def load_state(model: FlowMatchingVLA, tensors: dict[str, torch.Tensor], source:
             )
         if len(have) == 1:
             tensors = {**tensors, head: tensors[have[0]], emb: tensors[have[0]]}
-    missing = sorted(set(expected) - set(tensors) - optional_keys(config))
-    unexpected = sorted(k.lstrip("\0") for k in set(tensors) - set(expected))
-    shapes = sorted(
-        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)
-    )
-    if missing or unexpected or shapes:
-        parts = []
-        for what, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
-            if items:
-                parts.append(
-                    f"{len(items)} {what}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else "")
-                )
-        raise ValueError(f"{source} does not match the {config.type} architecture: " + "; ".join(parts))
+    m = compare_keys(expected, tensors, optional=optional_keys(config))
+    m.unexpected = [k.lstrip("\0") for k in m.unexpected]  # "\0" marks a key outside the policy's model.
+    m.raise_if_any(source, config.type, MISMATCH)
     with torch.no_grad():
         params = dict(model.named_parameters(remove_duplicate=False))
         buffers = dict(model.named_buffers(remove_duplicate=False))
@@ -308,7 +293,7 @@ def load_lerobot_checkpoint(
     model = model.to(dtype).eval()
     used = [*files.values(), *stat_files] + ([Path(vlm_config)] if vlm_config is not None else [])
     return LoadedCheckpoint(
-        model, config, raw, statistics, {str(p): file_sha256(p) for p in used}, tie, notes
+        model, config, raw, statistics, {str(p): sha256_file(p) for p in used}, tie, notes
     )
 
 

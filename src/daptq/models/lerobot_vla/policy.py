@@ -11,19 +11,25 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 import numpy as np
 import torch
 
-from daptq.models.adapter import Observation, PolicyInfo, state_digest
+from daptq.models.adapter import Observation
+from daptq.models.family_common import (
+    FamilyPolicyMixin,
+    parse_model_spec,
+    require_observation,
+    spec_dtype,
+    spec_number,
+)
 from daptq.models.lerobot_vla.adapter import LeRobotVLAAdapter
 from daptq.models.lerobot_vla.checkpoint import Statistics, load_lerobot_checkpoint
 from daptq.models.lerobot_vla.modeling import FlowMatchingVLA
 from daptq.models.policy import ChunkedPolicy
 
 
-class LeRobotVLAPolicy(ChunkedPolicy):
+class LeRobotVLAPolicy(FamilyPolicyMixin, ChunkedPolicy):
     """A pi0 / pi0.5 / SmolVLA network, its tokenizer and statistics as a closed-loop policy."""
 
     def __init__(
@@ -52,17 +58,11 @@ class LeRobotVLAPolicy(ChunkedPolicy):
         return [Path(p) for p in self.meta.get("files", {})]
 
     @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
     def chunk_size(self) -> int:
         return self.config.chunk_size
 
     def observation_batch(self, observation: Observation) -> dict[str, torch.Tensor]:
-        for key in ("image", "instruction", "state"):
-            if key not in observation:
-                raise ValueError(f"observation is missing {key!r} (has {sorted(observation)})")
+        require_observation(observation, ("image", "instruction", "state"))
         return self.adapter.model_inputs(
             np.asarray(observation["image"])[None],
             [observation["instruction"]],
@@ -79,20 +79,14 @@ class LeRobotVLAPolicy(ChunkedPolicy):
         chunk = self.adapter.predict_chunk(self.observation_batch(observation), generator)
         return self.unnormalize(chunk[0])
 
-    def info(self) -> PolicyInfo:
-        config = {
+    def info_config(self) -> dict[str, Any]:
+        return {
             "model": self.config.to_dict(),
             "statistics": self.statistics.to_dict(),
             "action_space": self.action_space.to_dict(),
         }
-        return PolicyInfo(
-            digest=state_digest(self.model, config),
-            image_size=self.config.image_size,
-            recipe=self.recorded_recipe(),
-        )
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SPEC_OPTIONS = ("tokenizer", "vlm_config", "n_action_steps", "dtype")
 
 
@@ -134,31 +128,19 @@ def load_lerobot(
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     """``lerobot:PATH[?key=value&...]`` -> (PATH, options); options are ``SPEC_OPTIONS``."""
-    body = spec.removeprefix("lerobot:")
-    path, _, query = body.partition("?")
-    if not path:
-        raise ValueError(f"model spec {spec!r}: expected lerobot:PATH[?tokenizer=DIR&...]")
-    options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
-    unknown = sorted(set(options) - set(SPEC_OPTIONS))
-    if unknown:
-        raise ValueError(f"model spec {spec!r}: unknown options {unknown}; known: {list(SPEC_OPTIONS)}")
-    return path, options
+    return parse_model_spec(spec, "lerobot:", SPEC_OPTIONS, "lerobot:PATH[?tokenizer=DIR&...]")
 
 
 def load_lerobot_spec(spec: str) -> LeRobotVLAPolicy:
     """The policy a ``lerobot:PATH[?tokenizer=DIR&vlm_config=FILE&n_action_steps=N&dtype=float32|bfloat16|
     float16]`` spec names (pi0 / pi05 / smolvla detected from PATH/config.json's ``type``)."""
     path, o = parse_spec(spec)
-    if "dtype" in o and o["dtype"] not in DTYPES:
-        raise ValueError(f"model spec {spec!r}: dtype must be one of {sorted(DTYPES)}")
-    try:
-        steps = int(o["n_action_steps"]) if "n_action_steps" in o else None
-    except ValueError as e:
-        raise ValueError(f"model spec {spec!r}: {e}") from e
+    dtype = spec_dtype(spec, o)
+    steps = spec_number(spec, o, "n_action_steps")
     return load_lerobot(
         path,
         tokenizer=o.get("tokenizer"),
         vlm_config=o.get("vlm_config"),
         n_action_steps=steps,
-        dtype=DTYPES[o.get("dtype", "float32")],
+        dtype=dtype,
     )

@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from daptq.models.adapter import AttentionLayout, InterfaceModule, QuantizableModule, VLAAdapter
+from daptq.models.cogact.adapter import prismatic_vit_groups, prismatic_vit_layouts
+from daptq.models.family_common import require_inputs, stack_layouts, weight_modules
 from daptq.models.openvla_oft.model import OpenVLAOFT
 from daptq.models.openvla_oft.processing import (
     OFT_ACTION_SPACE,
@@ -74,17 +75,8 @@ class OFTAdapter(VLAAdapter):
         return "other", None, None
 
     def quantizable_modules(self) -> list[QuantizableModule]:
-        unused = self.model.unused_module_names()
         out = []
-        for name, module in self.model.named_modules():
-            if isinstance(module, nn.Linear):
-                kind = "linear"
-            elif isinstance(module, nn.Conv2d):
-                kind = "conv2d"
-            else:
-                continue
-            if any(name == u or name.startswith(u + ".") for u in unused):
-                continue
+        for name, module, kind in weight_modules(self.model, skip=self.model.unused_module_names()):
             role, block, stack = self._where(name)
             out.append(QuantizableModule(name, module, role, {"kind": kind}, block=block, stack=stack))
         return out
@@ -103,50 +95,22 @@ class OFTAdapter(VLAAdapter):
 
     def attention_layouts(self) -> list[AttentionLayout]:
         c = self.config
-        out = []
-        for tower, stack in TOWERS:
-            vit = getattr(self.model.vision_backbone, tower)
-            for i in range(len(vit.blocks) - 1):
-                p = f"vision_backbone.{tower}.blocks.{i}.attn"
-                out.append(
-                    AttentionLayout(
-                        p, vit.config.num_heads, "vision", f"{p}.proj", qkv=f"{p}.qkv", block=i, stack=stack
-                    )
-                )
-        kv = c.num_key_value_heads if c.num_key_value_heads != c.num_attention_heads else None
-        for i in range(c.num_hidden_layers):
-            p = f"{LLM_LAYERS}{i}.self_attn"
-            out.append(
-                AttentionLayout(
-                    p,
-                    c.num_attention_heads,
-                    "backbone",
-                    f"{p}.o_proj",
-                    q=f"{p}.q_proj",
-                    k=f"{p}.k_proj",
-                    v=f"{p}.v_proj",
-                    kv_heads=kv,
-                    block=i,
-                    stack="backbone",
-                )
-            )
+        out = prismatic_vit_layouts(self.model.vision_backbone, TOWERS)
+        out += stack_layouts(
+            LLM_LAYERS,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            "backbone",
+            "backbone",
+            kv_heads=c.num_key_value_heads,
+        )
         return out
 
     def smoothing_groups(self) -> list[SmoothingGroup]:
         """ViT blocks (norm1 -> qkv, value rows -> proj, norm2 -> fc1), Llama v_proj -> o_proj (multi-head
         only), and the head's LayerNorms into the Linear each feeds."""
         c = self.config
-        groups = []
-        for tower, _ in TOWERS:
-            vit = getattr(self.model.vision_backbone, tower)
-            d = vit.config.embed_dim
-            for i in range(len(vit.blocks) - 1):
-                p = f"vision_backbone.{tower}.blocks.{i}"
-                groups += [
-                    SmoothingGroup(f"{p}.norm1", (f"{p}.attn.qkv",), "layernorm"),
-                    SmoothingGroup(f"{p}.attn.qkv", (f"{p}.attn.proj",), "linear", offset=2 * d),
-                    SmoothingGroup(f"{p}.norm2", (f"{p}.mlp.fc1",), "layernorm"),
-                ]
+        groups = prismatic_vit_groups(self.model.vision_backbone, TOWERS)
         if c.num_key_value_heads == c.num_attention_heads:
             for i in range(c.num_hidden_layers):
                 p = f"{LLM_LAYERS}{i}.self_attn"
@@ -164,12 +128,9 @@ class OFTAdapter(VLAAdapter):
 
     # ---- computation ---------------------------------------------------------------------------------------
     def _forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        missing = [k for k in MODEL_INPUTS if k not in batch]
-        if missing:
-            raise ValueError(
-                f"OpenVLA-OFT batch is missing {missing} (has {sorted(batch)}); build batches with "
-                "calibration_batches() or model_inputs()"
-            )
+        require_inputs(
+            batch, MODEL_INPUTS, "OpenVLA-OFT", "build batches with calibration_batches() or model_inputs()"
+        )
         p = next(self.model.parameters())
         dino, siglip, ids, mask = (batch[k].to(p.device) for k in MODEL_INPUTS)
         proprio = batch.get("proprio")

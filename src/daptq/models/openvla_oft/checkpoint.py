@@ -19,21 +19,28 @@ on the meta device and the tensors are assigned into it.
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from daptq.atomic import atomic_write_bytes, atomic_write_json
 from daptq.integrity import sha256_file
+from daptq.models.family_common import (
+    assign_state,
+    check_materialized,
+    compare_keys,
+    read_json,
+    read_sharded_safetensors,
+    resolve_shards,
+    write_sharded_safetensors,
+)
 from daptq.models.openvla_oft.config import OFTConfig
 from daptq.models.openvla_oft.model import OpenVLAOFT
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
@@ -90,20 +97,7 @@ def resolve_files(path: str | Path, step: str | None = None, use_proprio: bool =
     for f, what in ((config, "config"), (statistics, "dataset statistics")):
         if not f.is_file():
             raise FileNotFoundError(f"{directory}: missing {f.name} (the checkpoint's {what})")
-    index = directory / INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: not a safetensors index (needs 'weight_map'): {e}") from e
-        shards = tuple(directory / s for s in sorted(set(weight_map.values())))
-        missing = [s.name for s in shards if not s.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index} names shards that are missing: {missing}")
-    elif (directory / SINGLE).is_file():
-        index, shards = None, (directory / SINGLE,)
-    else:
-        raise FileNotFoundError(f"{directory}: neither {INDEX} nor {SINGLE}")
+    shards, index = resolve_shards(directory)
     head = _one(directory, "action_head", step, True)
     proprio = _one(directory, "proprio_projector", step, use_proprio)
     tok = directory if any((directory / n).is_file() for n in TOKENIZER_FILES) else None
@@ -112,33 +106,6 @@ def resolve_files(path: str | Path, step: str | None = None, use_proprio: bool =
 
 def read_shards(files: OFTFiles) -> dict[str, torch.Tensor]:
     return read_sharded_safetensors(files.shards, files.index)
-
-
-def read_sharded_safetensors(shards: tuple[Path, ...], index: Path | None) -> dict[str, torch.Tensor]:
-    """Every tensor of the safetensors shards; with an index, each key must be in the shard it names."""
-    from safetensors import SafetensorError, safe_open
-
-    weight_map = json.loads(index.read_text())["weight_map"] if index else None
-    out: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        try:
-            with safe_open(str(shard), framework="pt", device="cpu") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    if key in out:
-                        raise ValueError(f"{shard}: key {key!r} is also in another shard")
-                    if weight_map is not None and weight_map.get(key) != shard.name:
-                        raise ValueError(
-                            f"{shard}: key {key!r} is not in the index {index} for this shard "
-                            f"(index says {weight_map.get(key)!r})"
-                        )
-                    out[key] = f.get_tensor(key)
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{shard}: not a readable safetensors file ({e})") from e
-    if weight_map is not None:
-        absent = sorted(set(weight_map) - set(out))
-        if absent:
-            raise ValueError(f"{index} lists keys no shard holds: {absent[:10]}")
-    return out
 
 
 def read_component(path: Path) -> dict[str, torch.Tensor]:
@@ -156,23 +123,9 @@ def read_component(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def check_state(model: OpenVLAOFT, state: Mapping[str, torch.Tensor], source: str) -> None:
+def check_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, architecture: str) -> None:
     """Key-for-key, shape-for-shape comparison; one ValueError lists every problem."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)}, model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    parts = []
-    for what, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
-        if items:
-            more = f" (+{len(items) - 20} more)" if len(items) > 20 else ""
-            parts.append(f"{len(items)} {what}: {'; '.join(items[:20])}{more}")
-    if parts:
-        raise ValueError(f"{source} does not match the OpenVLA-OFT architecture: " + " | ".join(parts))
+    compare_keys(model.state_dict(), state).raise_if_any(source, architecture)
 
 
 def read_state(files: OFTFiles) -> dict[str, torch.Tensor]:
@@ -198,44 +151,19 @@ def build_oft(
         return OpenVLAOFT(config).to(dtype).eval()
     with torch.device("meta"):
         model = OpenVLAOFT(config)
-    check_state(model, state, source)
-    model.load_state_dict(
-        {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=True, assign=True
-    )
+    check_state(model, state, source, "OpenVLA-OFT")
+    assign_state(model, state, dtype)
     model.reset_rotary()
-    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if left:
-        raise RuntimeError(f"{source}: tensors left unmaterialized after loading: {left[:10]}")
+    check_materialized(model, source)
     return model.eval()
 
 
 def model_from_files(
     files: OFTFiles, platform: str = "LIBERO", dtype: torch.dtype = torch.float32
 ) -> tuple[OpenVLAOFT, dict[str, Any]]:
-    try:
-        hf = json.loads(files.config.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{files.config}: invalid JSON ({e})") from e
+    hf = read_json(files.config)
     config = OFTConfig.from_hf_config(hf, str(files.config), platform)
     return build_oft(config, read_state(files), dtype, str(files.directory)), hf
-
-
-def write_sharded_safetensors(
-    directory: Path, state: Mapping[str, torch.Tensor], max_shard_tensors: int | None = None
-) -> None:
-    """``model-0000i-of-0000n.safetensors`` shards (two by default) and their index json, each atomic."""
-    from safetensors.torch import save
-
-    keys = list(state)
-    per = max_shard_tensors or (len(keys) + 1) // 2
-    chunks = [keys[i : i + per] for i in range(0, len(keys), per)]
-    weight_map = {}
-    for i, chunk in enumerate(chunks):
-        name = f"model-{i + 1:05d}-of-{len(chunks):05d}.safetensors"
-        atomic_write_bytes(directory / name, save({k: state[k].detach().cpu().contiguous() for k in chunk}))
-        weight_map.update(dict.fromkeys(chunk, name))
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    atomic_write_json(directory / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def save_oft_checkpoint(

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from daptq.models.cogact.config import ViTConfig
+from daptq.models.cogact.model import llama_config
 from daptq.models.cogact.vit import VisionTransformer
 from daptq.models.openvla_oft.config import OFTConfig
 
@@ -134,28 +135,6 @@ class L1RegressionActionHead(nn.Module):
     def predict_action(self, actions_hidden_states: torch.Tensor, chunk_size: int) -> torch.Tensor:
         B = actions_hidden_states.shape[0]
         return self.model(actions_hidden_states.reshape(B, chunk_size, -1))
-
-
-def llama_config(c: OFTConfig):
-    """The transformers ``LlamaConfig`` of the backbone (eager-free SDPA, no cache, untied head)."""
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads,
-        max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps,
-        rope_theta=c.rope_theta,
-        tie_word_embeddings=False,
-        pad_token_id=c.pad_token_id,
-        use_cache=False,
-    )
-    cfg._attn_implementation = "sdpa"
-    return cfg
 
 
 class OpenVLAOFT(nn.Module):

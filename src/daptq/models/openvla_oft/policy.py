@@ -8,16 +8,22 @@ open-loop (``num_open_loop_steps = 8``), the default here (``n_action_steps = ch
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 import numpy as np
 import torch
 
-from daptq.models.adapter import Observation, PolicyInfo, state_digest
+from daptq.models.adapter import Observation
+from daptq.models.family_common import (
+    FamilyPolicyMixin,
+    parse_model_spec,
+    read_json,
+    require_observation,
+    spec_dtype,
+    spec_number,
+)
 from daptq.models.openvla_oft.adapter import OFTAdapter
 from daptq.models.openvla_oft.checkpoint import OFTFiles, model_from_files, resolve_files
 from daptq.models.openvla_oft.model import OpenVLAOFT
@@ -25,7 +31,7 @@ from daptq.models.openvla_oft.processing import OFT_ACTION_SPACE, OFTStatistics,
 from daptq.models.policy import ChunkedPolicy
 
 
-class OFTPolicy(ChunkedPolicy):
+class OFTPolicy(FamilyPolicyMixin, ChunkedPolicy):
     """An OpenVLA-OFT model, its tokenizer and its dataset statistics as a closed-loop policy."""
 
     def __init__(
@@ -54,18 +60,12 @@ class OFTPolicy(ChunkedPolicy):
         return self.files.paths() if self.files is not None else []
 
     @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
     def chunk_size(self) -> int:
         return self.config.chunk_size
 
     def observation_batch(self, observation: Observation) -> dict[str, torch.Tensor]:
         keys = ("image", "wrist_image")[: self.config.num_images]
-        for key in (*keys, "instruction"):
-            if key not in observation:
-                raise ValueError(f"observation is missing {key!r} (has {sorted(observation)})")
+        require_observation(observation, (*keys, "instruction"))
         state = observation.get("state")
         return self.adapter.model_inputs(
             [np.asarray(observation[k])[None] for k in keys],
@@ -78,17 +78,11 @@ class OFTPolicy(ChunkedPolicy):
         chunk = self.adapter.predict_chunk(self.observation_batch(observation), generator)
         return self.statistics.unnormalize(chunk[0].float().cpu().numpy())
 
-    def info(self) -> PolicyInfo:
-        config = {"model": self.config.to_dict(), "statistics": self.statistics.to_dict()}
-        return PolicyInfo(
-            digest=state_digest(self.model, config),
-            image_size=self.config.image_size,
-            recipe=self.recorded_recipe(),
-        )
+    def info_config(self) -> dict[str, Any]:
+        return {"model": self.config.to_dict(), "statistics": self.statistics.to_dict()}
 
 
 SPEC_OPTIONS = ("unnorm_key", "step", "platform", "n_action_steps", "dtype")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_oft(
@@ -110,7 +104,7 @@ def load_oft(
             f"{files.directory}: no tokenizer files ({', '.join(('tokenizer.json', 'tokenizer.model'))})"
         )
     model, hf = model_from_files(files, platform, dtype)
-    stats = oft_statistics(json.loads(files.statistics.read_text()), unnorm_key, str(files.statistics))
+    stats = oft_statistics(read_json(files.statistics), unnorm_key, str(files.statistics))
     tok = load_tokenizer(files.tokenizer)
     meta = {"source": {"kind": "openvla-oft", "path": str(path)}, "files": files.sha256()}
     return OFTPolicy(model, tok, stats, n_action_steps, meta, files=files)
@@ -134,33 +128,18 @@ def _read_config(directory: Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{directory}: missing config.json (is this an OpenVLA-OFT checkpoint directory?)"
         )
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f}: invalid JSON ({e})") from e
+    return read_json(f)
 
 
 def load_oft_spec(spec: str) -> OFTPolicy:
     """``openvla-oft:DIR[?unnorm_key=NAME&step=STEP&platform=LIBERO&n_action_steps=N&dtype=float32]``."""
-    body = spec.removeprefix("openvla-oft:")
-    path, _, query = body.partition("?")
-    if not path:
-        raise ValueError(f"model spec {spec!r}: expected openvla-oft:DIR[?unnorm_key=NAME&...]")
-    o = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
-    unknown = sorted(set(o) - set(SPEC_OPTIONS))
-    if unknown:
-        raise ValueError(f"model spec {spec!r}: unknown options {unknown}; known: {list(SPEC_OPTIONS)}")
-    if o.get("dtype", "float32") not in DTYPES:
-        raise ValueError(f"model spec {spec!r}: dtype must be one of {sorted(DTYPES)}")
-    try:
-        steps = int(o["n_action_steps"]) if "n_action_steps" in o else None
-    except ValueError as e:
-        raise ValueError(f"model spec {spec!r}: {e}") from e
+    path, o = parse_model_spec(spec, "openvla-oft:", SPEC_OPTIONS, "openvla-oft:DIR[?unnorm_key=NAME&...]")
+    dtype = spec_dtype(spec, o)
     return load_oft(
         path,
         unnorm_key=o.get("unnorm_key"),
         step=o.get("step"),
         platform=o.get("platform", "LIBERO"),
-        n_action_steps=steps,
-        dtype=DTYPES[o.get("dtype", "float32")],
+        n_action_steps=spec_number(spec, o, "n_action_steps"),
+        dtype=dtype,
     )
