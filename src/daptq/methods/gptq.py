@@ -151,7 +151,11 @@ def _solve(
     diag = H.diagonal().clone()
     dead = diag == 0
     diag[dead] = 1.0
-    perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(cols)
+    perm = (
+        torch.argsort(diag, descending=True, stable=True)
+        if act_order
+        else torch.arange(cols, device=H.device)
+    )
     W, H, S, Z = W[:, perm], H[perm][:, perm], S[:, perm], Z[:, perm]
     dead = dead[perm]
     H[dead, dead] = 1.0

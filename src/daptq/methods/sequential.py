@@ -203,6 +203,11 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _cuda_in_use() -> bool:
+    """CUDA initialized by this process (never initialize it just to measure)."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 class StageMeter:
     """Wall time and peak RSS per stage into one dict (``{stage}_s``, ``{stage}_peak_rss_mb``)."""
 
@@ -217,6 +222,8 @@ class StageMeter:
         class _Stage:
             def __enter__(self):
                 reset_peak_rss()
+                if _cuda_in_use():
+                    torch.cuda.reset_peak_memory_stats()
                 self.t0 = time.perf_counter()
 
             def __exit__(self, *exc):
@@ -225,6 +232,12 @@ class StageMeter:
                     elapsed += meter.timings.get(time_key, 0.0)
                     peak = max(peak, meter.timings.get(peak_key, 0.0))
                 meter.timings[time_key], meter.timings[peak_key] = elapsed, peak
+                if _cuda_in_use():  # device memory beside host memory (untested: no GPU in CI)
+                    cuda_key = f"{name}_peak_cuda_mb"
+                    cuda = torch.cuda.max_memory_allocated() / 2**20
+                    meter.timings[cuda_key] = max(
+                        cuda, meter.timings.get(cuda_key, 0.0) if accumulate else 0.0
+                    )
                 return False
 
         return _Stage()
