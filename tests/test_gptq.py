@@ -101,6 +101,22 @@ def test_block_size_does_not_change_the_result():
     assert (a != b).float().mean() < 0.01  # equal up to rounding ties
 
 
+def test_column_loop_runs_on_one_thread_and_restores_the_count(monkeypatch):
+    """The per-column ops run single-threaded (intra-op threads only added barriers: 8x slower on the
+    loaded 2-core machine); the caller's thread count is restored, and the codes do not depend on it."""
+    torch.manual_seed(3)
+    w, x = torch.randn(16, 64), correlated_inputs(seed=3)
+    spec = WeightSpec(4, granularity="per_group", group_size=16)
+    one = gptq_quantize(w, x.T @ x, spec, block_size=16)[0]
+    seen = []
+    real_round = torch.round
+    monkeypatch.setattr(torch, "round", lambda t: seen.append(torch.get_num_threads()) or real_round(t))
+    torch.set_num_threads(2)
+    two = gptq_quantize(w, x.T @ x, spec, block_size=16)[0]
+    assert torch.get_num_threads() == 2 and seen and set(seen) == {1}
+    assert torch.equal(one, two)
+
+
 def test_grouped_hessians_solve_each_row_group_on_its_own():
     torch.manual_seed(2)
     w = torch.randn(12, 18) * 0.1  # a grouped conv's [out, fan_in]: 3 groups of 4 output rows
