@@ -208,3 +208,16 @@ def test_reports_and_gifs_of_a_suite_run_name_the_suite_and_refuse_mixing_suites
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"different suites \['fake', 'metaworld'\]"):
         write_report([tmp_path / "run", other], out=tmp_path / "both")
+
+
+def test_object_drift_in_a_record_is_checked_against_its_arrays(fake, tmp_path):
+    from daptq.eval import store
+
+    argv = ["eval", "toy:weight_noise=0.5", "--reference", "toy", "--suite", "fake", "--tasks", "carry-ball"]
+    argv += ["--episodes", "1", "--workers", "1", "--no-progress", "--no-reference-cache"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
+    config = store.read_config(tmp_path / "run")
+    (record,) = store.read_records(tmp_path / "run")
+    assert store.episode_problem(tmp_path / "run", config, record) is None
+    edited = {**record, "object_drift_mean": record["object_drift_mean"] + 0.01}
+    assert "object_drift_mean" in store.episode_problem(tmp_path / "run", config, edited)

@@ -193,7 +193,8 @@ def episode_metrics(
     arrays: dict[str, np.ndarray], divergence_threshold: float, hf_cutoff: float
 ) -> dict[str, float | int | list[float] | None]:
     """Every metric of an episode record that its per-step arrays determine (``ee``, ``actions``; paired:
-    ``ref_ee``, ``ref_actions``, ``shadow_actions``; with the reseed floor ``floor_ee``).
+    ``ref_ee``, ``ref_actions``, ``shadow_actions``; with the reseed floor ``floor_ee``; where the suite
+    declares a manipulated object, ``objects``, ``ref_objects`` and ``floor_objects``: ``object_drift_*``).
 
     One function computes them when an episode is recorded and again when a record is read back, so a
     record whose numbers were edited (or whose arrays were swapped) no longer matches its arrays."""
@@ -217,4 +218,11 @@ def episode_metrics(
         if "floor_ee" in arrays:
             floor = drift_metrics(arrays["floor_ee"], ref_ee, divergence_threshold)
             out.update({f"floor_{k}": v for k, v in floor.items()})
+        if "objects" in arrays and "ref_objects" in arrays:
+            ref_objects = arrays["ref_objects"]
+            drift = drift_metrics(arrays["objects"], ref_objects, divergence_threshold)
+            out.update({f"object_{k}": v for k, v in drift.items()})
+            if "floor_objects" in arrays:
+                drift = drift_metrics(arrays["floor_objects"], ref_objects, divergence_threshold)
+                out.update({f"floor_object_{k}": v for k, v in drift.items()})
     return out

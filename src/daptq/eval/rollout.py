@@ -282,15 +282,11 @@ def episode_record(
         if floor is not None:
             record["floor_success"] = floor.success
             arrays["floor_ee"] = floor.ee
-    record.update(metrics.episode_metrics(arrays, divergence_threshold, hf_cutoff))
     if candidate.objects is not None:
         arrays["objects"] = candidate.objects
         if reference is not None and reference.objects is not None:
             arrays["ref_objects"] = reference.objects
-            drift = metrics.drift_metrics(candidate.objects, reference.objects, divergence_threshold)
-            record.update({f"object_{k}": v for k, v in drift.items()})
             if floor is not None and floor.objects is not None:
                 arrays["floor_objects"] = floor.objects
-                drift = metrics.drift_metrics(floor.objects, reference.objects, divergence_threshold)
-                record.update({f"floor_object_{k}": v for k, v in drift.items()})
+    record.update(metrics.episode_metrics(arrays, divergence_threshold, hf_cutoff))
     return record, arrays

@@ -356,6 +356,10 @@ def arrays_problem(
         )
         if "floor_drift_mean" in record:
             expected["floor_ee"] = (None, 3)
+        if "object_drift_mean" in record:  # a suite with a manipulated object: its paths are checked too
+            expected.update({"objects": (steps + 1, 3), "ref_objects": (ref_steps + 1, 3)})
+            if "floor_object_drift_mean" in record:
+                expected["floor_objects"] = (None, 3)
     for key, (rows, cols) in expected.items():
         a = arrays.get(key)
         if a is None:
