@@ -184,3 +184,17 @@ def test_quantize_cli_with_avg_bits_and_activation_widths(tmp_path, capsys):
     assert "A4-dyn-tok" in shown and ("Wbin" in shown or "Wtern" in shown)
     assert main([*base, "--avg-bits", "4", "--a-bits-choices", "4,2", "--out", str(tmp_path / "bad")]) == 2
     assert "activation bits must be one of 4, 8, 16" in capsys.readouterr().err
+
+
+def test_a_layer_outside_the_objective_is_an_error_not_a_free_width():
+    class Detached:  # the objective never back-propagates into layer "0": its cost would read as 0
+        model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 2))
+
+        def objective(self, batch, dim_weights=None, generator=None):
+            return self.model[1](self.model[0](batch["x"]).detach()).pow(2).mean()
+
+    adapter, batches = Detached(), [{"x": torch.randn(4, 6)}]
+    costs = activation_costs(adapter, batches, ["1"], {4: ActivationSpec(4)})
+    assert costs["1"][4] > 0
+    with pytest.raises(ValueError, match=r"does not depend on the output of \['0'\]"):
+        activation_costs(adapter, batches, ["0", "1"], {4: ActivationSpec(4)})

@@ -271,6 +271,7 @@ def activation_costs(
     static = {b: s for b, s in quantized.items() if s.mode == "static_per_tensor"}
     qparams = _static_qparams(adapter, batches, names, static) if static else {}
     totals = {n: dict.fromkeys(specs, 0.0) for n in names}
+    graded = dict.fromkeys(names, 0)  # outputs whose gradient arrived, per layer
     flags = {p: p.requires_grad for p in model.parameters()}
     handles = []
 
@@ -287,6 +288,7 @@ def activation_costs(
                     deltas[b] = module.forward(xq, *args[1:], **kwargs).double() - out.detach().double()
 
             def on_grad(g: torch.Tensor) -> None:
+                graded[name] += 1
                 gd = g.detach().double()
                 for b, dy in deltas.items():
                     totals[name][b] += 0.5 * float(((gd * dy) ** 2).sum())
@@ -309,5 +311,10 @@ def activation_costs(
             h.remove()
         for p, flag in flags.items():
             p.requires_grad_(flag)
+    missing = [n for n, k in graded.items() if not k]
+    if missing:  # e.g. a layer the objective runs without gradients: its cost would read as 0
+        raise ValueError(
+            f"activation_costs: the adapter's objective does not depend on the output of {missing[:5]}"
+        )
     r = len(batches)
     return {n: {b: v / r for b, v in row.items()} for n, row in totals.items()}
