@@ -208,6 +208,7 @@ def summarize(rows: list[dict], builds: dict, args: argparse.Namespace, command:
         "replan_every": k,
         "noise_std": args.noise_std,
         "max_faces": args.max_faces,
+        "keep_fraction": args.keep_fraction,
         "faithfulness": {
             "episode_pairs": len(pairs),
             "same_final_state": same_state,
@@ -228,7 +229,7 @@ def summarize(rows: list[dict], builds: dict, args: argparse.Namespace, command:
         f"expert with DART noise {args.noise_std}; one {args.image_size} px agentview render every {k} steps "
         f"(a chunked policy's re-plan). Medians over episodes of process CPU ms (one process on a shared "
         f"2-core machine; wall times in the JSON). Decimation: visual-only meshes above {args.max_faces} "
-        "faces.",
+        f"faces, to max({args.max_faces}, {args.keep_fraction} x their faces).",
         "",
         "| | original meshes | decimated meshes |",
         "|---|---|---|",
@@ -308,6 +309,7 @@ def main() -> None:
     p.add_argument("--noise-std", type=float, default=0.1)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--max-faces", type=int, default=None, help="default: DecimationOptions().max_faces")
+    p.add_argument("--keep-fraction", type=float, default=None, help="default: DecimationOptions()'s")
     p.add_argument("--out", default="results/libero_throughput")
     args = p.parse_args()
     os.environ.setdefault("MUJOCO_GL", "egl")
@@ -315,13 +317,18 @@ def main() -> None:
     from daptq.envs.render_meshes import DecimatedRenderer, DecimationOptions
     from daptq.envs.suite import get_suite
 
-    options = DecimationOptions() if args.max_faces is None else DecimationOptions(max_faces=args.max_faces)
-    args.max_faces = options.max_faces
+    default = DecimationOptions()
+    options = DecimationOptions(
+        max_faces=default.max_faces if args.max_faces is None else args.max_faces,
+        keep_fraction=default.keep_fraction if args.keep_fraction is None else args.keep_fraction,
+    )
+    args.max_faces, args.keep_fraction = options.max_faces, options.keep_fraction
     suite = get_suite("libero")
     tasks = suite.check_tasks(args.tasks)
     command = (
         f"nice -n 10 python benchmarks/libero_throughput.py --tasks {' '.join(tasks)} --init-states "
-        f"{args.init_states} --replan-every {args.replan_every} --max-faces {args.max_faces} --out {args.out}"
+        f"{args.init_states} --replan-every {args.replan_every} --max-faces {args.max_faces} --keep-fraction "
+        f"{args.keep_fraction} --out {args.out}"
     )
     rows, builds = [], {}
     for task in tasks:

@@ -104,6 +104,13 @@ def test_decimation_reduces_faces_and_stays_on_the_surface():
     assert out["facetexcoord"].shape == out["face"].shape
 
 
+def test_keep_fraction_is_a_floor_on_the_faces_kept():
+    verts, uvs, faces = _sphere()
+    out = rm.decimate_mesh(verts, faces, options=rm.DecimationOptions(max_faces=100, keep_fraction=0.5))
+    assert abs(len(out["face"]) - len(faces) // 2) < 0.05 * len(faces)
+    assert "texcoord" not in out  # no texture coordinates given, none made
+
+
 def test_texture_transfer_is_exact_when_nothing_is_removed():
     verts, uvs, faces = _sphere(8, 12)
     got = rm._corner_texcoords(verts, faces, verts, faces, uvs, faces)
