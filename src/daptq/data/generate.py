@@ -323,9 +323,8 @@ def generate_dataset(
     noise_std = bench.noise_std if noise_std is None else noise_std
     image_size = bench.observations.default_image_size if image_size is None else image_size
     camera = bench.observations.default_camera if camera is None else camera
-    tasks = list(bench.tasks) if tasks is None else list(tasks)
-    if bench.name != DEFAULT_SUITE:
-        tasks = bench.check_tasks(tasks)  # expands families
+    tasks = list(bench.tasks) if tasks is None else [tasks] if isinstance(tasks, str) else list(tasks)
+    tasks = [t for item in tasks for t in bench.families.get(item, (item,))]  # "mt10", "libero_spatial"
     _check_arguments(
         tasks, episodes_per_split, noise_std, workers, image_size, episodes_per_shard, camera, bench
     )
