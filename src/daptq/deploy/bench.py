@@ -707,9 +707,10 @@ def run_bench(
     profile: bool = False,
 ) -> dict[str, Any]:
     """Measure every row (``plan_rows``) round-robin in one run; ratios to the first row (``variants``:
-    to each model's first variant) at the same thread count. Several ``threads``: all rows at each count in
-    turn. ``roofline`` (``--variants`` only): this machine's rates measured in the same run and each row's
-    bound (``daptq.deploy.roofline``); ``profile``: where each ORT variant's call goes, per op type. Raises
+    to each model's first variant, each model's rows round-robin on their own) at the same thread count.
+    Several ``threads``: all rows at each count in turn. ``roofline`` (``--variants`` only): this
+    machine's rates measured in the same run and each row's bound (``daptq.deploy.roofline``); ``profile``:
+    where each ORT variant's call goes, per op type. Raises
     BenchError before any work for bad options or specs, and for a worker that fails (the others are
     stopped)."""
     check_options(rounds, calls_per_round, warmup, threads, group_size, cache)
@@ -726,9 +727,14 @@ def run_bench(
         if roofline or profile:
             analysed[model] = _analyse(model, cache, thread_counts, roofline, profile)
     rates = {t: _rates(t) for t in thread_counts} if roofline else {}
+    # With --variants the ratios are per model: one model's rows at a time (memory: one model's workers).
+    phases = (
+        [[r for r in rows if r[0] == m] for m in dict.fromkeys(m for m, _ in rows)] if variants else [rows]
+    )
     results = []
     for t in thread_counts:
-        results += _measure(rows, cache, group_size, t, warmup, rounds, calls_per_round, notes)
+        for phase in phases:
+            results += _measure(phase, cache, group_size, t, warmup, rounds, calls_per_round, notes)
     baseline = "per-model" if variants is not None else "first"
     _add_ratios(results, baseline)
     for row in results:

@@ -460,13 +460,18 @@ def measure_lowered_costs(
     for name, layer in model.named_modules():
         if not isinstance(layer, QuantLinear) or layer.spec.weight.is_float or layer.qweight is None:
             continue
-        module, plan = lower_layer(layer, name, w4a8_kernel)
-        if plan.kernel not in INTEGER_KERNELS:
+        a = layer.spec.activation
+        integer = (a is not None and matmul_integer_fits(layer)) or (
+            layer.spec.weight.bits in (4, 8) and _nbits_block(layer) is not None
+        )
+        if not integer:  # lower_layer's own test: no integer kernel, nothing to decide
             continue
-        key = (rows.get(name, 1), layer.in_features, layer.out_features, plan.spec, plan.kernel)
-        if key not in by_shape:
+        key = (rows.get(name, 1), layer.in_features, layer.out_features, layer.spec.short())
+        if key not in by_shape:  # one measurement per shape and spec; modules freed before the next
+            module, plan = lower_layer(layer, name, w4a8_kernel)
             x = torch.from_numpy(np.random.default_rng(0).standard_normal((key[0], key[1]), np.float32))
             by_shape[key] = LayerCost(seconds(module, x), seconds(DequantizedLinear(layer), x))
+            del module
         out[name] = by_shape[key]
     return out
 
