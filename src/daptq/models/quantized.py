@@ -417,7 +417,7 @@ def load_quantized_policy(
         load_quantized_state(policy.model, tensors, qconfig["modules"], allow_missing=allow)
     except ValueError as exc:
         raise ValueError(f"{directory}: {exc}") from None
-    from daptq.methods.step_scales import install_recorded_step_scales
+    from daptq.models.step_scales import install_recorded_step_scales
 
     install_recorded_step_scales(policy, record)  # per-denoising-step activation scales, if recorded
     for hook in ("invalidate_caches", "clear_language_cache"):  # caches computed from the base weights
