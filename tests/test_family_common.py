@@ -84,3 +84,19 @@ def test_weight_scan_layouts_and_batch_check():
     assert qkv_layout("p", 8, "backbone", kv_heads=2).kv_heads == 2
     with pytest.raises(ValueError, match=r"F batch is missing \['y'\] \(has \['x'\]\); build it"):
         require_inputs({"x": 1}, ("x", "y"), "F", "build it")
+
+
+def test_choose_entry_names_the_choices():
+    from daptq.models.family_common import choose_entry
+
+    kw = {"expected": "a mapping", "holds": "{n} sets", "name_one": "name one (x:P?k=N)", "noun": "set"}
+    assert choose_entry({"a": 1}, None, "f.json", **kw) == "a"
+    assert choose_entry({"a": 1, "b": 2}, "b", "f.json", **kw) == "b"
+    with pytest.raises(
+        ValueError, match=r"f.json holds 2 sets: name one \(x:P\?k=N\); choices: \['a', 'b'\]"
+    ):
+        choose_entry({"a": 1, "b": 2}, None, "f.json", **kw)
+    with pytest.raises(ValueError, match=r"f.json: no set 'c'; choices: \['a'\]"):
+        choose_entry({"a": 1}, "c", "f.json", **kw)
+    with pytest.raises(ValueError, match="f.json: expected a mapping"):
+        choose_entry({}, None, "f.json", **kw)

@@ -153,6 +153,25 @@ def check_materialized(model: nn.Module, source: str) -> None:
         raise RuntimeError(f"{source}: tensors left unmaterialized after loading: {left[:10]}")
 
 
+def choose_entry(
+    mapping: Any, key: str | None, source: str, *, expected: str, holds: str, name_one: str, noun: str
+) -> str:
+    """The key of ``mapping`` (a file's {name: entry}) to use: ``key``, or the only one when ``key`` is None.
+    Errors name ``source`` and the choices; ``expected`` describes the mapping, ``holds`` (with ``{n}``) its
+    entries, ``name_one`` how to pick one, ``noun`` one entry ("dataset", "embodiment")."""
+    if not isinstance(mapping, Mapping) or not mapping:
+        raise ValueError(f"{source}: expected {expected}")
+    if key is None:
+        if len(mapping) != 1:
+            raise ValueError(
+                f"{source} holds {holds.format(n=len(mapping))}: {name_one}; choices: {sorted(mapping)}"
+            )
+        return next(iter(mapping))
+    if key not in mapping:
+        raise ValueError(f"{source}: no {noun} {key!r}; choices: {sorted(mapping)}")
+    return key
+
+
 def read_json(path: Path) -> Any:
     """A JSON file; malformed JSON is a ValueError naming it."""
     try:

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from daptq.models.adapter import ActionSpace
 from daptq.models.cogact.config import CogACTConfig
+from daptq.models.family_common import choose_entry, read_json
 
 # 7-D delta end-effector control of the Open X-Embodiment data CogACT is trained on (Bridge, Fractal).
 COGACT_ACTION_SPACE = ActionSpace(
@@ -144,17 +144,15 @@ def action_statistics(
 ) -> ActionStatistics:
     """The ``action`` statistics of one dataset of a run's ``dataset_statistics.json`` (``unnorm_key`` may be
     None only when the file holds one dataset, as the original's ``_check_unnorm_key``)."""
-    if not isinstance(norm_stats, Mapping) or not norm_stats:
-        raise ValueError(f"{source}: expected a mapping of dataset name -> statistics")
-    if unnorm_key is None:
-        if len(norm_stats) != 1:
-            raise ValueError(
-                f"{source} holds statistics of {len(norm_stats)} datasets: name one as unnorm_key "
-                f"(cogact:PATH?unnorm_key=NAME); choices: {sorted(norm_stats)}"
-            )
-        unnorm_key = next(iter(norm_stats))
-    if unnorm_key not in norm_stats:
-        raise ValueError(f"{source}: no dataset {unnorm_key!r}; choices: {sorted(norm_stats)}")
+    unnorm_key = choose_entry(
+        norm_stats,
+        unnorm_key,
+        source,
+        expected="a mapping of dataset name -> statistics",
+        holds="statistics of {n} datasets",
+        name_one="name one as unnorm_key (cogact:PATH?unnorm_key=NAME)",
+        noun="dataset",
+    )
     entry = norm_stats[unnorm_key]
     action = entry.get("action") if isinstance(entry, Mapping) else None
     if not isinstance(action, Mapping) or "q01" not in action or "q99" not in action:
@@ -166,7 +164,4 @@ def action_statistics(
 
 
 def read_statistics(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from e
+    return read_json(path)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from daptq.models.adapter import ActionSpace
+from daptq.models.family_common import choose_entry
 from daptq.models.gr00t.config import EMBODIMENT_TAGS, Gr00tConfig
 
 
@@ -116,17 +117,15 @@ def _modality(meta: Mapping[str, Any], what: str, source: str) -> Modality:
 def embodiment_from_metadata(
     metadata: Mapping[str, Any], tag: str | None, source: str = "metadata.json"
 ) -> Embodiment:
-    if not isinstance(metadata, Mapping) or not metadata:
-        raise ValueError(f"{source}: expected {{embodiment_tag: {{statistics, modalities}}}}")
-    if tag is None:
-        if len(metadata) != 1:
-            raise ValueError(
-                f"{source} holds {len(metadata)} embodiments: name one (gr00t:DIR?embodiment=TAG); "
-                f"choices: {sorted(metadata)}"
-            )
-        tag = next(iter(metadata))
-    if tag not in metadata:
-        raise ValueError(f"{source}: no embodiment {tag!r}; choices: {sorted(metadata)}")
+    tag = choose_entry(
+        metadata,
+        tag,
+        source,
+        expected="{embodiment_tag: {statistics, modalities}}",
+        holds="{n} embodiments",
+        name_one="name one (gr00t:DIR?embodiment=TAG)",
+        noun="embodiment",
+    )
     if tag not in EMBODIMENT_TAGS:
         raise ValueError(f"embodiment tag {tag!r} has no projector index; known: {sorted(EMBODIMENT_TAGS)}")
     meta = metadata[tag]

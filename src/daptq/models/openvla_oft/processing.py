@@ -21,6 +21,7 @@ import torch
 
 from daptq.models.adapter import ActionSpace
 from daptq.models.cogact.processing import ActionStatistics, image_tensors  # noqa: F401 (re-exported)
+from daptq.models.family_common import choose_entry
 from daptq.models.openvla_oft.config import OFTConfig
 
 # LIBERO's 7-D delta end-effector control (position, axis-angle rotation, gripper).
@@ -101,17 +102,15 @@ class OFTStatistics:
 def oft_statistics(
     norm_stats: Mapping[str, Any], unnorm_key: str | None, source: str = "dataset_statistics.json"
 ) -> OFTStatistics:
-    if not isinstance(norm_stats, Mapping) or not norm_stats:
-        raise ValueError(f"{source}: expected a mapping of dataset name -> statistics")
-    if unnorm_key is None:
-        if len(norm_stats) != 1:
-            raise ValueError(
-                f"{source} holds statistics of {len(norm_stats)} datasets: name one "
-                f"(openvla-oft:DIR?unnorm_key=NAME); choices: {sorted(norm_stats)}"
-            )
-        unnorm_key = next(iter(norm_stats))
-    if unnorm_key not in norm_stats:
-        raise ValueError(f"{source}: no dataset {unnorm_key!r}; choices: {sorted(norm_stats)}")
+    unnorm_key = choose_entry(
+        norm_stats,
+        unnorm_key,
+        source,
+        expected="a mapping of dataset name -> statistics",
+        holds="statistics of {n} datasets",
+        name_one="name one (openvla-oft:DIR?unnorm_key=NAME)",
+        noun="dataset",
+    )
     entry = norm_stats[unnorm_key]
     if not isinstance(entry, Mapping):
         raise ValueError(f"{source}: {unnorm_key} must be a mapping")
