@@ -199,6 +199,8 @@ def test_reports_and_gifs_of_a_suite_run_name_the_suite_and_refuse_mixing_suites
     _eval(tmp_path / "run", tmp_path / "cache", "--envs-per-worker", "1")
     report = write_report(tmp_path / "run").read_text()
     assert "- suite: fake (version 3)" in report
+    assert "object drift mean / final (cm) | FP floor object drift (cm) |" in report
+    assert "| carry-ball | 2 |" in report
     gif = render_rollout_gif(tmp_path / "run", "reach-ball", 1_000_000)  # re-run on the suite's env
     assert gif.is_file() and gif.stat().st_size > 0
     other = tmp_path / "other"

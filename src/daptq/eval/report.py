@@ -191,14 +191,17 @@ def _ratio(x: float | None) -> str:
 
 
 def _task_table(run: RunData) -> list[str]:
+    # Suites that declare a manipulated object (LIBERO) get its drift too; Meta-World's table is unchanged.
+    objects = run.paired and "object_drift_mean" in run.summary["overall"]
     lines = [
         "| task | episodes | success % [95% CI] | FP success % [95% CI] | McNemar p | drift mean (cm) "
-        "| final (cm) | diverged % | FP reseed floor: drift (cm) / diverged % | drift / floor |",
-        "|" + "---|" * 10,
+        "| final (cm) | diverged % | FP reseed floor: drift (cm) / diverged % | drift / floor |"
+        + (" object drift mean / final (cm) | FP floor object drift (cm) |" if objects else ""),
+        "|" + "---|" * (12 if objects else 10),
     ]
     for task, s in run.summary["per_task"].items():
         if not s["episodes"]:
-            lines.append(f"| {task} | 0 | - | - | - | - | - | - | - | - |")
+            lines.append(f"| {task} | 0 | - | - | - | - | - | - | - | - |" + (" - | - |" if objects else ""))
             continue
         if run.paired:
             extra = [
@@ -213,6 +216,11 @@ def _task_table(run: RunData) -> list[str]:
         else:
             extra = ["-"] * 7
         row = [task, str(s["episodes"]), f"{_pct(s['success_rate'])} {_ci(s['success_ci95'])}", *extra]
+        if objects:
+            row += [
+                f"{_cm(s.get('object_drift_mean'))} / {_cm(s.get('object_drift_final_mean'))}",
+                _cm(s.get("floor_object_drift_mean")),
+            ]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
