@@ -126,9 +126,10 @@ def test_smoothing_methods_sequential_equal_whole_model(method):
     assert n_hooks(seq.model) == 0
 
 
-def test_a_method_without_per_block_calibration_is_refused():
-    from daptq.methods.quantvla import QuantVLAConfig
+def test_a_method_without_per_block_calibration_is_refused(monkeypatch):
+    from daptq.methods.quantvla import QuantVLA, QuantVLAConfig
 
+    monkeypatch.setattr(QuantVLA, "supports_sequential", lambda self: False)
     policy = tiny_reference_policy()
     before = {k: v.clone() for k, v in policy.model.state_dict().items()}
     with pytest.raises(ValueError, match="no per-block calibration"):

@@ -312,6 +312,19 @@ class Method(HooksMixin, ABC):
     def on_block_end(self, adapter: VLAAdapter, key: tuple[str, int]) -> None:  # noqa: B027
         """The per-block event: block ``key`` is rounded (free per-block state here). Default: nothing."""
 
+    def sequential_begin(self, adapter: VLAAdapter, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:  # noqa: B027
+        """Before any block is observed: method-wide statistics (drift weights, gradient sensitivities) from
+        the calibration batches, on the float model. Default: nothing."""
+
+    def sequential_end(self, adapter: VLAAdapter, run: Callable[[], None]) -> None:  # noqa: B027
+        """After every block is rounded: corrections measured on the quantized policy (``run()`` drives it
+        on the calibration batches), e.g. QuantVLA's ATM/OHB, DA-PTQ's CSRC. Default: nothing."""
+
+    def sequential_needs_whole_model(self) -> bool:
+        """True when ``sequential_begin``/``sequential_end`` run the whole policy (the model must stay in
+        memory: no streamed block loader). Default: False."""
+        return False
+
     def record(self) -> QuantRecord:
         """What was decided; ``quantize_policy`` adds calibration provenance, the base model and timings."""
         if self.plan is None:

@@ -456,3 +456,55 @@ class QuantVLA(Method):
         names = [a.name for a in self._targets]
         self.decisions.update({"base": c.base, "attention_modules": names, **decisions})
         self.decisions.update({f"base_{k}": v for k, v in self._base.decisions.items()})
+
+    # ---- block by block (daptq.methods.sequential) --------------------------------------------------------
+    # The base quantizer (RTN or SmoothQuant) runs block by block on each block's recorded float inputs,
+    # equal to its whole-model path. ATM/OHB compare the action head's attention on the float policy with
+    # the *quantized* policy, whose head inputs depend on every quantized layer upstream (backbone,
+    # interface, earlier DiT blocks, earlier denoising steps): no block's recorded float inputs give them.
+    # So the float statistics come from one whole-policy pass before the loop (sequential_begin) and the
+    # quantized ones from whole-policy passes after it (sequential_end), as in ``apply``: the same model.
+    def sequential_needs_whole_model(self) -> bool:
+        return bool(self._targets)
+
+    def sequential_begin(self, adapter: VLAAdapter, batches: Sequence[Any]) -> None:
+        require_plan(self)
+        if not batches:
+            raise ValueError("QuantVLA: ATM/OHB need calibration batches")
+        self._batches = list(batches)
+        if self._targets:
+            self._fp_stats = collect_stats(
+                adapter.model, self._targets, lambda: self._run(adapter)(adapter.model)
+            )
+        self._calibrated = True
+
+    def calibrate_modules(self, adapter: VLAAdapter, names: Sequence[str], run: Callable[[], None]) -> None:
+        try:
+            self._base.calibrate_modules(adapter, names, run)
+        finally:
+            self._base.remove_hooks()
+
+    def apply_modules(self, adapter: VLAAdapter, names: Sequence[str]) -> None:
+        self._base.apply_modules(adapter, names)
+
+    def sequential_end(self, adapter: VLAAdapter, run: Callable[[], None]) -> None:
+        if not self._calibrated:
+            raise RuntimeError("QuantVLA.sequential_end: sequential_begin() has not run")
+        c = self.config
+        decisions = (
+            {}
+            if not self._targets
+            else match_attention_(
+                self._fp_stats,
+                adapter.model,
+                self._targets,
+                lambda _model: run(),
+                atm=c.atm,
+                ohb=c.ohb,
+                band=c.neutral_band,
+                clip=c.clip,
+            )
+        )
+        names = [a.name for a in self._targets]
+        self.decisions.update({"base": c.base, "attention_modules": names, **decisions})
+        self.decisions.update({f"base_{k}": v for k, v in self._base.decisions.items()})

@@ -264,6 +264,12 @@ def run_sequential(
             f"method {method.name!r} has no per-block calibration (calibrate_modules/apply_modules); "
             "run it on the whole model"
         )
+    if loader is not None and method.sequential_needs_whole_model():
+        raise ValueError(
+            f"method {method.name!r} block by block runs the whole policy before or after the block loop "
+            "(whole-model sensitivities or corrections measured on the quantized policy), so its model "
+            "must be in memory: run it without a streamed block loader"
+        )
     propagation = method.sequential_propagation()
     meter = meter or StageMeter()
     model = adapter.model
@@ -323,13 +329,22 @@ def run_sequential(
                     handles.append(module.register_forward_pre_hook(pre(b.key), with_kwargs=True))
                     handles.append(module.register_forward_hook(post(b.key), with_kwargs=True))
 
+                ran = [False]
+
                 def full_run() -> None:
+                    ran[0] = True
                     for i, batch in enumerate(batches):
                         forward_batch(adapter, batch, seed=i)
                         last_out.clear()
 
                 try:  # a data-free method observes nothing: no forward pass at all
+                    recording[0] = False  # method-wide statistics first: their passes record nothing
+                    method.sequential_begin(adapter, batches)
+                    recording[0] = True
                     method.calibrate_modules(adapter, rest, full_run if needs_data else _nothing)
+                    if keep and not ran[0]:  # nothing outside blocks observed now: record the inputs anyway
+                        method.remove_hooks()
+                        full_run()
                 finally:
                     method.remove_hooks()
                     recording[0] = False
@@ -387,6 +402,15 @@ def run_sequential(
                     on_block_done(b, model.get_submodule(b.name))
                 if loader is not None:
                     loader.free_block(b.name, model.get_submodule(b.name))
+            try:  # corrections measured on the quantized policy (a loader is refused above for these)
+
+                def whole_run() -> None:
+                    for i, batch in enumerate(batches):
+                        forward_batch(adapter, batch, seed=i)
+
+                method.sequential_end(adapter, whole_run)
+            finally:
+                method.remove_hooks()
         spilled = store.spilled_bytes
     return {
         "propagation": propagation,
