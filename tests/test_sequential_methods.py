@@ -71,3 +71,15 @@ def test_whole_model_methods_refuse_a_streamed_loader():
         quantize_policy_sequential(
             tiny_reference_policy(), QuantVLAConfig(), reference_calibration(), loader=Loader()
         )
+
+
+def test_qvla_sequential_equals_whole_model():
+    """Sensitivities and the global allocation on the whole float model before the loop: the same rows."""
+    from daptq.methods.qvla import QVLAConfig
+
+    config = QVLAConfig(avg_bits=4.0, n_probes=1, exact_top_k=4)
+    whole, whole_record, seq, record = _both(config)
+    _assert_same_model(whole, seq, exact=("qweight", "weight_scale", "row_bits", "row_float"))
+    for key in ("row_bits", "rows_by_bits", "average_bits", "weight_bytes"):
+        assert record.decisions[key] == whole_record.decisions[key], key
+    assert record.decisions["sequential"]["blocks"]

@@ -644,6 +644,7 @@ class QVLA(Method):
     def __init__(self, config: QVLAConfig) -> None:
         super().__init__(config)
         self._sens: dict[str, LayerSensitivity] = {}
+        self._bits: dict[str, torch.Tensor] = {}
 
     def prepare(self, adapter: VLAAdapter) -> None:
         super().prepare(adapter)
@@ -677,12 +678,16 @@ class QVLA(Method):
         self.decisions["exact_check"] = check
 
     def apply(self, adapter: VLAAdapter) -> None:
-        from daptq.quant._util import set_module
-
         require_plan(self)
         if not self._sens:
             raise RuntimeError("QVLA.apply: calibrate() has not run")
         bits = allocate_bits(self._sens, self.config.avg_bits)
+        self._swap(adapter, bits)
+        self._decide(adapter, bits)
+
+    def _swap(self, adapter: VLAAdapter, bits: Mapping[str, torch.Tensor]) -> None:
+        from daptq.quant._util import set_module
+
         model = adapter.model
         for name, row_bits in bits.items():
             set_module(
@@ -690,18 +695,43 @@ class QVLA(Method):
                 name,
                 MixedBitLinear.from_float(model.get_submodule(name), row_bits, self.config.spec.activation),
             )
+
+    def _decide(self, adapter: VLAAdapter, bits: Mapping[str, torch.Tensor]) -> None:
         fan = {n: s.fan_in for n, s in self._sens.items()}
         self.decisions["average_bits"] = average_bits(bits, fan)
         self.decisions["rows_by_bits"] = {
             n: {str(w): int((b == w).sum()) for w in QVLA_BITS} for n, b in bits.items()
         }
         self.decisions["row_bits"] = {n: b.tolist() for n, b in bits.items()}
-        self.decisions["weight_bytes"] = mixed_model_bytes(model)
+        self.decisions["weight_bytes"] = mixed_model_bytes(adapter.model)
         self.decisions["deployable"] = (
             "daptq export lowers each layer to one ONNX Runtime MatMulNBits per width group (8/4/2 bits), "
             "an fp32 MatMul on the float16 rows, Concat and Gather (daptq.deploy.lowering.MixedNBitsLinear); "
             "up to four GEMMs per layer, latency not measured"
         )
+
+    # ---- block by block (daptq.methods.sequential) --------------------------------------------------------
+    # QVLA's sensitivity is the Jacobian of the sampled action chunk (every denoising step) w.r.t. each
+    # layer's output, and its allocation is one global greedy demotion over every layer: both need the whole
+    # policy, so they run on the whole float model before the block loop (sequential_begin, the same
+    # computation as ``calibrate``: equal to the whole-model path); the loop only swaps each block's layers
+    # for their MixedBitLinear. The sensitivity pass holds the whole backward graph, as in ``calibrate``.
+    def sequential_needs_whole_model(self) -> bool:
+        return True
+
+    def sequential_begin(self, adapter: VLAAdapter, batches: Sequence[Any]) -> None:
+        self.calibrate(adapter, batches)
+        self._bits = allocate_bits(self._sens, self.config.avg_bits)
+
+    def calibrate_modules(self, adapter: VLAAdapter, names: Sequence[str], run: Callable[[], None]) -> None:
+        if not self._sens:
+            raise RuntimeError("QVLA.calibrate_modules: sequential_begin() has not run")
+
+    def apply_modules(self, adapter: VLAAdapter, names: Sequence[str]) -> None:
+        self._swap(adapter, {n: self._bits[n] for n in names if n in self._bits})
+
+    def sequential_end(self, adapter: VLAAdapter, run: Callable[[], None]) -> None:
+        self._decide(adapter, self._bits)
 
     def record(self) -> QuantRecord:
         """The base record, each module's note saying its rows' widths (its spec's weight bits are unused)."""
