@@ -223,6 +223,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         raise ValueError("--symmetric-range applies to symmetric grids; it contradicts --asymmetric")
     if args.config is not None:
         check_input_file(args.config, "--config")
+    rollout = ("--rollout-episodes", "--rollout-mix", "--rollout-max-steps")
+    given = [o for o in rollout if getattr(args, o[2:].replace("-", "_")) is not None]
+    if given and args.calibration_from_policy is None:
+        raise ValueError(f"{given[0]} applies to --calibration-from-policy, which is not given")
     check_output_dir(args.out, "--out")
     from daptq.methods.workflow import parse_size, quantize_from_args, stage_table
     from daptq.models.streaming import resolve_device
@@ -397,6 +401,27 @@ def _add_quantize_parser(sub) -> None:
         "--calib-tasks", nargs="+", type=task_name, help="calibrate on these tasks only (default: all)"
     )
     q.add_argument("--calib-seed", type=seed_int, default=0, help="seed of the calibration sampler")
+    q.add_argument(
+        "--calibration-from-policy",
+        metavar="DIR",
+        help="calibrate on the states this policy (a first quantized directory, or any model spec) reaches: "
+        "closed-loop rollouts on calibration seeds, labelled with MODEL's actions (docs/methods.md)",
+    )
+    q.add_argument(
+        "--rollout-episodes",
+        type=int_in(1, MAX_TRAJECTORIES),
+        help="--calibration-from-policy: episodes per task (default: --trajectories over the tasks)",
+    )
+    q.add_argument(
+        "--rollout-mix",
+        type=float_in(0, 1, hi_open=True),
+        help="--calibration-from-policy: fraction of samples from the expert calibration set (default 0)",
+    )
+    q.add_argument(
+        "--rollout-max-steps",
+        type=int_in(1, MAX_STEPS),
+        help="--calibration-from-policy: step limit per rollout episode (default: the suite's per task)",
+    )
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument(
         "--self-contained",

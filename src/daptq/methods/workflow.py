@@ -204,6 +204,11 @@ def quantize_from_args(args: argparse.Namespace) -> Path:
                 policy, args.calibration, args.trajectories, args.calib_tasks, args.calib_seed, keys
             )
 
+        if getattr(args, "calibration_from_policy", None) is not None:  # rollouts of a first quantized model
+            calibration = _rollout_calibration(args, calibration)
+    elif getattr(args, "calibration_from_policy", None) is not None:
+        raise ValueError(f"--calibration-from-policy: method {args.method!r} takes no calibration data")
+
     max_memory = getattr(args, "max_memory", None)
     return quantize_to_directory(
         args.model,
@@ -215,6 +220,32 @@ def quantize_from_args(args: argparse.Namespace) -> Path:
         max_memory=None if max_memory is None else parse_size(max_memory, "--max-memory"),
         device=getattr(args, "device", "cpu"),
     )
+
+
+def _rollout_calibration(args: argparse.Namespace, expert: Any) -> Any:
+    """``--calibration-from-policy DIR``: calibration from DIR's closed-loop rollouts on calibration seeds,
+    labelled by the model being quantized, ``--rollout-mix`` of it from ``expert``
+    (``daptq.data.rollout_calibration``)."""
+    from daptq.data.rollout_calibration import rollout_calibration_for, rollout_source
+
+    spec = args.calibration_from_policy
+    rollout_source(spec)  # a bad directory is an error before the model loads
+
+    def calibration(policy):
+        return rollout_calibration_for(
+            policy,
+            spec,
+            episodes_per_task=getattr(args, "rollout_episodes", None),
+            trajectories=args.trajectories,
+            mix=getattr(args, "rollout_mix", None) or 0.0,
+            expert=expert,
+            tasks=args.calib_tasks,
+            seed=args.calib_seed,
+            max_steps=getattr(args, "rollout_max_steps", None),
+            progress=not getattr(args, "no_progress", False),
+        )
+
+    return calibration
 
 
 def parse_size(text: str, what: str = "size") -> int:
