@@ -323,6 +323,13 @@ def _add_daptq_budget_options(q) -> None:
         type=float_in(0),
         help="daptq --a-bits-choices: multiplier of the activation cost beside the weight cost (default 1)",
     )
+    q.add_argument(
+        "--reestimate-rounds",
+        dest="method_reestimate_rounds",
+        type=int_in(0, 10),
+        help="daptq --avg-bits: re-estimate sensitivities on the model rounded as allocated and re-solve, "
+        "this many times (docs/daptq.md, 'Interactions')",
+    )
 
 
 def _add_quantize_parser(sub) -> None:

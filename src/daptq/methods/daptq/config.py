@@ -92,6 +92,9 @@ class DAPTQConfig(MethodConfig):
     gptq_block_size: int = 128
     # "hadamard": fold randomized Hadamard rotations into the weights first (daptq.methods.rotation)
     rotation: str | None = None
+    # interactions: re-estimate the costs on the model rounded as allocated and re-solve, this many times
+    # (daptq.methods.daptq.reestimate; 0: the one additive allocation)
+    reestimate_rounds: int = 0
     # --- CSRC (Eqs. 4-7) --------------------------------------------------------------------------------
     use_csrc: bool = True  # False: no compensation ("DA-MPA only" ablation)
     interface_layers: tuple[str, ...] = ()  # empty: the adapter's interface_modules()
@@ -159,6 +162,18 @@ class DAPTQConfig(MethodConfig):
             raise ValueError("DAPTQConfig: activation_cost_weight and latency_compute must be >= 0")
         if not 0 <= self.gptq_damp < 1 or self.gptq_block_size < 1:
             raise ValueError("DAPTQConfig: need 0 <= gptq_damp < 1 and gptq_block_size >= 1")
+        if type(self.reestimate_rounds) is not int or self.reestimate_rounds < 0:
+            raise ValueError(
+                f"DAPTQConfig.reestimate_rounds must be an integer >= 0, got {self.reestimate_rounds!r}"
+            )
+        if self.reestimate_rounds and (
+            self.preset != "budget" or self.activation_choices or self.estimator == "action_deviation"
+        ):
+            raise ValueError(
+                "DAPTQConfig.reestimate_rounds re-prices weight choices of the budget preset from gradients: "
+                "it needs preset='budget', no activation_choices and a gradient estimator (not "
+                "action_deviation)"
+            )
 
     # --- the presets ------------------------------------------------------------------------------------
     @classmethod

@@ -363,6 +363,14 @@ class DAPTQ(Method):
                     for c in row:
                         row[c] += cfg.latency_compute * shapes[n].n_weights * c[1] / 8 / 2**20
         alloc = allocate_bits(costs, shapes, per_layer, budget, latency, cfg.latency_weight)
+        if cfg.reestimate_rounds:  # interactions: re-price on the model rounded as allocated (reestimate.py)
+            from .reestimate import reestimate_and_resolve
+
+            alloc, costs, self.decisions["reestimate"] = reestimate_and_resolve(
+                adapter, self._batches[: cfg.sensitivity_batches], per_layer, alloc, costs,
+                lambda k: allocate_bits(k, shapes, per_layer, budget, latency, cfg.latency_weight),
+                cfg, self._weights, _choice_label,
+            )  # fmt: skip
         fp16 = sum(s.n_weights for s in shapes.values()) * 2
         self.decisions["allocation"] = {
             "budget_bytes": alloc.budget_bytes,

@@ -1,0 +1,129 @@
+"""DA-PTQ budget with re-estimated sensitivities (issue #29, interactions; daptq.methods.daptq.reestimate):
+the second solve prices each layer on the model rounded as first allocated, under the same byte budget, and
+every round is recorded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from daptq.data.calibration import CalibrationSet
+from daptq.methods import config_from_dict, quantize_policy
+from daptq.methods.daptq import DAPTQConfig
+from daptq.methods.daptq.reestimate import costs_on_allocation, rounded_weights
+from daptq.methods.daptq.sensitivity import bit_sensitivities, gradient_stats
+from daptq.models.reference import ReferencePolicy, ReferenceVLA, ReferenceVLAConfig
+from daptq.quant.spec import WeightSpec
+
+SMALL = ReferenceVLAConfig(
+    image_size=32, d_model=32, n_layer=1, n_head=2, dit_d_model=32, dit_n_layer=2, dit_n_head=2,
+    num_inference_steps=3,
+)  # fmt: skip
+INSTRUCTIONS = ["push the puck to the red goal marker", "open the door", "close the drawer", "reach the goal"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _policy() -> ReferencePolicy:
+    torch.manual_seed(0)
+    model = ReferenceVLA(SMALL)
+    with torch.no_grad():  # adaLN-Zero starts at zero; randomize the head so every layer matters
+        for p in model.head.parameters():
+            p.normal_(0, 0.2)
+    return ReferencePolicy(model)
+
+
+def _calibration(n_batches: int = 2, b: int = 8) -> CalibrationSet:
+    rng = np.random.default_rng(0)
+    batches = [
+        {
+            "image": rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8),
+            "state": rng.normal(size=(b, 4)).astype(np.float32),
+            "instruction": [INSTRUCTIONS[i % 4] for i in range(b)],
+            "actions": rng.uniform(-1, 1, (b, SMALL.chunk_size, 4)).astype(np.float32),
+        }
+        for _ in range(n_batches)
+    ]
+    return CalibrationSet(batches, {"split": "test", "action_space": {"names": ["dx", "dy", "dz", "grip"]}})
+
+
+def test_one_round_re_solves_on_re_estimated_costs_within_the_budget():
+    cfg = DAPTQConfig.budget(average_bits=3.0, reestimate_rounds=1, use_csrc=False)
+    assert config_from_dict(cfg.to_dict()) == cfg
+    record = quantize_policy(_policy(), cfg, _calibration())
+    re = record.decisions["reestimate"]
+    assert re["rounds_asked"] == 1 and re["rounds_run"] == 1 and len(re["rounds"]) == 2
+    first, second = re["rounds"]
+    alloc = record.decisions["allocation"]
+    assert alloc["costs"] == second["costs"]  # the final solve used the re-estimated costs
+    assert {n: str(b) for n, b in record.decisions["bit_map"].items()} == second["choices"]
+    assert alloc["total_bytes"] <= alloc["budget_bytes"] and second["total_bytes"] <= alloc["budget_bytes"]
+    changed = [
+        n for n in first["costs"] for c in first["costs"][n] if first["costs"][n][c] != second["costs"][n][c]
+    ]
+    assert changed  # the costs moved once the other layers were rounded
+    for row in second["costs"].values():  # float stays free, rounding costs something
+        assert row["16"] == 0.0 and all(v >= 0.0 for v in row.values())
+    # Without rounds the allocation is the one additive solve, with nothing recorded about rounds.
+    plain = quantize_policy(_policy(), DAPTQConfig.budget(average_bits=3.0, use_csrc=False), _calibration())
+    assert "reestimate" not in plain.decisions
+    assert plain.decisions["allocation"]["costs"] == first["costs"]
+
+
+def test_costs_on_an_allocation_see_its_rounded_layers_and_restore_the_weights():
+    policy = _policy()
+    adapter = policy.adapter
+    batches = list(adapter.calibration_batches(iter(_calibration().batches)))
+    names = ["head.blocks.1.mlp.fc", "head.blocks.0.attn.qkv", "head.blocks.0.mlp.proj", "head.z_proj"]
+    grid = {b: WeightSpec(b, symmetric=False, granularity="per_group", group_size=16) for b in (2, 4)}
+    candidates = {n: {**grid, 16: WeightSpec(16)} for n in names}
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+
+    all_float = {n: WeightSpec(16) for n in names}
+    costs_fp, _ = costs_on_allocation(adapter, batches, all_float, candidates, dim_weights=None, seed=0)
+    additive = bit_sensitivities(
+        policy.model, gradient_stats(adapter, batches, names, None, 0), candidates[names[0]]
+    )
+    assert costs_fp[names[0]] == pytest.approx(
+        additive[names[0]], rel=1e-9
+    )  # nothing rounded: the old estimate
+
+    others_at_2 = {n: grid[2] for n in names[1:]} | {names[0]: WeightSpec(16)}
+    costs_q, _ = costs_on_allocation(adapter, batches, others_at_2, candidates, dim_weights=None, seed=0)
+    assert costs_q[names[0]][2] != pytest.approx(costs_fp[names[0]][2], rel=1e-6)
+    after = policy.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # rounded in place, restored bitwise
+
+    with pytest.raises(RuntimeError, match="boom"), rounded_weights(policy.model, {names[0]: grid[2]}):
+        assert not torch.equal(policy.model.get_submodule(names[0]).weight, before[f"{names[0]}.weight"])
+        raise RuntimeError("boom")
+    assert torch.equal(policy.model.get_submodule(names[0]).weight, before[f"{names[0]}.weight"])
+
+
+def test_reestimate_rounds_validation_names_the_option():
+    with pytest.raises(ValueError, match="reestimate_rounds"):
+        DAPTQConfig.paper(reestimate_rounds=1)
+    with pytest.raises(ValueError, match="reestimate_rounds"):
+        DAPTQConfig.budget(reestimate_rounds=-1)
+    with pytest.raises(ValueError, match="reestimate_rounds"):
+        DAPTQConfig.budget(reestimate_rounds=1, activation_choices=(8, 16))
+    with pytest.raises(ValueError, match="reestimate_rounds"):
+        DAPTQConfig.budget(reestimate_rounds=1, estimator="action_deviation")
+
+
+def test_cli_option_reaches_the_budget_config(tmp_path, capsys):
+    from daptq.cli import main
+    from daptq.methods.workflow import config_from_options
+
+    config = config_from_options("daptq", avg_bits=3.0, method_options={"reestimate_rounds": 2})
+    assert config.preset == "budget" and config.reestimate_rounds == 2
+    argv = ["quantize", "toy", "--method", "daptq", "--reestimate-rounds", "1", "--out", str(tmp_path / "q")]
+    assert main(argv) == 2  # the paper preset: refused before any work, naming the option
+    assert "reestimate_rounds" in capsys.readouterr().err and not (tmp_path / "q").exists()
