@@ -132,6 +132,8 @@ def test_cli_records_the_rollout_provenance_and_refuses_a_bad_directory(tmp_path
         err = capsys.readouterr().err
         assert "--calibration-from-policy" in err and why in err
         assert not (tmp_path / "out").exists()
+    assert _quantize(first, "--calibration-from-policy", str(first)) == 2  # never over the rolled-out policy
+    assert "refusing to replace" in capsys.readouterr().err
     assert _quantize(tmp_path / "out", "--rollout-mix", "0.5") == 2
     assert "applies to --calibration-from-policy" in capsys.readouterr().err
     argv = ["quantize", "toy", "--method", "rtn", "--w-bits", "4", "--out", str(tmp_path / "rtn")]

@@ -227,9 +227,11 @@ def _rollout_calibration(args: argparse.Namespace, expert: Any) -> Any:
     labelled by the model being quantized, ``--rollout-mix`` of it from ``expert``
     (``daptq.data.rollout_calibration``)."""
     from daptq.data.rollout_calibration import rollout_calibration_for, rollout_source
+    from daptq.models.quantized import check_not_a_source
 
     spec = args.calibration_from_policy
     rollout_source(spec)  # a bad directory is an error before the model loads
+    check_not_a_source(args.out, [spec], "the quantization calibrated on its rollouts")
 
     def calibration(policy):
         return rollout_calibration_for(
