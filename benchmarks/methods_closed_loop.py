@@ -77,6 +77,9 @@ VARIANTS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
     # the closed-loop surrogate check ranked the two alike, so the allocation they drive is compared end to
     # end, on the validation seeds (``--split val``), where choices are made
     "daptq-actdev": ("daptq", {"estimator": "action_deviation"}, ("avg3", "avg2.5", "avg2")),
+    # interactions (issue #29): the budget re-solved once on costs re-estimated on the model rounded as first
+    # allocated (DAPTQConfig.reestimate_rounds), against the additive allocation, on the validation seeds
+    "daptq-reest1": ("daptq", {"reestimate_rounds": 1}, ("avg3", "avg2.5", "avg2")),
 }
 
 

@@ -127,3 +127,16 @@ def test_cli_option_reaches_the_budget_config(tmp_path, capsys):
     argv = ["quantize", "toy", "--method", "daptq", "--reestimate-rounds", "1", "--out", str(tmp_path / "q")]
     assert main(argv) == 2  # the paper preset: refused before any work, naming the option
     assert "reestimate_rounds" in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
+def test_closed_loop_benchmark_variant_differs_only_in_the_rounds():
+    import dataclasses
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "methods_closed_loop.py"
+    spec = importlib.util.spec_from_file_location("methods_closed_loop_reest", path)
+    mcl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mcl)
+    base, variant = mcl.method_config("daptq", "avg2.5"), mcl.method_config("daptq-reest1", "avg2.5")
+    assert variant == dataclasses.replace(base, reestimate_rounds=1)
