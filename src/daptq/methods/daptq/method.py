@@ -26,7 +26,7 @@ from daptq.methods.scope import ScopePlan, fit_group_size, with_weight_bits
 from daptq.models.adapter import VLAAdapter
 from daptq.quant import QuantSpec, quantize_
 from daptq.quant._util import set_module
-from daptq.quant.capture import Covariance, Hessian, capture, channel_rows, fan_in_rows
+from daptq.quant.capture import Covariance, Hessian, capture, capturing, channel_rows, fan_in_rows
 from daptq.quant.category import quantize_registered, registered_type
 
 from .allocation import (
@@ -38,6 +38,7 @@ from .allocation import (
     layer_bytes,
     paper_bit_map,
 )
+from .blockwise import blockwise_gradient_stats
 from .compensation import Stats, compensate, fold_compensation, output_stats
 from .config import DAPTQConfig
 from .drift import drift_scores
@@ -109,6 +110,8 @@ class DAPTQ(Method):
         self._pairs: dict[str, torch.Tensor] = {}
         self._act_costs: dict[str, dict[int, float]] = {}
         self._registered: set[str] = set()
+        self._blockwise: dict[str, dict[Any, float]] | None = None
+        self._specs: dict[str, QuantSpec] = {}
 
     @property
     def sees_registered_types(self) -> bool:
@@ -120,6 +123,14 @@ class DAPTQ(Method):
     # --- 1. the float pass ------------------------------------------------------------------------------
     def calibrate(self, adapter: VLAAdapter, batches: Batches) -> None:
         plan = require_plan(self)
+        self._float_statistics(adapter, plan, batches)
+        self._capture_float_stats(adapter, plan)
+
+    def _float_statistics(
+        self, adapter: VLAAdapter, plan: ScopePlan, batches: Batches, blockwise=False
+    ) -> None:
+        """Drift scores, gradient sensitivities, activation costs and CSRC's targets (the float model).
+        ``blockwise``: the budget preset's whole-model gradients block by block (``blockwise.py``)."""
         cfg = self.config
         if not batches:
             raise ValueError("DA-PTQ needs calibration batches")
@@ -130,8 +141,13 @@ class DAPTQ(Method):
             zip(adapter.action_space.names, map(float, scores), strict=True)
         )
         self.decisions["drift_config"] = cfg.drift_config().to_dict()
+        self._registered = {n for n in plan.modules if registered_type(adapter.module(n)) is not None}
         ranked = self._ranked_layers(plan)
-        if ranked:
+        if ranked and blockwise and cfg.preset == "budget":
+            self._grads = self._blockwise_costs(adapter, plan, ranked)
+            self.decisions["phi"] = self._grads.phi
+            self.decisions["sensitivity_batches"] = self._grads.n_batches
+        elif ranked:
             self._grads = gradient_stats(
                 adapter,
                 self._batches[: cfg.sensitivity_batches],
@@ -141,7 +157,6 @@ class DAPTQ(Method):
             )
             self.decisions["phi"] = self._grads.phi
             self.decisions["sensitivity_batches"] = self._grads.n_batches
-        self._registered = {n for n in plan.modules if registered_type(adapter.module(n)) is not None}
         if cfg.activation_choices:
             self._act_costs = activation_costs(
                 adapter,
@@ -152,7 +167,30 @@ class DAPTQ(Method):
                 seed=cfg.sensitivity_seed,
             )
         self._interfaces = self._interface_layers(adapter) if cfg.use_csrc else []
-        self._capture_float_stats(adapter, plan)
+
+    def _blockwise_costs(self, adapter: VLAAdapter, plan: ScopePlan, names: list[str]) -> GradientStats:
+        """The budget preset's per-(layer, choice) costs from gradients computed block by block, each block's
+        costs taken before the next block's gradients exist; returns phi (no gradient tensors kept)."""
+        cfg = self.config
+        batches = self._batches[: cfg.sensitivity_batches]
+        weighted = self._weights if cfg.drift_weighted else None
+        candidates = self._candidates(plan)
+        specs = {n: {c: q.weight for c, q in candidates[n].items()} for n in names}
+        proxy = "taylor" if cfg.estimator == "drift_taylor" else "fisher"
+        costs: dict[str, dict[Any, float]] = {}
+
+        def reduce(stats: GradientStats) -> None:
+            for n in stats.grad_sq_mean:
+                costs[n] = bit_sensitivities(adapter.model, _only(stats, n), specs[n], proxy)[n]
+
+        unweighted = cfg.estimator == "unweighted_fisher" and cfg.drift_weighted
+        seed = cfg.sensitivity_seed
+        first = (lambda _stats: None) if unweighted else reduce  # phi only: never every layer's gradient
+        phi = blockwise_gradient_stats(adapter, batches, names, weighted, seed, first)
+        if unweighted:  # phi from the weighted loss, the costs from the unweighted one (as _costs does)
+            blockwise_gradient_stats(adapter, batches, names, None, seed, reduce)
+        self._blockwise = {n: costs[n] for n in plan.modules}
+        return phi
 
     def _ranked_layers(self, plan: ScopePlan) -> list[str]:
         cfg = self.config
@@ -216,7 +254,26 @@ class DAPTQ(Method):
 
     # --- 2. decide, quantize, compensate ----------------------------------------------------------------
     def apply(self, adapter: VLAAdapter) -> None:
-        plan = require_plan(self)
+        specs = self._decide(adapter, require_plan(self))
+        model = adapter.model
+        registered = {n: q for n, q in specs.items() if n in self._registered}
+        quantize_(
+            model,
+            {n: q for n, q in specs.items() if n not in registered},
+            calibration=_run_all(adapter, self._batches),
+        )
+        for name, spec in registered.items():
+            set_module(model, name, quantize_registered(adapter.module(name), spec, name))
+        self._record_rounding(adapter, specs)
+        if self.config.rounding == "gptq":
+            for name in specs:
+                self._gptq_if_uniform(model, name, specs[name])
+        if self._interfaces:
+            self._compensate(adapter)
+
+    def _decide(self, adapter: VLAAdapter, plan: ScopePlan) -> dict[str, QuantSpec]:
+        """The bit map (paper) or the allocation (budget): the final per-module specs; ``self.plan`` is
+        replaced by the plan with those specs (layers kept float move to ``kept_float``)."""
         if self.config.preset == "paper":
             bits = self._paper_bits(adapter, plan)
             chosen = {n: with_weight_bits(m.spec, bits[n]) for n, m in plan.modules.items()}
@@ -231,15 +288,9 @@ class DAPTQ(Method):
             specs = {n: q for n, q in chosen.items() if q.weight.bits != FLOAT_BITS}
         self.decisions["bit_map"] = bits
         self._finalize_plan(plan, specs)
-        model = adapter.model
-        registered = {n: q for n, q in specs.items() if n in self._registered}
-        quantize_(
-            model,
-            {n: q for n, q in specs.items() if n not in registered},
-            calibration=_run_all(adapter, self._batches),
-        )
-        for name, spec in registered.items():
-            set_module(model, name, quantize_registered(adapter.module(name), spec, name))
+        return specs
+
+    def _record_rounding(self, adapter: VLAAdapter, specs: Mapping[str, QuantSpec]) -> None:
         if self._registered:
             self.decisions["registered_types"] = {
                 n: (
@@ -250,15 +301,13 @@ class DAPTQ(Method):
                 for n in sorted(self._registered)
             }
         self.decisions["rounding"] = self.config.rounding
-        if self.config.rounding == "gptq":
-            for name in specs:
-                if name in self._hessians and not specs[name].weight.is_float:
-                    if specs[name].weight.codebook != "uniform":  # GPTQ's grid search has no codebook
-                        self.decisions.setdefault("rtn_codebook_layers", []).append(name)
-                        continue
-                    self._gptq(model, name)
-        if self._interfaces:
-            self._compensate(adapter)
+
+    def _gptq_if_uniform(self, model, name: str, spec: QuantSpec) -> None:
+        if name in self._hessians and not spec.weight.is_float:
+            if spec.weight.codebook != "uniform":  # GPTQ's grid search has no codebook
+                self.decisions.setdefault("rtn_codebook_layers", []).append(name)
+                return
+            self._gptq(model, name)
 
     def _gptq(self, model, name: str) -> None:
         gptq_quantize_layer_(
@@ -396,6 +445,8 @@ class DAPTQ(Method):
 
     def _costs(self, adapter: VLAAdapter, plan: ScopePlan, candidates) -> dict[str, dict[Any, float]]:
         cfg = self.config
+        if self._blockwise is not None:  # computed block by block with the gradients (_blockwise_costs)
+            return self._blockwise
         names = list(plan.modules)
         if cfg.estimator == "action_deviation":
             batches = self._batches[: cfg.sensitivity_batches]
@@ -450,6 +501,69 @@ class DAPTQ(Method):
             "options": dataclasses.asdict(self.config.csrc_options()),
             **summaries,
         }
+
+    # --- block by block (daptq.methods.sequential) --------------------------------------------------------
+    # Before the loop, on the whole float policy (sequential_begin): drift scores, the sensitivities and
+    # the bit map or allocation (paper: gradients over the ranked action-head layers only, the graph never
+    # reaching the backbone; budget: whole-model gradients block by block, blockwise.py), CSRC's float
+    # interface statistics. In the loop: each block's GPTQ Hessians from its recorded float inputs, its
+    # rounding. After (sequential_end): CSRC's quantized statistics on the quantized policy, the fold.
+    def sequential_needs_whole_model(self) -> bool:
+        return True
+
+    def sequential_begin(self, adapter: VLAAdapter, batches: Batches) -> None:
+        plan = require_plan(self)
+        self._float_statistics(adapter, plan, batches, blockwise=True)
+        specs = self._decide(adapter, plan)
+        static = [
+            n
+            for n, q in specs.items()
+            if q.activation is not None and q.activation.mode == "static_per_tensor"
+        ]
+        if static:  # the whole-model path observes them on the whole weight-rounded model
+            raise ValueError(
+                "DA-PTQ block by block: static activation scales are observed on the whole rounded model, "
+                f"which no block's recorded inputs give (layers {static[:5]}); use dynamic per-token "
+                "activations or run DA-PTQ on the whole model"
+            )
+        self._specs = specs
+        if self._interfaces:
+            covariances = {n: Covariance() for n in self._interfaces}
+            capture(adapter.model, _run_all(adapter, self._batches), outputs=covariances, rows=channel_rows)
+            self._fp_stats = {n: Stats.of(r) for n, r in covariances.items()}
+
+    def calibrate_modules(self, adapter: VLAAdapter, names: Sequence[str], run) -> None:
+        if self.config.rounding != "gptq":
+            return
+        model = adapter.model
+        hessians = {
+            n: Hessian(getattr(model.get_submodule(n), "groups", 1))
+            for n in names
+            if n in self._specs and n not in self._registered
+        }
+        if hessians:
+            with capturing(model, inputs=hessians, rows=fan_in_rows):
+                run()
+            self._hessians.update({n: h.hessian for n, h in hessians.items()})
+
+    def apply_modules(self, adapter: VLAAdapter, names: Sequence[str]) -> None:
+        model = adapter.model
+        specs = {n: self._specs[n] for n in names if n in self._specs}
+        plain = {n: q for n, q in specs.items() if n not in self._registered}
+        if plain:
+            quantize_(model, plain)
+        for name, spec in specs.items():
+            if name in self._registered:
+                set_module(model, name, quantize_registered(adapter.module(name), spec, name))
+            elif self.config.rounding == "gptq":
+                self._gptq_if_uniform(model, name, spec)
+                if name not in self._interfaces:  # CSRC re-rounds the interface with its Hessian
+                    self._hessians.pop(name, None)
+
+    def sequential_end(self, adapter: VLAAdapter, run) -> None:
+        self._record_rounding(adapter, self._specs)
+        if self._interfaces:
+            self._compensate(adapter)
 
 
 def _choice_label(choice: Any) -> str:

@@ -103,6 +103,8 @@ def gradient_stats(
     abs_means = [0.0] * len(weights)
     generator = torch.Generator().manual_seed(seed)
     try:
+        for p in flags:  # the graph only over what the named layers' gradients need (e.g. the head alone)
+            p.requires_grad_(False)
         for p in weights:
             p.requires_grad_(True)
         for batch in batches:
