@@ -189,3 +189,44 @@ def test_daptq_sequential_refuses_static_activation_scales():
             policy, DAPTQConfig(spec=STATIC, float_dit_blocks=0), reference_calibration()
         )
     assert n_hooks(policy.model) == 0
+
+
+def _reference_vla_calibration(n_batches=2, n=2, seed=0):
+    import numpy as np
+
+    from daptq.data.calibration import CalibrationSet
+
+    rng = np.random.default_rng(seed)
+    tasks = ["reach the goal", "push the puck to the goal", "open the drawer", "press the button"]
+    batches = [
+        {
+            "image": rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8),
+            "state": rng.uniform(-0.2, 0.8, (n, 4)).astype(np.float32),
+            "instruction": [tasks[(i + j) % 4] for j in range(n)],
+            "actions": rng.uniform(-1, 1, (n, 8, 4)).astype(np.float32),
+        }
+        for i in range(n_batches)
+    ]
+    return CalibrationSet(
+        batches, {"split": "calibration", "action_space": {"names": ["dx", "dy", "dz", "grip"]}}
+    )
+
+
+def test_daptq_quantize_sequential_on_the_bundled_reference_vla(tmp_path):
+    """``daptq quantize ref:metaworld-mt10 --method daptq --sequential`` (the workflow under the CLI): the
+    saved policy loads back equal to the whole-model path's (DA-PTQ paper, W4A8)."""
+    from daptq.methods.daptq import DAPTQConfig
+    from daptq.methods.workflow import quantize_to_directory
+    from daptq.models.quantized import load_quantized_policy
+    from daptq.quant import QuantLinear
+
+    cal = _reference_vla_calibration()
+    config = DAPTQConfig(sensitivity_batches=2)
+    loaded = {}
+    for sequential in (False, True):
+        out = quantize_to_directory(
+            "ref:metaworld-mt10", config, tmp_path / str(sequential), lambda _p: cal, sequential=sequential
+        )
+        loaded[sequential] = load_quantized_policy(out)
+    _assert_same_model(loaded[False], loaded[True])
+    assert any(isinstance(m, QuantLinear) for m in loaded[True].model.modules())

@@ -438,7 +438,8 @@ def _add_quantize_parser(sub) -> None:
     q.add_argument(
         "--sequential",
         action="store_true",
-        help="calibrate and round block by block (daptq.methods.sequential; rtn, gptq, smoothquant, awq)",
+        help="calibrate and round block by block (daptq.methods.sequential; every method: rtn, gptq, "
+        "smoothquant, awq, quantvla, qvla, daptq)",
     )
     q.add_argument(
         "--max-memory",
