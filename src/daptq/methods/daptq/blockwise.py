@@ -22,10 +22,12 @@ call, its inputs and its output gradient (two activations), for the R sensitivit
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from daptq.models.adapter import VLAAdapter
@@ -105,6 +107,29 @@ def _checkpointed(name: str, forward: Callable[..., Any], calls: list, record: b
     return run
 
 
+@contextlib.contextmanager
+def checkpointed_blocks(
+    containers: Mapping[str, nn.Module], record: Collection[str]
+) -> Iterator[list[tuple[str, tuple, dict, torch.Tensor]]]:
+    """Within the block, every container in ``containers`` (qualified name -> module) runs under
+    non-reentrant activation checkpointing when a gradient flows through it; each call of a container in
+    ``record`` (its first input made to require grad, so the graph reaches its output) is appended to the
+    yielded list as ``(name, detached args, detached kwargs, output)``. The forwards are restored on exit."""
+    calls: list[tuple[str, tuple, dict, torch.Tensor]] = []
+    previous = {n: m.__dict__.get("forward") for n, m in containers.items()}
+    try:
+        for n, m in containers.items():
+            m.forward = _checkpointed(n, m.forward, calls, n in record)
+        yield calls
+    finally:
+        calls.clear()
+        for n, m in containers.items():
+            if previous[n] is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = previous[n]
+
+
 def blockwise_gradient_stats(
     adapter: VLAAdapter,
     batches: Sequence[Batch],
@@ -147,40 +172,31 @@ def blockwise_gradient_stats(
         else:
             kept[""] = _merge(kept.get(""), stats)
 
-    previous = {n: m.__dict__.get("forward") for n, m in containers.items()}
-    calls: list[tuple[str, tuple, dict, torch.Tensor]] = []
     try:
-        for p in flags:
-            p.requires_grad_(False)
-        for n in outside:
-            weights[n].requires_grad_(True)
-        for n, m in containers.items():
-            m.forward = _checkpointed(n, m.forward, calls, n in members)
-        for batch in batches:
-            calls.clear()
-            loss = adapter.objective(batch, dim_weights=dim_weights, generator=generator)
-            targets = [weights[n] for n in outside] + [c[3] for c in calls]
-            grads = torch.autograd.grad(loss, targets, allow_unused=True) if targets else ()
-            for n, g in zip(outside, grads[: len(outside)], strict=True):
-                if g is not None:
-                    sums.add(n, g)
-            per_block: dict[str, list[Call]] = {n: [] for n in members}
-            for (n, args, kwargs, _), g in zip(calls, grads[len(outside) :], strict=True):
-                if g is not None:
-                    per_block[n].append((args, kwargs, g.detach()))
-                    if n not in order:
-                        order.append(n)
-            for n, c in per_block.items():
-                records[n].append(c)
-            del loss, targets, grads
-            calls.clear()
+        with checkpointed_blocks(containers, members) as calls:
+            for p in flags:
+                p.requires_grad_(False)
+            for n in outside:
+                weights[n].requires_grad_(True)
+            for batch in batches:
+                calls.clear()
+                loss = adapter.objective(batch, dim_weights=dim_weights, generator=generator)
+                targets = [weights[n] for n in outside] + [c[3] for c in calls]
+                grads = torch.autograd.grad(loss, targets, allow_unused=True) if targets else ()
+                for n, g in zip(outside, grads[: len(outside)], strict=True):
+                    if g is not None:
+                        sums.add(n, g)
+                per_block: dict[str, list[Call]] = {n: [] for n in members}
+                for (n, args, kwargs, _), g in zip(calls, grads[len(outside) :], strict=True):
+                    if g is not None:
+                        per_block[n].append((args, kwargs, g.detach()))
+                        if n not in order:
+                            order.append(n)
+                for n, c in per_block.items():
+                    records[n].append(c)
+                del loss, targets, grads
+                calls.clear()
     finally:
-        calls.clear()
-        for n, m in containers.items():
-            if previous[n] is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = previous[n]
         for p, flag in flags.items():
             p.requires_grad_(flag)
     if outside:
