@@ -334,6 +334,138 @@ def jacobian_and_gram(
     )
 
 
+def blockwise_jacobian_and_gram(
+    adapter: VLAAdapter,
+    names: Sequence[str],
+    action_fn: ActionFn,
+    batches: Iterable[Any],
+    n_probes: int = 4,
+    seed: int = 0,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+    """``jacobian_and_gram`` without the whole backward graph, as activation checkpointing does: per batch
+    one forward with every repeated block checkpointed (its inputs stored, its inside recomputed) and, per
+    probe, one backward giving the gradient w.r.t. each block call's output (and w.r.t. the outputs of the
+    layers outside blocks); then per block, each call's forward recomputed from its stored inputs and
+    differentiated from those output gradients gives its layers' output gradients. The same numbers
+    (summation order aside; measured in tests/test_sequential_methods.py)."""
+    from daptq.methods.daptq.blockwise import _first_output, checkpointed_blocks
+    from daptq.methods.sequential import block_plan
+
+    if n_probes < 1:
+        raise ValueError(f"n_probes must be >= 1, got {n_probes}")
+    model = adapter.model
+    layers = {n: model.get_submodule(n) for n in names}
+    for n, m in layers.items():
+        if not isinstance(m, nn.Linear):
+            raise ValueError(f"QVLA quantizes nn.Linear layers; {n} is a {type(m).__name__}")
+    jac = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in layers.items()}
+    gram = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in layers.items()}
+    blocks, outside = block_plan(adapter, list(names))
+    containers = {b.name: model.get_submodule(b.name) for b in blocks}
+    members = {b.name: b.members for b in blocks if b.members}
+    records: dict[str, list[tuple[tuple, dict, list[torch.Tensor | None]]]] = {n: [] for n in members}
+    outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    handles = []
+
+    def hook(name):
+        def fn(_m, args, out):
+            x = args[0].detach().double().reshape(-1, args[0].shape[-1])
+            gram[name].add_(x.T @ x)
+            outputs[name].append(out)
+
+        return fn
+
+    def add_jac(name: str, g: torch.Tensor) -> None:
+        jac[name] += g.detach().double().reshape(-1, g.shape[-1]).square().sum(0)
+
+    n_samples = 0
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        for n in outside:
+            layers[n].weight.requires_grad_(True)  # the graph must reach every scoped output
+            handles.append(layers[n].register_forward_hook(hook(n)))
+        with checkpointed_blocks(containers, members) as calls:
+            for i, batch in enumerate(batches):
+                for v in outputs.values():
+                    v.clear()
+                calls.clear()
+                with torch.enable_grad():
+                    action = action_fn(batch, torch.Generator().manual_seed(seed + i))
+                    if not action.requires_grad:
+                        raise ValueError("action_fn returned a tensor without autograd history")
+                    n_samples += action.shape[0]
+                    flat = [(n, t) for n in outside for t in outputs[n]]
+                    missing = [n for n in outside if not outputs[n]]
+                    if missing:
+                        raise ValueError(f"the action function never ran layers {missing[:5]}")
+                    targets = [t for _, t in flat] + [c[3] for c in calls]
+                    gouts: list[list[torch.Tensor | None]] = [[] for _ in calls]
+                    probe_gen = torch.Generator().manual_seed(10_000 + seed + i)
+                    for p in range(n_probes):
+                        v = torch.randn(action.shape, generator=probe_gen).to(action)
+                        grads = torch.autograd.grad(
+                            (action * v).sum(), targets, retain_graph=p < n_probes - 1, allow_unused=True
+                        )
+                        for (n, _), g in zip(flat, grads[: len(flat)], strict=True):
+                            if g is not None:
+                                add_jac(n, g)
+                        for j, g in enumerate(grads[len(flat) :]):
+                            gouts[j].append(None if g is None else g.detach())
+                for (n, args, kwargs, _), gl in zip(calls, gouts, strict=True):
+                    records[n].append((args, kwargs, gl))
+                del action, targets, flat
+                calls.clear()
+        for h in handles:
+            h.remove()
+        handles.clear()
+        for p in flags:
+            p.requires_grad_(False)
+        for name, group in members.items():  # per block: recompute each call, differentiate its layers
+            if not records[name]:
+                raise ValueError(f"the action function never ran layers {group[:5]}")
+            for n in group:
+                layers[n].weight.requires_grad_(True)
+                handles.append(layers[n].register_forward_hook(hook(n)))
+            module = containers[name]
+            for args, kwargs, gl in records.pop(name):
+                for n in group:
+                    outputs[n].clear()
+                with torch.enable_grad():
+                    out = _first_output(name, module(*args, **kwargs))
+                    flat = [(n, t) for n in group for t in outputs[n]]
+                    live = [(p, g) for p, g in enumerate(gl) if g is not None]
+                    for k, (_, g) in enumerate(live):
+                        grads = torch.autograd.grad(
+                            out, [t for _, t in flat], grad_outputs=g, retain_graph=k < len(live) - 1,
+                            allow_unused=True,
+                        )  # fmt: skip
+                        for (n, _), gn in zip(flat, grads, strict=True):
+                            if gn is not None:
+                                add_jac(n, gn)
+            for h in handles:
+                h.remove()
+            handles.clear()
+            for n in group:
+                layers[n].weight.requires_grad_(False)
+                outputs[n].clear()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        for v in outputs.values():
+            v.clear()
+    if n_samples == 0:
+        raise ValueError("QVLA: no calibration batch")
+    return (
+        {n: j / (n_samples * n_probes) for n, j in jac.items()},
+        {n: g / n_samples for n, g in gram.items()},
+        n_samples,
+    )
+
+
 def proxy_sensitivity(
     weight: torch.Tensor, jac_sq: torch.Tensor, gram: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -389,10 +521,16 @@ def layer_sensitivities(
     n_probes: int = 4,
     exact_top_k: int = 32,
     seed: int = 0,
+    jacobian: Callable[..., tuple[dict, dict, int]] | None = None,
 ) -> tuple[dict[str, LayerSensitivity], dict[str, Any]]:
-    """Proxy sensitivities of every channel, with the ``exact_top_k`` largest checked by forward passes."""
+    """Proxy sensitivities of every channel, with the ``exact_top_k`` largest checked by forward passes.
+    ``jacobian``: ``(names, action_fn, batches, n_probes, seed) -> (jac, gram, n)`` in place of
+    ``jacobian_and_gram`` on ``model`` (``blockwise_jacobian_and_gram``, block by block)."""
     batches = list(batches)
-    jac, gram, _ = jacobian_and_gram(model, names, action_fn, batches, n_probes, seed)
+    if jacobian is None:
+        jac, gram, _ = jacobian_and_gram(model, names, action_fn, batches, n_probes, seed)
+    else:
+        jac, gram, _ = jacobian(names, action_fn, batches, n_probes, seed)
     out: dict[str, LayerSensitivity] = {}
     for n in names:
         w = model.get_submodule(n).weight
@@ -658,7 +796,8 @@ class QVLA(Method):
         if bad:
             raise ValueError(f"QVLA quantizes Linear layers only; exclude {bad[:5]} from the scope")
 
-    def calibrate(self, adapter: VLAAdapter, batches: Sequence[Any]) -> None:
+    def calibrate(self, adapter: VLAAdapter, batches: Sequence[Any], blockwise: bool = False) -> None:
+        """``blockwise``: the Jacobians block by block (``blockwise_jacobian_and_gram``), no whole graph."""
         plan = require_plan(self)
         if not batches:
             raise ValueError("QVLA: sensitivities need calibration batches")
@@ -671,6 +810,7 @@ class QVLA(Method):
             n_probes=c.n_probes,
             exact_top_k=c.exact_top_k,
             seed=c.seed,
+            jacobian=(lambda *a: blockwise_jacobian_and_gram(adapter, *a)) if blockwise else None,
         )
         rho = check.get("spearman_proxy_vs_exact")
         if rho is not None and not math.isfinite(rho):
@@ -712,15 +852,15 @@ class QVLA(Method):
 
     # ---- block by block (daptq.methods.sequential) --------------------------------------------------------
     # QVLA's sensitivity is the Jacobian of the sampled action chunk (every denoising step) w.r.t. each
-    # layer's output, and its allocation is one global greedy demotion over every layer: both need the whole
-    # policy, so they run on the whole float model before the block loop (sequential_begin, the same
-    # computation as ``calibrate``: equal to the whole-model path); the loop only swaps each block's layers
-    # for their MixedBitLinear. The sensitivity pass holds the whole backward graph, as in ``calibrate``.
+    # layer's output, and its allocation is one global greedy demotion over every layer: both run before
+    # the block loop (sequential_begin), the Jacobians block by block (blockwise_jacobian_and_gram: no
+    # whole backward graph), the exact check's forward passes on the whole float model as in ``calibrate``;
+    # the loop only swaps each block's layers for their MixedBitLinear.
     def sequential_needs_whole_model(self) -> bool:
         return True
 
     def sequential_begin(self, adapter: VLAAdapter, batches: Sequence[Any]) -> None:
-        self.calibrate(adapter, batches)
+        self.calibrate(adapter, batches, blockwise=True)
         self._bits = allocate_bits(self._sens, self.config.avg_bits)
 
     def calibrate_modules(self, adapter: VLAAdapter, names: Sequence[str], run: Callable[[], None]) -> None:
