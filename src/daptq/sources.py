@@ -2,7 +2,9 @@
 same way (specs are plain strings: a worker process rebuilds the same policy without pickling a model).
 
 Specs:
-- ``ref:<name>``: a reference VLA bundled with daptq (``ref:metaworld-mt10``);
+- ``ref:<name>``: a reference VLA bundled with daptq (``ref:metaworld-mt10``, ``ref:libero-smolvla``);
+- ``libero-smolvla:<dir>[?n_action_steps=N]``: a LIBERO reference VLA checkpoint directory (SmolVLA's
+  layout, as ``daptq train --arch smolvla`` writes it);
 - ``toy`` / ``toy:<key>=<value>,...``: a tiny state-only policy for tests and smoke runs;
 - ``onnx:<dir>``: a policy exported by ``daptq export`` running on ONNX Runtime;
 - ``cogact:<run dir>[?key=value&...]``: a CogACT run directory in the original layout;
@@ -41,6 +43,7 @@ BUILTIN_SOURCES: dict[str, str] = {
     "lerobot": "daptq.models.lerobot_vla.policy:load_lerobot_spec",
     "openvla-oft": "daptq.models.openvla_oft.policy:load_oft_spec",
     "gr00t": "daptq.models.gr00t.policy:load_gr00t_spec",
+    "libero-smolvla": "daptq.models.libero_smolvla:load_spec",
 }
 DIRECTORY_SOURCE = "daptq.models.quantized:load_quantized_policy"  # a spec without a prefix that is a dir
 _PREFIX = re.compile(r"^([a-z][a-z0-9_-]*):")

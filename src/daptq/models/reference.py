@@ -768,6 +768,10 @@ def load_reference_checkpoint(directory: str | Path) -> ReferencePolicy:
         payload = json.loads((directory / CONFIG_FILE).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{directory / CONFIG_FILE}: invalid JSON ({e})") from e
+    if isinstance(payload, dict) and "daptq_reference" in payload:  # the LIBERO reference (SmolVLA layout)
+        from daptq.models.libero_smolvla import load_checkpoint
+
+        return load_checkpoint(directory)  # type: ignore[return-value]
     if "model" not in payload:
         raise ValueError(f"{directory / CONFIG_FILE}: missing the 'model' section")
     model = ReferenceVLA(ReferenceVLAConfig.from_dict(payload["model"]))
@@ -801,7 +805,8 @@ def load_reference_policy(name: str) -> ReferencePolicy:
 
 
 def load_reference(spec: str) -> ReferencePolicy:
-    """A reference VLA from ``"ref:<name>"`` (bundled) or a checkpoint directory path."""
+    """A reference VLA from ``"ref:<name>"`` (bundled) or a checkpoint directory path (the LIBERO reference,
+    ``daptq.models.libero_smolvla``, is recognized by its ``config.json``)."""
     if spec.startswith("ref:"):
         return load_reference_policy(spec.removeprefix("ref:"))
     return load_reference_checkpoint(spec)

@@ -18,6 +18,13 @@ MAX_NOISE_DRAWS = 256
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig(data="", out="", max_steps=1)
     p = argparse.ArgumentParser(prog="daptq train", description="Train the reference VLA on CPU.")
+    p.add_argument(
+        "--arch",
+        choices=["reference", "smolvla"],
+        default="reference",
+        help="reference: the Meta-World reference VLA (CogACT's shape); smolvla: the LIBERO reference VLA "
+        "(SmolVLA's layout, daptq.models.libero_smolvla; on CPUs without bf16 units use --precision fp32)",
+    )
     p.add_argument("--data", required=True, help="dataset root written by `daptq data`")
     p.add_argument("--out", required=True, help="checkpoint directory (model.safetensors + config.json)")
     p.add_argument("--cache", default=None, help="frozen-encoder feature cache (default: DATA-features)")
@@ -92,6 +99,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = vars(build_parser().parse_args(argv))
     check_paths(args)
     camera = args.pop("camera")
+    if args.pop("arch") == "smolvla":
+        from daptq.train.smolvla import train_smolvla
+
+        train_smolvla(TrainConfig(**args, model={"camera": camera} if camera else {}))
+        return
     train(TrainConfig(**args, model={"camera": camera} if camera else {}))
 
 
