@@ -14,6 +14,13 @@ declares (vision blocks, backbone layers, DiT blocks; ``QuantizableModule.stack`
              then the per-block event ``method.on_block_end`` and the caller's ``on_block_done`` (stream the
              result to disk, free the block)
 
+A method's parts that need the whole policy run around the loop: ``method.sequential_begin(adapter,
+batches)`` at the start of phase A (drift weights, gradient sensitivities, a global bit allocation; DA-PTQ
+and QVLA compute whole-model gradients block by block there, ``methods/daptq/blockwise.py``) and
+``method.sequential_end(adapter, run)`` after the last block (corrections measured on the quantized policy:
+QuantVLA's ATM/OHB, DA-PTQ's CSRC). Such a method says ``sequential_needs_whole_model()``: its model stays
+in memory, a streamed ``loader`` is refused.
+
 With float propagation (RTN, GPTQ with ``sequential=False``) every block sees exactly the inputs it sees in
 the whole-model pass, so the quantized model equals the whole-model path's (bitwise for RTN; GPTQ's Hessians
 are accumulated in the same order). With quantized propagation (GPTQ ``sequential=True``) block i+1 is
