@@ -88,24 +88,6 @@ def _chunks(adapter) -> torch.Tensor:
 
 
 # ---- structure ---------------------------------------------------------------------------------
-def test_default_size_and_roles():
-    """The default model: SmolVLA's tree with ~7 M trainable parameters, most in the text layers."""
-    config, stand_ins = build_config()
-    assert (config.text.hidden, config.text.layers, config.expert.hidden, config.expert.layers) == (
-        256,
-        6,
-        192,
-        6,
-    )
-    assert (config.chunk_size, config.num_steps, config.action_dim, config.state_dim) == (10, 10, 7, 8)
-    assert (config.image_size, stand_ins.camera, config.scale_factor) == (128, "agentview", 2)
-    roles = parameters_by_role(LiberoSmolVLA(config, stand_ins))
-    trained = sum(v for k, v in roles.items() if k != "unused")
-    assert 5e6 < trained < 8e6 and roles["backbone"] > roles["action_head"] > 0 and roles["interface"] > 0
-    with pytest.raises(ValueError, match="unknown libero-smolvla model keys"):
-        build_config(width=3)
-
-
 def test_pixel_shuffle_is_smolvlms():
     from transformers.models.smolvlm.modeling_smolvlm import SmolVLMConnector
 
@@ -171,11 +153,15 @@ def test_every_method_at_w8a8(name):
 
 
 # ---- policy and checkpoint ---------------------------------------------------------------------------------
-def test_checkpoint_round_trip_and_select_action_on_a_libero_observation(tmp_path):
+def test_checkpoint_round_trip_and_select_action_on_a_libero_observation(tmp_path, monkeypatch):
     from daptq.envs.suite import get_suite
+    from daptq.models import reference
 
     model = copy.deepcopy(_base())
-    d = save_checkpoint(model, tmp_path / "ck", _stats(), {"training": {"steps": 0}})
+    monkeypatch.setattr(reference, "CHECKPOINTS_DIR", tmp_path / "checkpoints")  # as if bundled
+    d = save_checkpoint(
+        model, tmp_path / "checkpoints" / "libero-smolvla", _stats(), {"training": {"steps": 0}}
+    )
     tensors = load_file(str(d / "model.safetensors"))
     assert all(k.startswith("model.") for k in tensors)
     assert f"model.{EXPERT}1.self_attn.k_proj.weight" in tensors and "model.state_proj.weight" in tensors
@@ -195,9 +181,7 @@ def test_checkpoint_round_trip_and_select_action_on_a_libero_observation(tmp_pat
         "instruction": INSTRUCTIONS[0],
     }
     original = LiberoSmolVLAPolicy(model, statistics_of(_stats(), model.config))
-    from daptq.models.reference import load_reference
-
-    for policy in (load_policy(f"libero-smolvla:{d}"), load_reference(str(d))):
+    for policy in (load_policy(f"libero-smolvla:{d}"), load_policy("ref:libero-smolvla")):
         assert isinstance(policy, LiberoSmolVLAPolicy)
         info = policy.info()
         assert (info.image_size, info.camera) == (size, obs_spec.default_camera)
@@ -210,6 +194,16 @@ def test_checkpoint_round_trip_and_select_action_on_a_libero_observation(tmp_pat
     original.reset(seed=0)
     with pytest.raises(ValueError, match="agentview"):
         original.select_action({**obs, "image": obs["image"][:64]})
+
+    from daptq.cli import main
+
+    q = tmp_path / "q"
+    assert main(["quantize", "ref:libero-smolvla", "--method", "rtn", "--w-bits", "8", "--out", str(q)]) == 0
+    loaded = load_policy(str(q))
+    assert isinstance(loaded, LiberoSmolVLAPolicy) and loaded.quant_record.method == "rtn"
+    assert f"{EXPERT}1.self_attn.k_proj" in loaded.quant_record.modules
+    loaded.reset(seed=3)
+    assert np.isfinite(loaded.select_action(obs)).all()
 
 
 def test_loader_names_a_missing_tensor(tmp_path):
@@ -306,7 +300,23 @@ def test_cli_trains_the_default_model_and_refuses_a_wrong_dataset(tmp_path):
     argv = ["--arch", "smolvla", "--data", str(data), "--out", str(out), "--max-steps", "1"]
     main([*argv, "--batch-size", "2", "--n-noise", "1", "--precision", "fp32", "--threads", "1"])
     policy = load_policy(f"libero-smolvla:{out}?n_action_steps=3")
-    assert policy.n_action_steps == 3 and policy.config.text.layers == 6 and policy.config.image_size == 64
+    assert policy.n_action_steps == 3 and policy.config.image_size == 64
+    # the default model: SmolVLA's tree with ~7 M trained parameters, most of them in the text layers
+    config, stand_ins = build_config()
+    assert (policy.config.text, policy.config.expert) == (config.text, config.expert)
+    assert (config.text.hidden, config.text.layers, config.expert.hidden, config.expert.layers) == (
+        256,
+        6,
+        192,
+        6,
+    )
+    assert (config.chunk_size, config.num_steps, config.action_dim, config.state_dim) == (10, 10, 7, 8)
+    assert (config.image_size, stand_ins.camera, config.scale_factor) == (128, "agentview", 2)
+    roles = parameters_by_role(policy.model)
+    trained = sum(v for k, v in roles.items() if k != "unused")
+    assert 5e6 < trained < 8e6 and roles["backbone"] > roles["action_head"] > 0 and roles["interface"] > 0
+    with pytest.raises(ValueError, match="unknown libero-smolvla model keys"):
+        build_config(width=3)
     info = json.loads((data / "meta" / "info.json").read_text())
     (data / "meta" / "info.json").write_text(json.dumps({**info, "camera": "corner3,topview"}))
     with pytest.raises(ValueError, match="sees one camera"):
