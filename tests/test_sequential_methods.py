@@ -258,3 +258,21 @@ def test_qvla_blockwise_jacobians_equal_the_whole_model_backward():
         assert scale > 0 and float((jac2[name] - jac[name]).abs().max()) <= 1e-12 * scale, name
     assert [p.requires_grad for p in policy.model.parameters()] == flags and n_hooks(policy.model) == 0
     assert all("forward" not in m.__dict__ for m in policy.model.modules())
+
+
+def test_blockwise_gradients_name_blocks_that_never_run_as_modules(monkeypatch):
+    """An adapter whose declared blocks are not called as modules (their layers run another way) gets an
+    error naming them, not a silent zero sensitivity."""
+    from daptq.methods.daptq.blockwise import blockwise_gradient_stats
+    from daptq.methods.qvla import blockwise_jacobian_and_gram, differentiable_action
+
+    policy = tiny_reference_policy()
+    adapter = policy.adapter
+    block = policy.model.head.blocks[0]
+    monkeypatch.setattr(type(block), "__call__", lambda self, *a, **k: type(block).forward(self, *a, **k))
+    batches = list(adapter.calibration_batches(iter(reference_calibration(n_batches=1).batches)))
+    names = ["head.blocks.0.mlp.fc", "head.action_out"]
+    with pytest.raises(ValueError, match=r"blocks \['head.blocks.0'\] never ran as modules"):
+        blockwise_gradient_stats(adapter, batches, names)
+    with pytest.raises(ValueError, match=r"blocks \['head.blocks.0'\] never ran as modules"):
+        blockwise_jacobian_and_gram(adapter, names, differentiable_action(adapter), batches, 1)

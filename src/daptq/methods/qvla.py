@@ -348,7 +348,7 @@ def blockwise_jacobian_and_gram(
     layers outside blocks); then per block, each call's forward recomputed from its stored inputs and
     differentiated from those output gradients gives its layers' output gradients. The same numbers
     (summation order aside; measured in tests/test_sequential_methods.py)."""
-    from daptq.methods.daptq.blockwise import _first_output, checkpointed_blocks
+    from daptq.methods.daptq.blockwise import _first_output, checkpointed_blocks, never_called
     from daptq.methods.sequential import block_plan
 
     if n_probes < 1:
@@ -422,9 +422,10 @@ def blockwise_jacobian_and_gram(
         handles.clear()
         for p in flags:
             p.requires_grad_(False)
+        never_called(
+            adapter, [n for n in members if not any(any(g is not None for g in r[2]) for r in records[n])]
+        )
         for name, group in members.items():  # per block: recompute each call, differentiate its layers
-            if not records[name]:
-                raise ValueError(f"the action function never ran layers {group[:5]}")
             for n in group:
                 layers[n].weight.requires_grad_(True)
                 handles.append(layers[n].register_forward_hook(hook(n)))

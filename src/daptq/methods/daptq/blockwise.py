@@ -130,6 +130,18 @@ def checkpointed_blocks(
                 m.forward = previous[n]
 
 
+def never_called(adapter: VLAAdapter, blocks: Sequence[str]) -> None:
+    """A clear error when declared blocks with in-scope layers never ran as modules (no gradient reached a
+    call of theirs): their layers run some other way (e.g. a joint attention over two stacks calling the
+    layers' parts), so nothing can be recomputed block by block."""
+    if blocks:
+        raise ValueError(
+            f"block-wise gradients: {type(adapter).__name__}'s blocks {list(blocks)[:3]} never ran as "
+            "modules with a gradient through them (their layers are called another way, or do not affect "
+            "the output); run this method on the whole model (without --sequential)"
+        )
+
+
 def blockwise_gradient_stats(
     adapter: VLAAdapter,
     batches: Sequence[Batch],
@@ -199,6 +211,7 @@ def blockwise_gradient_stats(
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
+    never_called(adapter, [n for n in members if not any(records[n])])
     if outside:
         hand_over(outside)
     try:
