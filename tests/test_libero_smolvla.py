@@ -191,6 +191,22 @@ def test_checkpoint_round_trip_and_select_action_on_a_libero_observation(tmp_pat
             p.reset(seed=3)
             acts.append(np.stack([p.select_action(obs) for _ in range(3)]))
         assert acts[0].shape == (3, 7) and np.isfinite(acts[0]).all() and np.array_equal(acts[0], acts[1])
+    # batched evaluation: row i samples what select_action queues from the same seed, features shareable
+    other = {**obs, "instruction": INSTRUCTIONS[1], "state": obs["state"] + 0.05}
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    batched = original.predict_chunks([obs, other], gens, slots=3)
+    shared = original.predict_chunks(
+        [obs, other],
+        [torch.Generator().manual_seed(s) for s in (3, 4)],
+        slots=3,
+        vision_features=policy.vision_features([obs, other], slots=3),
+    )
+    assert batched.shape == (2, 2, 7) and np.array_equal(batched, shared)
+    assert policy.vision_key() == original.vision_key()
+    for row, (o, seed) in enumerate(((obs, 3), (other, 4))):
+        original.reset(seed=seed)
+        single = np.stack([original.select_action(o) for _ in range(2)])
+        np.testing.assert_allclose(batched[row], single, atol=1e-5)
     original.reset(seed=0)
     with pytest.raises(ValueError, match="agentview"):
         original.select_action({**obs, "image": obs["image"][:64]})

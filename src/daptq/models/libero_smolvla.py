@@ -46,6 +46,7 @@ from torch import nn
 
 from daptq.atomic import atomic_write_bytes, atomic_write_json
 from daptq.models.adapter import AttentionLayout, Observation, PolicyInfo, state_digest
+from daptq.models.batching import slot_noise, slot_rows, stack_rows
 from daptq.models.encoders import LANGUAGE_DIM, LanguageEncoder, VisionEncoder
 from daptq.models.family_common import (
     FamilyPolicyMixin,
@@ -645,6 +646,57 @@ class LiberoSmolVLAPolicy(FamilyPolicyMixin, ChunkedPolicy):
         chunk = self.adapter.predict_chunk(self.observation_batch(observation), generator)
         out = self.statistics.unnormalize(chunk[0].detach().float().cpu(), "action", "ACTION")
         return out.numpy()
+
+    # ---- batched evaluation (daptq eval --envs-per-worker N) ---------------------------------------------
+    @torch.no_grad()
+    def predict_chunks(
+        self,
+        observations: Sequence[Observation],
+        generators: Sequence[torch.Generator],
+        slots: int | None = None,
+        vision_features: torch.Tensor | None = None,
+    ) -> np.ndarray:
+        """The actions ``select_action`` would queue, for a batch of observations in one forward pass: row
+        i's noise from ``generators[i]`` as ``select_action`` draws it; ``slots`` pads the batch (copies of
+        row 0, discarded); ``vision_features`` from ``vision_features`` of a policy with the same
+        ``vision_key``. Returns (B, n_action_steps, action_dim) float32 in robot units."""
+        rows, n = slot_rows(observations, generators, slots, self.observation_batch)
+        batch = stack_rows(rows, torch.cat, _pad_tokens)
+        if vision_features is not None:
+            if vision_features.shape[0] != len(rows):
+                raise ValueError(
+                    f"vision_features has {vision_features.shape[0]} rows, the batch {len(rows)}"
+                )
+            batch["vision_features"] = vision_features
+            del batch["image"]
+        c = self.config
+        noise = slot_noise(generators, len(rows), c.chunk_size, c.max_action_dim)
+        p = self.model.state_proj.weight
+        chunk = self.model.sample_chunk(self.adapter._batch(batch), noise.to(p.device, p.dtype))
+        chunk = chunk[:n, : self.n_action_steps, : c.action_dim].float().cpu()
+        return self.statistics.unnormalize(chunk, "action", "ACTION").numpy().astype(np.float32)
+
+    @torch.no_grad()
+    def vision_features(self, observations: Sequence[Observation], slots: int | None = None) -> torch.Tensor:
+        """The vision encoder's output for the batch ``predict_chunks`` builds from ``observations``."""
+        if slots is not None and slots < len(observations):
+            raise ValueError(f"slots={slots} < {len(observations)} observations")
+        images = [self.adapter.image_tensor(o["image"]) for o in observations]
+        images += [images[0]] * ((slots or len(images)) - len(images))
+        return self.model.vision(torch.cat(images))
+
+    def vision_key(self) -> str:
+        """Digest of the vision encoder now (module types and tensors): equal keys, equal features."""
+        enc = self.model.vision
+        types = [f"{type(m).__module__}.{type(m).__qualname__}" for m in enc.modules()]
+        return state_digest(enc, {"modules": types})
+
+
+def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad (1, L, ...) language features / mask with zeros (False) to (1, length, ...)."""
+    if x.shape[1] == length:
+        return x
+    return torch.cat([x, torch.zeros((1, length - x.shape[1], *x.shape[2:]), dtype=x.dtype)], dim=1)
 
 
 # ---- statistics and checkpoints ----------------------------------------------------------------------------
