@@ -85,6 +85,22 @@ SKIPPED: dict[tuple[str, str], str] = {
         "--threads 2 --checkpoint-every-min 5 --val-every 500",
     ): "trains on the two-camera dataset that doc builds in prose (hours); README's `daptq train` runs",
     (
+        "docs/reference_vla.md",
+        "python -m daptq.train.features --data data_cache/libero-so --cache data_cache/libero-so-features "
+        "--threads 1",
+    ): "needs the LIBERO dataset (hours to generate); tests/test_libero_smolvla.py encodes a tiny one",
+    (
+        "docs/reference_vla.md",
+        "daptq train --arch smolvla --data data_cache/libero-so --out runs/libero-so/smolvla "
+        "--time-budget-min 90 --threads 2 --precision fp32 --checkpoint-every-min 5 --val-every 500",
+    ): "90 min on the LIBERO dataset; tests/test_libero_smolvla.py trains on a tiny one through the CLI",
+    (
+        "docs/reference_vla.md",
+        "MUJOCO_GL=egl daptq eval libero-smolvla:runs/libero-so/smolvla --suite libero "
+        "--tasks libero_spatial --episodes 10 --seed-start 200000 --workers 2 "
+        "--out results/libero_smolvla_val",
+    ): "evaluates the run the training command above makes (LIBERO, minutes per episode batch)",
+    (
         "docs/models.md",
         "daptq quantize toy --method gptq --w-bits 4 --calibration ~/data/my_lerobot_dataset "
         "--trajectories 64 --out out/q",
