@@ -439,8 +439,16 @@ def run_family(family: str, size: str, cache: Path, rounds: int, warmup: int) ->
     base = out[0]
     for row in out:
         row["call_p50_vs_fp32"] = row["call_p50_ms"] / base["call_p50_ms"]
+        row["call_paired_vs_fp32"] = paired_ratio(row, base)
         row["peak_rss_vs_fp32"] = row["peak_rss_bytes"] / base["peak_rss_bytes"]
     return {"family": family, "export_s": export_s, "wall_s": time.perf_counter() - t0, "rows": out}
+
+
+def paired_ratio(row: dict[str, Any], base: dict[str, Any]) -> float:
+    """Median over rounds of this row's call time over the fp32 row's in the same round: the rows of a round
+    run back to back, so a neighbour's load that comes and goes slows both sides of each ratio alike (on a
+    loaded machine one round's times can differ 5x from the next's, which the p50 ratio does not cancel)."""
+    return float(np.median(np.asarray(row["call_ms"]) / np.asarray(base["call_ms"])))
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -448,10 +456,12 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Size: {report['size']}; 1 thread; {report['rounds']} rounds x 1 call per row after "
         f"{report['warmup']} warm-up call(s), round-robin within a family, each row in its own process; "
-        "ratios to the family's torch-fp32 row (absolute times: a loaded shared machine).",
+        "ratios to the family's torch-fp32 row (absolute times: a loaded shared machine). 'paired' is the "
+        "median over rounds of the per-round ratio (the result); 'p50' the ratio of medians.",
         "",
-        "| family | variant | params (M) | call p50 ms | call vs fp32 | peak RSS MiB | RSS vs fp32 | notes |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| family | variant | params (M) | call min / p50 ms | call vs fp32, paired | p50 ratio "
+        "| peak RSS MiB | RSS vs fp32 | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for fam in report["families"]:
         params = fam["rows"][0].get("parameters", 0) / 1e6
@@ -468,7 +478,8 @@ def to_markdown(report: dict[str, Any]) -> str:
                     else f"fp32 graphs {r['graph_bytes'] / mib:.0f} MiB"
                 )
             lines.append(
-                f"| {fam['family']} | {r['variant']} | {params:.1f} | {r['call_p50_ms']:.0f} | "
+                f"| {fam['family']} | {r['variant']} | {params:.1f} | {min(r['call_ms']):.0f} / "
+                f"{r['call_p50_ms']:.0f} | {paired_ratio(r, fam['rows'][0]):.2f}x | "
                 f"{r['call_p50_vs_fp32']:.2f}x | {r['peak_rss_bytes'] / mib:.0f} | "
                 f"{r['peak_rss_vs_fp32']:.2f}x | {note} |"
             )

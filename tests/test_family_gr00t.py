@@ -426,3 +426,20 @@ def test_n15_connector_round_trips_and_an_n1_connector_is_refused(tmp_path):
     _rewrite(d, lambda t: {k: (v.repeat(1, 4) if k == f"{e}0.weight" else v) for k, v in t.items()})
     with pytest.raises(ValueError, match=rf"mis-shaped: {e}0\.weight: file \(64, 128\), model \(64, 32\)"):
         load_gr00t(d)
+
+
+def test_packed_int4_deployment_samples_like_the_fake_quant_model():
+    """``to_deployable_`` swaps layers for int4 kernels that have no float ``weight``; the model must not read
+    one (GR00T's timestep encoder took its dtype from ``linear_1.weight``: the packed call crashed)."""
+    from daptq.quant import QuantSpec, WeightSpec, quantize_, to_deployable_
+
+    adapter = _adapter()
+    spec = QuantSpec(weight=WeightSpec(bits=4, granularity="per_group", group_size=32, symmetric=True))
+    name = "action_head.model.timestep_encoder.timestep_embedder.linear_1"
+    quantize_(adapter.model, {name: spec})
+    fake = _chunks(adapter)
+    report = to_deployable_(adapter.model)
+    assert not hasattr(adapter.model.get_submodule(name), "weight"), report
+    packed = _chunks(adapter)
+    assert packed.shape == fake.shape
+    assert torch.allclose(packed, fake, atol=0.05), (packed - fake).abs().max()

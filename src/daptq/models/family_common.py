@@ -172,6 +172,17 @@ def choose_entry(
     return key
 
 
+def input_dtype(layer: nn.Module) -> torch.dtype:
+    """The float dtype to feed a linear-like layer: its weight's; for a packed or quantized layer whose weight
+    is not a float parameter (``to_deployable_``'s int4 kernels), its bias's, else float32 (those layers
+    compute in their own dtype and return the input's)."""
+    for name in ("weight", "bias"):
+        t = getattr(layer, name, None)
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
 def read_json(path: Path) -> Any:
     """A JSON file; malformed JSON is a ValueError naming it."""
     try:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from daptq.models.cogact.vit import Attention, Mlp
+from daptq.models.family_common import input_dtype
 
 
 class TimestepEmbedder(nn.Module):
@@ -36,7 +37,7 @@ class TimestepEmbedder(nn.Module):
         )
         args = t[:, None].float() * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+        return self.mlp(emb.to(input_dtype(self.mlp[0])))
 
 
 class LabelEmbedder(nn.Module):

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from daptq.models.family_common import input_dtype
 from daptq.models.gr00t.config import Gr00tConfig
 from daptq.quant.category import CategorySpecificLinear
 
@@ -266,7 +267,7 @@ class TimestepEncoder(nn.Module):
         self.timestep_embedder = TimestepEmbedding(256, dim)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        dtype = self.timestep_embedder.linear_1.weight.dtype
+        dtype = input_dtype(self.timestep_embedder.linear_1)
         return self.timestep_embedder(timestep_embedding(t).to(dtype))
 
 
