@@ -6,6 +6,7 @@ scope, and the policy acts on an observation of the LIBERO suite's shape."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 
@@ -306,6 +307,12 @@ def test_training_lowers_the_loss_and_the_checkpoint_loads(tmp_path):
         after = float(trained.adapter.flow_objective(batches[0], None, torch.Generator().manual_seed(0), 8))
         before = float(fresh.flow_objective(batches[1], None, torch.Generator().manual_seed(0), 8))
     assert after < 0.7 * before, (before, after)
+    # fine-tuning from the checkpoint keeps its architecture and statistics
+    tuned = train_smolvla(
+        dataclasses.replace(cfg, out=str(tmp_path / "tuned"), max_steps=1, init=str(out), model={})
+    )
+    again = load_checkpoint(tuned)
+    assert again.statistics.to_dict() == trained.statistics.to_dict() and again.config == trained.config
 
 
 def test_cli_trains_the_default_model_and_refuses_a_wrong_dataset(tmp_path):
