@@ -58,19 +58,21 @@ def test_quantvla_sequential_equals_whole_model(base):
 
 
 def test_whole_model_methods_refuse_a_streamed_loader():
+    """QuantVLA (ATM/OHB fold into blocks after the loop), QVLA and DA-PTQ budget (whole-model gradients)."""
+    from daptq.methods.daptq import DAPTQConfig
     from daptq.methods.quantvla import QuantVLAConfig
+    from daptq.methods.qvla import QVLAConfig
 
     class Loader:
         def load_block(self, name, module):
             raise AssertionError("not reached")
 
-        def free_block(self, name, module):
-            raise AssertionError("not reached")
+        free_block = load_block
 
-    with pytest.raises(ValueError, match="must be in memory"):
-        quantize_policy_sequential(
-            tiny_reference_policy(), QuantVLAConfig(), reference_calibration(), loader=Loader()
-        )
+    for config in (QuantVLAConfig(), QVLAConfig(), DAPTQConfig.budget(average_bits=3.0)):
+        policy = tiny_reference_policy()
+        with pytest.raises(ValueError, match="needs its whole model in memory"):
+            quantize_policy_sequential(policy, config, reference_calibration(), loader=Loader())
 
 
 def test_qvla_sequential_equals_whole_model():
@@ -148,8 +150,7 @@ def test_blockwise_gradients_equal_the_whole_model_backward():
 W4G16 = QuantSpec(WeightSpec(4, granularity="per_group", group_size=16), ActivationSpec(8))
 
 
-@pytest.mark.parametrize("rounding", ["rtn", "gptq"])
-def test_daptq_paper_sequential_equals_whole_model(rounding):
+def test_daptq_paper_sequential_equals_whole_model(rounding="gptq"):  # RTN: the bundled-VLA test below
     """Bit map from head-only gradients, GPTQ Hessians from each block's recorded inputs, CSRC measured on
     the quantized policy after the loop: the whole-model path's model (codes and scales bitwise)."""
     from daptq.methods.daptq import DAPTQConfig
@@ -220,8 +221,8 @@ def test_daptq_quantize_sequential_on_the_bundled_reference_vla(tmp_path):
     from daptq.models.quantized import load_quantized_policy
     from daptq.quant import QuantLinear
 
-    cal = _reference_vla_calibration()
-    config = DAPTQConfig(sensitivity_batches=2)
+    cal = _reference_vla_calibration(n_batches=1)
+    config = DAPTQConfig(sensitivity_batches=1)
     loaded = {}
     for sequential in (False, True):
         out = quantize_to_directory(
@@ -276,3 +277,69 @@ def test_blockwise_gradients_name_blocks_that_never_run_as_modules(monkeypatch):
         blockwise_gradient_stats(adapter, batches, names)
     with pytest.raises(ValueError, match=r"blocks \['head.blocks.0'\] never ran as modules"):
         blockwise_jacobian_and_gram(adapter, names, differentiable_action(adapter), batches, 1)
+
+
+def test_daptq_paper_streamed_equals_the_in_memory_whole_model_path(tmp_path):
+    """DA-PTQ `paper` with weights streamed from safetensors shards (the tiny CogACT): the action head's
+    blocks stay loaded through the gradient pass, the CSRC pass reloads each rounded block; the written
+    blocks and the in-memory rest equal the whole-model path's (codes and scales bitwise)."""
+    from safetensors.torch import load_file
+    from test_streaming import _raw
+
+    from daptq.data.calibration import CalibrationSet
+    from daptq.methods.daptq import DAPTQConfig
+    from daptq.models.cogact.adapter import CogACTAdapter
+    from daptq.models.cogact.streamed import load_streamed_cogact, write_streamed_cogact
+    from daptq.models.cogact.testing import tiny_cogact, tiny_tokenizer
+    from daptq.models.streaming import save_block_state
+
+    cal = CalibrationSet([_raw(0), _raw(1)], {"source": "test"})
+    config = DAPTQConfig(spec=W4G16, float_dit_blocks=1, sensitivity_batches=2, rounding="gptq")
+    write_streamed_cogact(tiny_cogact(), tmp_path / "ckpt", max_shard_bytes=200_000)
+    whole = CogACTAdapter(tiny_cogact(), tiny_tokenizer())
+    whole_record = quantize_policy(whole, config, cal)
+    adapter, loader = load_streamed_cogact(tmp_path / "ckpt", tiny_tokenizer())
+    saved = {}
+
+    def done(block, module):
+        saved[block.name] = save_block_state(module, tmp_path / f"{block.name}.safetensors")
+
+    record = quantize_policy_sequential(adapter, config, cal, loader=loader, on_block_done=done)
+    assert all(p.is_meta for b in saved for p in adapter.model.get_submodule(b).parameters())
+    assert record.decisions["bit_map"] == whole_record.decisions["bit_map"]
+    assert record.decisions["compensation"].keys() == whole_record.decisions["compensation"].keys()
+    ref = whole.model.state_dict()
+    compared = 0
+    for name, path in saved.items():
+        for k, v in load_file(str(path)).items():
+            if k.endswith(("qweight", "weight_scale")):
+                assert torch.equal(v, ref[f"{name}.{k}"]), k
+            torch.testing.assert_close(v.double(), ref[f"{name}.{k}"].double(), rtol=1e-5, atol=1e-6)
+            compared += 1
+    for k, v in adapter.model.state_dict().items():
+        if not v.is_meta:
+            torch.testing.assert_close(v.double(), ref[k].double(), rtol=1e-5, atol=1e-6, msg=k)
+            compared += 1
+    assert compared > 100
+
+
+def test_a_rounded_block_reloads_as_it_was_saved(tmp_path):
+    """The CSRC pass over streamed blocks reloads each rounded block; a cache filled after saving and left
+    on meta by the loader's free must come back empty (a meta weight is read as garbage, silently)."""
+    from daptq.methods.rtn import RTNConfig
+    from daptq.methods.sequential import load_rounded_block, save_rounded_block
+    from daptq.models.streaming import StreamingLoader
+
+    policy = tiny_reference_policy()
+    quantize_policy(policy, RTNConfig(spec=W4G16))
+    block = policy.model.head.blocks[0]
+    layer = block.mlp.fc
+    layer._dequant_cache = None
+    save_rounded_block(block, tmp_path / "block.safetensors")
+    x = torch.randn(3, layer.in_features)
+    ref = layer(x)  # fills the cache
+    for _ in range(2):
+        StreamingLoader.free_block(None, "head.blocks.0", block)
+        assert layer._dequant_cache is not None and layer._dequant_cache.is_meta
+        load_rounded_block(block, tmp_path / "block.safetensors")
+        assert torch.equal(layer(x), ref)

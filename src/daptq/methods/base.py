@@ -321,9 +321,14 @@ class Method(HooksMixin, ABC):
         on the calibration batches), e.g. QuantVLA's ATM/OHB, DA-PTQ's CSRC. Default: nothing."""
 
     def sequential_needs_whole_model(self) -> bool:
-        """True when ``sequential_begin``/``sequential_end`` run the whole policy (the model must stay in
-        memory: no streamed block loader). Default: False."""
+        """True when the method cannot run with a streamed block loader (its model must stay in memory).
+        Default: False (with a loader, ``sequential_end`` sees each rounded block reloaded as rounded)."""
         return False
+
+    def sequential_resident(self, adapter: VLAAdapter) -> Sequence[str]:
+        """Modules whose blocks a streamed loader keeps loaded through ``sequential_begin`` (e.g. layers it
+        differentiates: a backward needs their weights after the forward). Default: none."""
+        return ()
 
     def record(self) -> QuantRecord:
         """What was decided; ``quantize_policy`` adds calibration provenance, the base model and timings."""

@@ -187,6 +187,42 @@ def _with_first_input(call: Any, x: torch.Tensor) -> tuple[tuple[Any, ...], dict
     return args, {**kwargs, "hidden_states": x}
 
 
+# ---- rounded blocks kept on disk for a pass over the quantized policy (streamed weights) ---------------
+def save_rounded_block(module: nn.Module, path: Path) -> None:
+    """Every parameter and buffer of a rounded block (non-persistent ones too: this is the loop's own
+    scratch file, read back by ``load_rounded_block`` in the same process), as safetensors."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for prefix, owner in module.named_modules():
+        for kind, table in (("p", owner._parameters), ("b", owner._buffers)):
+            for attr, t in table.items():
+                if t is not None:
+                    tensors[f"{prefix}/{kind}/{attr}"] = t.detach().contiguous().clone()
+    save_file(tensors, str(path))
+
+
+def load_rounded_block(module: nn.Module, path: Path) -> None:
+    """Assign the tensors ``save_rounded_block`` wrote over the block's (meta) ones; a buffer it did not
+    write was None when saved and is None again (a lazily filled cache left on meta by ``free_block`` would
+    otherwise be read as if it held the block's values)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    for prefix, owner in module.named_modules():
+        for attr in list(owner._buffers):
+            if f"{prefix}/b/{attr}" not in tensors:
+                owner._buffers[attr] = None
+    for key, t in tensors.items():
+        prefix, kind, attr = key.rsplit("/", 2)
+        owner = module.get_submodule(prefix) if prefix else module
+        if kind == "p":
+            grad = bool(getattr(owner._parameters[attr], "requires_grad", False))
+            owner._parameters[attr] = nn.Parameter(t, requires_grad=grad)
+        else:
+            owner._buffers[attr] = t
+
+
 # ---- peak memory ------------------------------------------------------------------------------------------
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark of this process (Linux ``clear_refs`` 5); False where unsupported."""
@@ -273,10 +309,12 @@ def run_sequential(
         )
     if loader is not None and method.sequential_needs_whole_model():
         raise ValueError(
-            f"method {method.name!r} block by block runs the whole policy before or after the block loop "
-            "(whole-model sensitivities or corrections measured on the quantized policy), so its model "
-            "must be in memory: run it without a streamed block loader"
+            f"method {method.name!r} block by block needs its whole model in memory (whole-model "
+            "sensitivities, or corrections folded into blocks after the loop): run it without a streamed "
+            "block loader"
         )
+    # with a loader, a pass over the quantized policy after the loop reloads each rounded block from disk
+    end_pass = loader is not None and type(method).sequential_end is not Method.sequential_end
     propagation = method.sequential_propagation()
     meter = meter or StageMeter()
     model = adapter.model
@@ -302,11 +340,24 @@ def run_sequential(
 
         recording = [True]  # phase A records block inputs; later whole-model runs (a method's second
         # pass over modules outside blocks, e.g. static scales after smoothing) only stream the blocks
+        resident: set[str] = set()  # blocks a loader keeps loaded (sequential_begin's differentiated ones)
+        rounded: dict[str, Path] = {}  # rounded blocks on disk, for sequential_end's passes (end_pass)
+
+        def load(name: str, module: nn.Module) -> None:
+            if loader is None or name in resident:
+                return
+            if name in rounded:
+                load_rounded_block(module, rounded[name])
+            else:
+                loader.load_block(name, module)
+
+        def free(name: str, module: nn.Module) -> None:
+            if loader is not None and name not in resident:
+                loader.free_block(name, module)
 
         def pre(key: BlockKey):
             def hook(module, args, kwargs):
-                if loader is not None:
-                    loader.load_block(by_key[key].name, module)
+                load(by_key[key].name, module)
                 if not recording[0]:
                     return
                 first_call.setdefault(key, len(first_call))
@@ -324,8 +375,7 @@ def run_sequential(
                 if recording[0]:
                     last_out[key] = _first_tensor(output).detach()
                     last_out.pop((key[0], key[1] - 1), None)
-                if loader is not None:
-                    loader.free_block(by_key[key].name, module)
+                free(by_key[key].name, module)
 
             return hook
 
@@ -346,7 +396,18 @@ def run_sequential(
 
                 try:  # a data-free method observes nothing: no forward pass at all
                     recording[0] = False  # method-wide statistics first: their passes record nothing
-                    method.sequential_begin(adapter, batches)
+                    if loader is not None:
+                        for b in blocks:
+                            wanted = method.sequential_resident(adapter)
+                            if any(n == b.name or n.startswith(b.name + ".") for n in wanted):
+                                loader.load_block(b.name, model.get_submodule(b.name))
+                                resident.add(b.name)
+                    try:
+                        method.sequential_begin(adapter, batches)
+                    finally:
+                        for name in list(resident):
+                            resident.discard(name)
+                            loader.free_block(name, model.get_submodule(name))  # type: ignore[union-attr]
                     recording[0] = True
                     method.calibrate_modules(adapter, rest, full_run if needs_data else _nothing)
                     if keep and not ran[0]:  # nothing outside blocks observed now: record the inputs anyway
@@ -407,9 +468,18 @@ def run_sequential(
                 method.on_block_end(adapter, b.key)
                 if on_block_done is not None:
                     on_block_done(b, model.get_submodule(b.name))
+                if end_pass:
+                    path = Path(tmp) / f"rounded-{len(rounded)}.safetensors"
+                    save_rounded_block(model.get_submodule(b.name), path)
+                    rounded[b.name] = path
                 if loader is not None:
                     loader.free_block(b.name, model.get_submodule(b.name))
-            try:  # corrections measured on the quantized policy (a loader is refused above for these)
+            try:  # corrections measured on the quantized policy (blocks streamed: reloaded as rounded)
+                if end_pass:
+                    for b in blocks:
+                        module = model.get_submodule(b.name)
+                        handles.append(module.register_forward_pre_hook(pre(b.key), with_kwargs=True))
+                        handles.append(module.register_forward_hook(post(b.key), with_kwargs=True))
 
                 def whole_run() -> None:
                     for i, batch in enumerate(batches):
@@ -418,6 +488,9 @@ def run_sequential(
                 method.sequential_end(adapter, whole_run)
             finally:
                 method.remove_hooks()
+                for h in handles:
+                    h.remove()
+                handles.clear()
         spilled = store.spilled_bytes
     return {
         "propagation": propagation,

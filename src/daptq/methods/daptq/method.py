@@ -507,9 +507,16 @@ class DAPTQ(Method):
     # the bit map or allocation (paper: gradients over the ranked action-head layers only, the graph never
     # reaching the backbone; budget: whole-model gradients block by block, blockwise.py), CSRC's float
     # interface statistics. In the loop: each block's GPTQ Hessians from its recorded float inputs, its
-    # rounding. After (sequential_end): CSRC's quantized statistics on the quantized policy, the fold.
+    # rounding. After (sequential_end): CSRC's quantized statistics on the quantized policy, the fold (into
+    # the interface, outside the blocks: with streamed weights the pass reloads the rounded blocks).
     def sequential_needs_whole_model(self) -> bool:
-        return True
+        """``paper`` streams (the head's blocks stay loaded through its gradient pass, the CSRC pass reloads
+        rounded blocks); ``budget``'s block-wise gradients and activation costs need every block in memory."""
+        cfg = self.config
+        return cfg.preset == "budget" or bool(cfg.activation_choices)
+
+    def sequential_resident(self, adapter: VLAAdapter) -> list[str]:
+        return self._ranked_layers(require_plan(self)) if self.config.preset == "paper" else []
 
     def sequential_begin(self, adapter: VLAAdapter, batches: Batches) -> None:
         plan = require_plan(self)
@@ -562,6 +569,12 @@ class DAPTQ(Method):
 
     def sequential_end(self, adapter: VLAAdapter, run) -> None:
         self._record_rounding(adapter, self._specs)
+        streamed = [n for n in self._interfaces if any(t.is_meta for t in adapter.module(n).parameters())]
+        if streamed:  # a block streamed out: the fold would be lost
+            raise ValueError(
+                f"DA-PTQ block by block: CSRC folds into interface layers {streamed} inside a streamed "
+                "block; run without a streamed loader, or name interface_layers outside the blocks"
+            )
         if self._interfaces:
             self._compensate(adapter)
 
