@@ -18,8 +18,10 @@ A method's parts that need the whole policy run around the loop: ``method.sequen
 batches)`` at the start of phase A (drift weights, gradient sensitivities, a global bit allocation; DA-PTQ
 and QVLA compute whole-model gradients block by block there, ``methods/daptq/blockwise.py``) and
 ``method.sequential_end(adapter, run)`` after the last block (corrections measured on the quantized policy:
-QuantVLA's ATM/OHB, DA-PTQ's CSRC). Such a method says ``sequential_needs_whole_model()``: its model stays
-in memory, a streamed ``loader`` is refused.
+QuantVLA's ATM/OHB, DA-PTQ's CSRC). With a streamed ``loader``, the blocks ``sequential_resident`` names
+stay loaded through ``sequential_begin`` (a backward needs their weights) and ``sequential_end``'s passes
+reload each rounded block from the scratch directory; a method that cannot stream (whole-model gradients,
+corrections folded into blocks after the loop) says ``sequential_needs_whole_model()`` and is refused.
 
 With float propagation (RTN, GPTQ with ``sequential=False``) every block sees exactly the inputs it sees in
 the whole-model pass, so the quantized model equals the whole-model path's (bitwise for RTN; GPTQ's Hessians
