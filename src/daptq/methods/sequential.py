@@ -399,8 +399,8 @@ def run_sequential(
                 try:  # a data-free method observes nothing: no forward pass at all
                     recording[0] = False  # method-wide statistics first: their passes record nothing
                     if loader is not None:
+                        wanted = list(method.sequential_resident(adapter))
                         for b in blocks:
-                            wanted = method.sequential_resident(adapter)
                             if any(n == b.name or n.startswith(b.name + ".") for n in wanted):
                                 loader.load_block(b.name, model.get_submodule(b.name))
                                 resident.add(b.name)
