@@ -52,12 +52,15 @@ TEXT = "vlm_with_expert.vlm.model.text_model.layers."
 INSTRUCTIONS = ("pick up the black bowl and place it on the plate", "put the cream cheese in the basket")
 
 
+SMALL = 64  # px: the method matrix runs the frozen encoders at every forward pass; 4 image tokens suffice
+
+
 @functools.cache
-def _base() -> LiberoSmolVLA:
-    """A tiny random member at LIBERO's 128 px, output projection re-drawn larger so quantization errors
-    show in the chunk (as in a trained model)."""
+def _base(size: int = 128) -> LiberoSmolVLA:
+    """A tiny random member (LIBERO's 128 px by default), output projection re-drawn larger so quantization
+    errors show in the chunk (as in a trained model)."""
     torch.manual_seed(0)
-    model = LiberoSmolVLA(*build_config(**TINY)).eval()
+    model = LiberoSmolVLA(*build_config(image_size=size, **TINY)).eval()
     with torch.no_grad():
         torch.nn.init.normal_(model.action_out_proj.weight, std=0.3)
     return model
@@ -79,12 +82,12 @@ def _stats() -> dict:
 
 
 def _adapter(model=None) -> LiberoSmolVLAAdapter:
-    model = model if model is not None else copy.deepcopy(_base())
+    model = model if model is not None else copy.deepcopy(_base(SMALL))
     return LiberoSmolVLAAdapter(model, statistics_of(_stats(), model.config))
 
 
 def _chunks(adapter) -> torch.Tensor:
-    batch = next(adapter.calibration_batches(iter([_raw(99, 3)])))
+    batch = next(adapter.calibration_batches(iter([_raw(99, 3, adapter.config.image_size)])))
     return adapter.predict_chunk(batch, generator=torch.Generator().manual_seed(7))
 
 
@@ -125,7 +128,7 @@ def test_adapter_declarations():
 
 def test_objective_weights_dimensions_and_sampler_is_differentiable():
     adapter = _adapter()
-    batch = next(adapter.calibration_batches(iter([_raw(1, 2)])))
+    batch = next(adapter.calibration_batches(iter([_raw(1, 2, SMALL)])))
     with torch.no_grad():
         loss = lambda w: adapter.objective(batch, w, torch.Generator().manual_seed(3))  # noqa: E731
         w = torch.zeros(7)
@@ -142,7 +145,7 @@ def test_objective_weights_dimensions_and_sampler_is_differentiable():
 
 @pytest.mark.parametrize("name", sorted(method_configs()))
 def test_every_method_at_w8a8(name):
-    raw = [_raw(100 + i, 3) for i in range(2)]
+    raw = [_raw(100 + i, 3, SMALL) for i in range(2)]
     out = check_method(name, method_configs()[name], _adapter, raw, _chunks, 30.0)
     record, adapter = out["record"], out["adapter"]
     iface = {i.name for i in adapter.interface_modules()}
