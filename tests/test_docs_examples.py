@@ -68,6 +68,14 @@ SKIPPED: dict[tuple[str, str], str] = {
         "daptq bench ref:metaworld-mt10 cogact-d2048 --variants all --compile --out results/bench_deploy",
     ): "a 2048-wide model in 7 processes with torch.compile: minutes even at one call per row",
     (
+        "docs/deployment.md",
+        "nice -n 10 daptq bench ref:metaworld-mt10 cogact-d2048 --variants torch-fp32 torch-bf16 "
+        "torch-w4-packed ort-fp32 ort-w4a8 --threads 1 2 --rounds 3 --calls 2 --roofline --profile "
+        "--out results/bench_deploy_roofline",
+    ): "a 2048-wide model in 10 processes, the roofline microbenchmarks and 4 optimization-level profiles: "
+    "12+ minutes even at one call per row (measured); tests/test_deploy_roofline.py and "
+    "tests/test_deploy_bench.py run the same code on small models",
+    (
         "docs/vla_baselines.md",
         "OMP_NUM_THREADS=1 PYTHONPATH=src python measure.py",
     ): "measure.py is the script printed below it (not a file); 12 quantizations of the bundled VLA",
@@ -92,7 +100,8 @@ SKIPPED: dict[tuple[str, str], str] = {
     (
         "docs/reference_vla.md",
         "daptq train --arch smolvla --data data_cache/libero-so --out runs/libero-so/smolvla "
-        "--time-budget-min 90 --threads 2 --precision fp32 --checkpoint-every-min 5 --val-every 500",
+        "--time-budget-min 90 --threads 2 --precision fp32 --n-noise 2 --checkpoint-every-min 5 "
+        "--val-every 500",
     ): "90 min on the LIBERO dataset; tests/test_libero_smolvla.py trains on a tiny one through the CLI",
     (
         "docs/reference_vla.md",

@@ -109,8 +109,8 @@ def train_smolvla(cfg: TrainConfig) -> Path:
     capability = torch.backends.cpu.get_cpu_capability()
     if amp and capability in ("DEFAULT", "VSX", "ZVECTOR", "AVX2", "NO AVX"):
         print(
-            f"train: warning: this CPU ({capability}) has no bf16 matrix units; bf16 autocast runs ~10x "
-            "slower than fp32 here (measured): pass --precision fp32"
+            f"train: warning: this CPU ({capability}) has no bf16 matrix units; bf16 autocast runs several "
+            "times slower than fp32 here (5x measured on AVX2): pass --precision fp32"
         )
     vlm = model.vlm_with_expert.vlm.model.text_model
     print(
