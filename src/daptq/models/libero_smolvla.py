@@ -12,8 +12,9 @@ here on LIBERO demonstrations, with the bundled frozen encoders standing in for 
     velocity; 10 Euler steps from t=1 (noise) to t=0 -> K actions (normalized; un-normalized with the stats)
 
 The module tree, parameter names, ``config.json`` and normalization files are lerobot's SmolVLA ones
-(``daptq.models.lerobot_vla``); the computation of the prefix pass, the expert and the sampler is that
-module's ``SmolVLA`` itself (this class only replaces how the prefix is embedded). Departures from the
+(``daptq.models.lerobot_vla``); the prefix pass and the expert are that module's ``SmolVLA`` itself (this
+class replaces how the prefix is embedded, and lets training draw several (noise, time) pairs per prefix
+pass; its Euler sampler is the same loop). Departures from the
 released layout, all recorded in ``config.json`` under ``daptq_reference``:
 
 - ``vlm_with_expert.vlm.model.vision_model`` is EfficientNet-Lite0 (ImageNet, frozen, from its PyPI package),
