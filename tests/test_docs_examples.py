@@ -100,8 +100,8 @@ SKIPPED: dict[tuple[str, str], str] = {
     (
         "docs/reference_vla.md",
         "daptq train --arch smolvla --data data_cache/libero-so --out runs/libero-so/smolvla "
-        "--time-budget-min 90 --threads 2 --precision fp32 --n-noise 2 --checkpoint-every-min 5 "
-        "--val-every 500",
+        "--time-budget-min 90 --threads 2 --precision fp32 --n-noise 2 --ema-decay 0.995 "
+        "--checkpoint-every-min 5 --val-every 500",
     ): "90 min on the LIBERO dataset; tests/test_libero_smolvla.py trains on a tiny one through the CLI",
     (
         "docs/reference_vla.md",
