@@ -140,3 +140,32 @@ def test_closed_loop_benchmark_variant_differs_only_in_the_rounds():
     spec.loader.exec_module(mcl)
     base, variant = mcl.method_config("daptq", "avg2.5"), mcl.method_config("daptq-reest1", "avg2.5")
     assert variant == dataclasses.replace(base, reestimate_rounds=1)
+
+
+class _Alloc:
+    def __init__(self, bits):
+        self.bits, self.objective, self.total_bytes, self.average_bits = bits, 0.0, 0, 0.0
+
+
+def test_each_round_solves_on_the_mean_of_the_re_estimates_and_stops_at_a_fixed_point(monkeypatch):
+    from daptq.methods.daptq import reestimate
+
+    estimates = iter([{"a": {2: 1.0, 4: 0.0}}, {"a": {2: 0.0, 4: 3.0}}, {"a": {2: 0.0, 4: 3.0}}])
+    monkeypatch.setattr(reestimate, "costs_on_allocation", lambda *args, **kwargs: (next(estimates), None))
+    solved = []
+
+    def solve(costs):
+        solved.append(costs)
+        return _Alloc({"a": min(costs["a"], key=costs["a"].get)})
+
+    candidates = {"a": {2: WeightSpec(2), 4: WeightSpec(4)}}
+    config = DAPTQConfig.budget(reestimate_rounds=5)
+    alloc, costs, record = reestimate.reestimate_and_resolve(
+        None, [], candidates, _Alloc({"a": 2}), {"a": {2: 0.5, 4: 0.5}}, solve, config, None
+    )
+    # round 1: the re-estimate itself (-> 4); round 2: the mean of both (-> 2, no swing back to a
+    # re-estimate alone); round 3: mean of three, still 2 -> unchanged, stop
+    assert solved == [{"a": {2: 1.0, 4: 0.0}}, {"a": {2: 0.5, 4: 1.5}}, {"a": {2: 1 / 3, 4: 2.0}}]
+    assert alloc.bits == {"a": 2} and costs == solved[-1]
+    assert record["rounds_run"] == 3 and record["converged_at_round"] == 3
+    assert [r.get("changed_layers") for r in record["rounds"]] == [None, ["a"], ["a"], []]

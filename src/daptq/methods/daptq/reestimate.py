@@ -8,8 +8,10 @@ choices untouched), the gradient statistics of the (drift-weighted) objective ar
 each layer's Fisher (and, with ``drift_taylor``, its mean gradient) reflects the other layers' rounding, the
 layer's cost per candidate is recomputed from them (``bit_sensitivities``, the candidate's error measured
 from the float weight), the weights are restored, and the same MILP is solved again under the same budget.
-Repeated R times, or until an allocation repeats. Each round's allocation, objective, bytes and costs are
-recorded in ``decisions["reestimate"]``.
+Round r solves on the mean of its r re-estimates (round 1: the re-estimate itself): solving on the last one
+alone swung between two allocations on the reference VLA (``benchmarks/reestimate_open_loop.py``). Repeated
+R times, or until the allocation stops changing. Each round's allocation, objective, bytes and the costs it
+solved on are recorded in ``decisions["reestimate"]``.
 
 Cost: one extra gradient pass over the ``sensitivity_batches`` per round (the first estimate's price), no
 extra pass per candidate. Weight-only: activation widths (``activation_choices``) and the
@@ -119,15 +121,23 @@ def reestimate_and_resolve(
     seen = [dict(first.bits)]
     alloc, costs = first, {n: dict(r) for n, r in first_costs.items()}
     converged = None
+    estimates: list[dict[str, dict[Any, float]]] = []
     for r in range(1, rounds + 1):
         allocated = {n: candidates[n][c] for n, c in alloc.bits.items()}
-        costs, _ = costs_on_allocation(
+        estimate, _ = costs_on_allocation(
             adapter, batches, allocated, candidates, dim_weights=dim_weights, seed=seed, proxy=proxy
         )
+        estimates.append(estimate)
+        # solve on the mean of the re-estimates so far: re-solving on the last one alone swings between
+        # two allocations (benchmarks/reestimate_open_loop.py); round 1 is the re-estimate itself
+        costs = {
+            n: {c: sum(e[n][c] for e in estimates) / len(estimates) for c in row}
+            for n, row in estimate.items()
+        }
         alloc = solve(costs)
         history.append(entry(alloc, costs))
         history[-1]["changed_layers"] = sorted(n for n, c in alloc.bits.items() if seen[-1].get(n) != c)
-        if dict(alloc.bits) in seen:  # a fixed point (or a cycle): more rounds would repeat it
+        if dict(alloc.bits) == seen[-1]:  # unchanged: the next estimate would be taken at the same point
             converged = r
             break
         seen.append(dict(alloc.bits))
