@@ -13,6 +13,13 @@ and its ONNX form is emitted by ``torch.autograd.Function.symbolic`` during ``to
 - ``matmul_integer``: W8A8 with int8 symmetric per-channel/per-tensor weights and int8 symmetric activations
   (per token at run time, or the calibrated static scale): ``MatMulInteger`` with int32 accumulation, then
   one float rescale. Same numbers as ``daptq.quant.Int8DynamicLinear``.
+- ``matmul_integer_u8s8``: symmetric per-channel/per-tensor weights whose codes all satisfy |c| <= 64 (every
+  2/3/4-bit grid; an 8-bit layer only if its codes happen to fit) with int8 symmetric activations:
+  ``MatMulInteger`` with uint8 activations (daptq's int8 codes + 128, zero point 128) x int8 weight codes,
+  MLAS' fastest integer kernel on AVX2 (the W4A8 path at the int8 rate; MatMulNBits' int8 path runs at about
+  the fp32 rate without VNNI). Without VNNI the kernel sums pairs of uint8 x int8 products in int16, which
+  saturates for |c| > 64 (2 * 255 * 64 = 32640 fits, 2 * 255 * 127 does not): such codes are refused, never
+  run. Exact: the same integers and rescale as ``matmul_integer``.
 - ``matmul_nbits_mixed``: a mixed-width layer (QVLA's per-row widths): one MatMulNBits per integer width
   group (8, 4, 2 bits, accuracy_level 1), an fp32 MatMul on the float16 rows, Concat, Gather to row order.
 - ``dequantized_fp32``: everything else (Conv2d, 2/3-bit, group sizes the kernels do not take): the
@@ -46,7 +53,7 @@ class LayerPlan:
     name: str
     kind: str  # "linear" | "conv2d"
     spec: str
-    kernel: str  # "matmul_nbits" | "matmul_integer" | "dequantized_fp32"
+    kernel: str  # "matmul_nbits" | "matmul_integer" | "matmul_integer_u8s8" | "dequantized_fp32"
     accuracy_level: int | None
     activation: str  # how the input is rounded at run time
     ideal_bytes: int
@@ -91,6 +98,21 @@ class _MatMulInteger(torch.autograd.Function):
     @staticmethod
     def symbolic(g, q, weight_t):
         return g.op("MatMulInteger", q, weight_t)
+
+
+U8S8_ZERO_POINT = 128  # uint8 activation = int8 code + 128
+U8S8_MAX_CODE = 64  # |weight code| above this can saturate MLAS' int16 pair sums without VNNI
+
+
+class _MatMulIntegerU8S8(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, weight_t):
+        return ((u.to(torch.int32) - U8S8_ZERO_POINT) @ weight_t.to(torch.int32)).to(torch.int32)
+
+    @staticmethod
+    def symbolic(g, u, weight_t):
+        zero_point = g.op("Constant", value_t=torch.tensor(U8S8_ZERO_POINT, dtype=torch.uint8))
+        return g.op("MatMulInteger", u, weight_t, zero_point)
 
 
 def _is_none(value: Any) -> bool:
@@ -218,6 +240,45 @@ class Int8MatMulIntegerLinear(nn.Module):
         # Weight scale first, token scale second: ONNX Runtime's MatMulIntegerToFloat fusion of
         # Cast(MatMulInteger) * (a_scale * b_scale) reads a per-token a_scale wrongly (measured, ORT 1.31).
         y = (_MatMulInteger.apply(q, self.weight_t).float() * self.weight_scale) * scale_x
+        return y if self.bias is None else y + self.bias
+
+
+class U8S8MatMulIntegerLinear(nn.Module):
+    """Int4-range weights (|code| <= 64, symmetric per channel/tensor) x int8 activations (per token or
+    static) via MatMulInteger on uint8 activations (code + 128, zero point 128): daptq's exact numbers at
+    MLAS' u8s8 rate. Codes beyond +-64 are refused (they can saturate without VNNI)."""
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__()
+        if not matmul_integer_u8s8_fits(layer):
+            raise ValueError(
+                f"u8s8 MatMulInteger needs symmetric per-channel/per-tensor weights with codes in "
+                f"[-{U8S8_MAX_CODE}, {U8S8_MAX_CODE}] and symmetric int8 activations: {layer.spec.short()}"
+                + ("" if layer.qweight is None else f", max |code| {int(layer.qweight.abs().max())}")
+            )
+        self.spec = layer.spec
+        self.out_features = layer.out_features
+        self.qmin, self.qmax = layer.spec.activation.qmin, layer.spec.activation.qmax
+        self.register_buffer("weight_t", layer.qweight.to(torch.int8).t().contiguous())  # [K, N]
+        self.register_buffer("weight_scale", layer.weight_scale.float().reshape(1, -1).contiguous())
+        self.static = layer.spec.activation.mode == "static_per_tensor"
+        if self.static:
+            self.register_buffer("act_scale", layer.act_scale.float().reshape(1).clone())
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone(), False)
+
+    def stored_bytes(self) -> int:
+        return self.weight_t.nbytes + self.weight_scale.nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        if self.static:
+            scale_x = self.act_scale
+        else:
+            scale_x, _ = dynamic_token_qparams(xf, self.spec.activation, dim=-1)
+        q = torch.clamp(torch.round(xf / scale_x), self.qmin, self.qmax)  # daptq's int8 code, in float
+        u = (q + U8S8_ZERO_POINT).to(torch.uint8)  # exact: an integer in [0, 255]
+        # Weight scale first, token scale second (ORT's MatMulIntegerToFloat fusion, see Int8MatMulInteger).
+        y = (_MatMulIntegerU8S8.apply(u, self.weight_t).float() * self.weight_scale) * scale_x
         return y if self.bias is None else y + self.bias
 
 
@@ -375,6 +436,38 @@ def matmul_integer_fits(layer: QuantLinear) -> bool:
     )
 
 
+def matmul_integer_u8s8_fits(layer: QuantLinear) -> bool:
+    """Symmetric per-channel/per-tensor weights whose codes are all within +-64 (checked on the codes, so
+    an 8-bit layer qualifies only if its codes fit) and symmetric int8 activations."""
+    ws, a = layer.spec.weight, layer.spec.activation
+    return (
+        not ws.is_float
+        and ws.bits <= 8
+        and ws.symmetric
+        and ws.codebook == "uniform"
+        and ws.granularity in ("per_channel", "per_tensor")
+        and a is not None
+        and a.bits == 8
+        and a.symmetric
+        and -128 <= a.qmin
+        and a.qmax <= 127
+        and layer.qweight is not None
+        and int(layer.qweight.abs().max()) <= U8S8_MAX_CODE
+    )
+
+
+def integer_kernel(layer: QuantLinear) -> str | None:
+    """The integer kernel ``lower_layer`` gives a linear layer (None: fp32 on the dequantized weight)."""
+    a = layer.spec.activation
+    if matmul_integer_u8s8_fits(layer):
+        return "matmul_integer_u8s8"
+    if a is not None and matmul_integer_fits(layer):
+        return "matmul_integer"
+    if layer.spec.weight.bits in (4, 8) and _nbits_block(layer) is not None:
+        return "matmul_nbits"
+    return None
+
+
 def lower_layer(
     layer: QuantLinear | QuantConv2d, name: str = "layer", w4a8_kernel: W4A8Kernel = "int8"
 ) -> tuple[nn.Module, LayerPlan]:
@@ -403,9 +496,12 @@ def lower_layer(
         kind = "conv2d"
     else:
         kind = "linear"
-        if a is not None and matmul_integer_fits(layer):
+        chosen = integer_kernel(layer)
+        if chosen == "matmul_integer_u8s8":
+            module, kernel, level = U8S8MatMulIntegerLinear(layer), chosen, None
+        elif chosen == "matmul_integer":
             module, kernel, level = Int8MatMulIntegerLinear(layer), "matmul_integer", None
-        elif spec.weight.bits in (4, 8) and _nbits_block(layer) is not None:
+        elif chosen == "matmul_nbits":
             int8_path = a is not None and a.bits == 8 and w4a8_kernel == "int8"
             level = ACCURACY_INT8 if int8_path else ACCURACY_FP32
             module, kernel = NBitsLinear(layer, level, emulate_activation=not int8_path), "matmul_nbits"
@@ -421,7 +517,8 @@ def lower_layer(
     return module, plan
 
 
-INTEGER_KERNELS = ("matmul_nbits", "matmul_integer")  # what a cost model may replace by fp32
+# what a cost model may replace by fp32
+INTEGER_KERNELS = ("matmul_nbits", "matmul_integer", "matmul_integer_u8s8")
 
 
 def measure_lowered_costs(
@@ -460,11 +557,7 @@ def measure_lowered_costs(
     for name, layer in model.named_modules():
         if not isinstance(layer, QuantLinear) or layer.spec.weight.is_float or layer.qweight is None:
             continue
-        a = layer.spec.activation
-        integer = (a is not None and matmul_integer_fits(layer)) or (
-            layer.spec.weight.bits in (4, 8) and _nbits_block(layer) is not None
-        )
-        if not integer:  # lower_layer's own test: no integer kernel, nothing to decide
+        if integer_kernel(layer) is None:  # lower_layer's own test: no integer kernel, nothing to decide
             continue
         key = (rows.get(name, 1), layer.in_features, layer.out_features, layer.spec.short())
         if key not in by_shape:  # one measurement per shape and spec; modules freed before the next
