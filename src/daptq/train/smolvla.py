@@ -5,21 +5,18 @@ and a cosine that ends with the time budget, gradient clipping, EMA weights save
 end, atomically) with SmolVLA's objective: the velocity MSE of flow matching at Beta(1.5, 1) times,
 ``n_noise`` (noise, time) draws per prefix pass (the expert is the cheap part). States and actions are
 normalized MEAN_STD with the training frames' statistics, which the checkpoint stores as lerobot's processor
-files. The Meta-World reference's path (``trainer.train``) is not touched.
+files. The loop itself is ``trainer.fit``, the one the Meta-World reference trains with; only the model,
+the objective and the checkpoint layout are SmolVLA's.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from daptq.data import EpisodeDataset, open_dataset
+from daptq.data import EpisodeDataset
 from daptq.data.chunks import ChunkDataset
 from daptq.models.lerobot_vla.modeling import pad_last
 from daptq.models.libero_smolvla import (
@@ -33,7 +30,17 @@ from daptq.models.libero_smolvla import (
     save_checkpoint,
     statistics_of,
 )
-from daptq.train.trainer import EMA, TrainConfig, _append_jsonl, _load_data, lr_at
+from daptq.train.trainer import (
+    Progress,
+    TrainConfig,
+    _load_data,
+    fit,
+    open_run,
+    prepare_out,
+    trainable_parameters,
+    training_record,
+    val_batch_of,
+)
 
 
 def _initial_model(cfg: TrainConfig, dataset: EpisodeDataset) -> tuple[LiberoSmolVLA, dict | None]:
@@ -77,15 +84,9 @@ def _normalize(data: ChunkDataset, adapter: LiberoSmolVLAAdapter, where: str) ->
 
 def train_smolvla(cfg: TrainConfig) -> Path:
     """Train, save EMA checkpoints (lerobot's SmolVLA layout) to ``cfg.out`` periodically and at the end."""
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    dataset = open_dataset(cfg.data, allow_incomplete=cfg.allow_incomplete)
+    gen, dataset = open_run(cfg)
     model, stats = _initial_model(cfg, dataset)
-    out = Path(cfg.out)  # only now, with the dataset and the model known good, is anything in out touched
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "train_log.jsonl"
-    log_path.unlink(missing_ok=True)
+    out, log_path = prepare_out(cfg)
     data = _load_data(cfg, dataset, model, "train")
     val = _load_data(cfg, dataset, model, "val")
     if stats is None:
@@ -94,20 +95,9 @@ def train_smolvla(cfg: TrainConfig) -> Path:
     _normalize(data, adapter, f"{cfg.data}/train")
     if val is not None:
         _normalize(val, adapter, f"{cfg.data}/val")
-    val_batch = val.sample(cfg.val_samples, torch.Generator().manual_seed(cfg.seed + 1)) if val else None
-
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    decay = [p for p in params.values() if p.dim() >= 2]
-    no_decay = [p for p in params.values() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.95),
-    )
-    ema = EMA(params, cfg.ema_decay)
-    amp = cfg.precision == "bf16"
+    val_batch = val_batch_of(cfg, val)
     capability = torch.backends.cpu.get_cpu_capability()
-    if amp and capability in ("DEFAULT", "VSX", "ZVECTOR", "AVX2", "NO AVX"):
+    if cfg.precision == "bf16" and capability in ("DEFAULT", "VSX", "ZVECTOR", "AVX2", "NO AVX"):
         print(
             f"train: warning: this CPU ({capability}) has no bf16 matrix units; bf16 autocast runs several "
             "times slower than fp32 here (5x measured on AVX2): pass --precision fp32"
@@ -115,93 +105,22 @@ def train_smolvla(cfg: TrainConfig) -> Path:
     vlm = model.vlm_with_expert.vlm.model.text_model
     print(
         f"train {NAME}: {len(data)} frames, {len(data.instructions)} instructions, "
-        f"{sum(p.numel() for p in params.values()) / 1e6:.2f}M trainable params (text layers "
-        f"{count_parameters(vlm) / 1e6:.2f}M, expert {count_parameters(model.expert) / 1e6:.2f}M)"
+        f"{sum(p.numel() for p in trainable_parameters(model).values()) / 1e6:.2f}M trainable params (text "
+        f"layers {count_parameters(vlm) / 1e6:.2f}M, expert {count_parameters(model.expert) / 1e6:.2f}M)"
     )
 
-    def val_loss() -> float | None:
-        if val_batch is None:
-            return None
-        ema.swap()
-        model.eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            loss = adapter.flow_objective(val_batch, None, torch.Generator().manual_seed(0), 4)
-        ema.swap()
-        model.train()
-        return float(loss)
+    def objective(batch: dict[str, torch.Tensor], generator: torch.Generator, n_noise: int) -> torch.Tensor:
+        return adapter.flow_objective(batch, None, generator, n_noise)
 
-    def save(step: int, elapsed: float, final: bool, last_loss: float | None, last_val: float | None) -> None:
-        training: dict[str, Any] = {
-            "arch": "smolvla",
-            "steps": step,
-            "elapsed_min": round(elapsed / 60, 2),
-            "samples": step * cfg.batch_size,
-            "final": final,
-            "train_loss": last_loss,
-            "val_loss_ema": last_val,
-            "frames": len(data),
-            "scene_version": dataset.scene_version,
-            "demo_version": dataset.demo_version,
-            "shards": data.files,
-            "instructions": data.instructions,
-            "config": {k: v for k, v in asdict(cfg).items() if k != "out"},
-            "torch": torch.__version__,
-        }
-        save_checkpoint(model, out, stats, {"training": training}, weights=ema.shadow)
+    def save(run: Progress, final: bool, weights: dict[str, torch.Tensor]) -> None:
+        training: dict[str, Any] = {"arch": "smolvla", **training_record(cfg, dataset, data, run, final)}
+        save_checkpoint(model, out, stats, {"training": training}, weights=weights)
 
-    model.train()
-    start = last_ckpt = time.monotonic()
-    step, loss_avg, last_val = 0, None, None
-    budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else None
-    bar = tqdm(total=cfg.max_steps, desc="train", unit="step", dynamic_ncols=True)
-    try:
-        while True:
-            elapsed = time.monotonic() - start
-            progress = max(
-                step / cfg.max_steps if cfg.max_steps else 0.0, elapsed / budget_s if budget_s else 0.0
-            )
-            if progress >= 1.0:
-                break
-            lr = lr_at(step, progress, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            batch = data.sample(cfg.batch_size, gen)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                loss = adapter.flow_objective(batch, None, gen, cfg.n_noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
-            opt.step()
-            ema.update(step)
-            step += 1
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"training loss became {value} at step {step}; lower --lr")
-            loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", progress=f"{progress:.0%}")
-            if step % cfg.val_every == 0:
-                last_val = val_loss()
-                rec = {
-                    "step": step,
-                    "loss": loss_avg,
-                    "lr": lr,
-                    "val_loss_ema": last_val,
-                    "min": elapsed / 60,
-                }
-                _append_jsonl(log_path, rec)
-            if time.monotonic() - last_ckpt >= cfg.checkpoint_every_min * 60:
-                save(step, time.monotonic() - start, False, loss_avg, last_val)
-                last_ckpt = time.monotonic()
-    except KeyboardInterrupt:
-        print(f"\ntrain: interrupted at step {step}; saving the EMA weights")
-    finally:
-        bar.close()
-    elapsed = time.monotonic() - start
-    last_val = val_loss()
-    _append_jsonl(log_path, {"step": step, "loss": loss_avg, "val_loss_ema": last_val, "min": elapsed / 60})
-    save(step, elapsed, True, loss_avg, last_val)
-    print(f"train: {step} steps in {elapsed / 60:.1f} min, loss {loss_avg}, val {last_val}; saved to {out}")
+    run = fit(cfg, model, data, val_batch, objective, gen, log_path, save)
+    print(
+        f"train: {run.step} steps in {run.elapsed / 60:.1f} min, loss {run.loss}, val {run.val}; "
+        f"saved to {out}"
+    )
     return out
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,25 +192,84 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train, save EMA checkpoints to ``cfg.out`` periodically and at the end; return the output directory."""
+Objective = Callable[[dict[str, torch.Tensor], torch.Generator, int], torch.Tensor]
+"""``objective(batch, generator, n_noise)``: the training loss of one batch, differentiable."""
+
+
+@dataclass
+class Progress:
+    """Where a run stands: what the checkpoints' ``training`` metadata and the final report say."""
+
+    step: int = 0
+    elapsed: float = 0.0  # seconds
+    loss: float | None = None  # running average of the training loss
+    val: float | None = None  # validation loss of the EMA weights
+
+
+def open_run(cfg: TrainConfig) -> tuple[torch.Generator, EpisodeDataset]:
+    """Threads and seeds (the global seed draws a fresh model's weights; the generator draws batches and
+    noise), and the dataset. Both trainers start this way, so a seed means the same run in each."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    dataset = open_dataset(cfg.data, allow_incomplete=cfg.allow_incomplete)
-    model = _initial_model(cfg, dataset)
-    # only now, with the dataset and the model known good, is anything in ``out`` touched
+    return gen, open_dataset(cfg.data, allow_incomplete=cfg.allow_incomplete)
+
+
+def prepare_out(cfg: TrainConfig) -> tuple[Path, Path]:
+    """``cfg.out`` and its fresh ``train_log.jsonl`` path; call only once the dataset and the model are known
+    good, so a refused run touches nothing there."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.jsonl"
     log_path.unlink(missing_ok=True)
-    data = _load_data(cfg, dataset, model, "train")
-    val = _load_data(cfg, dataset, model, "val")
-    if cfg.init is None:
-        model.set_state_stats(data.states.mean(0), data.states.std(0))
-    val_batch = val.sample(cfg.val_samples, torch.Generator().manual_seed(cfg.seed + 1)) if val else None
+    return out, log_path
 
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+def val_batch_of(cfg: TrainConfig, val: ChunkDataset | None) -> dict[str, torch.Tensor] | None:
+    """The fixed validation batch (its own seed, so it does not move the training draws)."""
+    return val.sample(cfg.val_samples, torch.Generator().manual_seed(cfg.seed + 1)) if val else None
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def training_record(
+    cfg: TrainConfig, dataset: EpisodeDataset, data: ChunkDataset, run: Progress, final: bool
+) -> dict[str, Any]:
+    """The ``training`` metadata a checkpoint carries: the run's progress, its data and its config."""
+    return {
+        "steps": run.step,
+        "elapsed_min": round(run.elapsed / 60, 2),
+        "samples": run.step * cfg.batch_size,
+        "final": final,
+        "train_loss": run.loss,
+        "val_loss_ema": run.val,
+        "frames": len(data),
+        "scene_version": dataset.scene_version,
+        "demo_version": dataset.demo_version,
+        "shards": data.files,
+        "instructions": data.instructions,
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("out",)},
+        "torch": torch.__version__,
+    }
+
+
+def fit(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    data: ChunkDataset,
+    val_batch: dict[str, torch.Tensor] | None,
+    objective: Objective,
+    gen: torch.Generator,
+    log_path: Path,
+    save: Callable[[Progress, bool, dict[str, torch.Tensor]], None],
+) -> Progress:
+    """The training loop both trainers run: AdamW (no decay on vectors), warmup + cosine over the progress,
+    gradient clipping, EMA, validation of the EMA weights every ``val_every`` steps (logged to ``log_path``),
+    ``save(progress, final, ema_weights)`` every ``checkpoint_every_min`` and once at the end (also after
+    Ctrl-C). Returns the final progress."""
+    params = trainable_parameters(model)
     decay = [p for p in params.values() if p.dim() >= 2]
     no_decay = [p for p in params.values() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -219,12 +279,6 @@ def train(cfg: TrainConfig) -> Path:
     )
     ema = EMA(params, cfg.ema_decay)
     amp = cfg.precision == "bf16"
-    n_trainable = sum(p.numel() for p in params.values())
-    print(
-        f"train: {len(data)} frames, {len(data.instructions)} instructions, "
-        f"{n_trainable / 1e6:.2f}M trainable params (backbone {count_parameters(model.blocks) / 1e6:.2f}M, "
-        f"head {count_parameters(model.head) / 1e6:.2f}M)"
-    )
 
     def val_loss() -> float | None:
         if val_batch is None:
@@ -232,92 +286,101 @@ def train(cfg: TrainConfig) -> Path:
         ema.swap()
         model.eval()
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            z = model.condition(val_batch)
-            loss = model.denoising_loss(
-                z, val_batch["actions"], generator=torch.Generator().manual_seed(0), n_noise=4
-            )
+            loss = objective(val_batch, torch.Generator().manual_seed(0), 4)
         ema.swap()
         model.train()
         return float(loss)
 
-    def save(step: int, elapsed: float, final: bool, last_loss: float, last_val: float | None) -> None:
-        meta = {
-            "training": {
-                "steps": step,
-                "elapsed_min": round(elapsed / 60, 2),
-                "samples": step * cfg.batch_size,
-                "final": final,
-                "train_loss": last_loss,
-                "val_loss_ema": last_val,
-                "frames": len(data),
-                "scene_version": dataset.scene_version,
-                "demo_version": dataset.demo_version,
-                "shards": data.files,
-                "instructions": data.instructions,
-                "config": {k: v for k, v in asdict(cfg).items() if k not in ("out",)},
-                "torch": torch.__version__,
-            }
-        }
-        save_reference_checkpoint(model, out, meta, weights=ema.shadow)
-
     model.train()
     start = time.monotonic()
     last_ckpt = start
-    step, loss_avg, last_val = 0, None, None
+    run = Progress()
     budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else None
     bar = tqdm(total=cfg.max_steps, desc="train", unit="step", dynamic_ncols=True)
     try:
         while True:
             elapsed = time.monotonic() - start
             progress = max(
-                step / cfg.max_steps if cfg.max_steps else 0.0, elapsed / budget_s if budget_s else 0.0
+                run.step / cfg.max_steps if cfg.max_steps else 0.0, elapsed / budget_s if budget_s else 0.0
             )
             if progress >= 1.0:
                 break
-            lr = lr_at(step, progress, cfg)
+            lr = lr_at(run.step, progress, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
             batch = data.sample(cfg.batch_size, gen)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                z = model.condition(batch)
-                loss = model.denoising_loss(z, batch["actions"], generator=gen, n_noise=cfg.n_noise)
+                loss = objective(batch, gen, cfg.n_noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
             opt.step()
-            ema.update(step)
-            step += 1
+            ema.update(run.step)
+            run.step += 1
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise FloatingPointError(f"training loss became {value} at step {step}; lower --lr")
-            loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
+                raise FloatingPointError(f"training loss became {value} at step {run.step}; lower --lr")
+            run.loss = value if run.loss is None else 0.98 * run.loss + 0.02 * value
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", progress=f"{progress:.0%}")
-            if step % cfg.val_every == 0:
-                last_val = val_loss()
+            bar.set_postfix(loss=f"{run.loss:.4f}", lr=f"{lr:.2e}", progress=f"{progress:.0%}")
+            if run.step % cfg.val_every == 0:
+                run.val = val_loss()
                 rec = {
-                    "step": step,
-                    "loss": loss_avg,
+                    "step": run.step,
+                    "loss": run.loss,
                     "lr": lr,
-                    "val_loss_ema": last_val,
+                    "val_loss_ema": run.val,
                     "min": elapsed / 60,
                 }
                 _append_jsonl(log_path, rec)
             if time.monotonic() - last_ckpt >= cfg.checkpoint_every_min * 60:
-                save(step, time.monotonic() - start, False, loss_avg, last_val)
+                run.elapsed = time.monotonic() - start
+                save(run, False, ema.shadow)
                 last_ckpt = time.monotonic()
     except KeyboardInterrupt:
-        print(f"\ntrain: interrupted at step {step}; saving the EMA weights")
+        print(f"\ntrain: interrupted at step {run.step}; saving the EMA weights")
     finally:
         bar.close()
-    elapsed = time.monotonic() - start
-    last_val = val_loss()
-    _append_jsonl(log_path, {"step": step, "loss": loss_avg, "val_loss_ema": last_val, "min": elapsed / 60})
-    save(step, elapsed, True, loss_avg, last_val)
+    run.elapsed = time.monotonic() - start
+    run.val = val_loss()
+    _append_jsonl(
+        log_path, {"step": run.step, "loss": run.loss, "val_loss_ema": run.val, "min": run.elapsed / 60}
+    )
+    save(run, True, ema.shadow)
+    return run
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train, save EMA checkpoints to ``cfg.out`` periodically and at the end; return the output directory."""
+    gen, dataset = open_run(cfg)
+    model = _initial_model(cfg, dataset)
+    out, log_path = prepare_out(cfg)
+    data = _load_data(cfg, dataset, model, "train")
+    val = _load_data(cfg, dataset, model, "val")
+    if cfg.init is None:
+        model.set_state_stats(data.states.mean(0), data.states.std(0))
+    val_batch = val_batch_of(cfg, val)
+    n_trainable = sum(p.numel() for p in trainable_parameters(model).values())
     print(
-        f"train: {step} steps in {elapsed / 60:.1f} min, loss {loss_avg:.4f}, val {last_val}; saved to {out}"
+        f"train: {len(data)} frames, {len(data.instructions)} instructions, "
+        f"{n_trainable / 1e6:.2f}M trainable params (backbone {count_parameters(model.blocks) / 1e6:.2f}M, "
+        f"head {count_parameters(model.head) / 1e6:.2f}M)"
+    )
+
+    def objective(batch: dict[str, torch.Tensor], generator: torch.Generator, n_noise: int) -> torch.Tensor:
+        z = model.condition(batch)
+        return model.denoising_loss(z, batch["actions"], generator=generator, n_noise=n_noise)
+
+    def save(run: Progress, final: bool, weights: dict[str, torch.Tensor]) -> None:
+        meta = {"training": training_record(cfg, dataset, data, run, final)}
+        save_reference_checkpoint(model, out, meta, weights=weights)
+
+    run = fit(cfg, model, data, val_batch, objective, gen, log_path, save)
+    print(
+        f"train: {run.step} steps in {run.elapsed / 60:.1f} min, loss {run.loss:.4f}, val {run.val}; "
+        f"saved to {out}"
     )
     return out
 
 
-__all__ = ["TrainConfig", "train", "lr_at", "EMA"]
+__all__ = ["TrainConfig", "train", "lr_at", "EMA", "Progress", "fit", "training_record"]
