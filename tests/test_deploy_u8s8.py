@@ -117,3 +117,22 @@ def test_cost_model_keeps_or_drops_u8s8():
     assert [p.kernel for p in plans] == ["matmul_integer_u8s8", "dequantized_fp32"]
     assert "matmul_integer_u8s8 0.100 ms vs fp32 0.200 ms" in plans[0].decision
     assert "does not pay" in plans[1].decision
+
+
+def test_bench_per_channel_recipe_lowers_to_u8s8():
+    import copy
+
+    from daptq.deploy.bench import BASE_VARIANTS, base_policy, per_channel_w4a8_recipe, reference_w4a8_recipe
+
+    assert "ort-w4a8-pc" in BASE_VARIANTS
+    net = base_policy("toy-vla").model
+    grouped = reference_w4a8_recipe(net, 128)
+    recipe = per_channel_w4a8_recipe(net, 128)
+    assert [r.target for r in recipe.rules] == [r.target for r in grouped.rules]  # the same layers
+    assert {r.spec for r in recipe.rules} == {QuantSpec(WeightSpec(4), PER_TOKEN)}
+    quantize_(net, recipe)
+    plans = lower_model_(copy.deepcopy(net))
+    quantized = [p for p in plans if p.spec != "float"]
+    assert quantized and all(p.kernel == "matmul_integer_u8s8" for p in quantized), {
+        p.name: p.kernel for p in plans
+    }

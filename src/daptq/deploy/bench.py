@@ -22,7 +22,9 @@ one call being ``predict_chunk`` on a prepared batch, ratios to the same model's
 - ``torch-fp32``, ``torch-bf16`` (CPU autocast), ``torch-w4a8-fake`` (the fake-quant model daptq evaluates);
 - ``torch-w4-packed`` (daptq's int4 weight-only tinygemm kernels, bf16 activations: W4A8 has no PyTorch CPU
   kernel) eager, and ``torch-w4-packed-compile`` (``torch.compile`` of the same, if ``--compile``);
-- ``ort-fp32`` and ``ort-w4a8`` (``daptq export``: MatMulNBits int4 weights, int8 activations).
+- ``ort-fp32`` and ``ort-w4a8`` (``daptq export``: MatMulNBits int4 weights, int8 activations);
+- ``ort-w4a8-pc``: RTN W4A8 with per-channel weights on the same layers, exported as u8s8 ``MatMulInteger``
+  (exact, MLAS' int8 rate; per-group scales do not factor out of one integer GEMM).
 
 Other specs are measured as given in that mode too. Results go to JSON and a Markdown table. Bad options, an
 unknown or unsupported spec and a worker that fails are a ``BenchError`` (a ``ValueError``: ``daptq bench``
@@ -46,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from daptq.quant import QuantSpec, Recipe, Rule, w4a8
+from daptq.quant import ActivationSpec, QuantSpec, Recipe, Rule, WeightSpec, w4a8
 
 PROTOCOL = "@@bench "
 BASE_VARIANTS = (
@@ -57,6 +59,7 @@ BASE_VARIANTS = (
     "torch-w4-packed-compile",
     "ort-fp32",
     "ort-w4a8",
+    "ort-w4a8-pc",
 )
 SPEC_VARIANTS = ("fp", "as-given", "as-evaluated", "packed", "onnx")  # what a spec measured as given becomes
 GROUP_SIZES = (128, 64, 32)
@@ -214,6 +217,14 @@ def reference_w4a8_recipe(model: Any = None, group_size: int = 128, spec: QuantS
     return Recipe(tuple(rules))
 
 
+def per_channel_w4a8_recipe(model: Any = None, group_size: int = 128) -> Recipe:
+    """``reference_w4a8_recipe``'s layers with per-channel symmetric W4 weights (int8 per-token activations):
+    what the u8s8 ``MatMulInteger`` kernel runs exactly. The same layers, so only the weight grid differs."""
+    spec = QuantSpec(WeightSpec(4), ActivationSpec(8))
+    rules = reference_w4a8_recipe(model, group_size).rules
+    return Recipe(tuple(Rule(r.target, spec if r.spec else None, r.match) for r in rules))
+
+
 def weight_only_w4(recipe: Recipe) -> Recipe:
     """The same layers and groups without activation quantization (what the packed int4 kernel runs)."""
     return Recipe(tuple(Rule(r.target, QuantSpec(r.spec.weight), r.match) for r in recipe.rules if r.spec))
@@ -352,24 +363,28 @@ def analyse_exports(
     return out
 
 
-def prepare_exports(model: str, cache: Path, group_size: int, threads: int = 1) -> dict[str, Path]:
-    """Export the ORT variants of a base model (in this process; run it in a subprocess). ``ort-w4a8`` keeps
-    each layer's integer kernel only where it measured faster than fp32 at ``threads`` (the manifest says
-    why, per layer)."""
+def prepare_exports(
+    model: str, cache: Path, group_size: int, threads: int = 1, per_channel: bool = False
+) -> dict[str, Path]:
+    """Export the ORT variants of a base model (in this process; run it in a subprocess), ``ort-w4a8-pc``
+    too if ``per_channel``. The W4A8 exports keep each layer's integer kernel only where it measured faster
+    than fp32 at ``threads`` (the manifest says why, per layer)."""
     from daptq.deploy.export import export_reference_policy
     from daptq.quant import quantize_
 
     out = {}
-    for variant in ("ort-fp32", "ort-w4a8"):
+    for variant in ("ort-fp32", "ort-w4a8") + (("ort-w4a8-pc",) if per_channel else ()):
         policy = base_policy(model)
         if variant == "ort-w4a8":
             quantize_(policy.model, reference_w4a8_recipe(policy.model, group_size))
+        elif variant == "ort-w4a8-pc":
+            quantize_(policy.model, per_channel_w4a8_recipe(policy.model, group_size))
         out[variant] = export_reference_policy(
             policy,
             export_dir(cache, model, variant),
             source=model,
             overwrite=True,
-            cost_model="measure" if variant == "ort-w4a8" else None,  # integer kernels where they pay
+            cost_model=None if variant == "ort-fp32" else "measure",  # integer kernels where they pay
             threads=threads,
         )
         del policy
@@ -619,11 +634,12 @@ def _subprocess(args: list[str], threads: int, what: str) -> str:
         return proc.stdout
 
 
-def _prepare(model: str, cache: Path, group_size: int, threads: int) -> None:
+def _prepare(model: str, cache: Path, group_size: int, threads: int, per_channel: bool = False) -> None:
     """Export the ORT variants of a base model in a subprocess (its memory is not a worker's)."""
     _subprocess(
         ["--prepare", "--model", model, "--cache", str(cache), "--group-size", str(group_size)]
-        + ["--threads", str(threads)],
+        + ["--threads", str(threads)]
+        + (["--per-channel"] if per_channel else []),
         threads,
         f"exporting the ort- variants of {model} into {cache}",
     )
@@ -723,7 +739,8 @@ def run_bench(
     analysed: dict[str, Any] = {}
     exported = dict.fromkeys(m for m, v in rows if v.startswith("ort-") or roofline or profile)
     for model in exported:
-        _prepare(model, cache, group_size, thread_counts[0])
+        per_channel = (model, "ort-w4a8-pc") in rows
+        _prepare(model, cache, group_size, thread_counts[0], per_channel)
         if roofline or profile:
             analysed[model] = _analyse(model, cache, thread_counts, roofline, profile)
     rates = {t: _rates(t) for t in thread_counts} if roofline else {}
@@ -955,13 +972,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cost", action="store_true")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--rates", action="store_true")
+    p.add_argument("--per-channel", action="store_true")
     args = p.parse_args(argv)
     if args.prepare or args.analyse or args.rates:
         import torch
 
         torch.set_num_threads(args.threads)
     if args.prepare:
-        prepare_exports(args.model, Path(args.cache), args.group_size, args.threads)
+        prepare_exports(args.model, Path(args.cache), args.group_size, args.threads, args.per_channel)
         return 0
     if args.analyse:
         counts = [int(t) for t in args.thread_counts.split(",")]
