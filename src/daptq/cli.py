@@ -678,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants",
         nargs="+",
         help="instead, daptq's own recipes of each ref:/cogact-d2048 model: 'all' or some of torch-fp32 "
-        "torch-bf16 torch-w4a8-fake torch-w4-packed torch-w4-packed-compile ort-fp32 ort-w4a8",
+        "torch-bf16 torch-w4a8-fake torch-w4-packed torch-w4-packed-compile ort-fp32 ort-w4a8 ort-w4a8-pc",
     )
     bench.add_argument(
         "--compile", action="store_true", help="with --variants all: also torch-w4-packed-compile"
