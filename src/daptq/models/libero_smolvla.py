@@ -48,6 +48,13 @@ from torch import nn
 from daptq.atomic import atomic_write_bytes, atomic_write_json
 from daptq.models.adapter import AttentionLayout, Observation, PolicyInfo, state_digest
 from daptq.models.batching import slot_noise, slot_rows, stack_rows
+from daptq.models.bundled_encoders import (
+    EncoderCachePolicy,
+    checkpoint_state,
+    encoder_inputs,
+    pad_tokens,
+    use_vision_features,
+)
 from daptq.models.encoders import LANGUAGE_DIM, LanguageEncoder, VisionEncoder
 from daptq.models.family_common import (
     FamilyPolicyMixin,
@@ -281,27 +288,12 @@ class LiberoSmolVLA(SmolVLA):
 
     def features(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """(vision tokens, language features, language mask, state) from raw or precomputed inputs."""
-        if "vision_features" in batch:
-            vision = batch["vision_features"]
-        elif "image" in batch:
-            vision = self.vision(batch["image"])
-        else:
-            raise ValueError(f"{NAME} batch needs 'image' or 'vision_features' (has {sorted(batch)})")
-        if "language_features" in batch:
-            language, mask = batch["language_features"], batch["language_mask"]
-        elif "input_ids" in batch:
-            mask = batch["attention_mask"]
-            language = self.language(batch["input_ids"], mask)
-        else:
-            raise ValueError(
-                f"{NAME} batch needs 'input_ids'+'attention_mask' or 'language_features'+'language_mask' "
-                f"(has {sorted(batch)})"
-            )
+        vision, language, mask = encoder_inputs(batch, self.vision, self.language, f"{NAME} batch")
         if "state" not in batch:
             raise ValueError(
                 f"{NAME} batch needs 'state' (B, {self.config.max_state_dim}) normalized, padded"
             )
-        return vision, language, mask.bool(), batch["state"]
+        return vision, language, mask, batch["state"]
 
     def embed_features(self, batch: Mapping[str, torch.Tensor]):
         """SmolVLA's prefix from the stand-ins: image tokens and language tokens scaled by sqrt(d) as the
@@ -551,9 +543,9 @@ class LiberoSmolVLAAdapter(LeRobotVLAAdapter):
             yield batch
 
 
-class LiberoSmolVLAPolicy(FamilyPolicyMixin, ChunkedPolicy):
-    """The model, its statistics and a per-instruction language cache as a closed-loop policy (executes
-    ``n_action_steps`` of each K-action chunk)."""
+class LiberoSmolVLAPolicy(EncoderCachePolicy, FamilyPolicyMixin, ChunkedPolicy):
+    """The model, its statistics and a per-instruction language cache (``EncoderCachePolicy``) as a
+    closed-loop policy (executes ``n_action_steps`` of each K-action chunk)."""
 
     def __init__(
         self,
@@ -606,31 +598,8 @@ class LiberoSmolVLAPolicy(FamilyPolicyMixin, ChunkedPolicy):
             recipe=self.recorded_recipe(),
         )
 
-    def invalidate_caches(self) -> None:
-        self._language_cache.clear()
-        self._language_fingerprint = None
-
-    def _fingerprint(self) -> tuple:
-        enc = self.model.language
-        items = [(id(m),) for m in enc.modules()]
-        items += [(id(t), getattr(t, "_version", None)) for t in (*enc.parameters(), *enc.buffers())]
-        return tuple(items)
-
-    @torch.no_grad()
-    def language_features(self, instruction: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, L, 384) MiniLM features and (1, L) mask, cached per instruction while the encoder is
-        unchanged (same modules, same in-place versions of its tensors)."""
-        if not isinstance(instruction, str) or not instruction:
-            raise ValueError(f"instruction must be a non-empty string, got {instruction!r}")
-        fingerprint = self._fingerprint()
-        if fingerprint != self._language_fingerprint:
-            self._language_cache.clear()
-            self._language_fingerprint = fingerprint
-        if instruction not in self._language_cache:
-            tok = self.model.language.tokenize([instruction])
-            feats = self.model.language(tok["input_ids"], tok["attention_mask"])
-            self._language_cache[instruction] = (feats, tok["attention_mask"].bool())
-        return self._language_cache[instruction]
+    def _image(self, observation: Observation) -> torch.Tensor:
+        return self.adapter.image_tensor(observation["image"])
 
     def observation_batch(self, observation: Observation) -> dict[str, torch.Tensor]:
         require_observation(observation, ("image", "instruction", "state"))
@@ -662,42 +631,13 @@ class LiberoSmolVLAPolicy(FamilyPolicyMixin, ChunkedPolicy):
         row 0, discarded); ``vision_features`` from ``vision_features`` of a policy with the same
         ``vision_key``. Returns (B, n_action_steps, action_dim) float32 in robot units."""
         rows, n = slot_rows(observations, generators, slots, self.observation_batch)
-        batch = stack_rows(rows, torch.cat, _pad_tokens)
-        if vision_features is not None:
-            if vision_features.shape[0] != len(rows):
-                raise ValueError(
-                    f"vision_features has {vision_features.shape[0]} rows, the batch {len(rows)}"
-                )
-            batch["vision_features"] = vision_features
-            del batch["image"]
+        batch = use_vision_features(stack_rows(rows, torch.cat, pad_tokens), vision_features)
         c = self.config
         noise = slot_noise(generators, len(rows), c.chunk_size, c.max_action_dim)
         p = self.model.state_proj.weight
         chunk = self.model.sample_chunk(self.adapter._batch(batch), noise.to(p.device, p.dtype))
         chunk = chunk[:n, : self.n_action_steps, : c.action_dim].float().cpu()
         return self.statistics.unnormalize(chunk, "action", "ACTION").numpy().astype(np.float32)
-
-    @torch.no_grad()
-    def vision_features(self, observations: Sequence[Observation], slots: int | None = None) -> torch.Tensor:
-        """The vision encoder's output for the batch ``predict_chunks`` builds from ``observations``."""
-        if slots is not None and slots < len(observations):
-            raise ValueError(f"slots={slots} < {len(observations)} observations")
-        images = [self.adapter.image_tensor(o["image"]) for o in observations]
-        images += [images[0]] * ((slots or len(images)) - len(images))
-        return self.model.vision(torch.cat(images))
-
-    def vision_key(self) -> str:
-        """Digest of the vision encoder now (module types and tensors): equal keys, equal features."""
-        enc = self.model.vision
-        types = [f"{type(m).__module__}.{type(m).__qualname__}" for m in enc.modules()]
-        return state_digest(enc, {"modules": types})
-
-
-def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
-    """Pad (1, L, ...) language features / mask with zeros (False) to (1, length, ...)."""
-    if x.shape[1] == length:
-        return x
-    return torch.cat([x, torch.zeros((1, length - x.shape[1], *x.shape[2:]), dtype=x.dtype)], dim=1)
 
 
 # ---- statistics and checkpoints ----------------------------------------------------------------------------
@@ -739,11 +679,7 @@ def save_checkpoint(
     from safetensors.torch import save
 
     d = Path(directory)
-    state = model.trainable_state_dict()
-    unknown = set(weights or {}) - set(state)
-    if unknown:
-        raise ValueError(f"weights has names the model does not: {sorted(unknown)[:5]}")
-    state.update(weights or {})
+    state = checkpoint_state(model, weights)
     tensors = {PREFIX + k: v.detach().cpu().float().contiguous() for k, v in state.items()}
     flat = {
         f"{f}.{s}": torch.as_tensor(v, dtype=torch.float32).contiguous()
@@ -832,10 +768,6 @@ def load_spec(spec: str) -> LiberoSmolVLAPolicy:
     """The policy a ``libero-smolvla:DIR[?n_action_steps=N]`` spec names (a checkpoint directory)."""
     path, options = parse_model_spec(spec, f"{NAME}:", ("n_action_steps",), f"{NAME}:DIR[?n_action_steps=N]")
     return load_checkpoint(path, spec_number(spec, options, "n_action_steps"))
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def parameters_by_role(model: LiberoSmolVLA) -> dict[str, int]:

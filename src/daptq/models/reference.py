@@ -48,6 +48,14 @@ from daptq.models.adapter import (
     state_digest,
 )
 from daptq.models.batching import slot_noise, slot_rows, stack_rows
+from daptq.models.bundled_encoders import (
+    EncoderCachePolicy,
+    checkpoint_state,
+    count_parameters,
+    encoder_inputs,
+    pad_tokens,
+    use_vision_features,
+)
 from daptq.models.dit import DiTActionHead, NoiseSchedule
 from daptq.models.encoders import LANGUAGE_DIM, LanguageEncoder, VisionEncoder
 from daptq.models.policy import ChunkedPolicy
@@ -158,26 +166,10 @@ class ReferenceVLA(nn.Module):
 
     def features(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run the frozen encoders on whatever raw inputs the batch carries (see the module docstring)."""
-        if "vision_features" in batch:
-            vision = batch["vision_features"]
-        elif "image" in batch:
-            vision = self.vision(batch["image"])
-        else:
-            raise ValueError("batch needs 'image' or 'vision_features'")
-        if "language_features" in batch:
-            language, mask = batch["language_features"], batch["language_mask"]
-        elif "input_ids" in batch:
-            language, mask = (
-                self.language(batch["input_ids"], batch["attention_mask"]),
-                batch["attention_mask"],
-            )
-        else:
-            raise ValueError(
-                "batch needs 'input_ids'+'attention_mask' or 'language_features'+'language_mask'"
-            )
+        vision, language, mask = encoder_inputs(batch, self.vision, self.language)
         if "state" not in batch:
             raise ValueError("batch needs 'state' (B, 4): end-effector xyz and gripper opening")
-        return {"vision": vision, "language": language, "language_mask": mask.bool(), "state": batch["state"]}
+        return {"vision": vision, "language": language, "language_mask": mask, "state": batch["state"]}
 
     def condition(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Backbone forward: inputs -> z (B, d_model), the output at the cognition token."""
@@ -468,7 +460,7 @@ class ReferenceAdapter(VLAAdapter):
             yield batch
 
 
-class ReferencePolicy(ChunkedPolicy):
+class ReferencePolicy(EncoderCachePolicy, ChunkedPolicy):
     """The reference VLA as a closed-loop ``Policy``; its ``adapter`` (a ``ReferenceAdapter``) is what
     quantization methods take. Also the batched-evaluation provider (``predict_chunks``, shared vision
     features) and the language cache.
@@ -477,11 +469,7 @@ class ReferencePolicy(ChunkedPolicy):
     before re-planning from a fresh observation (half the chunk; longer open-loop execution made contact tasks
     drift, shorter costs more compute).
 
-    Language cache: instructions are fixed strings, so their MiniLM features are cached per string. The cache
-    is tagged with a fingerprint of the language encoder (identity and in-place version counter of every
-    module, parameter and buffer), so swapping a module (quantization) or an in-place weight update
-    invalidates it. Edits that bypass autograd's version counter (``param.data = ...``) are not seen: call
-    ``clear_language_cache()`` after those.
+    Language cache and shared vision features: ``EncoderCachePolicy`` (``bundled_encoders``).
     """
 
     def __init__(self, model: ReferenceVLA, meta: Mapping[str, Any] | None = None) -> None:
@@ -535,9 +523,6 @@ class ReferencePolicy(ChunkedPolicy):
         chunk = self.adapter.predict_chunk(self.observation_to_batch(observation), generator=generator)
         return chunk[0].cpu().numpy().astype(np.float32)
 
-    def invalidate_caches(self) -> None:
-        self.clear_language_cache()
-
     @torch.no_grad()
     def predict_chunks(
         self,
@@ -557,37 +542,12 @@ class ReferencePolicy(ChunkedPolicy):
         Returns (B, n_action_steps, action_dim) float32.
         """
         rows, n = slot_rows(observations, generators, slots, self.observation_to_batch)
-        batch = stack_rows(rows, torch.cat, _pad_tokens)
-        if vision_features is not None:
-            if vision_features.shape[0] != len(rows):
-                raise ValueError(
-                    f"vision_features has {vision_features.shape[0]} rows, the batch {len(rows)}"
-                )
-            batch["vision_features"] = vision_features
-            del batch["image"]
+        batch = use_vision_features(stack_rows(rows, torch.cat, pad_tokens), vision_features)
         c = self.config
         noise = slot_noise(generators, len(rows), c.chunk_size, c.action_dim)
         z = self.model.condition(batch)
         chunk = self.model.sample(z, noise=noise).clamp(self.action_space.low, self.action_space.high)
         return chunk[:n, : c.n_action_steps].cpu().numpy().astype(np.float32)
-
-    @torch.no_grad()
-    def vision_features(self, observations: Sequence[Observation], slots: int | None = None) -> torch.Tensor:
-        """The vision encoder's output for the batch ``predict_chunks`` would build from ``observations``
-        (padded to ``slots`` the same way), to pass to it, or to a policy with the same ``vision_key``."""
-        if slots is not None and slots < len(observations):
-            raise ValueError(f"slots={slots} < {len(observations)} observations")
-        images = [self._image(o) for o in observations]
-        images += [images[0]] * ((slots or len(images)) - len(images))
-        return self.model.vision(torch.cat(images))
-
-    def vision_key(self) -> str:
-        """Digest of the vision encoder as it is now (module types, parameters, buffers; recomputed on every
-        call, so no edit goes unseen): two policies with equal keys compute identical vision features from
-        identical images (same kernels, same weights)."""
-        enc = self.model.vision
-        types = [f"{type(m).__module__}.{type(m).__qualname__}" for m in enc.modules()]
-        return state_digest(enc, {"modules": types})
 
     def observation_to_batch(self, observation: Observation) -> dict[str, torch.Tensor]:
         """One environment observation -> a batch of one, with the instruction's cached language features."""
@@ -616,32 +576,6 @@ class ReferencePolicy(ChunkedPolicy):
             )
         return image[None]
 
-    # ---- language cache -----------------------------------------------------------------------------------
-    def _fingerprint(self) -> tuple:
-        enc = self.model.language
-        items = [(id(m),) for m in enc.modules()]
-        items += [(id(t), getattr(t, "_version", None)) for t in (*enc.parameters(), *enc.buffers())]
-        return tuple(items)
-
-    def clear_language_cache(self) -> None:
-        self._language_cache.clear()
-        self._language_fingerprint = None
-
-    @torch.no_grad()
-    def language_features(self, instruction: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, L, 384) features and (1, L) bool mask for one instruction, from the cache when still valid."""
-        if not isinstance(instruction, str) or not instruction:
-            raise ValueError(f"instruction must be a non-empty string, got {instruction!r}")
-        fingerprint = self._fingerprint()
-        if fingerprint != self._language_fingerprint:
-            self._language_cache.clear()
-            self._language_fingerprint = fingerprint
-        if instruction not in self._language_cache:
-            tokens = self.model.language.tokenize([instruction])
-            features = self.model.language(tokens["input_ids"], tokens["attention_mask"])
-            self._language_cache[instruction] = (features, tokens["attention_mask"].bool())
-        return self._language_cache[instruction]
-
 
 class _Handles:
     """Several hook handles removed as one."""
@@ -652,14 +586,6 @@ class _Handles:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-
-
-def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
-    """Pad (1, L, ...) language features / mask with zeros (False) to (1, length, ...)."""
-    if x.shape[1] == length:
-        return x
-    pad = torch.zeros((1, length - x.shape[1], *x.shape[2:]), dtype=x.dtype)
-    return torch.cat([x, pad], dim=1)
 
 
 def transfer_weights(source: ReferenceVLA, target: ReferenceVLA) -> None:
@@ -740,11 +666,7 @@ def save_reference_checkpoint(
     from safetensors.torch import save
 
     directory = Path(directory)
-    state = model.trainable_state_dict()
-    unknown = set(weights or {}) - set(state)
-    if unknown:
-        raise ValueError(f"weights has names the model does not: {sorted(unknown)[:5]}")
-    state.update(weights or {})
+    state = checkpoint_state(model, weights)
     tensors = {k: v.detach().cpu().float().contiguous() for k, v in state.items()}
     atomic_write_bytes(directory / WEIGHTS_FILE, save(tensors))
     payload = {
@@ -810,10 +732,6 @@ def load_reference(spec: str) -> ReferencePolicy:
     if spec.startswith("ref:"):
         return load_reference_policy(spec.removeprefix("ref:"))
     return load_reference_checkpoint(spec)
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 __all__ = [

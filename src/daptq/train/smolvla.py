@@ -18,6 +18,7 @@ import torch
 
 from daptq.data import EpisodeDataset
 from daptq.data.chunks import ChunkDataset
+from daptq.models.bundled_encoders import count_parameters
 from daptq.models.lerobot_vla.modeling import pad_last
 from daptq.models.libero_smolvla import (
     NAME,
@@ -26,7 +27,6 @@ from daptq.models.libero_smolvla import (
     LiberoSmolVLAPolicy,
     build_config,
     compute_statistics,
-    count_parameters,
     save_checkpoint,
     statistics_of,
 )
