@@ -284,13 +284,16 @@ def _onnx_info(directory: Path) -> dict[str, Any]:
     from daptq.deploy.export import read_manifest
 
     manifest = read_manifest(directory)
-    nbits = [p for g in manifest["layers"].values() for p in g if p["kernel"] == "matmul_nbits"]
+    layers = [p for g in manifest["layers"].values() for p in g]
+    nbits = [p for p in layers if p["kernel"] == "matmul_nbits"]
+    u8s8 = [p for p in layers if p["kernel"] == "matmul_integer_u8s8"]  # ort-w4a8-pc: codes stored int8
     return {
         "weights_stored_bytes": sum(f.stat().st_size for f in directory.glob("*.onnx")),
         "w4_layers": len(nbits),
-        "w4_deployed_bytes": sum(p["stored_bytes"] for p in nbits),
-        "w4_ideal_bytes": sum(p["ideal_bytes"] for p in nbits),
-        "w4_bf16_bytes": sum(p["out_features"] * p["fan_in"] * 2 for p in nbits),
+        "u8s8_layers": len(u8s8),
+        "w4_deployed_bytes": sum(p["stored_bytes"] for p in nbits + u8s8),
+        "w4_ideal_bytes": sum(p["ideal_bytes"] for p in nbits + u8s8),
+        "w4_bf16_bytes": sum(p["out_features"] * p["fan_in"] * 2 for p in nbits + u8s8),
         "accuracy_levels": sorted({p["accuracy_level"] for p in nbits}),
         "deploy_decisions": [
             {"layer": p["name"], "kernel": p["kernel"], "reason": p["decision"]}
@@ -856,6 +859,8 @@ def to_markdown(report: dict[str, Any]) -> str:
             note = f"{r['packed_layers']} layers packed"
         elif "quantized_layers" in r:
             note = f"{r['quantized_layers']} fake-quant layers"
+        elif r.get("u8s8_layers"):
+            note = f"{r['u8s8_layers']} u8s8 MatMulInteger layers (int8-stored codes)"
         elif "w4_layers" in r:
             note = f"{r['w4_layers']} MatMulNBits layers"
         lines.append(
