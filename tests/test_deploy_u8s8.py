@@ -119,20 +119,43 @@ def test_cost_model_keeps_or_drops_u8s8():
     assert "does not pay" in plans[1].decision
 
 
-def test_bench_per_channel_recipe_lowers_to_u8s8():
-    import copy
+def test_per_channel_w4a8_policy_exports_to_u8s8_and_matches_fake_quant(tmp_path):
+    """bench's ort-w4a8-pc recipe on a toy reference VLA: every quantized layer in the manifest is u8s8, and
+    the deployed policy equals its fake-quant twin (same noise seed)."""
+    import numpy as np
 
-    from daptq.deploy.bench import BASE_VARIANTS, base_policy, per_channel_w4a8_recipe, reference_w4a8_recipe
+    from daptq.deploy.bench import (
+        BASE_VARIANTS,
+        base_policy,
+        per_channel_w4a8_recipe,
+        reference_w4a8_recipe,
+    )
+    from daptq.deploy.export import export_reference_policy, read_manifest
+    from daptq.deploy.runtime import OnnxPolicy
 
     assert "ort-w4a8-pc" in BASE_VARIANTS
-    net = base_policy("toy-vla").model
-    grouped = reference_w4a8_recipe(net, 128)
-    recipe = per_channel_w4a8_recipe(net, 128)
+    policy = base_policy("toy-vla")
+    grouped = reference_w4a8_recipe(policy.model, 128)
+    recipe = per_channel_w4a8_recipe(policy.model, 128)
     assert [r.target for r in recipe.rules] == [r.target for r in grouped.rules]  # the same layers
     assert {r.spec for r in recipe.rules} == {QuantSpec(WeightSpec(4), PER_TOKEN)}
-    quantize_(net, recipe)
-    plans = lower_model_(copy.deepcopy(net))
-    quantized = [p for p in plans if p.spec != "float"]
-    assert quantized and all(p.kernel == "matmul_integer_u8s8" for p in quantized), {
-        p.name: p.kernel for p in plans
+    quantize_(policy.model, recipe)
+    out = export_reference_policy(policy, tmp_path / "pc")
+    plans = [p for g in read_manifest(out)["layers"].values() for p in g]
+    assert len(plans) == len(recipe.rules)
+    assert {p["kernel"] for p in plans} == {"matmul_integer_u8s8"}, {p["name"]: p["kernel"] for p in plans}
+    deployed = OnnxPolicy(out, threads=1)
+    rng = np.random.default_rng(0)
+    size = policy.model.config.image_size
+    obs = {
+        "image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
+        "state": np.array([0.0, 0.6, 0.2, 0.5], np.float32),
+        "instruction": "push the puck to the goal",
     }
+    with torch.no_grad():
+        batch, deployed_batch = policy.observation_to_batch(obs), deployed.observation_to_batch(obs)
+        z = policy.model.condition(batch)
+        assert rel_err(deployed.condition(deployed_batch), z) < 1e-4
+        a = policy.predict_chunk(batch, torch.Generator().manual_seed(3))
+        b = deployed.predict_chunk(deployed_batch, torch.Generator().manual_seed(3))
+    assert rel_err(torch.as_tensor(np.asarray(b)), a) < 1e-4
