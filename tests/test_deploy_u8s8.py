@@ -89,6 +89,12 @@ def test_u8s8_refuses_codes_beyond_64():
     y, plan, _ = run_lowered(layer, x)
     assert plan.kernel == "matmul_integer"  # the full-range int8 x int8 kernel instead, still exact
     assert rel_err(y, layer(x)) < 1e-5
+    small = quant_linear(QuantSpec(WeightSpec(8), PER_TOKEN), codes=(-3, 3))
+    assert matmul_integer_u8s8_fits(small)
+    q = small.qweight.to(torch.int32)
+    q[0, 5] = -128  # one code at int8's minimum: int8 abs(-128) wraps to -128, must still be refused
+    small.set_quantized_weight(q, small.weight_scale.clone())
+    assert not matmul_integer_u8s8_fits(small)
     full = quant_linear(QuantSpec(WeightSpec(8), PER_TOKEN))  # RTN 8-bit: codes up to 127
     assert int(full.qweight.abs().max()) > 64 and lower_layer(full)[1].kernel == "matmul_integer"
 

@@ -254,7 +254,7 @@ class U8S8MatMulIntegerLinear(nn.Module):
             raise ValueError(
                 f"u8s8 MatMulInteger needs symmetric per-channel/per-tensor weights with codes in "
                 f"[-{U8S8_MAX_CODE}, {U8S8_MAX_CODE}] and symmetric int8 activations: {layer.spec.short()}"
-                + ("" if layer.qweight is None else f", max |code| {int(layer.qweight.abs().max())}")
+                + ("" if layer.qweight is None else f", max |code| {_max_abs_code(layer)}")
             )
         self.spec = layer.spec
         self.out_features = layer.out_features
@@ -436,6 +436,10 @@ def matmul_integer_fits(layer: QuantLinear) -> bool:
     )
 
 
+def _max_abs_code(layer: QuantLinear) -> int:
+    return int(layer.qweight.to(torch.int32).abs().max())  # int8 abs(-128) would wrap to -128
+
+
 def matmul_integer_u8s8_fits(layer: QuantLinear) -> bool:
     """Symmetric per-channel/per-tensor weights whose codes are all within +-64 (checked on the codes, so
     an 8-bit layer qualifies only if its codes fit) and symmetric int8 activations."""
@@ -452,7 +456,7 @@ def matmul_integer_u8s8_fits(layer: QuantLinear) -> bool:
         and -128 <= a.qmin
         and a.qmax <= 127
         and layer.qweight is not None
-        and int(layer.qweight.abs().max()) <= U8S8_MAX_CODE
+        and _max_abs_code(layer) <= U8S8_MAX_CODE
     )
 
 
