@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from daptq.models.adapter import Observation, state_digest
+from daptq.models.adapter import AttentionLayout, Observation, state_digest
 
 
 def encoder_inputs(
@@ -38,6 +38,28 @@ def encoder_inputs(
             f"(has {sorted(batch)})"
         )
     return tokens, features, mask.bool()
+
+
+def minilm_layouts(bert: nn.Module, stream: str | None = None) -> list[AttentionLayout]:
+    """The frozen MiniLM language encoder's self-attention layers (``language.bert.encoder.layer.<i>``)."""
+    out = []
+    for i in range(len(bert.encoder.layer)):
+        p = f"language.bert.encoder.layer.{i}.attention"
+        out.append(
+            AttentionLayout(
+                f"{p}.self",
+                bert.config.num_attention_heads,
+                "language",
+                out=f"{p}.output.dense",
+                q=f"{p}.self.query",
+                k=f"{p}.self.key",
+                v=f"{p}.self.value",
+                block=i,
+                stack="language",
+                stream=stream,
+            )
+        )
+    return out
 
 
 def pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -144,6 +166,7 @@ __all__ = [
     "checkpoint_state",
     "count_parameters",
     "encoder_inputs",
+    "minilm_layouts",
     "pad_tokens",
     "use_vision_features",
 ]

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ from daptq.models.bundled_encoders import (
     EncoderCachePolicy,
     checkpoint_state,
     encoder_inputs,
+    minilm_layouts,
     pad_tokens,
     use_vision_features,
 )
@@ -61,9 +62,14 @@ from daptq.models.family_common import (
     parse_model_spec,
     require_observation,
     spec_number,
-    stack_layouts,
 )
-from daptq.models.lerobot_vla.adapter import LeRobotVLAAdapter, beta_time
+from daptq.models.lerobot_vla.adapter import (
+    LeRobotVLAAdapter,
+    beta_time,
+    chunk_actions,
+    target_actions,
+    weighted_mean,
+)
 from daptq.models.lerobot_vla.checkpoint import POST, PRE, Statistics, read_statistics
 from daptq.models.lerobot_vla.config import LeRobotVLAConfig, TextConfig, VisionConfig, smolvla_intermediate
 from daptq.models.lerobot_vla.modeling import KV, FlowMatchingVLA, SmolVLA, pad_last
@@ -377,44 +383,7 @@ class LiberoSmolVLAAdapter(LeRobotVLAAdapter):
         return super()._where(name)
 
     def attention_layouts(self) -> list[AttentionLayout]:
-        c, p = self.config, self._prefix_names
-        bert = self.model.language.bert
-        minilm = [
-            AttentionLayout(
-                f"language.bert.encoder.layer.{i}.attention.self",
-                bert.config.num_attention_heads,
-                "language",
-                out=f"language.bert.encoder.layer.{i}.attention.output.dense",
-                q=f"language.bert.encoder.layer.{i}.attention.self.query",
-                k=f"language.bert.encoder.layer.{i}.attention.self.key",
-                v=f"language.bert.encoder.layer.{i}.attention.self.value",
-                block=i,
-                stack="language",
-                stream="prefix",
-            )
-            for i in range(len(bert.encoder.layer))
-        ]
-        return [
-            *minilm,
-            *stack_layouts(
-                p["lm"],
-                c.text.layers - 1,
-                c.text.heads,
-                "backbone",
-                "backbone",
-                kv_heads=c.text.kv_heads,
-                stream="prefix",
-            ),
-            *stack_layouts(
-                p["expert"],
-                c.expert.layers,
-                c.expert.heads,
-                "action_head",
-                "expert",
-                kv_heads=c.expert.kv_heads,
-                stream="expert",
-            ),
-        ]
+        return [*minilm_layouts(self.model.language.bert, "prefix"), *self.text_and_expert_layouts()]
 
     def smoothing_groups(self) -> list[SmoothingGroup]:
         """None: the Llama stacks' RMSNorm sources and grouped-query v -> o pairs are not per-channel
@@ -450,27 +419,13 @@ class LiberoSmolVLAAdapter(LeRobotVLAAdapter):
     ) -> torch.Tensor:
         """``objective`` with ``n_noise`` (noise, time) draws per sample (training uses several)."""
         c = self.config
-        if "actions" not in batch:
-            raise ValueError(f"{NAME} objective needs batch['actions'] (B, K, {c.action_dim}) normalized")
+        actions = target_actions(batch, c, NAME, self.model.state_proj.weight)
         inputs = self._batch(batch)
-        p = self.model.state_proj.weight
-        actions = batch["actions"].to(p.device, p.dtype)
-        if actions.shape[1:] != (c.chunk_size, c.action_dim):
-            raise ValueError(
-                f"batch['actions'] has shape {tuple(actions.shape)}, expected (B, {c.chunk_size}, "
-                f"{c.action_dim})"
-            )
         b = actions.shape[0] * n_noise
         noise = torch.randn((b, c.chunk_size, c.max_action_dim), generator=generator).to(actions)
         time = beta_time(b, generator).to(actions)
         errors = self.model.flow_errors(inputs, pad_last(actions, c.max_action_dim), noise, time)
-        errors = errors[..., : c.action_dim]
-        if dim_weights is not None:
-            w = torch.as_tensor(dim_weights, dtype=errors.dtype, device=errors.device)
-            if w.shape != (c.action_dim,):
-                raise ValueError(f"dim_weights has shape {tuple(w.shape)}, expected ({c.action_dim},)")
-            errors = errors * w
-        return errors.mean()
+        return weighted_mean(errors[..., : c.action_dim], dim_weights)
 
     def sample(
         self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
@@ -512,35 +467,7 @@ class LiberoSmolVLAAdapter(LeRobotVLAAdapter):
     def normalized_actions(self, actions: Any) -> torch.Tensor:
         """Robot-unit chunks (B, K', action_dim) -> normalized (B, K, action_dim), cut or padded with the
         last action to the chunk size."""
-        c = self.config
-        a = torch.as_tensor(np.asarray(actions, dtype=np.float32))
-        if a.ndim != 3 or a.shape[-1] != c.action_dim:
-            raise ValueError(
-                f"actions have shape {tuple(a.shape)}; {NAME} takes (B, K, {c.action_dim}) "
-                f"({', '.join(self.action_space.names)})"
-            )
-        if a.shape[1] != c.chunk_size:
-            a = (
-                a[:, : c.chunk_size]
-                if a.shape[1] > c.chunk_size
-                else torch.cat([a, a[:, -1:].expand(-1, c.chunk_size - a.shape[1], -1)], dim=1)
-            )
-        if self.statistics is not None:
-            a = self.statistics.normalize(a, "action", "ACTION")
-        return a.contiguous()
-
-    def calibration_batches(self, batches: Iterator[Mapping[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:
-        """Dataset batches (``image`` uint8 (B, S, S, 3), ``state`` (B, 8) and optional ``actions``
-        (B, K, 7) in robot units, ``instruction``) -> model-input batches (both encoders run)."""
-        for raw in batches:
-            for key in ("image", "instruction", "state"):
-                if key not in raw:
-                    raise ValueError(f"calibration batch is missing {key!r} (has {sorted(raw)})")
-            ins = [raw["instruction"]] if isinstance(raw["instruction"], str) else list(raw["instruction"])
-            batch = self.model_inputs(raw["image"], ins, raw["state"])
-            if "actions" in raw:
-                batch["actions"] = self.normalized_actions(raw["actions"])
-            yield batch
+        return chunk_actions(actions, self.config, self.action_space, self.statistics, NAME, "actions")
 
 
 class LiberoSmolVLAPolicy(EncoderCachePolicy, FamilyPolicyMixin, ChunkedPolicy):

@@ -53,6 +53,7 @@ from daptq.models.bundled_encoders import (
     checkpoint_state,
     count_parameters,
     encoder_inputs,
+    minilm_layouts,
     pad_tokens,
     use_vision_features,
 )
@@ -348,22 +349,7 @@ class ReferenceAdapter(VLAAdapter):
             )  # fmt: skip
             for i in range(c.dit_n_layer)
         ]
-        bert = self.model.language.bert
-        for i in range(len(bert.encoder.layer)):
-            p = f"language.bert.encoder.layer.{i}.attention"
-            out.append(
-                AttentionLayout(
-                    f"{p}.self",
-                    bert.config.num_attention_heads,
-                    "language",
-                    out=f"{p}.output.dense",
-                    q=f"{p}.self.query",
-                    k=f"{p}.self.key",
-                    v=f"{p}.self.value",
-                    block=i,
-                    stack="language",
-                )  # fmt: skip
-            )
+        out += minilm_layouts(self.model.language.bert)
         return out
 
     def smoothing_groups(self) -> list[SmoothingGroup]:

@@ -70,6 +70,59 @@ def beta_time(n: int, generator: torch.Generator | None) -> torch.Tensor:
     return u.pow(1 / 1.5) * 0.999 + 0.001
 
 
+def target_actions(
+    batch: Mapping[str, torch.Tensor], config: LeRobotVLAConfig, name: str, like: torch.Tensor
+) -> torch.Tensor:
+    """The objective's ``batch["actions"]`` (B, K, action_dim), normalized, on ``like``'s device and dtype."""
+    c = config
+    if "actions" not in batch:
+        raise ValueError(f"{name} objective needs batch['actions'] (B, K, {c.action_dim}) normalized")
+    actions = batch["actions"].to(like.device, like.dtype)
+    if actions.shape[1:] != (c.chunk_size, c.action_dim):
+        raise ValueError(
+            f"batch['actions'] has shape {tuple(actions.shape)}, expected (B, {c.chunk_size}, {c.action_dim})"
+        )
+    return actions
+
+
+def weighted_mean(errors: torch.Tensor, dim_weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean of per-dimension errors (..., action_dim), each dimension weighted by ``dim_weights``."""
+    if dim_weights is not None:
+        w = torch.as_tensor(dim_weights, dtype=errors.dtype, device=errors.device)
+        if w.shape != errors.shape[-1:]:
+            raise ValueError(f"dim_weights has shape {tuple(w.shape)}, expected ({errors.shape[-1]},)")
+        errors = errors * w
+    return errors.mean()
+
+
+def chunk_actions(
+    actions: Any,
+    config: LeRobotVLAConfig,
+    space: ActionSpace,
+    statistics: Statistics | None,
+    name: str,
+    what: str,
+) -> torch.Tensor:
+    """Robot-unit chunks (B, K', action_dim) -> (B, K, action_dim), cut or padded with the last action to the
+    chunk size, normalized with ``statistics`` if given; ``what`` and the model's ``name`` word a refusal."""
+    c = config
+    a = torch.as_tensor(np.asarray(actions, dtype=np.float32))
+    if a.ndim != 3 or a.shape[-1] != c.action_dim:
+        raise ValueError(
+            f"{what} have shape {tuple(a.shape)}; {name} takes (B, K, {c.action_dim}) "
+            f"({', '.join(space.names)})"
+        )
+    if a.shape[1] != c.chunk_size:
+        a = (
+            a[:, : c.chunk_size]
+            if a.shape[1] > c.chunk_size
+            else torch.cat([a, a[:, -1:].expand(-1, c.chunk_size - a.shape[1], -1)], dim=1)
+        )
+    if statistics is not None:
+        a = statistics.normalize(a, "action", "ACTION")
+    return a.contiguous()
+
+
 def resize_with_pad(images: torch.Tensor, size: int, center: bool) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> (B, 3, size, size): aspect ratio kept, bilinear, black padding (centered for
     pi0 as openpi, top-left for SmolVLA as lerobot's ``resize_with_pad``)."""
@@ -200,7 +253,14 @@ class LeRobotVLAAdapter(VLAAdapter):
             *stack_layouts(
                 vision, c.vision.layers, c.vision.heads, "vision", "vision", stream="prefix", out="out_proj"
             ),
-            # the VLM's last layer's attention output never reaches the expert
+            *self.text_and_expert_layouts(),
+        ]
+
+    def text_and_expert_layouts(self) -> list[AttentionLayout]:
+        """The VLM text layers (prefix stream) and the expert's (expert stream). The VLM's last layer is left
+        out: its attention output never reaches the expert (the expert reads only its keys and values)."""
+        c, p = self.config, self._prefix_names
+        return [
             *stack_layouts(
                 p["lm"],
                 c.text.layers - 1,
@@ -259,27 +319,13 @@ class LeRobotVLAAdapter(VLAAdapter):
         """The original's velocity MSE on the real action dimensions (one noise draw and Beta(1.5, 1) time per
         sample from ``generator``), each dimension weighted by ``dim_weights`` (mean 1 keeps the scale)."""
         c = self.config
-        if "actions" not in batch:
-            raise ValueError(f"{c.type} objective needs batch['actions'] (B, K, {c.action_dim}) normalized")
+        actions = target_actions(batch, c, c.type, next(self.model.parameters()))  # where _inputs puts them
         inputs = self._inputs(batch)
-        actions = batch["actions"].to(inputs[0].device, inputs[0].dtype)
-        if actions.shape[1:] != (c.chunk_size, c.action_dim):
-            raise ValueError(
-                f"batch['actions'] has shape {tuple(actions.shape)}, expected (B, {c.chunk_size}, "
-                f"{c.action_dim})"
-            )
         b = actions.shape[0]
         noise = torch.randn((b, c.chunk_size, c.max_action_dim), generator=generator).to(actions)
         time = beta_time(b, generator).to(actions)
-        losses = self.model.flow_loss(*inputs, pad_last(actions, c.max_action_dim), noise, time)[
-            ..., : c.action_dim
-        ]
-        if dim_weights is not None:
-            w = torch.as_tensor(dim_weights, dtype=losses.dtype, device=losses.device)
-            if w.shape != (c.action_dim,):
-                raise ValueError(f"dim_weights has shape {tuple(w.shape)}, expected ({c.action_dim},)")
-            losses = losses * w
-        return losses.mean()
+        losses = self.model.flow_loss(*inputs, pad_last(actions, c.max_action_dim), noise, time)
+        return weighted_mean(losses[..., : c.action_dim], dim_weights)
 
     def sample(
         self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
@@ -377,7 +423,6 @@ class LeRobotVLAAdapter(VLAAdapter):
         """Dataset batches (``image`` uint8 (B, H, W, 3), ``state`` (B, state_dim) and optional ``actions``
         (B, K, action_dim) in robot units, normalized here with the checkpoint's statistics; ``instruction``)
         -> model-input batches."""
-        c = self.config
         for raw in batches:
             for key in ("image", "instruction", "state"):
                 if key not in raw:
@@ -385,20 +430,10 @@ class LeRobotVLAAdapter(VLAAdapter):
             ins = [raw["instruction"]] if isinstance(raw["instruction"], str) else list(raw["instruction"])
             batch = self.model_inputs(raw["image"], ins, raw["state"])
             if "actions" in raw:
-                a = torch.as_tensor(np.asarray(raw["actions"], dtype=np.float32))
-                if a.ndim != 3 or a.shape[-1] != c.action_dim:
-                    raise ValueError(
-                        f"calibration actions have shape {tuple(a.shape)}; {c.type} takes (B, K, "
-                        f"{c.action_dim}) "
-                        f"({', '.join(self.action_space.names)})"
-                    )
-                if a.shape[1] != c.chunk_size:
-                    a = (
-                        a[:, : c.chunk_size]
-                        if a.shape[1] > c.chunk_size
-                        else torch.cat([a, a[:, -1:].expand(-1, c.chunk_size - a.shape[1], -1)], dim=1)
-                    )
-                if self.statistics is not None:
-                    a = self.statistics.normalize(a, "action", "ACTION")
-                batch["actions"] = a.contiguous()
+                batch["actions"] = self.normalized_actions(raw["actions"])
             yield batch
+
+    def normalized_actions(self, actions: Any) -> torch.Tensor:
+        """Robot-unit chunks (B, K', action_dim) -> normalized (B, K, action_dim) (``chunk_actions``)."""
+        c = self.config
+        return chunk_actions(actions, c, self.action_space, self.statistics, c.type, "calibration actions")
