@@ -18,15 +18,8 @@ from daptq.quant.fake import fake_quantize_activation
 from daptq.quant.spec import ActivationSpec
 
 sys.path.insert(0, str(Path(__file__).parent))
+from reference_helpers import one_thread  # noqa: E402, F401 (autouse fixture)
 from test_daptq_method import _calibration, _policy  # noqa: E402  (the small reference VLA and its data)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _batches(policy, n=2):

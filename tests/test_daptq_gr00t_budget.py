@@ -17,15 +17,8 @@ from daptq.quant.bytes import model_bytes
 from daptq.quant.category import QuantCategorySpecificLinear
 
 sys.path.insert(0, str(Path(__file__).parent))
+from reference_helpers import one_thread  # noqa: E402, F401 (autouse fixture)
 from test_family_gr00t import CSL, _adapter, _chunks, _raw  # noqa: E402  (the tiny GR00T and its data)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_budget_allocates_category_specific_layers_within_the_budget():

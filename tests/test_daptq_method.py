@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from reference_helpers import calibration, one_thread, random_head_policy  # noqa: F401 (autouse fixture)
 from torch import nn
 
 from daptq.data.calibration import CalibrationSet
@@ -14,7 +15,7 @@ from daptq.methods import config_from_dict, quantize_policy
 from daptq.methods.daptq import DAPTQConfig
 from daptq.methods.daptq.compensation import output_stats
 from daptq.methods.daptq.drift import drift_scores
-from daptq.models.reference import ReferencePolicy, ReferenceVLA, ReferenceVLAConfig
+from daptq.models.reference import ReferencePolicy, ReferenceVLAConfig
 from daptq.quant import QuantLinear
 
 SMALL = ReferenceVLAConfig(
@@ -27,39 +28,14 @@ SMALL = ReferenceVLAConfig(
     dit_n_head=2,
     num_inference_steps=3,
 )
-INSTRUCTIONS = ["push the puck to the red goal marker", "open the door", "close the drawer", "reach the goal"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The machine's cores are shared; torch's thread pool thrashes on them (40x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _policy() -> ReferencePolicy:
-    torch.manual_seed(0)
-    model = ReferenceVLA(SMALL)
-    with torch.no_grad():  # adaLN-Zero starts at zero; randomize the head so every layer matters
-        for p in model.head.parameters():
-            p.normal_(0, 0.2)
-    return ReferencePolicy(model)
+    return random_head_policy(SMALL)
 
 
 def _calibration(n_batches: int = 3, b: int = 8) -> CalibrationSet:
-    rng = np.random.default_rng(0)
-    batches = [
-        {
-            "image": rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8),
-            "state": rng.normal(size=(b, 4)).astype(np.float32),
-            "instruction": [INSTRUCTIONS[i % 4] for i in range(b)],
-            "actions": rng.uniform(-1, 1, (b, SMALL.chunk_size, 4)).astype(np.float32),
-        }
-        for _ in range(n_batches)
-    ]
-    return CalibrationSet(batches, {"split": "test", "action_space": {"names": ["dx", "dy", "dz", "grip"]}})
+    return calibration(SMALL, n_batches, b)
 
 
 def _interface_gap(fp: ReferencePolicy, q: ReferencePolicy, calib: CalibrationSet) -> tuple[float, float]:

@@ -4,54 +4,30 @@ every round is recorded."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from reference_helpers import calibration, one_thread, random_head_policy  # noqa: F401 (autouse fixture)
 
 from daptq.data.calibration import CalibrationSet
 from daptq.methods import config_from_dict, quantize_policy
 from daptq.methods.daptq import DAPTQConfig
 from daptq.methods.daptq.reestimate import costs_on_allocation, rounded_weights
 from daptq.methods.daptq.sensitivity import bit_sensitivities, gradient_stats
-from daptq.models.reference import ReferencePolicy, ReferenceVLA, ReferenceVLAConfig
+from daptq.models.reference import ReferencePolicy, ReferenceVLAConfig
 from daptq.quant.spec import WeightSpec
 
 SMALL = ReferenceVLAConfig(
     image_size=32, d_model=32, n_layer=1, n_head=2, dit_d_model=32, dit_n_layer=2, dit_n_head=2,
     num_inference_steps=3,
 )  # fmt: skip
-INSTRUCTIONS = ["push the puck to the red goal marker", "open the door", "close the drawer", "reach the goal"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _policy() -> ReferencePolicy:
-    torch.manual_seed(0)
-    model = ReferenceVLA(SMALL)
-    with torch.no_grad():  # adaLN-Zero starts at zero; randomize the head so every layer matters
-        for p in model.head.parameters():
-            p.normal_(0, 0.2)
-    return ReferencePolicy(model)
+    return random_head_policy(SMALL)
 
 
 def _calibration(n_batches: int = 2, b: int = 8) -> CalibrationSet:
-    rng = np.random.default_rng(0)
-    batches = [
-        {
-            "image": rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8),
-            "state": rng.normal(size=(b, 4)).astype(np.float32),
-            "instruction": [INSTRUCTIONS[i % 4] for i in range(b)],
-            "actions": rng.uniform(-1, 1, (b, SMALL.chunk_size, 4)).astype(np.float32),
-        }
-        for _ in range(n_batches)
-    ]
-    return CalibrationSet(batches, {"split": "test", "action_space": {"names": ["dx", "dy", "dz", "grip"]}})
+    return calibration(SMALL, n_batches, b)
 
 
 def test_one_round_re_solves_on_re_estimated_costs_within_the_budget():
