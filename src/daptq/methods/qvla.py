@@ -31,6 +31,7 @@ a Concat and a row Gather (``daptq.deploy.lowering.MixedNBitsLinear``), exact ag
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import heapq
 import itertools
@@ -259,6 +260,63 @@ class LayerSensitivity:
     used: torch.Tensor  # [out, 5]: what allocation uses (exact where checked, rescaled proxy elsewhere)
 
 
+def _accumulators(
+    model: nn.Module, names: Sequence[str]
+) -> tuple[dict[str, nn.Linear], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The scoped layers (each an ``nn.Linear``) and zeroed float64 sums: ||J_c||^2 per channel, X^T X."""
+    layers = {n: model.get_submodule(n) for n in names}
+    for n, m in layers.items():
+        if not isinstance(m, nn.Linear):
+            raise ValueError(f"QVLA quantizes nn.Linear layers; {n} is a {type(m).__name__}")
+    jac = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in layers.items()}
+    gram = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in layers.items()}
+    return layers, jac, gram
+
+
+def _gram_hook(gram: dict[str, torch.Tensor], outputs: dict[str, list[torch.Tensor]], name: str) -> Callable:
+    """Forward hook: adds the layer input's X^T X to ``gram[name]``, keeps its output for the probes."""
+
+    def fn(_m, args, out):
+        x = args[0].detach().double().reshape(-1, args[0].shape[-1])
+        gram[name].add_(x.T @ x)
+        outputs[name].append(out)
+
+    return fn
+
+
+def _run_action(
+    action_fn: ActionFn,
+    batch: Any,
+    seed: int,
+    scoped: Sequence[str],
+    outputs: dict[str, list[torch.Tensor]],
+) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+    """The action (with autograd history) and every scoped layer's outputs of that forward, in order."""
+    action = action_fn(batch, torch.Generator().manual_seed(seed))
+    if not action.requires_grad:
+        raise ValueError("action_fn returned a tensor without autograd history")
+    missing = [n for n in scoped if not outputs[n]]
+    if missing:
+        raise ValueError(f"the action function never ran layers {missing[:5]}")
+    return action, [(n, t) for n in scoped for t in outputs[n]]
+
+
+def _add_jac(jac: dict[str, torch.Tensor], name: str, g: torch.Tensor) -> None:
+    jac[name] += g.detach().double().reshape(-1, g.shape[-1]).square().sum(0)
+
+
+def _means(
+    jac: dict[str, torch.Tensor], gram: dict[str, torch.Tensor], n_samples: int, n_probes: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+    if n_samples == 0:
+        raise ValueError("QVLA: no calibration batch")
+    return (
+        {n: j / (n_samples * n_probes) for n, j in jac.items()},
+        {n: g / n_samples for n, g in gram.items()},
+        n_samples,
+    )
+
+
 def jacobian_and_gram(
     model: nn.Module,
     names: Sequence[str],
@@ -271,23 +329,12 @@ def jacobian_and_gram(
     count. Hooks are removed in ``finally``; no parameter's ``.grad`` is touched (``torch.autograd.grad``)."""
     if n_probes < 1:
         raise ValueError(f"n_probes must be >= 1, got {n_probes}")
-    layers = {n: model.get_submodule(n) for n in names}
-    for n, m in layers.items():
-        if not isinstance(m, nn.Linear):
-            raise ValueError(f"QVLA quantizes nn.Linear layers; {n} is a {type(m).__name__}")
-    jac = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in layers.items()}
-    gram = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in layers.items()}
+    layers, jac, gram = _accumulators(model, names)
     outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     flags = {n: m.weight.requires_grad for n, m in layers.items()}
     handles = []
 
-    def hook(name):
-        def fn(_m, args, out):
-            x = args[0].detach().double().reshape(-1, args[0].shape[-1])
-            gram[name].add_(x.T @ x)
-            outputs[name].append(out)
-
-        return fn
+    hook = functools.partial(_gram_hook, gram, outputs)
 
     n_samples = 0
     try:
@@ -298,14 +345,8 @@ def jacobian_and_gram(
             for v in outputs.values():
                 v.clear()
             with torch.enable_grad():
-                action = action_fn(batch, torch.Generator().manual_seed(seed + i))
-                if not action.requires_grad:
-                    raise ValueError("action_fn returned a tensor without autograd history")
+                action, flat = _run_action(action_fn, batch, seed + i, names, outputs)
                 n_samples += action.shape[0]
-                flat = [(n, t) for n in names for t in outputs[n]]
-                missing = [n for n in names if not outputs[n]]
-                if missing:
-                    raise ValueError(f"the action function never ran layers {missing[:5]}")
                 probe_gen = torch.Generator().manual_seed(10_000 + seed + i)
                 for p in range(n_probes):
                     v = torch.randn(action.shape, generator=probe_gen).to(action)
@@ -317,7 +358,7 @@ def jacobian_and_gram(
                     )
                     for (n, _), g in zip(flat, grads, strict=True):
                         if g is not None:
-                            jac[n] += g.detach().double().reshape(-1, g.shape[-1]).square().sum(0)
+                            _add_jac(jac, n, g)
     finally:
         for h in handles:
             h.remove()
@@ -325,13 +366,7 @@ def jacobian_and_gram(
             m.weight.requires_grad_(flags[n])
         for v in outputs.values():
             v.clear()
-    if n_samples == 0:
-        raise ValueError("QVLA: no calibration batch")
-    return (
-        {n: j / (n_samples * n_probes) for n, j in jac.items()},
-        {n: g / n_samples for n, g in gram.items()},
-        n_samples,
-    )
+    return _means(jac, gram, n_samples, n_probes)
 
 
 def blockwise_jacobian_and_gram(
@@ -354,12 +389,7 @@ def blockwise_jacobian_and_gram(
     if n_probes < 1:
         raise ValueError(f"n_probes must be >= 1, got {n_probes}")
     model = adapter.model
-    layers = {n: model.get_submodule(n) for n in names}
-    for n, m in layers.items():
-        if not isinstance(m, nn.Linear):
-            raise ValueError(f"QVLA quantizes nn.Linear layers; {n} is a {type(m).__name__}")
-    jac = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in layers.items()}
-    gram = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in layers.items()}
+    layers, jac, gram = _accumulators(model, names)
     blocks, outside = block_plan(adapter, list(names))
     containers = {b.name: model.get_submodule(b.name) for b in blocks}
     members = {b.name: b.members for b in blocks if b.members}
@@ -368,16 +398,7 @@ def blockwise_jacobian_and_gram(
     flags = {p: p.requires_grad for p in model.parameters()}
     handles = []
 
-    def hook(name):
-        def fn(_m, args, out):
-            x = args[0].detach().double().reshape(-1, args[0].shape[-1])
-            gram[name].add_(x.T @ x)
-            outputs[name].append(out)
-
-        return fn
-
-    def add_jac(name: str, g: torch.Tensor) -> None:
-        jac[name] += g.detach().double().reshape(-1, g.shape[-1]).square().sum(0)
+    hook = functools.partial(_gram_hook, gram, outputs)
 
     n_samples = 0
     try:
@@ -392,14 +413,8 @@ def blockwise_jacobian_and_gram(
                     v.clear()
                 calls.clear()
                 with torch.enable_grad():
-                    action = action_fn(batch, torch.Generator().manual_seed(seed + i))
-                    if not action.requires_grad:
-                        raise ValueError("action_fn returned a tensor without autograd history")
+                    action, flat = _run_action(action_fn, batch, seed + i, outside, outputs)
                     n_samples += action.shape[0]
-                    flat = [(n, t) for n in outside for t in outputs[n]]
-                    missing = [n for n in outside if not outputs[n]]
-                    if missing:
-                        raise ValueError(f"the action function never ran layers {missing[:5]}")
                     targets = [t for _, t in flat] + [c[3] for c in calls]
                     gouts: list[list[torch.Tensor | None]] = [[] for _ in calls]
                     probe_gen = torch.Generator().manual_seed(10_000 + seed + i)
@@ -410,7 +425,7 @@ def blockwise_jacobian_and_gram(
                         )
                         for (n, _), g in zip(flat, grads[: len(flat)], strict=True):
                             if g is not None:
-                                add_jac(n, g)
+                                _add_jac(jac, n, g)
                         for j, g in enumerate(grads[len(flat) :]):
                             gouts[j].append(None if g is None else g.detach())
                 for (n, args, kwargs, _), gl in zip(calls, gouts, strict=True):
@@ -444,7 +459,7 @@ def blockwise_jacobian_and_gram(
                         )  # fmt: skip
                         for (n, _), gn in zip(flat, grads, strict=True):
                             if gn is not None:
-                                add_jac(n, gn)
+                                _add_jac(jac, n, gn)
             for h in handles:
                 h.remove()
             handles.clear()
@@ -458,13 +473,7 @@ def blockwise_jacobian_and_gram(
             p.requires_grad_(flag)
         for v in outputs.values():
             v.clear()
-    if n_samples == 0:
-        raise ValueError("QVLA: no calibration batch")
-    return (
-        {n: j / (n_samples * n_probes) for n, j in jac.items()},
-        {n: g / n_samples for n, g in gram.items()},
-        n_samples,
-    )
+    return _means(jac, gram, n_samples, n_probes)
 
 
 def proxy_sensitivity(
