@@ -428,6 +428,10 @@ class QuantVLA(Method):
         finally:
             self._base.remove_hooks()
         self._calibrated = True
+        self._collect_fp_stats(adapter)
+
+    def _collect_fp_stats(self, adapter: VLAAdapter) -> None:
+        """The targets' attention statistics on the float model (before any rounding)."""
         if self._targets:
             self._fp_stats = collect_stats(
                 adapter.model, self._targets, lambda: self._run(adapter)(adapter.model)
@@ -438,24 +442,7 @@ class QuantVLA(Method):
         if not self._calibrated:
             raise RuntimeError("QuantVLA.apply: calibrate() has not run")
         self._base.apply(adapter)
-        c = self.config
-        decisions = (
-            {}
-            if not self._targets
-            else match_attention_(
-                self._fp_stats,
-                adapter.model,
-                self._targets,
-                self._run(adapter),
-                atm=c.atm,
-                ohb=c.ohb,
-                band=c.neutral_band,
-                clip=c.clip,
-            )
-        )
-        names = [a.name for a in self._targets]
-        self.decisions.update({"base": c.base, "attention_modules": names, **decisions})
-        self.decisions.update({f"base_{k}": v for k, v in self._base.decisions.items()})
+        self._match_and_record(adapter, self._run(adapter))
 
     # ---- block by block (daptq.methods.sequential) --------------------------------------------------------
     # The base quantizer (RTN or SmoothQuant) runs block by block on each block's recorded float inputs,
@@ -472,10 +459,7 @@ class QuantVLA(Method):
         if not batches:
             raise ValueError("QuantVLA: ATM/OHB need calibration batches")
         self._batches = list(batches)
-        if self._targets:
-            self._fp_stats = collect_stats(
-                adapter.model, self._targets, lambda: self._run(adapter)(adapter.model)
-            )
+        self._collect_fp_stats(adapter)
         self._calibrated = True
 
     def calibrate_modules(self, adapter: VLAAdapter, names: Sequence[str], run: Callable[[], None]) -> None:
@@ -490,6 +474,12 @@ class QuantVLA(Method):
     def sequential_end(self, adapter: VLAAdapter, run: Callable[[], None]) -> None:
         if not self._calibrated:
             raise RuntimeError("QuantVLA.sequential_end: sequential_begin() has not run")
+        self._match_and_record(adapter, lambda _model: run())
+
+    def _match_and_record(self, adapter: VLAAdapter, run: Callable[[nn.Module], Any]) -> None:
+        """ATM/OHB on the quantized model (``run(model)`` runs the calibration batches) against the float
+        statistics, and the decisions (the base quantizer's prefixed ``base_``). ``apply`` and
+        ``sequential_end`` both finish here."""
         c = self.config
         decisions = (
             {}
@@ -498,7 +488,7 @@ class QuantVLA(Method):
                 self._fp_stats,
                 adapter.model,
                 self._targets,
-                lambda _model: run(),
+                run,
                 atm=c.atm,
                 ohb=c.ohb,
                 band=c.neutral_band,
