@@ -30,9 +30,9 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_reference_policy(seed: int = 0) -> ReferencePolicy:
+def tiny_reference_policy(seed: int = 0, config: ReferenceVLAConfig = TINY) -> ReferencePolicy:
     torch.manual_seed(seed)
-    model = ReferenceVLA(TINY)
+    model = ReferenceVLA(config)
     with torch.no_grad():  # adaLN-Zero starts the head at zero output: randomize so every layer matters
         for p in model.head.parameters():
             p.normal_(0, 0.2)
@@ -51,6 +51,27 @@ def reference_calibration(n_batches: int = 2, batch_size: int = 4, seed: int = 0
         for i in range(n_batches)
     ]
     return CalibrationSet(batches, PROVENANCE)
+
+
+def daptq_calibration(config: ReferenceVLAConfig, n_batches: int, b: int) -> CalibrationSet:
+    """The DA-PTQ tests' data: ``n_batches`` of ``b`` random 32 px frames (seed 0), actions in [-1, 1]."""
+    rng = np.random.default_rng(0)
+    instructions = [
+        "push the puck to the red goal marker",
+        "open the door",
+        "close the drawer",
+        "reach the goal",
+    ]
+    batches = [
+        {
+            "image": rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8),
+            "state": rng.normal(size=(b, 4)).astype(np.float32),
+            "instruction": [instructions[i % 4] for i in range(b)],
+            "actions": rng.uniform(-1, 1, (b, config.chunk_size, 4)).astype(np.float32),
+        }
+        for _ in range(n_batches)
+    ]
+    return CalibrationSet(batches, {"split": "test", "action_space": {"names": ["dx", "dy", "dz", "grip"]}})
 
 
 def toy_calibration(n: int = 16) -> CalibrationSet:
@@ -111,6 +132,7 @@ __all__ = [
     "n_hooks",
     "reference_calibration",
     "single_thread",
+    "daptq_calibration",
     "tiny_reference_policy",
     "toy_calibration",
 ]

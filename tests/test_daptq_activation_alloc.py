@@ -18,8 +18,10 @@ from daptq.quant.fake import fake_quantize_activation
 from daptq.quant.spec import ActivationSpec
 
 sys.path.insert(0, str(Path(__file__).parent))
-from reference_helpers import one_thread  # noqa: E402, F401 (autouse fixture)
+from baseline_helpers import single_thread  # noqa: E402
 from test_daptq_method import _calibration, _policy  # noqa: E402  (the small reference VLA and its data)
+
+pytestmark = pytest.mark.usefixtures(single_thread.__name__)  # one torch thread: the cores are shared
 
 
 def _batches(policy, n=2):

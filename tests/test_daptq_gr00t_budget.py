@@ -17,8 +17,10 @@ from daptq.quant.bytes import model_bytes
 from daptq.quant.category import QuantCategorySpecificLinear
 
 sys.path.insert(0, str(Path(__file__).parent))
-from reference_helpers import one_thread  # noqa: E402, F401 (autouse fixture)
+from baseline_helpers import single_thread  # noqa: E402
 from test_family_gr00t import CSL, _adapter, _chunks, _raw  # noqa: E402  (the tiny GR00T and its data)
+
+pytestmark = pytest.mark.usefixtures(single_thread.__name__)  # one torch thread: the cores are shared
 
 
 def test_budget_allocates_category_specific_layers_within_the_budget():

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from reference_helpers import calibration, one_thread, random_head_policy  # noqa: F401 (autouse fixture)
+from baseline_helpers import daptq_calibration, single_thread, tiny_reference_policy
 from torch import nn
 
 from daptq.data.calibration import CalibrationSet
@@ -17,6 +17,8 @@ from daptq.methods.daptq.compensation import output_stats
 from daptq.methods.daptq.drift import drift_scores
 from daptq.models.reference import ReferencePolicy, ReferenceVLAConfig
 from daptq.quant import QuantLinear
+
+pytestmark = pytest.mark.usefixtures(single_thread.__name__)  # one torch thread: the cores are shared
 
 SMALL = ReferenceVLAConfig(
     image_size=32,
@@ -31,11 +33,11 @@ SMALL = ReferenceVLAConfig(
 
 
 def _policy() -> ReferencePolicy:
-    return random_head_policy(SMALL)
+    return tiny_reference_policy(config=SMALL)
 
 
 def _calibration(n_batches: int = 3, b: int = 8) -> CalibrationSet:
-    return calibration(SMALL, n_batches, b)
+    return daptq_calibration(SMALL, n_batches, b)
 
 
 def _interface_gap(fp: ReferencePolicy, q: ReferencePolicy, calib: CalibrationSet) -> tuple[float, float]:

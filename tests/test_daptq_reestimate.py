@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference_helpers import calibration, one_thread, random_head_policy  # noqa: F401 (autouse fixture)
+from baseline_helpers import daptq_calibration, single_thread, tiny_reference_policy
 
 from daptq.data.calibration import CalibrationSet
 from daptq.methods import config_from_dict, quantize_policy
@@ -16,6 +16,8 @@ from daptq.methods.daptq.sensitivity import bit_sensitivities, gradient_stats
 from daptq.models.reference import ReferencePolicy, ReferenceVLAConfig
 from daptq.quant.spec import WeightSpec
 
+pytestmark = pytest.mark.usefixtures(single_thread.__name__)  # one torch thread: the cores are shared
+
 SMALL = ReferenceVLAConfig(
     image_size=32, d_model=32, n_layer=1, n_head=2, dit_d_model=32, dit_n_layer=2, dit_n_head=2,
     num_inference_steps=3,
@@ -23,11 +25,11 @@ SMALL = ReferenceVLAConfig(
 
 
 def _policy() -> ReferencePolicy:
-    return random_head_policy(SMALL)
+    return tiny_reference_policy(config=SMALL)
 
 
 def _calibration(n_batches: int = 2, b: int = 8) -> CalibrationSet:
-    return calibration(SMALL, n_batches, b)
+    return daptq_calibration(SMALL, n_batches, b)
 
 
 def test_one_round_re_solves_on_re_estimated_costs_within_the_budget():

@@ -92,14 +92,7 @@ def _two_block_policy():
 
     from baseline_helpers import TINY
 
-    from daptq.models.reference import ReferencePolicy, ReferenceVLA
-
-    torch.manual_seed(0)
-    model = ReferenceVLA(dataclasses.replace(TINY, n_layer=2, dit_n_layer=2))
-    with torch.no_grad():
-        for p in model.head.parameters():
-            p.normal_(0, 0.2)
-    return ReferencePolicy(model)
+    return tiny_reference_policy(config=dataclasses.replace(TINY, n_layer=2, dit_n_layer=2))
 
 
 def test_blockwise_gradients_equal_the_whole_model_backward():
