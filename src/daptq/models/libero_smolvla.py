@@ -14,7 +14,7 @@ here on LIBERO demonstrations, with the bundled frozen encoders standing in for 
 The module tree, parameter names, ``config.json`` and normalization files are lerobot's SmolVLA ones
 (``daptq.models.lerobot_vla``); the prefix pass and the expert are that module's ``SmolVLA`` itself (this
 class replaces how the prefix is embedded, and lets training draw several (noise, time) pairs per prefix
-pass; its Euler sampler is the same loop). Departures from the
+pass; its Euler sampler is the same method, ``euler``). Departures from the
 released layout, all recorded in ``config.json`` under ``daptq_reference``:
 
 - ``vlm_with_expert.vlm.model.vision_model`` is EfficientNet-Lite0 (ImageNet, frozen, from its PyPI package),
@@ -328,13 +328,7 @@ class LiberoSmolVLA(SmolVLA):
     ) -> torch.Tensor:
         """Euler integration of the velocity from ``noise`` (B, K, max_action_dim) at t=1 to t=0."""
         cache, pad = self.prefix(batch)
-        steps = int(num_steps or self.config.num_steps)
-        dt = -1.0 / steps
-        x = noise
-        for i in range(steps):
-            t = torch.full((x.shape[0],), 1.0 + i * dt, dtype=torch.float32, device=x.device)
-            x = x + dt * self.velocity(cache, pad, None, x, t)
-        return x
+        return self.euler(cache, pad, None, noise, num_steps)
 
     def flow_errors(
         self,
@@ -351,9 +345,7 @@ class LiberoSmolVLA(SmolVLA):
             cache = [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in cache]
             pad = pad.repeat_interleave(n, 0)
             actions = actions.repeat_interleave(n, 0)
-        tt = time[:, None, None]
-        x_t = tt * noise + (1 - tt) * actions
-        return (self.velocity(cache, pad, None, x_t, time) - (noise - actions)).pow(2)
+        return self.velocity_errors(cache, pad, None, actions, noise, time)
 
 
 class LiberoSmolVLAAdapter(LeRobotVLAAdapter):

@@ -167,6 +167,18 @@ class FlowMatchingVLA(nn.Module):
     ) -> torch.Tensor:
         """Euler integration of the learned velocity from ``noise`` (B, K, max_action_dim) at t=1 to t=0."""
         cache, pad = self._prefix(images, image_masks, lang_tokens, lang_masks, state)
+        return self.euler(cache, pad, state, noise, num_steps)
+
+    def euler(
+        self,
+        cache: list[KV],
+        pad: torch.Tensor,
+        state: torch.Tensor | None,
+        noise: torch.Tensor,
+        num_steps: int | None,
+    ) -> torch.Tensor:
+        """``num_steps`` (default the config's) Euler steps of the velocity from ``noise`` at t=1 to t=0, on a
+        computed prefix (``cache``, ``pad``)."""
         steps = int(num_steps or self.config.num_steps)
         dt = -1.0 / steps
         x = noise
@@ -181,6 +193,19 @@ class FlowMatchingVLA(nn.Module):
         """Per-element squared error (B, K, max_action_dim) of the velocity at x_t = t noise + (1-t) actions
         against u = noise - actions."""
         cache, pad = self._prefix(images, image_masks, lang_tokens, lang_masks, state)
+        return self.velocity_errors(cache, pad, state, actions, noise, time)
+
+    def velocity_errors(
+        self,
+        cache: list[KV],
+        pad: torch.Tensor,
+        state: torch.Tensor | None,
+        actions: torch.Tensor,
+        noise: torch.Tensor,
+        time: torch.Tensor,
+    ) -> torch.Tensor:
+        """Squared error of the velocity at x_t = t noise + (1-t) actions against u = noise - actions, on a
+        computed prefix."""
         tt = time[:, None, None]
         x_t = tt * noise + (1 - tt) * actions
         return (self.velocity(cache, pad, state, x_t, time) - (noise - actions)).pow(2)
