@@ -292,6 +292,7 @@ def build_row(family: str, variant: str, size: str, cache: Path):
         info.update(
             graph_bytes=sum(f.stat().st_size for f in directory.glob("*.onnx")),
             matmul_nbits_layers=len(nbits),
+            u8s8_layers=sum(p["kernel"] == "matmul_integer_u8s8" for p in plans),  # per-channel W4A8
             accuracy_levels=sorted({p["accuracy_level"] for p in nbits}),
         )
 
@@ -472,9 +473,11 @@ def to_markdown(report: dict[str, Any]) -> str:
             elif "quantized_layers" in r:
                 note = f"{r['quantized_layers']} fake-quant layers"
             elif "matmul_nbits_layers" in r:
+                kernels = [f"{r['matmul_nbits_layers']} MatMulNBits"] if r["matmul_nbits_layers"] else []
+                kernels += [f"{r['u8s8_layers']} u8s8 MatMulInteger"] if r.get("u8s8_layers") else []
                 note = (
-                    f"{r['matmul_nbits_layers']} MatMulNBits layers, graphs {r['graph_bytes'] / mib:.0f} MiB"
-                    if r["matmul_nbits_layers"]
+                    f"{' + '.join(kernels)} layers, graphs {r['graph_bytes'] / mib:.0f} MiB"
+                    if kernels
                     else f"fp32 graphs {r['graph_bytes'] / mib:.0f} MiB"
                 )
             lines.append(

@@ -30,17 +30,20 @@ def test_pi0_onnx_rows_and_report(tmp_path):
         call, info = fs.build_row("pi0", variant, "toy", tmp_path)
         call()
         rows.append({**info, "call_p50_ms": 1.0, "peak_rss_bytes": 1 << 28})
-    assert rows[0]["matmul_nbits_layers"] == 0
-    assert rows[1]["matmul_nbits_layers"] == rows[2]["matmul_nbits_layers"] > 0
-    assert rows[1]["accuracy_levels"] == [4]  # the int8-activation W4A8 kernel
+    integer = [r["matmul_nbits_layers"] + r["u8s8_layers"] for r in rows]
+    assert integer[0] == 0 and integer[1] == integer[2] > 0  # narrow toy layers: per-channel, u8s8
+    assert rows[1]["accuracy_levels"] in ([], [4])  # MatMulNBits layers, if any, on the int8-activation path
     base = {"variant": "torch-fp32", "parameters": 1e6, "call_p50_ms": 2.0, "peak_rss_bytes": 1 << 29}
+    base["call_ms"] = [2.0, 2.0]
+    for r in rows:
+        r["call_ms"] = [1.0, 1.0]
     for r in (base, *rows):
         r["call_p50_vs_fp32"] = r["call_p50_ms"] / base["call_p50_ms"]
         r["peak_rss_vs_fp32"] = r["peak_rss_bytes"] / base["peak_rss_bytes"]
     report = {"size": "realistic", "only": ["pi0"], "rounds": 1, "warmup": 0}
     report["families"] = [{"family": "pi0", "rows": [base, *rows]}]
     md = fs.to_markdown(report)
-    assert "| pi0 | ort-w4a8 | 1.0 | 1 | 0.50x | 256 | 0.50x |" in md
+    assert "| pi0 | ort-w4a8 | 1.0 | 1 / 1 | 0.50x | 0.50x | 256 | 0.50x |" in md
     assert fs.SIZES["realistic"]["pi0"]["note"] in md
 
 
