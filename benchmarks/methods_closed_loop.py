@@ -264,7 +264,7 @@ def row_for(name: str, qdir: Path, run: Path) -> dict:
         "action_rmse": float(np.mean([np.mean(r["action_rmse"]) for r in records])),
         "bytes_vs_bf16_ideal": ideal / bf16,
         "bytes_vs_bf16_stored": stored / bf16,
-        "calibration_s": sum(v for k, v in timings.items() if k.endswith("_s")),  # not the peak-memory entries
+        "calibration_s": sum(v for k, v in timings.items() if k.endswith("_s")),  # not the peak-memory ones
     }
 
 
