@@ -347,3 +347,9 @@ def test_cli_trains_the_default_model_and_refuses_a_wrong_dataset(tmp_path):
     (data / "meta" / "info.json").write_text(json.dumps({**info, "camera": "corner3,topview"}))
     with pytest.raises(ValueError, match="sees one camera"):
         main([*argv, "--max-steps", "1"])
+
+
+def test_lerobot_spec_on_this_checkpoint_names_the_right_spec(tmp_path):
+    d = save_checkpoint(copy.deepcopy(_base()), tmp_path / "ck", _stats())
+    with pytest.raises(ValueError, match=r"daptq_reference.*load it as libero-smolvla:"):
+        load_policy(f"lerobot:{d}")

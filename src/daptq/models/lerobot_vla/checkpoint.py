@@ -284,6 +284,12 @@ def load_lerobot_checkpoint(
         if not p.is_file():
             raise FileNotFoundError(f"lerobot checkpoint {d}: {n} is missing")
     raw = _read_json(files["config.json"])
+    if isinstance(raw, Mapping) and "daptq_reference" in raw:  # libero_smolvla.REFERENCE_KEY (no import back)
+        raise ValueError(
+            f"lerobot checkpoint {d}: config.json has 'daptq_reference': this is daptq's LIBERO reference "
+            f"VLA (SmolVLA's layout on stand-in frozen encoders, not SmolVLM's towers); load it as "
+            f"libero-smolvla:{d}"
+        )
     vlm = _read_json(Path(vlm_config)) if vlm_config is not None else None
     config = LeRobotVLAConfig.from_lerobot(raw, vlm)
     tensors, notes = canonical_keys(_load_safetensors(files["model.safetensors"]), config)
