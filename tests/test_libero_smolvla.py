@@ -316,6 +316,10 @@ def test_training_lowers_the_loss_and_the_checkpoint_loads(tmp_path):
     )
     again = load_checkpoint(tuned)
     assert again.statistics.to_dict() == trained.statistics.to_dict() and again.config == trained.config
+    from daptq.train.trainer import train  # the Meta-World reference's trainer names the right --arch
+
+    with pytest.raises(ValueError, match=r"not the Meta-World reference's architecture.*--arch smolvla"):
+        train(dataclasses.replace(cfg, out=str(tmp_path / "wrong"), max_steps=1, init=str(out), model={}))
 
 
 def test_cli_trains_the_default_model_and_refuses_a_wrong_dataset(tmp_path):

@@ -176,6 +176,11 @@ def _initial_model(cfg: TrainConfig, dataset: EpisodeDataset) -> ReferenceVLA:
         model = ReferenceVLA(ReferenceVLAConfig(**{**overrides, **cfg.model}))
     else:
         model = load_reference(cfg.init).model
+        if not isinstance(model, ReferenceVLA):  # e.g. ref:libero-smolvla, which --arch smolvla trains
+            raise ValueError(
+                f"--init {cfg.init}: a {type(model).__name__}, not the Meta-World reference's architecture "
+                "(--arch reference fine-tunes a ReferenceVLA; --arch smolvla the LIBERO reference)"
+            )
         if cfg.model.get("camera", model.config.camera) != model.config.camera:
             target = ReferenceVLA(ReferenceVLAConfig(**{**model.config.to_dict(), **cfg.model}))
             transfer_weights(model, target)
