@@ -31,6 +31,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,6 +58,12 @@ SETTINGS: dict[str, dict[str, object]] = {
     # avg2.5; groups of 64 (2.28 bits) for avg2, where DA-PTQ gets exactly their bytes (`equal_bytes_budget`)
     "avg2.5": {"w_bits": 2, "group_size": 32, "asymmetric": True},
     "avg2": {"w_bits": 2, "group_size": 64, "asymmetric": True},
+    # issue #29's last rows: the whole model with its encoders at an average of 3 bits (RTN/GPTQ: uniform W3
+    # asymmetric per-channel over the same layers), and an average of 1.5 bits, which only DA-PTQ's
+    # sub-2-bit formats reach (the uniform row is the nearest grid, binary codes being no uniform width:
+    # W2 asymmetric in groups of 128, 2.14 bits, more bytes than the budget)
+    "wm-avg3": {"w_bits": 3, "asymmetric": True, "include_encoders": True},
+    "avg1.5": {"w_bits": 2, "group_size": 128, "asymmetric": True},
 }
 
 # Named variants: label -> (registered method, config field overrides applied on top of that method's config
@@ -66,7 +73,7 @@ SETTINGS: dict[str, dict[str, object]] = {
 #   daptq-csrc-only  = DAPTQConfig.paper(use_mpa=False): every in-scope layer W4A8, CSRC at the interface
 #   daptq-mpa-only   = DAPTQConfig.paper(use_csrc=False): the Eq. 20 bit map, no compensation
 #   daptq-neither    = DAPTQConfig.paper(use_mpa=False, use_csrc=False): plain W4A8 on the paper's grid
-VARIANTS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
+VARIANTS: dict[str, tuple[str, Any, tuple[str, ...]]] = {
     "daptq-csrc-only": ("daptq", {"use_mpa": False}, ("w4a8",)),
     "daptq-mpa-only": ("daptq", {"use_csrc": False}, ("w4a8",)),
     "daptq-neither": ("daptq", {"use_mpa": False, "use_csrc": False}, ("w4a8",)),
@@ -80,7 +87,37 @@ VARIANTS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
     # interactions (issue #29): the budget re-solved once on costs re-estimated on the model rounded as first
     # allocated (DAPTQConfig.reestimate_rounds), against the additive allocation, on the validation seeds
     "daptq-reest1": ("daptq", {"reestimate_rounds": 1}, ("avg3", "avg2.5", "avg2")),
+    # W4A4 with static per-tensor activation scales, one per denoising step in the action head (issue #29;
+    # the open-loop ablation, results/w4a4_ablation.md, found them the largest single gain): the same grid
+    # as the row without the suffix, its activations made static (a callable override: of the base config)
+    "rtn-step": ("rtn", {"spec": lambda c: _static_activations(c), "step_scales": True}, ("w4a4",)),
+    "gptq-step": ("gptq", {"spec": lambda c: _static_activations(c), "step_scales": True}, ("w4a4",)),
+    # W4A8 at exactly RTN W4A8's bytes (g128): the budget preset over the grouped formats with A8 activations,
+    # against the paper preset's float layers (issue #29: drift <= 0.5x RTN's at RTN's bytes)
+    "daptq-eqbytes": ("daptq", lambda: _equal_bytes_a8("w4a8"), ("w4a8",)),
+    "daptq-step": ("daptq", {"spec": lambda c: _static_activations(c), "step_scales": True}, ("avg4a4",)),
+    "daptq-paper-step": ("daptq", {"spec": lambda c: _static_activations(c), "step_scales": True}, ("w4a4",)),
 }
+
+
+def _equal_bytes_a8(setting: str):
+    import dataclasses
+
+    from daptq.methods.daptq.config import budget_spec
+
+    return dataclasses.replace(equal_bytes_budget(setting)(), spec=budget_spec(activation_bits=8))
+
+
+def _static_activations(config):
+    """``config``'s spec with its activations static per tensor (asymmetric min-max), same bits."""
+    import dataclasses
+
+    from daptq.quant.spec import ActivationSpec
+
+    act = config.spec.activation
+    return dataclasses.replace(
+        config.spec, activation=ActivationSpec(act.bits, symmetric=False, mode="static_per_tensor")
+    )
 
 
 def uniform_in_scope_bytes(setting: str) -> int:
@@ -117,6 +154,14 @@ def _grouped():
     return {"rounding": "gptq", "formats": GROUPED_FORMATS}
 
 
+def _sub2():
+    """Budget overrides at 1.5 bits: the sub-2-bit codebooks beside the grouped formats (GPTQ rounding where
+    the grid is uniform; the codebook layers are rounded by their own RTN, recorded)."""
+    from daptq.methods.daptq.allocation import SUB2_FORMATS
+
+    return {"rounding": "gptq", "formats": SUB2_FORMATS}
+
+
 def _budget_spec_a4():
     from daptq.methods.daptq.config import budget_spec
 
@@ -146,6 +191,8 @@ PRESET_METHODS: dict[str, dict[str, tuple[dict, dict]]] = {
         "wm-avg4": ({"avg_bits": 4.0, "include_encoders": True}, {"rounding": "gptq"}),
         "avg2.5": ({"avg_bits": 2.5}, _grouped()),
         "avg2": equal_bytes_budget("avg2"),  # a callable: the config needs the reference's byte count
+        "wm-avg3": ({"avg_bits": 3.0, "include_encoders": True}, {"rounding": "gptq"}),
+        "avg1.5": ({"avg_bits": 1.5}, _sub2()),
     },
     "quantvla": {
         "w4a8": ({}, {"base": "rtn"}),
@@ -167,11 +214,15 @@ def method_config(method: str, setting: str):
     base, variant, settings = VARIANTS.get(method, (method, {}, (setting,)))
     if setting not in settings:
         raise SystemExit(f"variant {method!r} is defined for the settings {list(settings)}, not {setting!r}")
+    if callable(variant):  # a whole config of its own
+        return variant()
     entry = PRESET_METHODS.get(base, {}).get(setting, (SETTINGS[setting], {}))
     if callable(entry):
-        return dataclasses.replace(entry(), **variant)
-    options, overrides = entry
-    return dataclasses.replace(config_from_options(base, **options), **{**overrides, **variant})
+        config = entry()
+    else:
+        options, overrides = entry
+        config = dataclasses.replace(config_from_options(base, **options), **overrides)
+    return dataclasses.replace(config, **{k: v(config) if callable(v) else v for k, v in variant.items()})
 
 
 def counted_roles(record) -> tuple[str, ...]:

@@ -112,3 +112,43 @@ def test_clear_errors():
         install_step_scales(policy.adapter, {"head.action_in": (torch.ones(3), None)})
     with pytest.raises(ValueError, match="not a layer with static activation scales"):
         install_step_scales(policy.adapter, {"head.final_norm": (torch.ones(4), None)})
+
+
+def test_daptq_budget_takes_per_step_scales_on_its_allocation(tmp_path, single_thread):  # noqa: F811
+    """DA-PTQ observes per-step ranges after allocating, rounding and compensating; they reload with it."""
+    import dataclasses
+
+    from daptq.methods.daptq.config import DAPTQConfig, budget_spec
+    from daptq.models.quantized import load_quantized_policy, model_digest, save_quantized_policy
+
+    calibration = reference_calibration(n_batches=2)
+    spec = budget_spec(activation_bits=4)
+    static = dataclasses.replace(
+        spec, activation=ActivationSpec(4, symmetric=False, mode="static_per_tensor")
+    )
+    records = {}
+    for step_scales in (False, True):
+        policy = tiny_reference_policy()
+        base = {"spec": "tiny-ref", "digest": model_digest(policy.model)}
+        config = DAPTQConfig.budget(
+            average_bits=4.0, spec=static, sensitivity_batches=2, step_scales=step_scales
+        )
+        records[step_scales] = quantize_policy(policy, config, calibration, base_model=base)
+    record = records[True]
+    recorded = record.decisions["step_scales"]
+    assert "step_scales" not in records[False].decisions
+    assert recorded and all(n.startswith("head.") for n in recorded)
+    assert any(len(set(e["scales"])) > 1 for e in recorded.values())  # ranges move with the noise level
+    assert record.decisions["bit_map"] == records[False].decisions["bit_map"]  # the allocation is unchanged
+    out = save_quantized_policy(
+        policy, record, tmp_path / "q", "tiny-ref", self_contained=True, base_factory=tiny_reference_policy
+    )
+    loaded = load_quantized_policy(out, base_factory=tiny_reference_policy)
+    assert set(installed_step_scales(loaded.model)) == set(recorded)
+    assert torch.equal(_chunks(loaded, calibration), _chunks(policy, calibration))
+    with pytest.raises(ValueError, match="step_scales=True needs static activation scales"):
+        quantize_policy(
+            tiny_reference_policy(),
+            DAPTQConfig.budget(average_bits=4.0, spec=spec, sensitivity_batches=2, step_scales=True),
+            calibration,
+        )

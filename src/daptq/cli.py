@@ -383,8 +383,9 @@ def _add_quantize_parser(sub) -> None:
         dest="method_step_scales",
         action="store_const",
         const=True,
-        help="static activation scales per denoising step for the action head (rtn, gptq; needs static "
-        "activations: a --config with mode static_per_tensor; docs/methods.md)",
+        help="static activation scales per denoising step for the action head (rtn, gptq, daptq; needs "
+        "static activations: a --config with mode static_per_tensor, or daptq's --a-mode static_per_tensor; "
+        "docs/methods.md)",
     )
     q.add_argument(
         "--calibration",

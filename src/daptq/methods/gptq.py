@@ -176,17 +176,22 @@ def _solve(
     codes = torch.zeros_like(W)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        err1 = torch.zeros_like(W1)
+        # The block transposed ([block, rows]), so each column of W is one contiguous row: the same element-wise
+        # arithmetic as on W's strided columns (bitwise equal codes), 2-3x faster at 1024-2816 rows.
+        W1 = W[:, i1:i2].T.contiguous()
+        S1, Z1 = S[:, i1:i2].T.contiguous(), Z[:, i1:i2].T.contiguous()
+        U1 = U[i1:i2, i1:i2]
+        q1, err1 = torch.empty_like(W1), torch.empty_like(W1)
         with _one_cpu_thread(W.device):
             for i in range(i2 - i1):
-                w, s, z = W1[:, i], S[:, i1 + i], Z[:, i1 + i]
+                w, s, z = W1[i], S1[i], Z1[i]
                 q = torch.clamp(torch.round(w / s) + z, qmin, qmax)
-                codes[:, i1 + i] = q
+                q1[i] = q
                 err = (w - (q - z) * s) / U1[i, i]
-                W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-                err1[:, i] = err
-        W[:, i2:] -= err1 @ U[i1:i2, i2:]  # the lazy update of every later block
+                W1[i:] -= U1[i, i:, None] * err[None, :]
+                err1[i] = err
+        codes[:, i1:i2] = q1.T
+        W[:, i2:] -= err1.T.contiguous() @ U[i1:i2, i2:]  # the lazy update of every later block
     return codes[:, torch.argsort(perm)]
 
 

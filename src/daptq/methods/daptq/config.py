@@ -95,6 +95,9 @@ class DAPTQConfig(MethodConfig):
     # interactions: re-estimate the costs on the model rounded as allocated and re-solve, this many times
     # (daptq.methods.daptq.reestimate; 0: the one additive allocation)
     reestimate_rounds: int = 0
+    # static activation scales per denoising step for the action head's static layers, observed on the
+    # rounded and compensated model (daptq.methods.step_scales); needs static_per_tensor activations
+    step_scales: bool = False
     # --- CSRC (Eqs. 4-7) --------------------------------------------------------------------------------
     use_csrc: bool = True  # False: no compensation ("DA-MPA only" ablation)
     interface_layers: tuple[str, ...] = ()  # empty: the adapter's interface_modules()

@@ -23,6 +23,8 @@ from daptq.methods import register_method
 from daptq.methods.base import Method, forward_batch, require_plan
 from daptq.methods.gptq import gptq_quantize_layer_
 from daptq.methods.scope import ScopePlan, fit_group_size, with_weight_bits
+from daptq.methods.step_scales import DECISION_KEY as STEP_SCALES
+from daptq.methods.step_scales import StepObservers, install_observed_step_scales
 from daptq.models.adapter import VLAAdapter
 from daptq.quant import QuantSpec, quantize_
 from daptq.quant._util import set_module
@@ -270,6 +272,24 @@ class DAPTQ(Method):
                 self._gptq_if_uniform(model, name, specs[name])
         if self._interfaces:
             self._compensate(adapter)
+        if self.config.step_scales:
+            self._install_step_scales(adapter, specs)
+
+    def _install_step_scales(self, adapter: VLAAdapter, specs: Mapping[str, QuantSpec]) -> None:
+        """Per-denoising-step scales of the static layers, observed on the model as rounded and compensated
+        (the allocation decides which layers are static and at what width, so this pass comes last)."""
+        static = {
+            n: q.activation
+            for n, q in specs.items()
+            if q.activation is not None and q.activation.mode == "static_per_tensor"
+        }
+        steps = StepObservers(adapter, static, "DA-PTQ")
+        steps.attach(self, adapter)
+        try:
+            _run_all(adapter, self._batches)(adapter.model)
+        finally:
+            self.remove_hooks()
+        self.decisions[STEP_SCALES] = install_observed_step_scales(adapter, steps)
 
     def _decide(self, adapter: VLAAdapter, plan: ScopePlan) -> dict[str, QuantSpec]:
         """The bit map (paper) or the allocation (budget): the final per-module specs; ``self.plan`` is
