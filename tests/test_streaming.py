@@ -60,6 +60,35 @@ def test_shards_round_trip_and_errors_name_what_is_missing(tmp_path):
         SafetensorsCheckpoint(tmp_path)
 
 
+def test_a_random_checkpoint_is_written_shard_by_shard_from_the_meta_device(tmp_path):
+    """The scale benchmark's writer (the 7B shape cannot be built whole here): every tensor of the
+    architecture, drawn per shard by name (so the same on every run), loads through the streamed path."""
+    from daptq.models.cogact.config import CogACTConfig
+    from daptq.models.cogact.testing import write_random_streamed_cogact
+
+    config = CogACTConfig.tiny()
+    nbytes = write_random_streamed_cogact(config, tmp_path / "a", max_shard_bytes=100_000)
+    write_random_streamed_cogact(config, tmp_path / "b", max_shard_bytes=10_000_000)
+    a, b = SafetensorsCheckpoint(tmp_path / "a"), SafetensorsCheckpoint(tmp_path / "b")
+    assert len(set(a.weight_map.values())) > 1 and set(a.weight_map) == set(b.weight_map)
+    names = sorted(a.weight_map)
+    got, again = a.read(names), b.read(names)
+    assert all(torch.equal(got[n], again[n]) for n in names)  # drawn by name, not by shard position
+    assert sum(t.numel() * t.element_size() for t in got.values()) == nbytes
+    assert all(t.dtype == torch.bfloat16 for t in got.values() if t.is_floating_point())
+    q = got["llm_backbone.llm.model.layers.0.self_attn.q_proj.weight"].float()
+    assert 0.015 < float(q.std()) < 0.025
+    assert torch.equal(got["llm_backbone.llm.model.layers.0.input_layernorm.weight"].float(), torch.ones(64))
+    adapter, loader = load_streamed_cogact(tmp_path / "a", tiny_tokenizer(), dtype=torch.float32)
+    block = adapter.model.get_submodule("llm_backbone.llm.model.layers.1")
+    loader.load_block("llm_backbone.llm.model.layers.1", block)
+    torch.testing.assert_close(
+        block.mlp.down_proj.weight, got["llm_backbone.llm.model.layers.1.mlp.down_proj.weight"].float()
+    )
+    with pytest.raises(ValueError, match="materialize"):
+        write_shards({"w": torch.empty(2, 3, device="meta")}, tmp_path / "c", materialize=lambda k, v: v)
+
+
 def test_cuda_without_cuda_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +40,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def write_shards(
-    state: Mapping[str, torch.Tensor], directory: str | Path, max_shard_bytes: int = 2 << 30
+    state: Mapping[str, torch.Tensor],
+    directory: str | Path,
+    max_shard_bytes: int = 2 << 30,
+    materialize: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> Path:
     """Write ``state`` as safetensors shards plus the index (each file written to a temporary name, then
-    renamed, the index last). Tensors are made contiguous and unshared (safetensors refuses shared ones)."""
+    renamed, the index last). Tensors are made contiguous and unshared (safetensors refuses shared ones).
+
+    ``materialize(name, tensor)``: the tensor to write in place of ``tensor`` (e.g. a meta tensor's random
+    values), called one shard at a time, so a checkpoint larger than memory can be written from a model on
+    the meta device; the shards are planned from ``tensor``'s shape and dtype, which it must keep."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -61,7 +68,17 @@ def write_shards(
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         tmp = directory / f".{fname}.tmp"
-        save_file({k: v.detach().contiguous().clone() for k, v in shard.items()}, str(tmp))
+        tensors = {}
+        for k, v in shard.items():
+            t = v if materialize is None else materialize(k, v)
+            if t.shape != v.shape or t.dtype != v.dtype or t.is_meta:
+                raise ValueError(
+                    f"write_shards: materialize({k!r}) gave {t.dtype} {tuple(t.shape)} on "
+                    f"{t.device}, not {v.dtype} {tuple(v.shape)} with values"
+                )
+            tensors[k] = t.detach().contiguous().clone()
+        save_file(tensors, str(tmp))
+        del tensors
         os.replace(tmp, directory / fname)
         weight_map.update(dict.fromkeys(shard, fname))
     total = sum(t.numel() * t.element_size() for t in state.values())

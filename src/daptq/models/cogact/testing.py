@@ -64,3 +64,41 @@ def tiny_cogact(seed: int = 0, **overrides: Any) -> CogACT:
 def write_tiny_run(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
     """A complete tiny CogACT run directory (config, statistics, checkpoint, tokenizer) at ``directory``."""
     return save_cogact_run(tiny_cogact(seed, **overrides), directory, tiny_statistics(), tiny_tokenizer())
+
+
+def write_random_streamed_cogact(
+    config: CogACTConfig,
+    directory: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    max_shard_bytes: int = 1 << 30,
+) -> int:
+    """A random-weight CogACT of any size (the released 7B shape included) written as a streamed directory
+    (``streamed.load_streamed_cogact`` reads it) without ever holding the model: it is built on the meta
+    device and each shard's tensors are drawn when that shard is written (norm weights 1, biases 0, the
+    rest N(0, 0.02^2), each from a generator seeded by its name). Returns the bytes written."""
+    import zlib
+
+    from daptq.atomic import atomic_write_json
+    from daptq.models.cogact.streamed import CONFIG_FILE
+    from daptq.models.streaming import write_shards
+
+    with torch.device("meta"):
+        model = CogACT(config)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+
+    def draw(name: str, like: torch.Tensor) -> torch.Tensor:
+        if not like.is_floating_point():
+            return torch.zeros(like.shape, dtype=like.dtype)
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "bias":
+            return torch.zeros(like.shape, dtype=like.dtype)
+        if like.dim() == 1 and "norm" in name:
+            return torch.ones(like.shape, dtype=like.dtype)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        return (torch.randn(like.shape, generator=g) * 0.02).to(like.dtype)
+
+    directory = Path(directory)
+    write_shards(state, directory, max_shard_bytes, materialize=draw)
+    atomic_write_json(directory / CONFIG_FILE, config.to_dict())  # last: marks a complete directory
+    return sum(t.numel() * t.element_size() for t in state.values())
