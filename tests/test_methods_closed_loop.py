@@ -71,3 +71,25 @@ def test_calib_tasks_are_checked(mcl):
         mcl.calibration_builder(["reach", "not-a-task"])
     with pytest.raises(SystemExit, match="unknown or repeated"):
         mcl.calibration_builder(["reach", "reach"])
+
+
+def test_issue_29_rows_resolve_to_their_recipes(mcl):
+    """The per-step, whole-model 3-bit, 1.5-bit and equal-bytes W4A8 rows (docs/RESULTS.md)."""
+    from daptq.methods.daptq.allocation import GROUPED_FORMATS, SUB2_FORMATS
+
+    for method, setting in [("rtn-step", "w4a4"), ("gptq-step", "w4a4"), ("daptq-step", "avg4a4")]:
+        config = mcl.method_config(method, setting)
+        plain = mcl.method_config(method.split("-")[0], setting)
+        act = config.spec.activation
+        assert config.step_scales and act.mode == "static_per_tensor" and not act.symmetric
+        assert act.bits == plain.spec.activation.bits == 4 and config.spec.weight == plain.spec.weight
+    wm3 = mcl.method_config("daptq", "wm-avg3")
+    assert wm3.preset == "budget" and wm3.average_bits == 3.0 and wm3.scope.include_encoders
+    assert mcl.method_config("gptq", "wm-avg3").scope.include_encoders
+    sub2 = mcl.method_config("daptq", "avg1.5")
+    assert sub2.average_bits == 1.5 and sub2.formats == SUB2_FORMATS and sub2.rounding == "gptq"
+    eq = mcl.method_config("daptq-eqbytes", "w4a8")
+    assert eq.preset == "budget" and eq.formats == GROUPED_FORMATS and eq.spec.activation.bits == 8
+    assert eq.budget_bytes == mcl.uniform_in_scope_bytes("w4a8")
+    with pytest.raises(SystemExit, match="defined for the settings"):
+        mcl.method_config("daptq-eqbytes", "w4a4")
