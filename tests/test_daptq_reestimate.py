@@ -109,13 +109,10 @@ def test_cli_option_reaches_the_budget_config(tmp_path, capsys):
 
 def test_closed_loop_benchmark_variant_differs_only_in_the_rounds():
     import dataclasses
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "methods_closed_loop.py"
-    spec = importlib.util.spec_from_file_location("methods_closed_loop_reest", path)
-    mcl = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mcl)
+    from benchmark_helpers import load_benchmark
+
+    mcl = load_benchmark("methods_closed_loop")
     base, variant = mcl.method_config("daptq", "avg2.5"), mcl.method_config("daptq-reest1", "avg2.5")
     assert variant == dataclasses.replace(base, reestimate_rounds=1)
 

@@ -3,18 +3,13 @@ checked against a hand count, and the per-row stage costs it is computed from (`
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from benchmark_helpers import load_benchmark
 
 from daptq.models.reference import ReferencePolicy, ReferenceVLA, ReferenceVLAConfig
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_throughput.py"
-_spec = importlib.util.spec_from_file_location("eval_throughput", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_benchmark("eval_throughput")
 
 STAGES = ("vision encoder", "backbone (excl. vision)", "DiT sampling")
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-from pathlib import Path
 
 import pytest
+from benchmark_helpers import load_benchmark
 
 from daptq.methods.daptq.config import DAPTQConfig
 from daptq.methods.record import QuantRecord
@@ -14,11 +13,7 @@ from daptq.methods.record import QuantRecord
 
 @pytest.fixture(scope="module")
 def mcl():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "methods_closed_loop.py"
-    spec = importlib.util.spec_from_file_location("methods_closed_loop", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("methods_closed_loop")
 
 
 def _diff(a, b) -> dict:

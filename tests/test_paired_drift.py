@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_helpers import load_benchmark
 
 
 def _module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_drift.py"
-    spec = importlib.util.spec_from_file_location("paired_drift", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("paired_drift")
 
 
 def _run(directory: Path, drifts: dict[tuple[str, int], float]) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -85,9 +84,9 @@ def test_inspect_shows_bit_histograms_and_honest_bytes(qvla_dir):
 
 
 def test_benchmark_counts_mixed_layers(qvla_dir):
-    spec = importlib.util.spec_from_file_location("mcl", ROOT / "benchmarks" / "methods_closed_loop.py")
-    mcl = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mcl)
+    from benchmark_helpers import load_benchmark
+
+    mcl = load_benchmark("methods_closed_loop")
     policy = load_policy(str(qvla_dir))
     report = model_bytes(policy.model)
     assert mcl.in_scope_bytes(qvla_dir) == (report.fp16_bytes, report.ideal_bytes, report.stored_bytes)

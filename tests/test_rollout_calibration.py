@@ -6,7 +6,6 @@ samples at a fraction, recorded as provenance in the second quantization's recor
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
@@ -142,10 +141,9 @@ def test_cli_records_the_rollout_provenance_and_refuses_a_bad_directory(tmp_path
 
 
 def test_benchmark_smoke_mode_compares_the_two_models(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "requantize_on_rollouts.py"
-    spec = importlib.util.spec_from_file_location("requantize_on_rollouts", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from benchmark_helpers import load_benchmark
+
+    module = load_benchmark("requantize_on_rollouts")
     assert (
         module.main(["--toy", "--root", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]) == 0
     )

@@ -4,22 +4,18 @@ and that a group's restricted scope quantizes only that group."""
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from benchmark_helpers import load_benchmark
 from scipy import stats
 
 from daptq.methods import quantize_policy
 from daptq.models.reference import ReferencePolicy, ReferenceVLA, ReferenceVLAConfig
 from daptq.quant import QuantLinear
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "surrogate_check.py"
-_spec = importlib.util.spec_from_file_location("surrogate_check", _PATH)
-sc = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sc)
+sc = load_benchmark("surrogate_check")
 
 SMALL = ReferenceVLAConfig(
     image_size=32, d_model=32, n_layer=2, n_head=2, dit_d_model=32, dit_n_layer=3, dit_n_head=2,
