@@ -66,6 +66,28 @@ SETTINGS: dict[str, dict[str, object]] = {
     "avg1.5": {"w_bits": 2, "group_size": 128, "asymmetric": True},
 }
 
+
+def _equal_bytes_a8():
+    """DA-PTQ budget at exactly RTN W4A8 g128's bytes, with A8 per-token activations."""
+    import dataclasses
+
+    from daptq.methods.daptq.config import budget_spec
+
+    return dataclasses.replace(equal_bytes_budget("w4a8")(), spec=budget_spec(activation_bits=8))
+
+
+def _static_activations(config):
+    """``config``'s spec with its activations static per tensor (asymmetric min-max), same bits."""
+    import dataclasses
+
+    from daptq.quant.spec import ActivationSpec
+
+    act = config.spec.activation
+    return dataclasses.replace(
+        config.spec, activation=ActivationSpec(act.bits, symmetric=False, mode="static_per_tensor")
+    )
+
+
 # Named variants: label -> (registered method, config field overrides applied on top of that method's config
 # for the setting, the settings the variant is defined for). The W4A8 ablation (paper Table 4), all on the
 # `paper` preset's own grid and scope so that only the two components differ:
@@ -90,34 +112,14 @@ VARIANTS: dict[str, tuple[str, Any, tuple[str, ...]]] = {
     # W4A4 with static per-tensor activation scales, one per denoising step in the action head (issue #29;
     # the open-loop ablation, results/w4a4_ablation.md, found them the largest single gain): the same grid
     # as the row without the suffix, its activations made static (a callable override: of the base config)
-    "rtn-step": ("rtn", {"spec": lambda c: _static_activations(c), "step_scales": True}, ("w4a4",)),
-    "gptq-step": ("gptq", {"spec": lambda c: _static_activations(c), "step_scales": True}, ("w4a4",)),
+    "rtn-step": ("rtn", {"spec": _static_activations, "step_scales": True}, ("w4a4",)),
+    "gptq-step": ("gptq", {"spec": _static_activations, "step_scales": True}, ("w4a4",)),
     # W4A8 at exactly RTN W4A8's bytes (g128): the budget preset over the grouped formats with A8 activations,
     # against the paper preset's float layers (issue #29: drift <= 0.5x RTN's at RTN's bytes)
-    "daptq-eqbytes": ("daptq", lambda: _equal_bytes_a8("w4a8"), ("w4a8",)),
-    "daptq-step": ("daptq", {"spec": lambda c: _static_activations(c), "step_scales": True}, ("avg4a4",)),
-    "daptq-paper-step": ("daptq", {"spec": lambda c: _static_activations(c), "step_scales": True}, ("w4a4",)),
+    "daptq-eqbytes": ("daptq", _equal_bytes_a8, ("w4a8",)),
+    "daptq-step": ("daptq", {"spec": _static_activations, "step_scales": True}, ("avg4a4",)),
+    "daptq-paper-step": ("daptq", {"spec": _static_activations, "step_scales": True}, ("w4a4",)),
 }
-
-
-def _equal_bytes_a8(setting: str):
-    import dataclasses
-
-    from daptq.methods.daptq.config import budget_spec
-
-    return dataclasses.replace(equal_bytes_budget(setting)(), spec=budget_spec(activation_bits=8))
-
-
-def _static_activations(config):
-    """``config``'s spec with its activations static per tensor (asymmetric min-max), same bits."""
-    import dataclasses
-
-    from daptq.quant.spec import ActivationSpec
-
-    act = config.spec.activation
-    return dataclasses.replace(
-        config.spec, activation=ActivationSpec(act.bits, symmetric=False, mode="static_per_tensor")
-    )
 
 
 def uniform_in_scope_bytes(setting: str) -> int:

@@ -60,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
     a, b = episodes(args.candidate), episodes(args.reference)
+    missing = [
+        str(r)
+        for r, eps in ((args.candidate, a), (args.reference, b))
+        if any(args.metric not in e for e in eps.values())
+    ]
+    if missing:
+        raise SystemExit(f"--metric {args.metric!r}: not a field of every episode in {', '.join(missing)}")
     keys = sorted(set(a) & set(b))
     if len(keys) != len(a) or len(keys) != len(b):
         raise SystemExit(f"the runs are not paired: {len(a)} and {len(b)} episodes, {len(keys)} in common")

@@ -199,9 +199,8 @@ def write_results(args: argparse.Namespace, argv: list[str] | None, rows: list[d
         )
         + f", 2-core CPU, {args.threads} torch thread(s).",
         "",
-        "| layers | backbone fp32 MB | checkpoint MB | quantized blocks MB | peak RSS MB | "
-        + " | ".join(f"{s} s / peak MB" for s in stages)
-        + " |",
+        "| layers | backbone fp32 MB | checkpoint MB | written blocks MB (float weights kept) "
+        "| peak RSS MB | " + " | ".join(f"{s} s / peak MB" for s in stages) + " |",
         "|" + "---|" * (5 + len(stages)),
     ]
     for r in rows:

@@ -38,5 +38,7 @@ def test_ratio_interval_and_pairing(tmp_path):
     lo, hi = json.loads((tmp_path / "noisy.json").read_text())["ratio_ci95"]
     assert 0.3 < lo < hi < 0.9
     unpaired = _run(tmp_path / "d", {("push", 1): 1.0})
+    with pytest.raises(SystemExit, match="not a field of every episode"):
+        pd.main([str(a), str(b), "--metric", "drift_max", "--out", str(tmp_path / "y")])
     with pytest.raises(SystemExit, match="not paired"):
         pd.main([str(unpaired), str(b), "--out", str(tmp_path / "x")])

@@ -87,6 +87,11 @@ def test_a_random_checkpoint_is_written_shard_by_shard_from_the_meta_device(tmp_
     )
     with pytest.raises(ValueError, match="materialize"):
         write_shards({"w": torch.empty(2, 3, device="meta")}, tmp_path / "c", materialize=lambda k, v: v)
+    with pytest.raises(ValueError, match="on the meta device"):
+        write_shards({"w": torch.empty(2, 3, device="meta")}, tmp_path / "d")
+    with pytest.raises(FileExistsError, match="writes a new directory"):
+        write_random_streamed_cogact(config, tmp_path / "a")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
 
 
 def test_cuda_without_cuda_is_a_clear_error():

@@ -70,6 +70,8 @@ def write_shards(
         tmp = directory / f".{fname}.tmp"
         tensors = {}
         for k, v in shard.items():
+            if materialize is None and v.is_meta:
+                raise ValueError(f"write_shards: {k!r} is on the meta device (no values); pass materialize")
             t = v if materialize is None else materialize(k, v)
             if t.shape != v.shape or t.dtype != v.dtype or t.is_meta:
                 raise ValueError(

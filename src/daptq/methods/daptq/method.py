@@ -23,6 +23,7 @@ from daptq.methods import register_method
 from daptq.methods.base import Method, forward_batch, require_plan
 from daptq.methods.gptq import gptq_quantize_layer_
 from daptq.methods.scope import ScopePlan, fit_group_size, with_weight_bits
+from daptq.methods.smoothquant import static_activation_layers
 from daptq.methods.step_scales import DECISION_KEY as STEP_SCALES
 from daptq.methods.step_scales import StepObservers, install_observed_step_scales
 from daptq.models.adapter import VLAAdapter
@@ -278,11 +279,7 @@ class DAPTQ(Method):
     def _install_step_scales(self, adapter: VLAAdapter, specs: Mapping[str, QuantSpec]) -> None:
         """Per-denoising-step scales of the static layers, observed on the model as rounded and compensated
         (the allocation decides which layers are static and at what width, so this pass comes last)."""
-        static = {
-            n: q.activation
-            for n, q in specs.items()
-            if q.activation is not None and q.activation.mode == "static_per_tensor"
-        }
+        static = {n: specs[n].activation for n in static_activation_layers(specs)}
         steps = StepObservers(adapter, static, "DA-PTQ")
         steps.attach(self, adapter)
         try:
@@ -542,11 +539,7 @@ class DAPTQ(Method):
         plan = require_plan(self)
         self._float_statistics(adapter, plan, batches, blockwise=True)
         specs = self._decide(adapter, plan)
-        static = [
-            n
-            for n, q in specs.items()
-            if q.activation is not None and q.activation.mode == "static_per_tensor"
-        ]
+        static = static_activation_layers(specs)
         if static:  # the whole-model path observes them on the whole weight-rounded model
             raise ValueError(
                 "DA-PTQ block by block: static activation scales are observed on the whole rounded model, "

@@ -85,11 +85,16 @@ def convert_cogact_run(
 
 
 def write_streamed_cogact_state(
-    state: dict[str, torch.Tensor], config: CogACTConfig, directory: str | Path, max_shard_bytes: int
+    state: dict[str, torch.Tensor],
+    config: CogACTConfig,
+    directory: str | Path,
+    max_shard_bytes: int,
+    materialize: Any = None,
 ) -> Path:
-    """``write_streamed_cogact`` from a state dict and its config (the model need not exist)."""
+    """``write_streamed_cogact`` from a state dict and its config (the model need not exist; ``materialize``:
+    see ``streaming.write_shards``)."""
     directory = Path(directory)
-    write_shards(state, directory, max_shard_bytes)
+    write_shards(state, directory, max_shard_bytes, materialize=materialize)
     atomic_write_json(directory / CONFIG_FILE, config.to_dict())
     return directory
 

@@ -76,12 +76,15 @@ def write_random_streamed_cogact(
     """A random-weight CogACT of any size (the released 7B shape included) written as a streamed directory
     (``streamed.load_streamed_cogact`` reads it) without ever holding the model: it is built on the meta
     device and each shard's tensors are drawn when that shard is written (norm weights 1, biases 0, the
-    rest N(0, 0.02^2), each from a generator seeded by its name). Returns the bytes written."""
+    rest N(0, 0.02^2), each from a generator seeded by its name). Written into a temporary sibling renamed
+    into place last, so ``directory`` is absent or complete; an existing one is refused. Returns the bytes
+    written."""
+    import os
+    import shutil
+    import tempfile
     import zlib
 
-    from daptq.atomic import atomic_write_json
-    from daptq.models.cogact.streamed import CONFIG_FILE
-    from daptq.models.streaming import write_shards
+    from daptq.models.cogact.streamed import write_streamed_cogact_state
 
     with torch.device("meta"):
         model = CogACT(config)
@@ -99,6 +102,14 @@ def write_random_streamed_cogact(
         return (torch.randn(like.shape, generator=g) * 0.02).to(like.dtype)
 
     directory = Path(directory)
-    write_shards(state, directory, max_shard_bytes, materialize=draw)
-    atomic_write_json(directory / CONFIG_FILE, config.to_dict())  # last: marks a complete directory
+    if directory.exists():
+        raise FileExistsError(f"{directory} exists: write_random_streamed_cogact writes a new directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        write_streamed_cogact_state(state, config, tmp, max_shard_bytes, materialize=draw)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return sum(t.numel() * t.element_size() for t in state.values())
