@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from daptq.methods import register_method
 from daptq.methods.base import Method, MethodConfig, forward_batch, module_of, require_plan
 from daptq.methods.rotation import check_rotation
+from daptq.methods.smoothquant import static_activation_layers
 from daptq.methods.step_scales import DECISION_KEY as STEP_SCALES
 from daptq.methods.step_scales import StepObservers, install_observed_step_scales
 from daptq.models.adapter import VLAAdapter
@@ -58,12 +58,6 @@ class RTNConfig(MethodConfig):
         return RTN_SYMMETRIC_RANGE.get(bits, "restricted")
 
 
-def _static_layers(specs: Mapping[str, Any]) -> list[str]:
-    return [
-        n for n, s in specs.items() if s.activation is not None and s.activation.mode == "static_per_tensor"
-    ]
-
-
 @register_method(RTNConfig, name="rtn")
 class RTN(Method):
     """Round every in-scope weight to its grid; static activation scales from calibration when asked for."""
@@ -87,7 +81,7 @@ class RTN(Method):
 
     def calibrate(self, adapter: VLAAdapter, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
         plan = require_plan(self)
-        static = _static_layers(plan.specs)
+        static = static_activation_layers(plan.specs)
         if not static:
             if self.config.step_scales:
                 StepObservers(adapter, {}, "RTN")  # raises: nothing has static scales
@@ -120,7 +114,7 @@ class RTN(Method):
         plan = require_plan(self)
         if self.config.step_scales:
             raise ValueError("RTN: step_scales is not available block by block (sequential calibration)")
-        static = [n for n in _static_layers(plan.specs) if n in set(names)]
+        static = [n for n in static_activation_layers(plan.specs) if n in set(names)]
         for name in static:
             obs = self._observers.setdefault(
                 name, ActivationObserver(plan.modules[name].spec.activation, name)
